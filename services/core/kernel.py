@@ -1,0 +1,94 @@
+"""The expert kernel: a batch of (token, expert, gate weight) assignments through SwiGLU expert FFNs.
+
+Every family here uses the same gated FFN, `down(act(gate(x)) * up(x))`, with `act` from the config
+(SiLU for all five); only names and routing differ, and routing stays in the router. Assignments are
+sorted by expert so each expert runs one matmul over all its tokens (a loop over experts, never over
+tokens); results are scaled by the gate weight and summed per token with one index_add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from expertmesh.core.checkpoint import CheckpointReader
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class ExpertWeights:
+    """The FFN weights of a set of (layer, expert) keys, stacked per layer.
+
+    w13[layer]: [E_held, 2I, H] (gate rows first, then up), w2[layer]: [E_held, H, I];
+    slot[layer]: [num_experts] int64 mapping expert id -> row in the stack (-1 = not held).
+    """
+
+    def __init__(self, reader: CheckpointReader, keys: dict[int, list[int]], dtype: torch.dtype | None = None):
+        info = reader.info
+        self.hidden_size = info.hidden_size
+        self.num_experts = info.num_experts
+        self.dtype = dtype or info.dtype
+        act = info.hidden_act
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {act!r} (supported: {sorted(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[act]
+        self.held: dict[int, frozenset[int]] = {}
+        self.w13: dict[int, torch.Tensor] = {}
+        self.w2: dict[int, torch.Tensor] = {}
+        self.slot: dict[int, torch.Tensor] = {}
+        for layer, experts in sorted(keys.items()):
+            experts = sorted(set(int(e) for e in experts))
+            gates, downs = [], []
+            for e in experts:
+                gate, up, down = reader.load_expert(layer, e)
+                gates.append(torch.cat([gate, up], dim=0).to(self.dtype))  # [2I, H]
+                downs.append(down.to(self.dtype))                          # [H, I]
+            self.w13[layer] = torch.stack(gates)  # [E_held, 2I, H]
+            self.w2[layer] = torch.stack(downs)   # [E_held, H, I]
+            slot = torch.full((info.num_experts,), -1, dtype=torch.long)
+            slot[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+            self.slot[layer] = slot
+            self.held[layer] = frozenset(experts)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
+
+    def forward(self, layer: int, hidden: torch.Tensor, token_index: torch.Tensor, expert: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], token_index/expert/weight [N] -> [T, H] = sum_n weight[n] * FFN_expert[n](hidden[row])."""
+        return moe_combine(hidden, token_index, self.slot[layer][expert], weight,
+                           self.w13[layer], self.w2[layer], self.act)
+
+
+@torch.inference_mode()
+def moe_combine(hidden: torch.Tensor, token_index: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor,
+                w13: torch.Tensor, w2: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """Grouped SwiGLU over assignments.
+
+    hidden [T, H]; token_index, slot [N] int64 (slot = row in w13/w2); weight [N];
+    w13 [E, 2I, H]; w2 [E, H, I]. Returns [T, H] in hidden's dtype (accumulated in fp32).
+    """
+    T, H = hidden.shape
+    out = torch.zeros((T, H), dtype=torch.float32)
+    if slot.numel() == 0:
+        return out.to(hidden.dtype)
+    if bool((slot < 0).any()):
+        raise ValueError("assignment to an expert that is not held")
+    order = torch.argsort(slot, stable=True)          # [N] assignments grouped by expert
+    slot_sorted = slot[order]
+    rows = token_index[order]
+    counts = torch.bincount(slot_sorted, minlength=w13.shape[0]).tolist()  # [E]
+    x = hidden[rows].to(w13.dtype)                    # [N, H]
+    y = torch.empty((x.shape[0], H), dtype=w13.dtype)  # [N, H]
+    I = w2.shape[2]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xe = x[start:start + n]                        # [n, H]
+        gu = xe @ w13[e].t()                           # [n, 2I]
+        y[start:start + n] = (act(gu[:, :I]) * gu[:, I:]) @ w2[e].t()  # [n, H]
+        start += n
+    out.index_add_(0, rows, y.float() * weight[order].float().unsqueeze(1))
+    return out.to(hidden.dtype)
