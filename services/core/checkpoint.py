@@ -27,7 +27,7 @@ class FamilySpec:
     """How one model family names its MoE config fields and tensors."""
 
     model_types: tuple[str, ...]
-    experts_field: str
+    experts_field: str              # config field with the number of routed experts (see _EXPERT_FIELDS)
     intermediate_field: str
     moe_prefix: str                 # module holding the routed experts, under model.layers.{l}.
     per_expert: tuple[str, str, str]  # (gate, up, down) tensor names under experts.{e}.
@@ -92,6 +92,17 @@ def _moe_layers(model_type: str, cfg: dict, num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _num_experts(cfg: dict, spec: FamilySpec) -> int:
+    # transformers renames between releases (Qwen3-MoE saves num_local_experts or num_experts): accept any.
+    for name in (spec.experts_field, *_EXPERT_FIELDS):
+        if cfg.get(name):
+            return int(cfg[name])
+    raise CheckpointError(f"config.json names no expert count (looked for {spec.experts_field})")
+
+
 def read_moe_info(path: str | Path) -> MoEInfo:
     """Describe the MoE structure of the checkpoint at `path` (reads config.json only)."""
     path = Path(path)
@@ -122,7 +133,7 @@ def read_moe_info(path: str | Path) -> MoEInfo:
         model_type=model_type,
         num_layers=num_layers,
         moe_layers=_moe_layers(model_type, cfg, num_layers),
-        num_experts=int(cfg[spec.experts_field]),
+        num_experts=_num_experts(cfg, spec),
         top_k=int(cfg["num_experts_per_tok"]),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg[spec.intermediate_field]),

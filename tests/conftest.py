@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random checkpoints per family (built once per test session), free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# vLLM pins its worker thread; two OpenMP threads fighting over it make CPU work 30-60x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from expertmesh.core.tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(family, **overrides) -> Path of a tiny random fp32 checkpoint, cached per session."""
+    cache: dict = {}
+
+    def get(family: str, seed: int = 0, **overrides):
+        key = (family, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            name = f"{family}-s{seed}" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else "")
+            cache[key] = build_tiny_checkpoint(family, tmp_path_factory.mktemp(name), seed=seed, overrides=overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
