@@ -1,0 +1,103 @@
+"""OpenTelemetry for every hop: tracer set-up, trace context in gRPC metadata, and the request registry
+that lets batched model code (which serves many requests per step) parent its spans to a request's trace.
+
+Export is on only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP/gRPC); otherwise the global tracer is
+OpenTelemetry's no-op and a span costs a function call. Context crosses processes as W3C `traceparent`
+in gRPC metadata (`inject_metadata` on the client, `extract_metadata` on the server).
+
+One trace per request: gateway span → router `generate` → `decode-step` spans → `dispatch layer` spans →
+replica `expert forward` spans. A decode step computes many requests at once; its span is parented to
+one traced request in flight (round-robin), the others are attached as span links, so per-layer detail
+costs one span per layer per step only while some traced request is running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+_initialised = False
+_lock = threading.Lock()
+
+
+def tracing_enabled() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def init_tracing(service_name: str) -> None:
+    """Install an OTLP-exporting tracer provider once per process, if OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    global _initialised
+    with _lock:
+        if _initialised or not tracing_enabled():
+            return
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        endpoint = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True),
+                                                       schedule_delay_millis=200))
+        trace.set_tracer_provider(provider)
+        _initialised = True
+
+
+def shutdown_tracing() -> None:
+    """Flush spans (call before a process exits)."""
+    provider = trace.get_tracer_provider()
+    if hasattr(provider, "shutdown"):
+        provider.shutdown()
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("expertmesh")
+
+
+def inject_metadata(ctx: otel_context.Context | None = None) -> list[tuple[str, str]]:
+    """The current (or given) trace context as gRPC metadata pairs (empty when nothing is traced)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=ctx)
+    return list(carrier.items())
+
+
+def extract_metadata(metadata) -> otel_context.Context:
+    """Trace context from gRPC invocation metadata (a sequence of (key, value) pairs)."""
+    return propagate.extract({k: v for k, v in (metadata or ()) if isinstance(v, str)})
+
+
+class RequestRegistry:
+    """Trace contexts of the requests in flight in this process, for spans of batched steps."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[str, otel_context.Context] = {}
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+
+    def add(self, request_id: str, ctx: otel_context.Context) -> None:
+        if trace.get_current_span(ctx).get_span_context().is_sampled:
+            with self._lock:
+                self._contexts[request_id] = ctx
+
+    def remove(self, request_id: str) -> None:
+        with self._lock:
+            self._contexts.pop(request_id, None)
+
+    def step_parent(self) -> tuple[otel_context.Context | None, list[trace.Link]]:
+        """(context to parent a step span to, links to the other traced requests); (None, []) when none."""
+        with self._lock:
+            if not self._contexts:
+                return None, []
+            ctxs = list(self._contexts.values())
+        first = next(self._turn) % len(ctxs)
+        parent = ctxs[first]
+        links = [trace.Link(trace.get_current_span(c).get_span_context()) for i, c in enumerate(ctxs) if i != first]
+        return parent, links
+
+
+# The router server adds requests here; the dispatcher (same process) parents decode-step spans to them.
+requests_in_flight = RequestRegistry()
