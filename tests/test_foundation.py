@@ -1,0 +1,335 @@
+"""Foundation: checkpoint reading, lazy expert loading, the expert kernel's exactness against transformers,
+and the wire codec with every validation error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from expertmesh.core import codec
+from expertmesh.core.checkpoint import CheckpointError, CheckpointReader, read_moe_info
+from expertmesh.core.kernel import ExpertWeights, moe_combine
+from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
+from expertmesh.core.protos import expert_pb2
+from expertmesh.core.tiny import FAMILIES
+
+EXPECTED = {  # family -> (moe layers, experts, top_k, shared experts)
+    "mixtral": ([0, 1], 8, 2, 0),
+    "qwen2_moe": ([0, 1], 8, 2, 1),
+    "qwen3_moe": ([0, 1], 16, 4, 0),
+    "olmoe": ([0, 1], 16, 2, 0),
+    "deepseek_v2": ([1, 2], 8, 2, 1),
+    "deepseek_v3": ([1, 2], 16, 4, 1),
+}
+
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _moe_blocks(model):
+    """(layer index, MoE block, its experts module) for every MoE layer of a transformers model."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        block = layer.mlp
+        if hasattr(block, "experts"):
+            out.append((i, block, block.experts))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structure_and_exactness_against_transformers(tiny_checkpoint, family):
+    path = tiny_checkpoint(family)
+    info = read_moe_info(path)
+    layers, experts, top_k, shared = EXPECTED[family]
+    assert (info.moe_layers, info.num_experts, info.top_k, info.shared_experts) == (layers, experts, top_k, shared)
+    assert info.hidden_size == 128 and info.intermediate_size == 64 and info.dtype == torch.float32
+
+    reader = CheckpointReader(path)
+    model = _hf_model(path)
+    blocks = _moe_blocks(model)
+    assert [i for i, _, _ in blocks] == info.moe_layers
+    weights = ExpertWeights(reader, {layer: list(range(info.num_experts)) for layer in info.moe_layers})
+    torch.manual_seed(1)
+    x = torch.randn(24, info.hidden_size)
+
+    # 1) every (layer, expert) alone: our loader + kernel == transformers' own expert module
+    with torch.no_grad():
+        for layer, _block, hf_experts in blocks:
+            for e in range(info.num_experts):
+                idx = torch.full((x.shape[0], 1), e, dtype=torch.long)
+                ones = torch.ones((x.shape[0], 1))
+                ref = hf_experts(x, idx, ones)
+                ours = weights.forward(layer, x, torch.arange(x.shape[0]), idx[:, 0], ones[:, 0])
+                assert (ours - ref).abs().max().item() <= 1e-5, (family, layer, e)
+
+    # 2) whole MoE block on real hidden states: capture transformers' routing decisions with a hook, recompute
+    #    the routed part from our pieces, add the block's shared part, compare with the block's output.
+    captured = {}
+
+    def grab(layer):
+        def hook(module, args, output):
+            captured.setdefault(layer, {})["experts"] = (args[0].detach().clone(), args[1].clone(), args[2].clone())
+        return hook
+
+    def grab_block(layer):
+        def hook(module, args, output):
+            captured.setdefault(layer, {})["block"] = (args[0].detach().clone(), output.detach().clone())
+        return hook
+
+    handles = []
+    for layer, block, hf_experts in blocks:
+        handles.append(hf_experts.register_forward_hook(grab(layer)))
+        handles.append(block.register_forward_hook(grab_block(layer)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        for layer, block, _ in blocks:
+            hidden, topk_ids, topk_w = captured[layer]["experts"]
+            block_in, block_out = captured[layer]["block"]
+            T, K = topk_ids.shape
+            routed = weights.forward(layer, hidden, torch.arange(T).repeat_interleave(K),
+                                     topk_ids.reshape(-1), topk_w.reshape(-1))
+            flat_in = block_in.reshape(-1, info.hidden_size)
+            if family == "qwen2_moe":
+                shared_out = torch.sigmoid(block.shared_expert_gate(flat_in)) * block.shared_expert(flat_in)
+            elif family.startswith("deepseek"):
+                shared_out = block.shared_experts(flat_in)
+            else:
+                shared_out = torch.zeros_like(flat_in)
+            recomputed = routed + shared_out
+            assert (recomputed - block_out.reshape(-1, info.hidden_size)).abs().max().item() <= 1e-5, (family, layer)
+
+
+def _fused_copy(src, dst):
+    """Rewrite a per-expert checkpoint into the fused 3-D layout, sharded in two files with an index."""
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    reader = CheckpointReader(src)
+    info = reader.info
+    tensors = {}
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        names = set(reader.routed_expert_tensor_names())
+        for name in f.keys():
+            if name not in names:
+                tensors[name] = f.get_tensor(name)
+    for layer in info.moe_layers:
+        gu, dn = [], []
+        for e in range(info.num_experts):
+            g, u, d = reader.load_expert(layer, e)
+            gu.append(torch.cat([g, u]))
+            dn.append(d)
+        tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(gu)
+        tensors[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(dn)
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for shard, part in (("model-00001-of-00002.safetensors", names[:half]),
+                        ("model-00002-of-00002.safetensors", names[half:])):
+        save_file({n: tensors[n].contiguous() for n in part}, dst / shard)
+        weight_map.update({n: shard for n in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_sharded_layout_loads_the_same_experts(tiny_checkpoint, tmp_path, family):
+    src = tiny_checkpoint(family)
+    fused = CheckpointReader(_fused_copy(src, tmp_path / "fused"))
+    plain = CheckpointReader(src)
+    assert fused.info.moe_layers == plain.info.moe_layers
+    for layer in plain.info.moe_layers:
+        for e in (0, plain.info.num_experts - 1):
+            for a, b in zip(fused.load_expert(layer, e), plain.load_expert(layer, e)):
+                assert torch.equal(a, b)
+
+
+def test_checkpoint_errors(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        read_moe_info(tmp_path)
+    bad = tmp_path / "llama"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unsupported architecture model_type='llama'"):
+        read_moe_info(bad)
+    # missing shard named in the index
+    sharded = _fused_copy(src, tmp_path / "sharded")
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors named in the index is missing"):
+        CheckpointReader(sharded)
+    # a tensor of the wrong shape (config says intermediate 64; pretend 65)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(src, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["intermediate_size"] = 65
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"expert 0 gate has shape \[64, 128\], expected \[65, 128\]"):
+        CheckpointReader(wrong).load_expert(0, 0)
+    reader = CheckpointReader(src)
+    with pytest.raises(CheckpointError, match="expert 8 out of range"):
+        reader.load_expert(0, 8)
+    with pytest.raises(CheckpointError, match="layer 5 is not an MoE layer"):
+        reader.load_expert(5, 0)
+
+
+def test_expert_weights_hold_only_their_keys(tiny_checkpoint):
+    reader = CheckpointReader(tiny_checkpoint("olmoe"))
+    w = ExpertWeights(reader, {1: [3, 7]})
+    assert w.held == {1: frozenset({3, 7})}
+    assert w.weight_bytes == 2 * reader.info.expert_bytes
+    assert w.slot[1].tolist()[3] == 0 and w.slot[1].tolist()[7] == 1 and w.slot[1].tolist()[0] == -1
+
+
+def test_kernel_groups_by_expert_and_sums_per_token():
+    torch.manual_seed(0)
+    E, H, I, T = 4, 16, 8, 5
+    w13, w2 = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    x = torch.randn(T, H)
+    token_index = torch.tensor([0, 0, 1, 3, 4, 4, 2])
+    slot = torch.tensor([1, 3, 0, 2, 1, 0, 3])
+    weight = torch.rand(7)
+    out = moe_combine(x, token_index, slot, weight, w13, w2)
+    ref = torch.zeros(T, H)
+    for t, e, g in zip(token_index.tolist(), slot.tolist(), weight.tolist()):
+        gu = x[t] @ w13[e].t()
+        ref[t] += g * ((torch.nn.functional.silu(gu[:I]) * gu[I:]) @ w2[e].t())
+    assert (out - ref).abs().max() < 1e-4
+    assert moe_combine(x, token_index[:0], slot[:0], weight[:0], w13, w2).abs().sum() == 0
+    bf = moe_combine(x.bfloat16(), token_index, slot, weight, w13.bfloat16(), w2.bfloat16())
+    assert bf.dtype == torch.bfloat16 and (bf.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# ---- codec -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64])
+def test_codec_round_trip(dtype):
+    t = (torch.randn(3, 5) * 100).to(dtype)
+    msg = codec.encode(t)
+    assert len(msg.data) == t.numel() * t.element_size()
+    back = codec.decode(expert_pb2.Tensor.FromString(msg.SerializeToString()))
+    assert back.dtype == dtype and torch.equal(back, t)
+    empty = codec.decode(codec.encode(torch.empty(0, 7, dtype=dtype)))
+    assert empty.shape == (0, 7)
+
+
+def test_codec_decode_is_zero_copy():
+    msg = codec.encode(torch.arange(16, dtype=torch.float32))
+    t = codec.decode(msg)
+    assert t.untyped_storage().data_ptr() != 0 and t.shape == (16,)
+    assert not t.untyped_storage().resizable()  # a view over the message's bytes, not an owned copy
+
+
+HELD = {0: frozenset({0, 1, 2}), 1: frozenset({5})}
+
+
+def _request(layer=0, T=4, H=8, experts=(0, 1, 2, 0), dtype=torch.float32):
+    n = len(experts)
+    return codec.encode_forward(layer, torch.randn(T, H, dtype=dtype), torch.arange(n) % T,
+                                torch.tensor(experts), torch.rand(n))
+
+
+def _decode(req, **kw):
+    return codec.decode_forward(req, held=HELD, hidden_size=8, num_layers=2, num_experts=8, **kw)
+
+
+def test_forward_request_decodes():
+    batch = _decode(_request())
+    assert batch.layer == 0 and batch.hidden.shape == (4, 8) and batch.expert.tolist() == [0, 1, 2, 0]
+    assert _decode(_request(dtype=torch.bfloat16)).hidden.dtype == torch.bfloat16
+
+
+def _mutate(fn):
+    req = _request()
+    fn(req)
+    return req
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (lambda r: setattr(r.hidden, "data", r.hidden.data[:-4]), codec.WireError,
+     r"hidden: 124 bytes do not match shape \[4, 8\] x FLOAT32 \(128 bytes expected\)"),
+    (lambda r: setattr(r.hidden, "dtype", 99), codec.WireError, "hidden: unknown dtype 99"),
+    (lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(4, 8, dtype=torch.int32))), codec.WireError,
+     "hidden: dtype INT32 is not a float type"),
+    (lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(32))), codec.WireError,
+     r"hidden: expected 2 dims \[tokens, hidden\], got shape \[32\]"),
+    (lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(4, 16))), codec.WireError,
+     "hidden size 16 does not match the model's 8"),
+    (lambda r: setattr(r, "layer", 7), codec.WireError, "layer 7 out of range: the model has 2 layers"),
+    (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 9, 0], dtype=torch.int32))), codec.WireError,
+     r"expert id out of range \[0, 8\)"),
+    (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 4, 0], dtype=torch.int32))), codec.ExpertNotHeld,
+     r"does not hold layer 0 expert\(s\) \[4\]"),
+    (lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 4], dtype=torch.int32))), codec.WireError,
+     r"token_index out of range \[0, 4\)"),
+    (lambda r: r.weight.CopyFrom(codec.encode(torch.rand(3))), codec.WireError,
+     "assignment lengths differ: token_index 4, expert 4, weight 3"),
+    (lambda r: r.weight.CopyFrom(codec.encode(torch.tensor([0.1, float("nan"), 0.2, 0.3]))), codec.WireError,
+     "weight: contains NaN or Inf"),
+    (lambda r: r.weight.CopyFrom(codec.encode(torch.zeros(4, dtype=torch.int64))), codec.WireError,
+     "weight: dtype torch.int64 not allowed"),
+    (lambda r: r.ClearField("weight"), codec.WireError, "missing field 'weight'"),
+    (lambda r: r.hidden.shape.__setitem__(0, -4), codec.WireError, "negative dimension"),
+])
+def test_forward_request_validation_errors(mutate, error, message):
+    with pytest.raises(error, match=message):
+        _decode(_mutate(mutate))
+
+
+def test_layer_not_held_and_row_limit():
+    with pytest.raises(codec.ExpertNotHeld, match="holds no experts of layer 1"):
+        codec.decode_forward(_request(layer=1), held={0: frozenset({0, 1, 2})}, hidden_size=8)
+    with pytest.raises(codec.WireError, match="4 rows exceed the limit of 2"):
+        _decode(_request(), max_rows=2)
+
+
+def test_malformed_bytes():
+    from google.protobuf.message import DecodeError
+
+    with pytest.raises(DecodeError):
+        expert_pb2.ForwardRequest.FromString(b"\xff\xff\xff\xff\x0f garbage")
+
+
+def test_encode_rejects_unsupported_dtype():
+    with pytest.raises(codec.WireError, match="not supported on the wire"):
+        codec.encode(torch.zeros(2, dtype=torch.float64))
+
+
+# ---- placement plan ----------------------------------------------------------------------------------------
+
+def test_default_plan_and_yaml_round_trip(tiny_checkpoint, tmp_path):
+    info = read_moe_info(tiny_checkpoint("deepseek_v3"))
+    plan = default_plan(info)
+    assert [g.name for g in plan.groups] == ["l1", "l2"]
+    plan.check_covers(info)
+    plan.save(tmp_path / "plan.yaml")
+    assert load_plan(tmp_path / "plan.yaml") == plan
+    chunked = default_plan(info, max_group_bytes=4 * info.expert_bytes)
+    assert len(chunked.groups) == 2 * 4 and chunked.groups[0].name == "l1-e0-3"
+    chunked.check_covers(info)
+
+
+def test_plan_errors(tmp_path):
+    with pytest.raises(ValueError, match="min_replicas 3 > max_replicas 2"):
+        PlacementPlan.model_validate({"groups": [{"name": "a", "keys": {0: [1]}, "min_replicas": 3, "max_replicas": 2}]})
+    with pytest.raises(ValueError, match="group names must be unique"):
+        PlacementPlan.model_validate({"groups": [{"name": "a", "keys": {0: [1]}}, {"name": "a", "keys": {0: [2]}}]})
+    with pytest.raises(ValueError, match="duplicate expert ids"):
+        PlacementPlan.model_validate({"groups": [{"name": "a", "keys": {0: [1, 1]}}]})
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        PlacementPlan.model_validate({"groups": [{"name": "a", "keys": {0: [1]}, "replicas": 3}]})
+    (tmp_path / "bad.yaml").write_text("groups: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_plan(tmp_path / "bad.yaml")
