@@ -1,0 +1,284 @@
+"""The expert directory: who serves which (layer, expert) at which endpoint, with change notification.
+
+Server (`DirectoryServer`, grpc.aio on its own loop thread): replicas `Register` with a lease and renew it by
+registering again; an entry whose lease runs out is removed by a sweeper, so a killed replica disappears
+without anyone calling `Deregister`. `Drain` marks an entry as taking no new traffic. Every change bumps the
+version; `Watch` streams a full snapshot at once and after every change. Versions start at the server's start
+time in ms, so they keep increasing across a directory restart (and replicas re-register on their next renewal).
+
+Client (`DirectoryClient`, sync gRPC, thread-safe): `snapshot()`, and `watch(callback)` — a background thread
+that calls `callback(snapshot)` with every new snapshot and reconnects after errors. `endpoints_by_key()` turns a
+snapshot into (layer, expert) -> endpoints, the lookup the router's dispatcher needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
+from expertmesh.experts.loop_thread import LoopThread
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 10.0
+MAX_LEASE_SECONDS = 3600.0
+
+
+class DirectoryServicer(expert_pb2_grpc.ExpertDirectoryServicer):
+    """In-memory directory state; every method runs on the server's event loop (no locks needed)."""
+
+    def __init__(self, sweep_interval: float = 0.25):
+        self.version = int(time.time() * 1000)
+        self._entries: dict[str, expert_pb2.ReplicaEntry] = {}
+        self._expiry: dict[str, float] = {}  # replica_id -> monotonic deadline
+        self._changed = asyncio.Event()
+        self._sweep_interval = sweep_interval
+        self._sweeper: asyncio.Task | None = None
+
+    def start_sweeper(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def _bump(self) -> int:
+        self.version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()  # waiters hold the old (set) event; new waiters get a fresh one
+        return self.version
+
+    def _snapshot(self) -> expert_pb2.DirectorySnapshot:
+        replicas = [self._entries[k] for k in sorted(self._entries)]
+        return expert_pb2.DirectorySnapshot(version=self.version, replicas=replicas)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            now = time.monotonic()
+            expired = [rid for rid, t in self._expiry.items() if t <= now]
+            for rid in expired:
+                log.info("directory: lease of %s expired (%s)", rid, self._entries[rid].endpoint)
+                del self._entries[rid], self._expiry[rid]
+            if expired:
+                self._bump()
+
+    async def Register(self, request, context):
+        entry = request.entry
+        if not entry.replica_id or not entry.endpoint:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "entry needs replica_id and endpoint")
+        if ":" not in entry.endpoint:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"endpoint {entry.endpoint!r} is not host:port")
+        lease = request.lease_seconds or DEFAULT_LEASE_SECONDS
+        if not 0 < lease <= MAX_LEASE_SECONDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"lease_seconds must be in (0, {MAX_LEASE_SECONDS}]")
+        new = expert_pb2.ReplicaEntry()
+        new.CopyFrom(entry)
+        old = self._entries.get(entry.replica_id)
+        if old is not None:
+            new.registered_unix_ms = old.registered_unix_ms
+            new.draining = old.draining or entry.draining  # a renewal does not undo a Drain
+        elif not new.registered_unix_ms:
+            new.registered_unix_ms = int(time.time() * 1000)
+        self._expiry[entry.replica_id] = time.monotonic() + lease
+        if old != new:  # plain renewals do not wake watchers
+            self._entries[entry.replica_id] = new
+            self._bump()
+        return expert_pb2.RegisterResponse(version=self.version)
+
+    async def Deregister(self, request, context):
+        if self._entries.pop(request.replica_id, None) is not None:
+            del self._expiry[request.replica_id]
+            self._bump()
+        return expert_pb2.DeregisterResponse(version=self.version)
+
+    async def Drain(self, request, context):
+        entry = self._entries.get(request.replica_id)
+        if entry is None:
+            return expert_pb2.DrainResponse(version=self.version, found=False)
+        if not entry.draining:
+            entry.draining = True
+            self._bump()
+        return expert_pb2.DrainResponse(version=self.version, found=True)
+
+    async def List(self, request, context):
+        return self._snapshot()
+
+    async def Watch(self, request, context):
+        last = request.after_version
+        while True:
+            changed = self._changed
+            if self.version > last:
+                last = self.version
+                yield self._snapshot()
+            else:
+                await changed.wait()
+
+
+class DirectoryServer:
+    """The ExpertDirectory gRPC server on its own event-loop thread."""
+
+    def __init__(self, sweep_interval: float = 0.25):
+        self._sweep_interval = sweep_interval
+        self._loop: LoopThread | None = None
+        self._server: grpc.aio.Server | None = None
+        self.servicer: DirectoryServicer | None = None
+        self.port: int | None = None
+        self.host: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._loop = LoopThread("expert-directory")
+        self.port = self._loop.run(self._start(host, port))
+        self.host = host
+        return self.port
+
+    async def _start(self, host: str, port: int) -> int:
+        self.servicer = DirectoryServicer(self._sweep_interval)
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        expert_pb2_grpc.add_ExpertDirectoryServicer_to_server(self.servicer, self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        await self._server.start()
+        self.servicer.start_sweeper()
+        return bound
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and self._loop.alive and self._server is not None
+
+    def stop(self, grace: float = 0.5) -> None:
+        if self._loop is None:
+            return
+        if self.servicer is not None and self.servicer._sweeper is not None:
+            self._loop.loop.call_soon_threadsafe(self.servicer._sweeper.cancel)
+        if self._server is not None:
+            try:
+                self._loop.run(self._server.stop(grace), timeout=grace + 5)
+            except Exception:
+                log.exception("stopping the directory server")
+            self._server = None
+        self._loop.stop()
+        self._loop = None
+
+
+def endpoints_by_key(snapshot: expert_pb2.DirectorySnapshot,
+                     include_draining: bool = False) -> dict[tuple[int, int], list[str]]:
+    """(layer, expert) -> endpoints serving it (sorted), skipping draining replicas unless asked."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for entry in snapshot.replicas:
+        if entry.draining and not include_draining:
+            continue
+        for keys in entry.keys:
+            for expert in keys.experts:
+                out.setdefault((int(keys.layer), int(expert)), []).append(entry.endpoint)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+class DirectoryClient:
+    """Sync, thread-safe client of the expert directory with an optional background watch."""
+
+    def __init__(self, address: str, timeout: float = 5.0):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = expert_pb2_grpc.ExpertDirectoryStub(self._channel)
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[expert_pb2.DirectorySnapshot], None]] = []
+        self._latest: expert_pb2.DirectorySnapshot | None = None
+        self._updated = threading.Condition(self._lock)
+        self._watch_thread: threading.Thread | None = None
+        self._watch_call = None
+        self._closed = threading.Event()
+
+    # -- one-shot calls -----------------------------------------------------------------------------------------
+    def snapshot(self, timeout: float | None = None) -> expert_pb2.DirectorySnapshot:
+        return self._stub.List(expert_pb2.ListRequest(), timeout=timeout or self.timeout)
+
+    def register(self, entry: expert_pb2.ReplicaEntry, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
+        req = expert_pb2.RegisterRequest(entry=entry, lease_seconds=lease_seconds)
+        return self._stub.Register(req, timeout=self.timeout).version
+
+    def deregister(self, replica_id: str) -> int:
+        return self._stub.Deregister(expert_pb2.DeregisterRequest(replica_id=replica_id), timeout=self.timeout).version
+
+    def drain(self, replica_id: str) -> bool:
+        return self._stub.Drain(expert_pb2.DrainRequest(replica_id=replica_id), timeout=self.timeout).found
+
+    # -- watch --------------------------------------------------------------------------------------------------
+    @property
+    def latest(self) -> expert_pb2.DirectorySnapshot | None:
+        """The newest snapshot the watch has seen (None before the first)."""
+        with self._lock:
+            return self._latest
+
+    def watch(self, callback: Callable[[expert_pb2.DirectorySnapshot], None] | None = None) -> None:
+        """Start the background watch (once) and add `callback`; it gets the latest snapshot at once if known."""
+        with self._lock:
+            if callback is not None:
+                self._callbacks.append(callback)
+            latest = self._latest
+            if self._watch_thread is None:
+                self._watch_thread = threading.Thread(target=self._watch_main, name="directory-watch", daemon=True)
+                self._watch_thread.start()
+        if callback is not None and latest is not None:
+            callback(latest)
+
+    def wait_for(self, predicate: Callable[[expert_pb2.DirectorySnapshot], bool],
+                 timeout: float) -> expert_pb2.DirectorySnapshot:
+        """Block until a watched snapshot satisfies `predicate` (starts the watch); TimeoutError otherwise."""
+        self.watch()
+        deadline = time.monotonic() + timeout
+        with self._updated:
+            while self._latest is None or not predicate(self._latest):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"directory at {self.address}: condition not met within {timeout} s")
+                self._updated.wait(left)
+            return self._latest
+
+    def _watch_main(self) -> None:
+        backoff = 0.1
+        while not self._closed.is_set():
+            try:
+                with self._lock:
+                    after = 0  # after a reconnect, always take a full snapshot (the server may have restarted)
+                    self._watch_call = self._stub.Watch(expert_pb2.WatchRequest(after_version=after))
+                    call = self._watch_call
+                for snap in call:
+                    backoff = 0.1
+                    with self._updated:
+                        self._latest = snap
+                        callbacks = list(self._callbacks)
+                        self._updated.notify_all()
+                    for cb in callbacks:
+                        try:
+                            cb(snap)
+                        except Exception:  # a broken callback must not end the watch
+                            log.exception("directory watch callback failed")
+            except grpc.RpcError as exc:
+                if self._closed.is_set():
+                    return
+                log.debug("directory watch at %s: %s; reconnecting", self.address, exc)
+            self._closed.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            call = self._watch_call
+        if call is not None:
+            call.cancel()
+        if self._watch_thread is not None:
+            self._watch_thread.join(timeout=5)
+        self._channel.close()
+
+    def __enter__(self) -> "DirectoryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,39 @@
+"""An asyncio event loop on a daemon thread, so sync code (Ray Serve replicas, tests, the CLI) can host grpc.aio servers.
+
+Serve runs user code on its own loop(s) and may block it; the data plane gets a loop of its own so a slow Serve
+call never stalls a Forward. `run(coro)` runs a coroutine on the loop and waits for its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Coroutine
+
+
+class LoopThread:
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.loop.is_running()
+
+    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
+        """Run `coro` on the loop thread and return its result (raises its exception)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Coroutine) -> "asyncio.Future":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)

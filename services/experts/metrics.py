@@ -1,0 +1,65 @@
+"""Prometheus metrics of an expert replica: routed tokens per (layer, expert), coalesced batch sizes, call latency.
+
+Two backends, same names and labels: inside Ray, `ray.util.metrics` (exported by every Ray node's metrics agent,
+`--metrics-export-port`, with Ray's `ray_` prefix); outside Ray (tests, the router's in-process servers), a
+private `prometheus_client` registry per server, rendered with `ReplicaMetrics.text()`.
+"""
+
+from __future__ import annotations
+
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+class ReplicaMetrics:
+    def __init__(self, group: str, backend: str = "prometheus"):
+        self.group = group
+        self.backend = backend
+        if backend == "ray":
+            from ray.util import metrics as rm
+
+            self._tokens = rm.Counter("expertmesh_replica_expert_tokens", "routed tokens computed per (layer, expert)",
+                                      tag_keys=("group", "layer", "expert"))
+            self._rows = rm.Histogram("expertmesh_replica_batch_rows", "rows per coalesced batch",
+                                      boundaries=list(BATCH_ROWS_BUCKETS), tag_keys=("group", "layer"))
+            self._calls = rm.Histogram("expertmesh_replica_forward_seconds", "Forward latency inside the replica",
+                                       boundaries=list(LATENCY_BUCKETS), tag_keys=("group", "code"))
+            self.registry = None
+        else:
+            import prometheus_client as pc
+
+            self.registry = pc.CollectorRegistry()
+            self._tokens = pc.Counter("expertmesh_replica_expert_tokens", "routed tokens computed per (layer, expert)",
+                                      ("group", "layer", "expert"), registry=self.registry)
+            self._rows = pc.Histogram("expertmesh_replica_batch_rows", "rows per coalesced batch", ("group", "layer"),
+                                      buckets=BATCH_ROWS_BUCKETS, registry=self.registry)
+            self._calls = pc.Histogram("expertmesh_replica_forward_seconds", "Forward latency inside the replica",
+                                       ("group", "code"), buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def _inc(self, metric, value: float, tags: dict) -> None:
+        if self.backend == "ray":
+            metric.inc(value, tags=tags)
+        else:
+            metric.labels(**tags).inc(value)
+
+    def _observe(self, metric, value: float, tags: dict) -> None:
+        if self.backend == "ray":
+            metric.observe(value, tags=tags)
+        else:
+            metric.labels(**tags).observe(value)
+
+    def batch(self, layer: int, rows: int, tokens_per_expert: dict[int, int]) -> None:
+        for expert, n in tokens_per_expert.items():
+            self._inc(self._tokens, n, {"group": self.group, "layer": str(layer), "expert": str(expert)})
+        self._observe(self._rows, rows, {"group": self.group, "layer": str(layer)})
+
+    def call(self, seconds: float, code: str) -> None:
+        self._observe(self._calls, seconds, {"group": self.group, "code": code})
+
+    def text(self) -> str:
+        """Prometheus exposition text (prometheus backend only; Ray's agent serves the ray backend)."""
+        if self.registry is None:
+            raise RuntimeError("ray-backed metrics are exported by the Ray node's metrics agent")
+        import prometheus_client as pc
+
+        return pc.generate_latest(self.registry).decode()

@@ -1,0 +1,342 @@
+"""The data plane of an expert replica: `ExpertService` on its own grpc.aio server, with per-layer coalescing.
+
+A replica holds the FFN weights of its group's (layer, expert) keys only (`ExpertWeights`, loaded lazily from
+the checkpoint) and answers `Forward` for one layer per call. Concurrent calls for the same layer (many router
+steps in flight) are computed as ONE batch: a layer's batch starts when it reaches `max_batch_rows` rows, or
+`max_wait_ms` after its first call arrived, or at once when no other Forward is in flight on this replica (a
+lone caller never waits). While a batch computes (on a compute thread, so the loop keeps accepting calls), new
+calls queue up and form the next batch.
+
+Errors: `WireError` -> INVALID_ARGUMENT, an unparseable message -> INVALID_ARGUMENT, `ExpertNotHeld` ->
+NOT_FOUND; a call whose deadline passed while queued is dropped from its batch (DEADLINE_EXCEEDED, never
+computed); a cancelled call is dropped too. No bad call takes the server down.
+
+Usable without Ray (tests, the router's in-process pool):
+
+    server = ExpertServer("/models/tiny", {0: [0, 1, 2, 3]})
+    port = server.start("127.0.0.1", 0)   # or a (lo, hi) port range
+    ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from expertmesh.core.checkpoint import CheckpointReader
+from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, ExpertNotHeld, ForwardBatch, WireError, decode_forward, encode
+from expertmesh.core.kernel import ExpertWeights
+from expertmesh.core.protos import expert_pb2
+from expertmesh.experts.loop_thread import LoopThread
+from expertmesh.experts.metrics import ReplicaMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE = "expertmesh.v1.ExpertService"
+DEFAULT_MAX_WAIT_MS = 1.0
+DEFAULT_MAX_BATCH_ROWS = 4096
+
+# SO_REUSEPORT is on by default in gRPC on Linux: two replicas could then "bind" the same port and split its
+# traffic. Off, so a taken port fails and we try the next one in the range.
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+]
+
+
+def keys_to_proto(keys: dict[int, list[int]] | dict[int, frozenset[int]]) -> list[expert_pb2.ExpertKeys]:
+    return [expert_pb2.ExpertKeys(layer=layer, experts=sorted(experts)) for layer, experts in sorted(keys.items())]
+
+
+def keys_from_proto(keys) -> dict[int, list[int]]:
+    return {int(k.layer): sorted(int(e) for e in k.experts) for k in keys}
+
+
+def bind_port(server: grpc.aio.Server, host: str, port: int | tuple[int, int]) -> int:
+    """Bind `host:port`, or the first free port of the range (lo, hi) starting at a random offset."""
+    if isinstance(port, int):
+        return server.add_insecure_port(f"{host}:{port}")
+    lo, hi = port
+    candidates = list(range(lo, hi + 1))
+    start = random.randrange(len(candidates))
+    for p in candidates[start:] + candidates[:start]:
+        try:
+            return server.add_insecure_port(f"{host}:{p}")
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"no free port in {lo}-{hi} on {host}")
+
+
+class DeadlineExpired(Exception):
+    """The call's deadline passed before its batch started."""
+
+
+@dataclass
+class _Call:
+    batch: ForwardBatch
+    future: asyncio.Future
+    deadline: float | None  # loop time
+    rows: int
+
+
+@dataclass
+class _LayerQueue:
+    calls: list[_Call] = field(default_factory=list)
+    rows: int = 0
+    first_arrival: float = 0.0
+    draining: bool = False
+
+
+class Coalescer:
+    """Per-(layer, dtype) queues of validated calls, computed as one batch each on a single compute thread."""
+
+    def __init__(self, weights: ExpertWeights, metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int):
+        self.weights = weights
+        self.metrics = metrics
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_batch_rows = max_batch_rows
+        self.in_flight = 0  # Forward calls inside the handler (any layer)
+        self._queues: dict[tuple[int, torch.dtype], _LayerQueue] = {}
+        self._changed = asyncio.Event()
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._changed.set()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self._changed.set()
+
+    async def submit(self, batch: ForwardBatch, deadline: float | None) -> tuple[torch.Tensor, int]:
+        loop = asyncio.get_running_loop()
+        key = (batch.layer, batch.hidden.dtype)
+        q = self._queues.setdefault(key, _LayerQueue())
+        call = _Call(batch, loop.create_future(), deadline, batch.hidden.shape[0])
+        if not q.calls:
+            q.first_arrival = loop.time()
+        q.calls.append(call)
+        q.rows += call.rows
+        self._changed.set()
+        if not q.draining:
+            q.draining = True
+            loop.create_task(self._drain(key, q))
+        return await call.future
+
+    def _should_wait(self, q: _LayerQueue, now: float) -> bool:
+        return (q.rows < self.max_batch_rows
+                and self.in_flight > len(q.calls)           # someone else may still join this layer's batch
+                and now < q.first_arrival + self.max_wait_s)
+
+    def _take(self, q: _LayerQueue, now: float) -> list[_Call]:
+        taken, rows, keep = [], 0, []
+        for call in q.calls:
+            if call.future.done():  # cancelled (client gone / deadline enforced by gRPC)
+                continue
+            if call.deadline is not None and now >= call.deadline:
+                call.future.set_exception(DeadlineExpired())
+                continue
+            if not taken or rows + call.rows <= self.max_batch_rows:
+                taken.append(call)
+                rows += call.rows
+            else:
+                keep.append(call)
+        q.calls = keep
+        q.rows = sum(c.rows for c in keep)
+        q.first_arrival = now
+        return taken
+
+    async def _drain(self, key, q: _LayerQueue) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while q.calls:
+                while self._should_wait(q, loop.time()):
+                    self._changed.clear()
+                    remaining = q.first_arrival + self.max_wait_s - loop.time()
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), timeout=max(remaining, 0.0))
+                    except asyncio.TimeoutError:
+                        break
+                calls = self._take(q, loop.time())
+                if not calls:
+                    continue
+                try:
+                    outputs, rows = await loop.run_in_executor(self._compute, self._run, key[0], calls)
+                except Exception as exc:  # a kernel failure fails this batch's calls, never the server
+                    log.exception("expert batch failed")
+                    for call in calls:
+                        if not call.future.done():
+                            call.future.set_exception(exc)
+                    continue
+                for call, out in zip(calls, outputs):
+                    if not call.future.done():
+                        call.future.set_result((out, rows))
+        finally:
+            q.draining = False
+
+    def _run(self, layer: int, calls: list[_Call]) -> tuple[list[torch.Tensor], int]:
+        """Compute calls of one layer as one batch: [sum T, H] through the kernel, split back per call."""
+        if len(calls) == 1:
+            b = calls[0].batch
+            hidden, token_index, expert, weight = b.hidden, b.token_index, b.expert, b.weight
+        else:
+            offsets, total = [], 0
+            for c in calls:
+                offsets.append(total)
+                total += c.rows
+            hidden = torch.cat([c.batch.hidden for c in calls])                                   # [sum T, H]
+            token_index = torch.cat([c.batch.token_index + off for c, off in zip(calls, offsets)])  # [sum N]
+            expert = torch.cat([c.batch.expert for c in calls])                                   # [sum N]
+            weight = torch.cat([c.batch.weight for c in calls])                                   # [sum N]
+        out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
+        rows = hidden.shape[0]
+        counts = torch.bincount(expert, minlength=self.weights.num_experts)                       # [E]
+        nonzero = torch.nonzero(counts).flatten().tolist()
+        self.metrics.batch(layer, rows, {e: int(counts[e]) for e in nonzero})
+        return list(torch.split(out, [c.rows for c in calls])), rows
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+
+class ExpertServicer:
+    """`ExpertService` over the weights of one replica's keys."""
+
+    def __init__(self, weights: ExpertWeights, num_layers: int, replica_id: str, group: str,
+                 metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int):
+        self.weights = weights
+        self.num_layers = num_layers
+        self.replica_id = replica_id
+        self.group = group
+        self.metrics = metrics
+        self.coalescer = Coalescer(weights, metrics, max_wait_ms, max_batch_rows)
+        self._info = expert_pb2.InfoResponse(
+            replica_id=replica_id, group=group, keys=keys_to_proto(weights.held),
+            hidden_size=weights.hidden_size, dtype=encode(torch.empty(0, dtype=weights.dtype)).dtype,
+            weight_bytes=weights.weight_bytes,
+        )
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        # Forward takes raw bytes (no request_deserializer) so an unparseable message is INVALID_ARGUMENT, not
+        # the INTERNAL a failing generated deserializer would give.
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Forward": grpc.unary_unary_rpc_method_handler(
+                self.forward, response_serializer=expert_pb2.ForwardResponse.SerializeToString),
+            "Info": grpc.unary_unary_rpc_method_handler(
+                self.info, request_deserializer=expert_pb2.InfoRequest.FromString,
+                response_serializer=expert_pb2.InfoResponse.SerializeToString),
+        })
+
+    async def info(self, request, context) -> expert_pb2.InfoResponse:
+        return self._info
+
+    async def forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ForwardResponse:
+        start = time.perf_counter()
+        code = "OK"
+        self.coalescer.enter()
+        try:
+            try:
+                request = expert_pb2.ForwardRequest.FromString(raw)
+                batch = decode_forward(request, held=self.weights.held, hidden_size=self.weights.hidden_size,
+                                       num_layers=self.num_layers, num_experts=self.weights.num_experts)
+            except (WireError, DecodeError) as exc:
+                code = "INVALID_ARGUMENT"
+                msg = str(exc) if isinstance(exc, WireError) else f"unparseable ForwardRequest: {exc}"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+            except ExpertNotHeld as exc:
+                code = "NOT_FOUND"
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc} (replica {self.replica_id})")
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+            try:
+                output, rows = await self.coalescer.submit(batch, deadline)
+            except DeadlineExpired:
+                code = "DEADLINE_EXCEEDED"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch started")
+            return expert_pb2.ForwardResponse(output=encode(output), batch_rows=rows)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.coalescer.leave()
+            self.metrics.call(time.perf_counter() - start, code)
+
+
+class ExpertServer:
+    """One ExpertService grpc.aio server on its own event-loop thread (no Ray needed)."""
+
+    def __init__(self, checkpoint: str | Path | CheckpointReader, keys: dict[int, list[int]], *,
+                 replica_id: str = "", group: str = "", max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, metrics_backend: str = "prometheus",
+                 dtype: torch.dtype | None = None):
+        reader = checkpoint if isinstance(checkpoint, CheckpointReader) else CheckpointReader(checkpoint)
+        self.reader = reader
+        self.weights = ExpertWeights(reader, {int(k): list(v) for k, v in keys.items()}, dtype=dtype)
+        self.metrics = ReplicaMetrics(group or "standalone", metrics_backend)
+        self.replica_id = replica_id or f"standalone-{id(self):x}"
+        self.group = group
+        self._max_wait_ms = max_wait_ms
+        self._max_batch_rows = max_batch_rows
+        self._loop: LoopThread | None = None
+        self._server: grpc.aio.Server | None = None
+        self.servicer: ExpertServicer | None = None
+        self.port: int | None = None
+        self.host: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, host: str = "127.0.0.1", port: int | tuple[int, int] = 0) -> int:
+        """Bind and start serving; returns the bound port."""
+        self._loop = LoopThread(f"expert-server-{self.replica_id}")
+        self.port = self._loop.run(self._start(host, port))
+        self.host = host
+        return self.port
+
+    async def _start(self, host: str, port) -> int:
+        self.servicer = ExpertServicer(self.weights, self.reader.info.num_layers, self.replica_id, self.group,
+                                       self.metrics, self._max_wait_ms, self._max_batch_rows)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
+        bound = bind_port(self._server, host, port)
+        await self._server.start()
+        return bound
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and self._loop.alive and self._server is not None
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._loop is None:
+            return
+        if self._server is not None:
+            try:
+                self._loop.run(self._server.stop(grace), timeout=grace + 5)
+            except Exception:  # stopping must not fail the caller's shutdown
+                log.exception("stopping the expert server")
+            self._server = None
+        if self.servicer is not None:
+            self.servicer.coalescer.close()
+        self._loop.stop()
+        self._loop = None
+
+    def run_coroutine(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop (used by the Serve replica to reach the directory)."""
+        assert self._loop is not None, "server not started"
+        return self._loop.run(coro, timeout)
+
+    def submit_coroutine(self, coro):
+        assert self._loop is not None, "server not started"
+        return self._loop.submit(coro)
