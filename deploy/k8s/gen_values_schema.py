@@ -1,0 +1,64 @@
+"""Write the chart's values.schema.json; the placement-plan part comes from services/core/plan.py (one schema).
+
+    .venv/bin/python deploy/k8s/gen_values_schema.py        # rewrite deploy/k8s/expertmesh/values.schema.json
+
+Helm checks values against this file on lint/template/install/upgrade, so a bad plan or a typo in a choice
+fails before anything reaches the cluster. tests/test_k8s.py fails if the file differs from this output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from expertmesh.core.plan import PlacementPlan
+
+SCHEMA_PATH = Path(__file__).parent / "expertmesh" / "values.schema.json"
+
+
+def values_schema() -> dict:
+    plan = PlacementPlan.model_json_schema()  # refs point at "#/$defs/...": keep $defs at the root
+    defs = plan.pop("$defs")
+    port = {"type": "integer", "minimum": 1, "maximum": 65535}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "expertmesh chart values",
+        "type": "object",
+        "properties": {
+            "ports": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    **{k: port for k in ("gateway", "router", "routerMetrics", "directory", "poolMetrics",
+                                         "rayMetrics")},
+                    "replicaRange": {"type": "string", "pattern": r"^[0-9]{1,5}-[0-9]{1,5}$"},
+                },
+            },
+            "image": {"type": "object", "properties": {"flavor": {"enum": ["gpu", "cpu"]}}},
+            "model": {"type": "object", "properties": {"source": {"enum": ["pvc", "init"]}}},
+            "experts": {
+                "type": "object",
+                "properties": {
+                    "plan": plan,
+                    "upgradeStrategy": {"enum": ["NewCluster", "None"]},
+                    "replica": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"numCpus": {"type": "number", "minimum": 0},
+                                       "numGpus": {"type": "number", "minimum": 0}},
+                    },
+                },
+            },
+        },
+        "$defs": defs,
+    }
+
+
+def render() -> str:
+    return json.dumps(values_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    SCHEMA_PATH.write_text(render())
+    print(f"wrote {SCHEMA_PATH}", file=sys.stderr)
