@@ -1,0 +1,315 @@
+"""The expert controller: per-group autoscaling by routed load, and live rebalancing of hot experts.
+
+Every `interval_s` it reads the router's cumulative routed-token counters (Router.Stats), turns them into
+tokens/s per (layer, expert) over a moving window, and decides:
+
+* **Autoscaling** (every tick): a group's load is the tokens/s of its keys (a key held by several groups is
+  split in proportion to their replicas, as the router splits it); desired replicas =
+  ceil(load / target_tokens_per_second), clamped to the group's [min_replicas, max_replicas]. A change
+  must persist for `upscale_delay_s` (up) or `downscale_delay_s` (down) before it is applied; an idle
+  group goes to its minimum.
+* **Rebalancing** (when the busiest replica of a layer carries more than `imbalance_threshold` x the mean
+  per-replica load, at most once per `rebalance_cooldown_s`): the planner (`planner.plan_autoscale`)
+  regroups experts so hot experts get groups of their own with more replicas. Groups whose keys are
+  unchanged keep their name and replicas (nothing restarts); new groups are deployed and must register
+  in the directory before the old groups they replace are drained (directory Drain: the router stops
+  sending them new work) and then removed. A request never waits on a removed replica.
+
+Applying is declarative: the whole Serve config for (plan, replica counts) goes to Serve at once. Each group
+is its own Serve application whose args never change, so Serve adds/removes replicas of a changed group and
+leaves every other replica running (re-running `serve.run` would restart them all).
+
+`Controller.status()` (load, replicas, the last plan, history) feeds the gateway's `/experts` and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from expertmesh.core.plan import ExpertGroup, PlacementPlan
+
+log = logging.getLogger("expertmesh.controller")
+
+
+@dataclass
+class ControllerSettings:
+    interval_s: float = 2.0
+    window_s: float = 10.0                 # moving window of the load estimate
+    imbalance_threshold: float = 1.5       # max/mean per-replica load that triggers a rebalance
+    rebalance_cooldown_s: float = 30.0
+    min_tokens_per_s_to_rebalance: float = 50.0  # do not regroup on noise
+    max_experts_per_replica: int = 64
+    max_total_replicas: int = 64           # safety cap on the whole pool
+    drain_grace_s: float = 3.0             # after draining, before removing (in-flight RPCs finish)
+    register_timeout_s: float = 180.0      # new groups must register within this
+
+
+class LoadWindow:
+    """Tokens/s per key from cumulative counter snapshots over a moving window."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self.samples: deque[tuple[float, np.ndarray]] = deque()
+
+    def add(self, t: float, cumulative: np.ndarray) -> None:
+        self.samples.append((t, cumulative.astype(np.float64)))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+
+    def rate(self) -> np.ndarray | None:
+        """[L, E] tokens/s over the window, or None before two samples."""
+        if len(self.samples) < 2:
+            return None
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        if t1 <= t0:
+            return None
+        return np.maximum(c1 - c0, 0.0) / (t1 - t0)
+
+
+def group_loads(plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray,
+                layer_row: dict[int, int]) -> dict[str, float]:
+    """Tokens/s carried by each group: a key's rate split over its holders in proportion to their replicas."""
+    holders: dict[tuple[int, int], list[str]] = plan.holders()
+    out = {g.name: 0.0 for g in plan.groups}
+    for (layer, expert), names in holders.items():
+        r = float(rate[layer_row[layer], expert])
+        total = sum(max(replicas.get(n, 0), 0) for n in names)
+        for n in names:
+            share = replicas.get(n, 0) / total if total else 1.0 / len(names)
+            out[n] += r * share
+    return out
+
+
+def layer_imbalance(plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray,
+                    layer_row: dict[int, int]) -> dict[int, float]:
+    """Per layer: max over replicas of per-replica load / mean per-replica load (1.0 = balanced)."""
+    loads = group_loads(plan, replicas, rate, layer_row)
+    per_layer: dict[int, list[tuple[float, int]]] = {}
+    for g in plan.groups:
+        n = max(replicas.get(g.name, 0), 1)
+        for layer in g.keys:
+            # a multi-layer group is charged to each of its layers with its full load (conservative)
+            per_layer.setdefault(layer, []).append((loads[g.name] / n, n))
+    out = {}
+    for layer, items in per_layer.items():
+        total_load = sum(load * n for load, n in items)
+        total_replicas = sum(n for _, n in items)
+        mean = total_load / total_replicas if total_replicas else 0.0
+        out[layer] = max(load for load, _ in items) / mean if mean > 0 else 1.0
+    return out
+
+
+class Autoscaler:
+    """Per-group replica targets with up/down cooldowns."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[int, float]] = {}  # group -> (desired, since)
+
+    def decide(self, plan: PlacementPlan, current: dict[str, int], loads: dict[str, float], now: float) -> dict[str, int]:
+        out = dict(current)
+        for g in plan.groups:
+            scaling = plan.autoscaling_for(g)
+            load = loads.get(g.name, 0.0)
+            want = math.ceil(load / scaling.target_tokens_per_second) if load > 0 else 0
+            # never below one: a decode step cannot wait for a replica to start from zero
+            want = max(1, g.min_replicas, min(g.max_replicas, want))
+            have = current.get(g.name, g.start_replicas)
+            if want == have:
+                self.pending.pop(g.name, None)
+                continue
+            delay = scaling.upscale_delay_s if want > have else scaling.downscale_delay_s
+            prev = self.pending.get(g.name)
+            if prev is None or (prev[0] > have) != (want > have):
+                self.pending[g.name] = (want, now)  # direction changed: restart the clock
+                prev = self.pending[g.name]
+            if now - prev[1] >= delay:
+                out[g.name] = want
+                self.pending.pop(g.name, None)
+            else:
+                self.pending[g.name] = (want, prev[1])
+        return out
+
+
+def merge_plan(current: PlacementPlan, proposed: PlacementPlan) -> tuple[PlacementPlan, list[str], list[str]]:
+    """Keep current groups whose keys reappear in `proposed` (same name, no restart); name new groups uniquely.
+
+    Returns (merged plan, names of new groups, names of removed groups)."""
+    by_keys = {json.dumps(g.keys, sort_keys=True): g for g in current.groups}
+    used = {g.name for g in current.groups}
+    groups: list[ExpertGroup] = []
+    added: list[str] = []
+    kept: set[str] = set()
+    for g in proposed.groups:
+        same = by_keys.get(json.dumps(g.keys, sort_keys=True))
+        if same is not None and same.name not in kept:
+            kept.add(same.name)
+            groups.append(same.model_copy(update={
+                "max_replicas": max(same.max_replicas, g.max_replicas),
+                "initial_replicas": g.initial_replicas}))
+            continue
+        name, i = g.name, 1
+        while name in used:
+            i += 1
+            name = f"{g.name[:44]}-r{i}"
+        used.add(name)
+        groups.append(g.model_copy(update={"name": name}))
+        added.append(name)
+    removed = [g.name for g in current.groups if g.name not in kept]
+    merged = PlacementPlan(model=current.model, autoscaling=current.autoscaling, groups=groups)
+    return merged, added, removed
+
+
+@dataclass
+class ControllerStatus:
+    plan: PlacementPlan
+    replicas: dict[str, int]
+    rate: list[list[float]] | None = None
+    layers: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    rebalances: int = 0
+    last_rebalance: dict | None = None
+
+
+class Controller:
+    """Runs the loop above in a thread. `read_counts() -> [L, E]` cumulative routed tokens (rows = MoE layers in
+    order `layers`); `apply(plan, replicas)` deploys declaratively; `registered() -> dict[group, n ready]` and
+    `drain(group)` talk to the directory."""
+
+    def __init__(self, plan: PlacementPlan, layers: list[int], read_counts: Callable[[], np.ndarray],
+                 apply: Callable[[PlacementPlan, dict[str, int]], None],
+                 registered: Callable[[], dict[str, int]], drain: Callable[[str], None],
+                 settings: ControllerSettings | None = None, status_file: str | Path | None = None):
+        self.settings = settings or ControllerSettings()
+        self.layers = list(layers)
+        self.layer_row = {layer: i for i, layer in enumerate(self.layers)}
+        self.read_counts, self._apply, self.registered, self.drain = read_counts, apply, registered, drain
+        self.window = LoadWindow(self.settings.window_s)
+        self.autoscaler = Autoscaler()
+        replicas = {g.name: g.start_replicas for g in plan.groups}
+        self.state = ControllerStatus(plan=plan, replicas=replicas, layers=self.layers)
+        self.status_file = Path(status_file) if status_file else None
+        self._last_rebalance = -math.inf
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- one tick ---------------------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.window.add(now, np.asarray(self.read_counts()))
+        rate = self.window.rate()
+        if rate is None:
+            return
+        st = self.state
+        s = self.settings
+        imbalance = layer_imbalance(st.plan, st.replicas, rate, self.layer_row)
+        worst = max(imbalance.values(), default=1.0)
+        total_rate = float(rate.sum())
+        if (worst > s.imbalance_threshold and total_rate >= s.min_tokens_per_s_to_rebalance
+                and now - self._last_rebalance >= s.rebalance_cooldown_s):
+            self._rebalance(rate, worst, now)
+        loads = group_loads(st.plan, st.replicas, rate, self.layer_row)
+        target = self.autoscaler.decide(st.plan, st.replicas, loads, now)
+        total = sum(target.values())
+        if total > s.max_total_replicas:
+            log.warning("autoscaler wants %d replicas, over the cap of %d: keeping current counts", total,
+                        s.max_total_replicas)
+            target = st.replicas
+        if target != st.replicas:
+            log.info("autoscaling: %s", {k: (st.replicas.get(k), v) for k, v in target.items() if st.replicas.get(k) != v})
+            self._apply(st.plan, target)
+            with self._lock:
+                st.replicas = target
+        with self._lock:
+            st.rate = rate.tolist()
+            st.history.append({"t": time.time(), "replicas": dict(st.replicas), "tokens_per_s": total_rate,
+                               "imbalance": worst})
+            del st.history[:-2000]
+        self._write_status()
+
+    def _rebalance(self, rate: np.ndarray, worst: float, now: float) -> None:
+        from expertmesh.experts.planner import plan_autoscale, to_placement_plan
+
+        st, s = self.state, self.settings
+        target = st.plan.autoscaling.target_tokens_per_second
+        result = plan_autoscale(rate, s.max_experts_per_replica, target_load=target)
+        proposed = to_placement_plan(result, self.layers, model=st.plan.model)
+        merged, added, removed = merge_plan(st.plan, proposed)
+        self._last_rebalance = now
+        if not added and not removed:
+            return
+        log.info("rebalancing (max/mean %.2f): +%s -%s", worst, added, removed)
+        replicas = {g.name: st.replicas.get(g.name, g.start_replicas) for g in merged.groups}
+        # 1) new groups up next to the old ones; wait until they registered in the directory
+        transitional = PlacementPlan(model=merged.model, autoscaling=merged.autoscaling,
+                                     groups=merged.groups + [g for g in st.plan.groups if g.name in removed])
+        both = dict(replicas, **{n: st.replicas[n] for n in removed})
+        self._apply(transitional, both)
+        deadline = time.monotonic() + s.register_timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            ready = self.registered()
+            if all(ready.get(n, 0) >= replicas[n] for n in added):
+                break
+            time.sleep(0.5)
+        else:
+            log.error("new groups %s did not register in time; keeping the old plan", added)
+            self._apply(st.plan, st.replicas)
+            return
+        # 2) drain the replaced groups, let in-flight work finish, then remove them
+        for name in removed:
+            self.drain(name)
+        time.sleep(s.drain_grace_s)
+        self._apply(merged, replicas)
+        with self._lock:
+            st.plan, st.replicas = merged, replicas
+            st.rebalances += 1
+            st.last_rebalance = {"t": time.time(), "added": added, "removed": removed, "imbalance_before": worst}
+        self.autoscaler.pending.clear()
+
+    # -- thread -----------------------------------------------------------------------------------------------
+    def start(self) -> "Controller":
+        self._thread = threading.Thread(target=self._run, name="expertmesh-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.interval_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a failed tick (router restarting, Serve busy) retries next tick
+                log.exception("controller tick failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def status(self) -> dict:
+        with self._lock:
+            st = self.state
+            return {
+                "plan": st.plan.model_dump(mode="json", exclude_none=True),
+                "replicas": dict(st.replicas),
+                "layers": st.layers,
+                "tokens_per_s": st.rate,
+                "rebalances": st.rebalances,
+                "last_rebalance": st.last_rebalance,
+                "history": list(st.history[-300:]),
+            }
+
+    def _write_status(self) -> None:
+        if self.status_file is None:
+            return
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        tmp.replace(self.status_file)

@@ -1,0 +1,239 @@
+"""`expertmesh serve`: the whole local stack in one command — Ray on loopback with the expert pool, the
+router (vLLM), the gateway — on the shipped demo model unless `--model` names another checkpoint.
+
+Shows progress while loading, prints the URL and a ready-to-paste curl, and on Ctrl-C / SIGTERM stops
+everything it started: the gateway and router processes (their whole process groups) and exactly the Ray
+cluster it started. `Stack` is the same thing as a context manager, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from expertmesh.core import defaults
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _wait(what: str, check, proc: subprocess.Popen | None, timeout: float, log: Path | None) -> float:
+    """Poll `check()` until true; fail early (with the log's tail) if `proc` exits."""
+    start = time.monotonic()
+    last = 0.0
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting\n{tail}")
+        try:
+            if check():
+                return time.monotonic() - start
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        elapsed = time.monotonic() - start
+        if elapsed > timeout:
+            raise TimeoutError(f"{what} not ready after {timeout:.0f} s" + (f" (log: {log})" if log else ""))
+        if elapsed - last >= 5:
+            _say(f"      ... waiting for {what} ({elapsed:.0f} s)")
+            last = elapsed
+        time.sleep(0.25)
+
+
+def _router_healthy(address: str) -> bool:
+    import grpc
+
+    from expertmesh.core.protos import router_pb2, router_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        reply = router_pb2_grpc.RouterStub(channel).Health(router_pb2.HealthRequest(), timeout=2)
+    return reply.ok
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2).status_code == 200
+
+
+class Stack:
+    """The local stack: expert pool (unless local_experts), router subprocess, gateway subprocess."""
+
+    def __init__(self, model: str | Path = DEMO_MODEL, host: str = "127.0.0.1", port: int = defaults.GATEWAY_PORT,
+                 router_port: int = defaults.ROUTER_PORT, local_experts: bool = False, plan: str | None = None,
+                 log_dir: str | Path | None = None, enforce_eager: bool = True, ray_port: int | None = None,
+                 directory_port: int | None = None, metrics_port: int = 0, extra_env: dict | None = None,
+                 controller: bool = True):
+        self.model = Path(model).resolve()
+        self.host, self.port, self.router_port = host, port, router_port
+        self.local_experts, self.plan, self.enforce_eager = local_experts, plan, enforce_eager
+        self.ray_port, self.directory_port, self.metrics_port = ray_port, directory_port, metrics_port
+        self.log_dir = Path(log_dir or Path.home() / ".cache" / "expertmesh" / "logs")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.extra_env = dict(extra_env or {})
+        self.use_controller = controller and not local_experts
+        self.pool = None
+        self.controller = None
+        self.procs: list[subprocess.Popen] = []
+        self.url = f"http://{host}:{port}"
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> "Stack":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
+        log = self.log_dir / f"{name}.log"
+        fh = open(log, "w")
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        fh.close()
+        self.procs.append(proc)
+        return proc, log
+
+    def _start(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model}: not a checkpoint directory (no config.json)")
+        steps = 2 if self.local_experts else 3
+        step = 1
+        env = self._env()
+        directory = None
+        if not self.local_experts:
+            from expertmesh.experts.pool import LocalPool
+
+            _say(f"[{step}/{steps}] starting Ray on loopback and the expert pool for {self.model.name} ...")
+            t0 = time.monotonic()
+            kwargs = {}
+            if self.ray_port:
+                kwargs["ray_port"] = self.ray_port
+            if self.directory_port:
+                kwargs["directory_port"] = self.directory_port
+            self.pool = LocalPool(self.model, plan=self.plan, **kwargs).start()
+            directory = self.pool.directory_address
+            _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
+            step += 1
+        _say(f"[{step}/{steps}] starting the router (vLLM, {'local experts' if self.local_experts else 'remote experts'}) ...")
+        router_addr = f"127.0.0.1:{self.router_port}"
+        cmd = [sys.executable, "-m", "expertmesh.router.server", "--model", str(self.model),
+               "--host", "127.0.0.1", "--port", str(self.router_port), "--metrics-port", str(self.metrics_port)]
+        cmd += ["--local-experts"] if self.local_experts else ["--directory", directory]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        proc, log = self._spawn("router", cmd, env)
+        took = _wait("router", lambda: _router_healthy(router_addr), proc, 600, log)
+        _say(f"      router ready in {took:.0f} s at {router_addr}")
+        step += 1
+        _say(f"[{step}/{steps}] starting the gateway ...")
+        cmd = [sys.executable, "-m", "expertmesh.gateway.app", "--router", router_addr, "--host", self.host,
+               "--port", str(self.port), "--tokenizer", str(self.model), "--model-name", self.model_name]
+        proc, log = self._spawn("gateway", cmd, env)
+        took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
+        _say(f"      gateway ready in {took:.0f} s")
+        if self.use_controller:
+            from expertmesh.experts.controller import Controller
+
+            self.controller = Controller.for_stack(self).start()
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.procs.clear()
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def dead_process(self) -> subprocess.Popen | None:
+        return next((p for p in self.procs if p.poll() is not None), None)
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="gateway port (default 8000)")
+    parser.add_argument("--router-port", type=int, default=defaults.ROUTER_PORT)
+    parser.add_argument("--plan", default=None, help="placement plan YAML (default: one group per MoE layer)")
+    parser.add_argument("--local-experts", action="store_true",
+                        help="compute experts inside vLLM (the monolithic baseline): no expert pool")
+    parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile (slower start)")
+    parser.add_argument("--no-controller", action="store_true", help="do not run the expert autoscaling controller")
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = Stack(args.model, host=args.host, port=args.port, router_port=args.router_port,
+                  local_experts=args.local_experts, plan=args.plan, enforce_eager=not args.compile,
+                  controller=not args.no_controller)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+    except Exception as exc:  # noqa: BLE001 - report, clean up (start() already stopped everything)
+        _say(f"expertmesh serve: failed to start: {exc}")
+        return 1
+    body = {"model": stack.model_name, "messages": [{"role": "user", "content": "Speak, my lord."}], "max_tokens": 40}
+    _say("")
+    _say(f"expertmesh is serving {stack.model_name} at {stack.url}/v1  (logs: {stack.log_dir})")
+    _say("Try:")
+    print(f"curl -s {stack.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+          flush=True)
+    _say("Press Ctrl-C to stop.")
+    code = 0
+    while not stopping.wait(1.0):
+        dead = stack.dead_process()
+        if dead is not None:
+            _say(f"expertmesh serve: a component exited with code {dead.returncode}; shutting down")
+            code = 1
+            break
+    _say("stopping ...")
+    stack.stop()
+    _say("stopped.")
+    return code
