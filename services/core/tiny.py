@@ -33,12 +33,15 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "deepseek_v2": ("DeepseekV2Config", dict(_COMMON, num_hidden_layers=3, intermediate_size=128,
                                              moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
                                              num_experts_per_tok=2, first_k_dense_replace=1, topk_method="greedy",
+                                             n_group=1, topk_group=1,  # vLLM's router needs both
                                              routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
                                              qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
                                              num_key_value_heads=4, head_dim=64, norm_topk_prob=False)),
     "deepseek_v3": ("DeepseekV3Config", dict(_COMMON, num_hidden_layers=3, intermediate_size=128,
                                              moe_intermediate_size=64, n_routed_experts=16, n_shared_experts=1,
                                              num_experts_per_tok=4, n_group=4, topk_group=2,
+                                             # as in released V3 configs; vLLM reads these two (HF assumes them)
+                                             topk_method="noaux_tc", scoring_func="sigmoid",
                                              first_k_dense_replace=1, routed_scaling_factor=2.5,
                                              kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
                                              qk_nope_head_dim=32, v_head_dim=32, num_key_value_heads=4,
