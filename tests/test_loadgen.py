@@ -343,3 +343,104 @@ def test_config_validation_for_api_callers():
         BenchConfig(url="http://127.0.0.1:1", model="m", concurrency=0).validate()
     with pytest.raises(BenchError, match="endpoint must be one of"):
         BenchConfig(url="http://127.0.0.1:1", model="m", endpoint="x").validate()
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/compare
+
+
+@pytest.fixture(scope="module")
+def compare():
+    loader = importlib.machinery.SourceFileLoader("expertmesh_compare", str(REPO / "benchmarks" / "compare"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _write_mixtral(path: Path, layers=2, experts=4, hidden=8, inter=4, vocab=16, tied=False) -> Path:
+    """A config.json + model.safetensors with Mixtral tensor names and known sizes (values irrelevant)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "num_hidden_layers": layers, "num_local_experts": experts,
+        "num_experts_per_tok": 2, "hidden_size": hidden, "intermediate_size": inter, "torch_dtype": "float32"}))
+    t = {"model.embed_tokens.weight": np.zeros((vocab, hidden), np.float32),
+         "model.norm.weight": np.zeros(hidden, np.float32)}
+    if not tied:
+        t["lm_head.weight"] = np.zeros((vocab, hidden), np.float32)
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        t[f"{p}.self_attn.q_proj.weight"] = np.zeros((hidden, hidden), np.float32)
+        t[f"{p}.block_sparse_moe.gate.weight"] = np.zeros((experts, hidden), np.float32)
+        for e in range(experts):
+            for w, shape in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
+                t[f"{p}.block_sparse_moe.experts.{e}.{w}.weight"] = np.zeros(shape, np.float32)
+    save_file(t, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_compare_weight_bytes_and_decode_bound(compare, tmp_path, tied):
+    layers, experts, hidden, inter, vocab = 2, 4, 8, 4, 16
+    w = compare.weight_bytes(_write_mixtral(tmp_path / "ckpt", layers, experts, hidden, inter, vocab, tied))
+    expert = 3 * hidden * inter * 4
+    per_layer_dense = (hidden * hidden + experts * hidden) * 4
+    head = vocab * hidden * 4
+    assert w["expert_bytes"] == {0: expert, 1: expert}
+    assert w["routed_bytes"] == layers * experts * expert
+    # untied: the embedding is a row lookup (not read per step) and the head is; tied: the one matrix is read
+    assert w["dense_bytes"] == layers * per_layer_dense + hidden * 4 + head
+    assert w["embedding_bytes_not_read"] == (0 if tied else head)
+    assert w["dense_bytes"] + w["routed_bytes"] + w["embedding_bytes_not_read"] == w["total_bytes"]
+    assert compare.expected_distinct_experts(experts, 2, 1) == pytest.approx(2.0)
+    assert compare.expected_distinct_experts(experts, 2, 1000) == pytest.approx(experts)
+    assert compare.step_bytes(w, 1) == pytest.approx(w["dense_bytes"] + 2 * layers * expert)
+    assert compare.decode_bound(w, 10.0, 1) == pytest.approx(10e9 / compare.step_bytes(w, 1))
+    big = compare.decode_bound(w, 10.0, 1000)  # every expert read once, shared by 1000 tokens
+    assert big == pytest.approx(1000 * 10e9 / (w["dense_bytes"] + w["routed_bytes"]))
+
+
+def _summary(tok_s: float, completed: int = 16) -> dict:
+    d = {"mean": 1.0, "p50": 1.0, "p90": 2.0, "p99": 3.0, "min": 0.5, "max": 3.0, "count": completed}
+    return {"output_throughput": tok_s, "request_throughput": tok_s / 64, "completed": completed, "failed": 0,
+            "mean_output_tokens": 64.0, "ttft_ms": d, "tpot_ms": d, "e2el_ms": d}
+
+
+def test_compare_rows_ratios_and_markdown(compare):
+    weights = {"num_experts": 8, "top_k": 2, "dense_bytes": 1_000_000, "expert_bytes": {0: 100_000, 1: 100_000},
+               "total_bytes": 2_600_000}
+    results = {
+        "full": {"1": _summary(80.0), "8": {"error": "did not start: boom"}},
+        "local": {"1": _summary(100.0), "8": _summary(400.0)},
+        "hf": {"1": _summary(50.0), "8": _summary(200.0)},
+    }
+    rows = compare.build_rows(results, [1, 8], weights, bandwidth_gbs=1.0)
+    by = {(r["concurrency"], r["system"]): r for r in rows}
+    assert len(rows) == 6
+    assert by[(1, "full")]["vs_local"] == pytest.approx(0.8)
+    assert by[(1, "full")]["vs_hf"] == pytest.approx(1.6)
+    assert by[(8, "local")]["vs_hf"] == pytest.approx(2.0)
+    assert by[(1, "local")]["of_bound"] == pytest.approx(100.0 / compare.decode_bound(weights, 1.0, 1))
+    assert by[(8, "full")]["error"] == "did not start: boom"
+    report = {"started_at": "t", "model": {"name": "m"}, "rows": rows, "weights": weights,
+              "bandwidth": {"read_gbs": 1.0, "read_1t_gbs": 0.5, "numpy_copy_gbs": 0.7},
+              "machine": {"cpu": "cpu", "cores": 2, "usable_cores": 2, "memory_gib": 24, "versions": {"torch": "x"},
+                          "last_level_cache_mib": 32.0},
+              "settings": {"input_len": 64, "output_len": 64, "requests": {"1": 16, "8": 16}, "seed": 0,
+                           "hf_threads": 1, "concurrency": [1, 8]}}
+    md = compare.render_markdown(report)
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 6 and all(line.count("|") == 14 for line in table)
+    assert "| 1 | full | 80.0 |" in md and "| 0.80 | 1.60 |" in md and "failed: did not start: boom" in md
+    assert "fits in the 32 MiB last-level cache" in md
+
+
+def test_compare_bad_arguments(compare, tmp_path, capsys):
+    for argv in (["--concurrency", "0,8"], ["--systems", "full,gpu"], ["--requests", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            compare.parse_args(argv)
+        assert exc.value.code == 2
+    assert compare.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
