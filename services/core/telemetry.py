@@ -79,7 +79,7 @@ class RequestRegistry:
         self._turn = itertools.count()
 
     def add(self, request_id: str, ctx: otel_context.Context) -> None:
-        if trace.get_current_span(ctx).get_span_context().is_sampled:
+        if trace.get_current_span(ctx).get_span_context().trace_flags.sampled:
             with self._lock:
                 self._contexts[request_id] = ctx
 
