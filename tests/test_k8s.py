@@ -417,6 +417,7 @@ def test_gpu_placement_and_autoscaling(rendered):
     gpu, cpu = rendered["gpu"], rendered["cpu"]
     router = one(gpu, "Deployment", "-router")["spec"]["template"]["spec"]
     assert router["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert router["containers"][0]["args"][-2:] == values_for("gpu")["router"]["vllm"]["args"]  # vLLM settings
     assert router["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert any(t["key"] == "nvidia.com/gpu" for t in router["tolerations"])
     cluster = one(gpu, "RayService", "-experts")["spec"]["rayClusterConfig"]
