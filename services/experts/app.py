@@ -1,0 +1,148 @@
+"""The Ray Serve application of the expert pool: Serve is the control plane, each replica serves gRPC itself.
+
+Deployments (names and autoscaling come from `serve_config.build_serve_config`, which `serve deploy`, the
+local pool and the Helm chart's RayService all use):
+
+    ExpertDirectory   1 replica: the directory gRPC server on the directory address's port
+    <group name> ...  `ExpertGroupReplica`, one deployment per plan group; each replica loads ONLY its group's
+                      (layer, expert) weights, serves ExpertService on its own grpc.aio server (a free port of
+                      `replica_port_range()` on `bind_host()`), registers `advertise_host():port` in the
+                      directory with a lease, renews it, and deregisters when Serve shuts it down.
+
+No request goes through Serve: a Serve proxy hop costs ~11 ms here vs ~0.9 ms for plain grpc.aio. Serve
+starts, health-checks (`check_health` makes a real Info call to the replica's own server), restarts and
+scales the replicas; each deployment's replica count can change without touching the others.
+
+`build_app(args)` args: model (checkpoint dir), plan (PlacementPlan as a dict), directory ("host:port"), and
+optionally lease_seconds, max_wait_ms, max_batch_rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+from ray import serve
+
+from expertmesh.core import defaults
+from expertmesh.core.plan import ExpertGroup, PlacementPlan
+from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
+from expertmesh.experts.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
+from expertmesh.experts.replica import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, ExpertServer, keys_to_proto
+from expertmesh.experts.serve_config import DIRECTORY_DEPLOYMENT, build_serve_config
+
+log = logging.getLogger("expertmesh.experts")
+
+
+def _port_of(address: str) -> int:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"directory address {address!r} is not host:port")
+    return int(port)
+
+
+@serve.deployment
+class ExpertGroupReplica:
+    """One replica of one expert group: its weights, its grpc.aio server, its directory lease."""
+
+    def __init__(self, model: str, group: dict, directory: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
+        spec = ExpertGroup.model_validate(group)
+        ctx = serve.get_replica_context()
+        self.replica_id = f"{ctx.deployment}#{ctx.replica_id.unique_id}"
+        self.directory = directory
+        self.lease_seconds = lease_seconds
+        self.server = ExpertServer(model, spec.keys, replica_id=self.replica_id, group=spec.name,
+                                   max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, metrics_backend="ray")
+        port = self.server.start(defaults.bind_host(), defaults.replica_port_range())
+        self.endpoint = f"{defaults.advertise_host()}:{port}"
+        self.entry = expert_pb2.ReplicaEntry(replica_id=self.replica_id, group=spec.name, endpoint=self.endpoint,
+                                             keys=keys_to_proto(self.server.weights.held))
+        self._lease = self.server.submit_coroutine(self._keep_registered())
+        log.info("replica %s of %s serving %s (%d weight bytes, pid %d)", self.replica_id, spec.name,
+                 self.endpoint, self.server.weights.weight_bytes, os.getpid())
+
+    async def _keep_registered(self) -> None:
+        """Register at once, retrying until the directory answers, then renew every lease/3."""
+        async with grpc.aio.insecure_channel(self.directory) as channel:
+            stub = expert_pb2_grpc.ExpertDirectoryStub(channel)
+            request = expert_pb2.RegisterRequest(entry=self.entry, lease_seconds=self.lease_seconds)
+            while True:
+                try:
+                    await stub.Register(request, timeout=min(2.0, self.lease_seconds / 3))
+                    await asyncio.sleep(self.lease_seconds / 3)
+                except grpc.aio.AioRpcError as exc:  # directory not up yet / restarting: keep trying
+                    log.warning("register %s at %s: %s", self.replica_id, self.directory, exc.code())
+                    await asyncio.sleep(0.5)
+
+    def info(self) -> dict:
+        return {"replica_id": self.replica_id, "endpoint": self.endpoint, "pid": os.getpid(),
+                "weight_bytes": self.server.weights.weight_bytes}
+
+    async def check_health(self) -> None:
+        if not self.server.running:
+            raise RuntimeError(f"{self.replica_id}: the ExpertService server is down")
+        if self._lease.done():
+            raise RuntimeError(f"{self.replica_id}: the directory lease task ended: {self._lease.exception()!r}")
+        target = f"127.0.0.1:{self.server.port}" if self.server.host in ("0.0.0.0", "::") else self.server.address
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await expert_pb2_grpc.ExpertServiceStub(channel).Info(expert_pb2.InfoRequest(), timeout=5)
+        if reply.replica_id != self.replica_id:
+            raise RuntimeError(f"{self.replica_id}: port {self.server.port} answers as {reply.replica_id}")
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: leave the directory first (no new traffic), then stop serving."""
+        lease = getattr(self, "_lease", None)
+        if lease is None:
+            return
+        lease.cancel()
+        try:
+            self.server.run_coroutine(self._deregister(), timeout=5)
+        except Exception:  # the directory may already be gone; the lease then expires on its own
+            log.warning("deregister %s failed", self.replica_id, exc_info=True)
+        self.server.stop(grace=1.0)
+
+    async def _deregister(self) -> None:
+        async with grpc.aio.insecure_channel(self.directory) as channel:
+            await expert_pb2_grpc.ExpertDirectoryStub(channel).Deregister(
+                expert_pb2.DeregisterRequest(replica_id=self.replica_id), timeout=2)
+
+
+@serve.deployment
+class ExpertDirectory:
+    """The directory server. Takes the group deployments as arguments only so they form one application."""
+
+    def __init__(self, directory: str, *group_deployments):
+        self.server = DirectoryServer()
+        self.server.start(defaults.bind_host(), _port_of(directory))
+        log.info("expert directory serving on %s", self.server.address)
+
+    def check_health(self) -> None:
+        if not self.server.running:
+            raise RuntimeError("the expert directory server is down")
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
+
+
+def build_app(args: dict):
+    """The Serve application for `args` = {model, plan, directory[, lease_seconds, max_wait_ms, max_batch_rows]}."""
+    plan = PlacementPlan.model_validate(args["plan"])
+    model = str(args["model"])
+    directory = args.get("directory") or defaults.directory_address()
+    _port_of(directory)
+    replica_args = {k: args[k] for k in ("lease_seconds", "max_wait_ms", "max_batch_rows") if args.get(k) is not None}
+    # The same per-deployment options `serve deploy` gets from the config (a config's own entries override them),
+    # so `serve.run(build_app(...))` and a deployed config behave alike.
+    options = {d["name"]: d for d in build_serve_config(plan, model, directory)["applications"][0]["deployments"]}
+    groups = []
+    for group in plan.groups:
+        opts = {k: v for k, v in options[group.name].items() if k != "name"}
+        groups.append(ExpertGroupReplica.options(name=group.name, **opts)
+                      .bind(model, group.model_dump(mode="json"), directory, **replica_args))
+    directory_opts = {k: v for k, v in options[DIRECTORY_DEPLOYMENT].items() if k != "name"}
+    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT, **directory_opts).bind(directory, *groups)
