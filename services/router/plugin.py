@@ -1,0 +1,170 @@
+"""The vLLM plugin: routed experts of every FusedMoE layer computed by the expert pool instead of in-process.
+
+Entry point `vllm.general_plugins: expertmesh = expertmesh.router.plugin:register` (pyproject.toml); vLLM calls
+`register()` in every process it starts. The plugin is inert unless asked:
+
+    EXPERTMESH_EXPERT_MODE=remote  EXPERTMESH_DIRECTORY=host:port   routed experts go to the pool
+    EXPERTMESH_EXPERT_MODE unset / "local"                           vLLM as usual (the monolithic baseline)
+
+From Python, call `configure_remote("host:port")` (or `configure_local()`) before creating the engine; it sets the
+environment (inherited by an engine-core subprocess) and applies the mode in this process.
+
+The seam (vLLM 0.32, `vllm/model_executor/layers/fused_moe/`): a FusedMoE layer is a `MoERunner` (gate, router =
+vLLM's own top-k selection, shared experts, routed-scale handling, combine) around a `RoutedExperts` whose quant
+method turns (hidden, topk_weights, topk_ids) into the routed output. For unquantized models that method is
+`UnquantizedFusedMoEMethod`, a `CustomOp` that vLLM lets a plugin replace out of tree (`op_registry_oot`). In
+remote mode we register `RemoteExpertsMethod` under its name, so for every family (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V2/V3):
+- `create_weights` registers zero-size w13/w2 parameters whose weight_loader discards: the router never allocates
+  routed-expert weights (the checkpoint tensors are read by the loader and dropped);
+- `apply` gets vLLM's topk_weights/topk_ids — gating untouched: softmax/sigmoid, grouped top-k, correction bias,
+  renormalisation and `routed_scaling_factor` are applied by vLLM's router (or by the runner on the output when a
+  model asks for `apply_routed_scale_to_output`), shared experts are run by the runner locally and added after —
+  and calls the `expertmesh::remote_experts` custom op (dispatch.py), which returns what vLLM's local kernel would.
+Because the MoERunner itself stays, nothing has to be removed from the compilation config's
+`static_forward_context` / `static_all_moe_layers` (that was needed only when swapping whole MoE modules).
+
+Why not the modular kernel's prepare/finalize pair (vLLM's own network-EP seam): on CPU the unquantized kernel is
+assembled by vLLM's oracle from the platform's experts class; a remote prepare/finalize would still need a
+do-nothing experts stage and the local weights that stage expects, and prepare/finalize is selected from the
+parallel config (all2all backends), not pluggable per model. Replacing the quant method is one class, works for
+every family, and is where weights are created — the only place that can decline to allocate them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from expertmesh.core import defaults
+
+log = logging.getLogger("expertmesh.router.plugin")
+
+ENV_EXPERT_MODE = "EXPERTMESH_EXPERT_MODE"
+MODES = ("local", "remote")
+_OOT_NAME = "UnquantizedFusedMoEMethod"
+
+
+def expert_mode() -> str:
+    mode = (os.environ.get(ENV_EXPERT_MODE) or "local").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"{ENV_EXPERT_MODE}={mode!r}: expected one of {MODES}")
+    return mode
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: apply the mode from the environment (no-op in local mode)."""
+    apply_mode()
+
+
+def configure_remote(directory: str | None = None, *, deadline_s: float | None = None,
+                     counters_file: str | None = None) -> None:
+    """Route experts to the pool registered at `directory` (host:port; default env / core.defaults).
+
+    Call before creating the vLLM engine. Sets EXPERTMESH_EXPERT_MODE/EXPERTMESH_DIRECTORY (and pins the
+    routed-token counters file, so a multiprocess engine core writes where this process reads).
+    """
+    from expertmesh.router.counters import ENV_COUNTERS_FILE, default_counters_path
+    from expertmesh.router.dispatch import ENV_DEADLINE
+
+    os.environ[ENV_EXPERT_MODE] = "remote"
+    os.environ[defaults.ENV_DIRECTORY] = directory or defaults.directory_address()
+    if deadline_s is not None:
+        os.environ[ENV_DEADLINE] = str(deadline_s)
+    os.environ[ENV_COUNTERS_FILE] = counters_file or default_counters_path()
+    apply_mode()
+
+
+def configure_local() -> None:
+    """vLLM computes experts in-process as usual (monolithic baseline)."""
+    os.environ[ENV_EXPERT_MODE] = "local"
+    apply_mode()
+
+
+def counters_file() -> str:
+    """Where this router's routed-token counters live (see counters.RoutedTokenCounters.open)."""
+    from expertmesh.router.counters import default_counters_path
+
+    return default_counters_path()
+
+
+def apply_mode() -> None:
+    """Install or remove the remote quant method in vLLM's out-of-tree op registry, per EXPERTMESH_EXPERT_MODE."""
+    mode = expert_mode()
+    if mode == "local" and "vllm" not in sys.modules:
+        return   # nothing installed, nothing to import
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    if mode == "remote":
+        op_registry_oot[_OOT_NAME] = remote_method_class()
+    elif getattr(op_registry_oot.get(_OOT_NAME), "_expertmesh", False):
+        del op_registry_oot[_OOT_NAME]
+
+
+_method_cls = None
+
+
+def remote_method_class():
+    """RemoteExpertsMethod, defined on first use (it subclasses vLLM classes; importing them is not free)."""
+    global _method_cls
+    if _method_cls is not None:
+        return _method_cls
+
+    import torch
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.model_executor.utils import set_weight_attrs
+
+    from expertmesh.router import dispatch
+
+    def _discard_weight(*args, **kwargs) -> bool:
+        """weight_loader of the zero-size routed-expert parameters: the pool holds those weights."""
+        return True
+
+    class RemoteExpertsMethod(UnquantizedFusedMoEMethod):
+        """Routed experts of one FusedMoE layer computed by the expert pool (see module docstring)."""
+
+        _expertmesh = True
+
+        @property
+        def is_monolithic(self) -> bool:
+            return False   # vLLM's router selects experts; we get topk_weights/topk_ids
+
+        @property
+        def supports_eplb(self) -> bool:
+            return False
+
+        def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
+            return hidden_size, intermediate_size_per_partition   # no local kernel to pad for
+
+        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                           **extra_weight_attrs):
+            names = ["w13_weight", "w2_weight"] + (["w13_bias", "w2_bias"] if self.moe.has_bias else [])
+            for name in names:
+                param = torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
+                layer.register_parameter(name, param)
+                set_weight_attrs(param, {"weight_loader": _discard_weight})
+                param.weight_loader_numel = 0
+            self.layer_index = extract_layer_index(layer.layer_name)
+            self.num_experts = int(layer.global_num_experts)
+            vllm_config = get_current_vllm_config()
+            dispatch.get_dispatcher().register_layer(id(vllm_config), self.layer_index, self.num_experts)
+
+        def process_weights_after_loading(self, layer) -> None:
+            return None   # nothing loaded, nothing to pack
+
+        def get_fused_moe_quant_config(self, layer):
+            return FusedMoEQuantConfig.make()
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+            if layer.apply_router_weight_on_input:
+                # (top-1 models) weight the input, not the output, as vLLM's prepare step does
+                x = x * topk_weights.to(x.dtype)
+                topk_weights = torch.ones_like(topk_weights)
+            return torch.ops.expertmesh.remote_experts(x, topk_weights, topk_ids, self.layer_index)
+
+    _method_cls = RemoteExpertsMethod
+    return _method_cls
