@@ -505,3 +505,22 @@ def test_dockerfiles_install_like_make(service):
         assert f"COPY {path}" in docker or f"COPY {path} " in docker or path in docker.split("COPY", 1)[1]
     if service == "experts":
         assert "wget" in docker  # KubeRay's health probes exec wget in Ray containers
+
+
+def test_build_serve_config_locally_and_cli(tmp_path, capsys):
+    """Local use (experts up): no directory pinning, no GPUs; the module's CLI prints the same config."""
+    from expertmesh.experts import serve_config
+
+    plan = PlacementPlan.model_validate({"groups": [{"name": "l0", "keys": {0: [1, 0]}, "max_replicas": 3}]})
+    config = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5)
+    (app,) = config["applications"]
+    directory, group = app["deployments"]
+    assert directory == {"name": "ExpertDirectory", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    assert group["ray_actor_options"] == {"num_cpus": 0.5}
+    assert group["autoscaling_config"]["initial_replicas"] == 1
+    assert app["args"] == {"model": "/ckpt", "directory": "127.0.0.1:50071",
+                           "plan": plan.model_dump(mode="json", exclude_none=True)}
+    plan.save(tmp_path / "plan.yaml")
+    assert serve_config.main(["--plan", str(tmp_path / "plan.yaml"), "--model", "/ckpt",
+                              "--directory", "127.0.0.1:50071", "--num-cpus", "0.5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == config
