@@ -228,7 +228,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return [], {}
         from expertmesh.router import dispatch
 
-        dispatcher = dispatch.get_dispatcher(self.config.directory)
+        dispatcher = dispatch.get_dispatcher()
         table = dispatcher._table            # latest directory snapshot (RoutingTable) or None
         layers = dict(dispatcher._layers)    # model layer -> number of routed experts
         replicas = {}
@@ -288,7 +288,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return None
         from expertmesh.router import dispatch
 
-        return dispatch.get_dispatcher(self.config.directory).counters
+        return dispatch.get_dispatcher().counters
 
 
 class RouterServer:
@@ -308,18 +308,18 @@ class RouterServer:
 
             os.environ["EXPERTMESH_ROUTER_METRICS_PORT"] = str(cfg.metrics_port)
             dispatch.serve_metrics(cfg.metrics_port)
-        hf_overrides = None
-        if not cfg.local_experts:
-            from expertmesh.router import plugin
+        from expertmesh.router import plugin
 
-            hf_overrides = plugin.configure_remote(cfg.directory or defaults.directory_address())
+        if cfg.local_experts:
+            plugin.configure_local()
+        else:   # the engine built below then dispatches routed experts to the pool (plugin.RemoteExpertsMethod)
+            plugin.configure_remote(cfg.directory or defaults.directory_address())
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.engine = InprocAsyncEngine(EngineConfig(
             model=cfg.model, max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
-            served_model_name=cfg.served_model_name,
-            hf_overrides=hf_overrides if isinstance(hf_overrides, dict) else None))
+            served_model_name=cfg.served_model_name))
         await self.engine.start_async()
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                                ("grpc.max_send_message_length", 64 << 20)])
