@@ -1,0 +1,184 @@
+"""`expertmesh plan`: a placement plan for a checkpoint, offline, from routed-token statistics.
+
+    expertmesh plan --model DIR [--stats FILE] [--replicas N [--slots-per-device S]] [--current PLAN]
+                    [--target-load T] [--out FILE]
+
+Reads only the checkpoint's config.json (core/checkpoint.read_moe_info) -- no weights. Prints the plan YAML
+(core/plan.py schema) to stdout or writes it to --out; a per-layer summary (max/mean load, replicas, experts
+moved vs --current) goes to stderr.
+
+Modes:
+  --replicas N   fixed budget: N expert slots per MoE layer on N / S devices of S slots (planner.plan_slots,
+                 DeepSeek EPLB's setting). With --current, prefers plans that move few experts.
+  (default)      free budget, per-expert autoscaling (planner.plan_autoscale): fewest replicas with
+                 max/mean per-replica load <= --max-ratio; a replica holds at most --slots-per-device
+                 experts (default: as many as the default plan puts in one group) and, with --target-load,
+                 at most T routed tokens. Cold experts may share a hot expert's group (fewest replicas)
+                 unless --exclusive-hot.
+  No --stats and no --replicas: the default plan (core/plan.default_plan). No --stats with --replicas:
+  uniform load.
+
+Stats FILE (JSON): the per-(layer, expert) routed token counts, as the router's Stats RPC returns them --
+a list of ExpertLoad rows, or an object with that list under "experts" (protobuf's JSON form of
+StatsResponse, where uint64 counts are strings and names are camelCase):
+
+    [{"layer": 0, "expert": 3, "routed_tokens": 1520, "replicas": 1}, ...]
+    {"experts": [{"layer": 0, "expert": 3, "routedTokens": "1520"}, ...], "uptimeSeconds": 12.5}
+
+`layer` is the model's layer index (an MoE layer), `expert` the routed expert index; rows left out count
+as 0 tokens; `replicas` is accepted and ignored. The router's counters are cumulative since it started:
+for a moving window, give the difference of two snapshots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face MoE checkpoint directory (config.json is read)")
+    parser.add_argument("--stats", help="JSON routed-token counts per (layer, expert): see `expertmesh plan` docs")
+    parser.add_argument("--replicas", type=int, help="fixed budget: expert slots per MoE layer (>= experts)")
+    parser.add_argument("--slots-per-device", type=int,
+                        help="experts one replica holds (fixed budget: default 1; free budget: default "
+                             "as in the default plan)")
+    parser.add_argument("--current", help="placement plan YAML now serving; the new plan moves few experts from it")
+    parser.add_argument("--target-load", type=float,
+                        help="free budget: routed tokens (over the stats window) one replica may carry")
+    parser.add_argument("--max-ratio", type=float, default=1.10,
+                        help="free budget: max/mean per-replica load to reach (default 1.10)")
+    parser.add_argument("--exclusive-hot", action="store_true",
+                        help="free budget: a hot expert's group holds it alone (scales alone; costs replicas)")
+    parser.add_argument("--move-cost", type=float, default=0.1,
+                        help="fixed budget: imbalance (max/mean) worth moving every slot's expert (default 0.1)")
+    parser.add_argument("--out", help="write the plan YAML here instead of stdout")
+
+
+def load_from_rows(rows, layers: list[int], num_experts: int) -> np.ndarray:
+    """[len(layers), num_experts] routed tokens from ExpertLoad-like dicts; ValueError names the bad row."""
+    if isinstance(rows, dict):
+        if "experts" not in rows:
+            raise ValueError('stats: expected a list of rows or an object with an "experts" list')
+        rows = rows["experts"]
+    if not isinstance(rows, list):
+        raise ValueError("stats: expected a list of {layer, expert, routed_tokens} rows")
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    load = np.zeros((len(layers), num_experts))
+    seen: set[tuple[int, int]] = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"stats row {i}: expected an object, got {type(row).__name__}")
+        tokens = row.get("routed_tokens", row.get("routedTokens", 0))  # protobuf JSON omits zeros
+        try:
+            layer, expert = int(row.get("layer", 0)), int(row.get("expert", 0))
+            tokens = float(tokens)
+        except (TypeError, ValueError):
+            raise ValueError(f"stats row {i}: layer, expert and routed_tokens must be numbers: {row}") from None
+        if layer not in row_of:
+            raise ValueError(f"stats row {i}: layer {layer} is not an MoE layer of the model (MoE layers: "
+                             f"{layers[:8]}{'...' if len(layers) > 8 else ''})")
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"stats row {i}: expert {expert} outside [0, {num_experts})")
+        if not math.isfinite(tokens) or tokens < 0:
+            raise ValueError(f"stats row {i}: routed_tokens must be a non-negative number, got {tokens}")
+        if (layer, expert) in seen:
+            raise ValueError(f"stats row {i}: (layer {layer}, expert {expert}) appears twice")
+        seen.add((layer, expert))
+        load[row_of[layer], expert] = tokens
+    return load
+
+
+def read_stats(path: str | Path, layers: list[int], num_experts: int) -> np.ndarray:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read stats: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    try:
+        return load_from_rows(data, layers, num_experts)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _plan_devices(plan, layers: list[int], num_experts: int) -> np.ndarray:
+    """A PlacementPlan as slots [L, D, S] (one device per group replica), sized to fit it."""
+    from expertmesh.experts.planner import slots_from_plan
+
+    per_layer = {layer: 0 for layer in layers}
+    width = 1
+    for g in plan.groups:
+        for layer, experts in g.keys.items():
+            per_layer[layer] = per_layer.get(layer, 0) + g.start_replicas
+            width = max(width, len(experts))
+    return slots_from_plan(plan, layers, num_experts, max(1, max(per_layer.values())), width)
+
+
+def run(args: argparse.Namespace) -> int:
+    from expertmesh.core.checkpoint import read_moe_info
+    from expertmesh.core.plan import default_plan, load_plan
+    from expertmesh.experts import planner
+
+    try:
+        info = read_moe_info(args.model)
+        layers, E = info.moe_layers, info.num_experts
+        current = load_plan(args.current) if args.current else None
+        if current is not None:
+            current.check_covers(info)
+        load = read_stats(args.stats, layers, E) if args.stats else None
+        summary: list[str] = []
+
+        if load is None and args.replicas is None:
+            plan = default_plan(info)
+            summary.append(f"default plan: {len(plan.groups)} groups (give --stats or --replicas to plan from load)")
+        elif args.replicas is not None:
+            S = args.slots_per_device or 1
+            if args.replicas % S:
+                raise ValueError(f"--replicas {args.replicas} is not a multiple of --slots-per-device {S}")
+            D = args.replicas // S
+            load = np.ones((len(layers), E)) if load is None else load
+            cur_slots = planner.slots_from_plan(current, layers, E, D, S) if current is not None else None
+            result = planner.plan_slots(load, D, S, current=cur_slots, move_cost=args.move_cost)
+            plan = planner.to_placement_plan(result, layers, model=str(info.path))
+            for row, layer in enumerate(layers):
+                hot = np.flatnonzero(result.counts[row] > 1)
+                summary.append(f"layer {layer}: max/mean device load {result.imbalance[row]:.3f}, "
+                               f"{D} devices x {S} slots, extra replicas for experts {hot.tolist()}"
+                               + (f", {int(result.moved[row])} experts moved" if current is not None else ""))
+        else:
+            S = args.slots_per_device or max(1, min(E, (2 << 30) // max(1, info.expert_bytes)))
+            result = planner.plan_autoscale(load, S, target_load=args.target_load, max_ratio=args.max_ratio,
+                                            exclusive_hot=args.exclusive_hot)
+            plan = planner.to_placement_plan(result, layers, model=str(info.path))
+            moved = None
+            if current is not None:
+                old, new = _plan_devices(current, layers, E), _plan_devices(plan, layers, E)
+                D, S2 = max(old.shape[1], new.shape[1]), max(old.shape[2], new.shape[2])
+                pad = lambda x: np.pad(x, ((0, 0), (0, D - x.shape[1]), (0, S2 - x.shape[2])), constant_values=-1)
+                old, new = pad(old), pad(new)
+                moved = planner.moved_experts(planner.match_devices(new, old, E), old, E)
+            for row, layer in enumerate(layers):
+                counts = result.counts[row]
+                summary.append(f"layer {layer}: max/mean per-replica load {result.imbalance[row]:.3f}, "
+                               f"{int(result.replicas[row])} replicas, most replicated expert "
+                               f"{int(counts.argmax())} ({int(counts.max())})"
+                               + (f", {int(moved[row])} experts moved" if moved is not None else ""))
+        plan.check_covers(info)
+    except (ValueError, OSError) as exc:  # CheckpointError and pydantic's ValidationError are ValueErrors
+        print(f"expertmesh plan: error: {exc}", file=sys.stderr)
+        return 2
+
+    text = plan.to_yaml()
+    if args.out:
+        Path(args.out).write_text(text)
+        summary.append(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    print("\n".join(summary), file=sys.stderr)
+    return 0
