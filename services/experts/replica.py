@@ -53,6 +53,11 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
 ]
+# For clients of ExpertService (the router, tests, benchmarks): the same message-size limits as the server.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+]
 
 
 def keys_to_proto(keys: dict[int, list[int]] | dict[int, frozenset[int]]) -> list[expert_pb2.ExpertKeys]:

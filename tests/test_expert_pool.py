@@ -1,0 +1,332 @@
+"""The expert pool: Ray Serve replicas serving ExpertService directly, the directory, coalescing, bad input, failover.
+
+One private Ray cluster (loopback, free ports) for the whole module, on a tiny Mixtral split into three
+groups; a few checks that need no Ray (directory semantics, deadline dropping, other families) use the same
+servers in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+
+from conftest import free_port
+from expertmesh.core.checkpoint import CheckpointReader, read_moe_info
+from expertmesh.core.codec import decode, encode, encode_forward
+from expertmesh.core.kernel import ExpertWeights
+from expertmesh.core.plan import ExpertGroup, PlacementPlan
+from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
+from expertmesh.experts.directory import DirectoryClient, DirectoryServer, endpoints_by_key
+from expertmesh.experts.pool import LocalPool
+from expertmesh.experts.replica import CHANNEL_OPTIONS, ExpertServer, keys_from_proto
+
+pytestmark = pytest.mark.slow
+
+PLAN = PlacementPlan(groups=[
+    ExpertGroup(name="l0-a", keys={0: [0, 1, 2, 3]}),
+    ExpertGroup(name="l0-b", keys={0: [4, 5, 6, 7]}),
+    ExpertGroup(name="l1", keys={1: list(range(8))}),
+])
+LEASE_SECONDS = 2.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("mixtral")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Every routed expert of the model, computed directly by the foundation kernel."""
+    info = read_moe_info(checkpoint)
+    return ExpertWeights(CheckpointReader(checkpoint), {layer: list(range(info.num_experts)) for layer in info.moe_layers})
+
+
+@pytest.fixture(scope="module")
+def pool(checkpoint):
+    lo = random.randrange(30000, 45000)
+    with LocalPool(checkpoint, PLAN, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
+                   metrics_port=free_port(), replica_ports=(lo, lo + 200), lease_seconds=LEASE_SECONDS,
+                   ready_timeout=240, state_file=None) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def directory(pool):
+    with pool.client() as client:
+        yield client
+
+
+def _stub(endpoint: str) -> expert_pb2_grpc.ExpertServiceStub:
+    return expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS))
+
+
+def _request(layer: int, experts: list[int], rows: int, top_k: int = 2, seed: int = 0):
+    """hidden [rows, 128] and `top_k` distinct experts (from `experts`) per token with random gate weights."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 128, generator=g)                                   # [T, H]
+    k = min(top_k, len(experts))
+    picks = torch.stack([torch.randperm(len(experts), generator=g)[:k] for _ in range(rows)])  # [T, k]
+    expert = torch.tensor(experts)[picks].flatten()                                 # [T*k]
+    token_index = torch.arange(rows).repeat_interleave(k)                           # [T*k]
+    weight = torch.rand(rows * k, generator=g)                                      # [T*k]
+    return layer, hidden, token_index, expert, weight
+
+
+def _forward(stub, req, timeout: float = 10.0) -> tuple[torch.Tensor, int]:
+    reply = stub.Forward(encode_forward(*req), timeout=timeout)
+    return decode(reply.output).clone(), reply.batch_rows
+
+
+def _entry(directory: DirectoryClient, group: str) -> expert_pb2.ReplicaEntry:
+    return next(e for e in directory.snapshot().replicas if e.group == group)
+
+
+# -- the pool -----------------------------------------------------------------------------------------------------
+def test_every_key_reachable_through_directory_and_exact(pool, directory, reference):
+    snapshot = directory.snapshot()
+    assert sorted(e.group for e in snapshot.replicas) == ["l0-a", "l0-b", "l1"]
+    by_key = endpoints_by_key(snapshot)
+    assert set(by_key) == set(PLAN.holders())
+    for (layer, expert), endpoints in sorted(by_key.items()):
+        assert len(endpoints) == 1
+        req = _request(layer, [expert], rows=5, top_k=1, seed=layer * 100 + expert)
+        out, _ = _forward(_stub(endpoints[0]), req)
+        assert torch.equal(out, reference.forward(*req)), (layer, expert)
+    for entry in snapshot.replicas:  # several experts per token, summed on the replica
+        for layer, experts in keys_from_proto(entry.keys).items():
+            req = _request(layer, experts, rows=64, top_k=2, seed=7)
+            out, rows = _forward(_stub(entry.endpoint), req)
+            assert rows >= 64
+            assert torch.equal(out, reference.forward(*req)), entry.group
+
+
+def test_each_replica_holds_only_its_groups_weights(pool, directory):
+    info = read_moe_info(pool.model)
+    groups = {g.name: g for g in PLAN.groups}
+    for entry in directory.snapshot().replicas:
+        reply = _stub(entry.endpoint).Info(expert_pb2.InfoRequest(), timeout=5)
+        group = groups[reply.group]
+        assert reply.replica_id == entry.replica_id
+        assert keys_from_proto(reply.keys) == group.keys == keys_from_proto(entry.keys)
+        # tensor bytes held by the replica, not RSS: exactly its keys' three matrices each
+        assert reply.weight_bytes == len(group.key_list()) * info.expert_bytes
+        assert reply.weight_bytes < sum(len(g.key_list()) for g in PLAN.groups) * info.expert_bytes
+
+
+def test_concurrent_callers_are_coalesced_and_correct(pool, directory, reference):
+    entry = _entry(directory, "l1")
+    callers, calls_each, rows = 32, 6, 4
+
+    async def main():
+        async with grpc.aio.insecure_channel(entry.endpoint, options=CHANNEL_OPTIONS) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+
+            async def caller(i: int):
+                results = []
+                for j in range(calls_each):
+                    req = _request(1, list(range(8)), rows=rows, seed=1000 * i + j)
+                    reply = await stub.Forward(encode_forward(*req), timeout=30)
+                    results.append((req, decode(reply.output).clone(), reply.batch_rows))
+                return results
+
+            return [r for rs in await asyncio.gather(*(caller(i) for i in range(callers))) for r in rs]
+
+    results = asyncio.run(main())
+    assert len(results) == callers * calls_each
+    batch_rows = [b for _, _, b in results]
+    assert max(batch_rows) > rows, f"no coalescing observed: batch sizes {sorted(set(batch_rows))}"
+    # Batched with other callers' rows, still each caller's own answer. Not bitwise: a coalesced batch gives the
+    # expert matmuls another row count, and BLAS picks its blocking (so fp32 rounding) by shape; seen ~1e-7 abs.
+    for req, out, _ in results:
+        torch.testing.assert_close(out, reference.forward(*req), rtol=1.3e-6, atol=1e-5)
+
+
+def _corrupt(field: str, **changes):
+    def make():
+        req = encode_forward(*_request(0, [0, 1, 2, 3], rows=8))
+        t = getattr(req, field)
+        for k, v in changes.items():
+            if k == "shape":
+                del t.shape[:]
+                t.shape.extend(v)
+            else:
+                setattr(t, k, v)
+        return req.SerializeToString()
+    return make
+
+
+def _serialized(layer: int, experts: list[int], rows: int = 8, hidden_size: int = 128):
+    def make():
+        _, hidden, token_index, expert, weight = _request(layer, experts, rows=rows)
+        if hidden_size != 128:
+            hidden = torch.randn(rows, hidden_size)
+        return encode_forward(layer, hidden, token_index, expert, weight).SerializeToString()
+    return make
+
+
+BAD_INPUTS = {
+    "wrong_byte_length": (_corrupt("hidden", data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "bytes do not match"),
+    "unknown_dtype": (_corrupt("hidden", dtype=42), grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
+    "integer_hidden": (lambda: encode_forward(0, torch.ones(8, 128, dtype=torch.int32), torch.arange(8),
+                                              torch.zeros(8, dtype=torch.long), torch.ones(8)).SerializeToString(),
+                       grpc.StatusCode.INVALID_ARGUMENT, "not a float type"),
+    "bad_shape": (_corrupt("hidden", shape=[8 * 128]), grpc.StatusCode.INVALID_ARGUMENT, "expected 2 dims"),
+    "hidden_size_mismatch": (_serialized(0, [0, 1], hidden_size=96), grpc.StatusCode.INVALID_ARGUMENT,
+                             "does not match the model's 128"),
+    "layer_out_of_range": (_serialized(7, [0, 1]), grpc.StatusCode.INVALID_ARGUMENT, "layer 7 out of range"),
+    "expert_out_of_range": (_serialized(0, [3, 8]), grpc.StatusCode.INVALID_ARGUMENT, "expert id out of range"),
+    "expert_not_held": (_serialized(0, [3, 4]), grpc.StatusCode.NOT_FOUND, "does not hold layer 0 expert(s) [4]"),
+    "layer_not_held": (_serialized(1, [0, 1]), grpc.StatusCode.NOT_FOUND, "holds no experts of layer 1"),
+    "unparseable_message": (lambda: b"\xff\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "unparseable"),
+    "empty_message": (lambda: b"", grpc.StatusCode.INVALID_ARGUMENT, "missing field 'hidden'"),
+}
+
+
+def test_bad_inputs_get_clear_errors_and_server_keeps_serving(pool, directory, reference):
+    entry = _entry(directory, "l0-a")
+    channel = grpc.insecure_channel(entry.endpoint, options=CHANNEL_OPTIONS)
+    raw_forward = channel.unary_unary("/expertmesh.v1.ExpertService/Forward",
+                                      response_deserializer=expert_pb2.ForwardResponse.FromString)
+    stub = expert_pb2_grpc.ExpertServiceStub(channel)
+    good = _request(0, [0, 1, 2, 3], rows=8)
+    for name, (make, code, text) in BAD_INPUTS.items():
+        with pytest.raises(grpc.RpcError) as err:
+            raw_forward(make(), timeout=10)
+        assert err.value.code() == code, (name, err.value.details())
+        assert text in err.value.details(), (name, err.value.details())
+        out, _ = _forward(stub, good)  # still serving, still right
+        assert torch.equal(out, reference.forward(*good)), name
+    # deadline: a call that cannot finish in time fails with DEADLINE_EXCEEDED; the server carries on
+    big = _request(0, [0, 1, 2, 3], rows=16384)
+    with pytest.raises(grpc.RpcError) as err:
+        _forward(stub, big, timeout=0.002)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    out, _ = _forward(stub, good)
+    assert torch.equal(out, reference.forward(*good))
+    channel.close()
+
+
+def test_killed_replica_leaves_directory_and_serve_restarts_it(pool, directory, reference):
+    from ray.util.state import list_actors
+
+    old = _entry(directory, "l0-b")
+    unique_id = old.replica_id.split("#", 1)[1]
+    actors = list_actors(address=pool.dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
+    pids = [a.pid for a in actors if a.name and a.name.endswith(f"#{unique_id}")]
+    assert len(pids) == 1, [a.name for a in actors]
+    os.kill(pids[0], signal.SIGKILL)
+
+    t0 = time.monotonic()
+    directory.wait_for(lambda s: old.replica_id not in {e.replica_id for e in s.replicas}, timeout=LEASE_SECONDS + 10)
+    left_after = time.monotonic() - t0
+    snap = directory.wait_for(lambda s: any(e.group == "l0-b" and e.replica_id != old.replica_id
+                                            for e in s.replicas), timeout=150)
+    back_after = time.monotonic() - t0
+    new = next(e for e in snap.replicas if e.group == "l0-b")
+    assert keys_from_proto(new.keys) == {0: [4, 5, 6, 7]}
+    req = _request(0, [4, 5, 6, 7], rows=16)
+    out, _ = _forward(_stub(new.endpoint), req)
+    assert torch.equal(out, reference.forward(*req))
+    print(f"killed replica left the directory after {left_after:.1f} s, replacement registered after {back_after:.1f} s")
+
+
+# -- in-process pieces (no Ray) ------------------------------------------------------------------------------------
+def test_directory_leases_drain_watch_and_validation():
+    server = DirectoryServer(sweep_interval=0.05)
+    port = server.start("127.0.0.1", 0)
+    seen: list[int] = []
+    try:
+        with DirectoryClient(f"127.0.0.1:{port}") as client:
+            client.watch(lambda snap: seen.append(len(snap.replicas)))
+            a = expert_pb2.ReplicaEntry(replica_id="a", group="g", endpoint="127.0.0.1:1",
+                                        keys=[expert_pb2.ExpertKeys(layer=0, experts=[0, 1])])
+            b = expert_pb2.ReplicaEntry(replica_id="b", group="g", endpoint="127.0.0.1:2",
+                                        keys=[expert_pb2.ExpertKeys(layer=0, experts=[1])])
+            v1 = client.register(a, lease_seconds=30)
+            assert client.register(a, lease_seconds=30) == v1  # a renewal is not a change
+            client.register(b, lease_seconds=0.3)
+            assert endpoints_by_key(client.snapshot()) == {(0, 0): ["127.0.0.1:1"], (0, 1): ["127.0.0.1:1", "127.0.0.1:2"]}
+            assert client.drain("a") and not client.drain("nobody")
+            client.register(a, lease_seconds=30)  # renewing does not undo the drain
+            snap = client.snapshot()
+            assert [e.draining for e in snap.replicas] == [True, False]
+            assert endpoints_by_key(snap)[(0, 1)] == ["127.0.0.1:2"]
+            # b stops renewing: its lease runs out and it is gone without a Deregister
+            client.wait_for(lambda s: [e.replica_id for e in s.replicas] == ["a"], timeout=5)
+            client.deregister("a")
+            client.wait_for(lambda s: not s.replicas, timeout=5)
+            assert seen[-1] == 0 and 2 in seen
+            for bad in (expert_pb2.ReplicaEntry(replica_id="", endpoint="h:1"),
+                        expert_pb2.ReplicaEntry(replica_id="x", endpoint="no-port")):
+                with pytest.raises(grpc.RpcError) as err:
+                    client.register(bad)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as err:
+                client.register(a, lease_seconds=-1)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
+
+
+def test_expired_call_is_dropped_not_computed(checkpoint):
+    """A call whose deadline passes while it waits behind a long batch is never computed."""
+    server = ExpertServer(checkpoint, {0: [0, 1]}, group="g")
+    port = server.start("127.0.0.1", 0)
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+                stub = expert_pb2_grpc.ExpertServiceStub(channel)
+                long = stub.Forward(encode_forward(*_request(0, [0, 1], rows=32768, top_k=1)), timeout=60)
+                while server.servicer.coalescer.in_flight == 0:  # wait until the long call is in (16 MB upload)
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(0.002)  # its batch is computing now
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Forward(encode_forward(*_request(0, [0, 1], rows=3, top_k=1)), timeout=0.01)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                reply = await long
+                assert reply.batch_rows == 32768
+                after = await stub.Forward(encode_forward(*_request(0, [0, 1], rows=5, top_k=1)), timeout=10)
+                assert after.batch_rows == 5
+
+        asyncio.run(main())
+        text = server.metrics.text()
+        tokens = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("expertmesh_replica_expert_tokens_total{"))
+        assert tokens == 32768 + 5  # the expired call's 3 tokens were never computed
+        assert 'code="DEADLINE_EXCEEDED"' in text or 'code="CANCELLED"' in text
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_in_process_server_other_families(tiny_checkpoint, family):
+    path = tiny_checkpoint(family)
+    info = read_moe_info(path)
+    layer = info.moe_layers[-1]
+    held = list(range(0, info.num_experts, 2))
+    server = ExpertServer(path, {layer: held}, group="g")
+    port = server.start("127.0.0.1", 0)
+    try:
+        stub = _stub(f"127.0.0.1:{port}")
+        reference = ExpertWeights(CheckpointReader(path), {layer: held})
+        req = _request(layer, held, rows=32, top_k=info.top_k)
+        out, _ = _forward(stub, req)
+        assert torch.equal(out, reference.forward(*req))
+        bf16 = (layer, req[1].bfloat16(), *req[2:])  # bf16 activations come back as bf16
+        out16, _ = _forward(stub, bf16)
+        assert out16.dtype == torch.bfloat16
+        torch.testing.assert_close(out16, reference.forward(*bf16))
+        if info.moe_layers[0] > 0:  # DeepSeek: the first layers are dense, never served remotely
+            with pytest.raises(grpc.RpcError) as err:
+                _forward(stub, _request(0, held, rows=2))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop()
