@@ -235,7 +235,8 @@ def encode_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     ids: list[int] = []
     for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        # The backend directly: whole works are longer than model_max_length, which the wrapper warns about.
+        ids.extend(tokenizer.backend_tokenizer.encode(doc, add_special_tokens=False).ids)
         ids.append(eot)
     return torch.tensor(ids, dtype=torch.long)
 
