@@ -223,8 +223,10 @@ class Dispatcher:
         if model_key != self._model_key:
             self._model_key = model_key
             self._layers = {}
-            self._counters = None
         self._layers[layer] = num_experts
+        # (Re)create the counters file now, so readers see this model's layers as soon as the engine exists.
+        self._counters = None
+        self._ensure_counters()
 
     # -- directory --
 
