@@ -143,7 +143,13 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--replicas {args.replicas} is not a multiple of --slots-per-device {S}")
             D = args.replicas // S
             load = np.ones((len(layers), E)) if load is None else load
-            cur_slots = planner.slots_from_plan(current, layers, E, D, S) if current is not None else None
+            cur_slots = None
+            if current is not None:
+                try:
+                    cur_slots = planner.slots_from_plan(current, layers, E, D, S)
+                except ValueError as exc:
+                    raise ValueError(f"--current {args.current}: {exc} (--replicas and --slots-per-device "
+                                     f"describe the layout it must fit)") from None
             result = planner.plan_slots(load, D, S, current=cur_slots, move_cost=args.move_cost)
             plan = planner.to_placement_plan(result, layers, model=str(info.path))
             for row, layer in enumerate(layers):
@@ -164,10 +170,11 @@ def run(args: argparse.Namespace) -> int:
                 old, new = pad(old), pad(new)
                 moved = planner.moved_experts(planner.match_devices(new, old, E), old, E)
             for row, layer in enumerate(layers):
-                counts = result.counts[row]
+                scaled = [f"{g.name} {g.keys[layer]} x{g.start_replicas}" for g in plan.groups
+                          if layer in g.keys and g.start_replicas > 1]
                 summary.append(f"layer {layer}: max/mean per-replica load {result.imbalance[row]:.3f}, "
-                               f"{int(result.replicas[row])} replicas, most replicated expert "
-                               f"{int(counts.argmax())} ({int(counts.max())})"
+                               f"{int(result.replicas[row])} replicas, groups with more than one: "
+                               f"{', '.join(scaled) or 'none'}"
                                + (f", {int(moved[row])} experts moved" if moved is not None else ""))
         plan.check_covers(info)
     except (ValueError, OSError) as exc:  # CheckpointError and pydantic's ValidationError are ValueErrors

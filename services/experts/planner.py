@@ -12,10 +12,11 @@ layers), so planning all 58 MoE layers of DeepSeek-V3 takes milliseconds. Two mo
     expert's tokens split evenly over its replicas, and `moved` [L] = expert weights a device must load to
     go from `current` to this plan. Steps:
       1. counts: repeatedly give one more replica to the expert with the highest load per replica (the
-         choice minimising the busiest replica; computed in one top-k over load / k, not a loop).
+         choice minimising the busiest replica; EPLB's counts) -- computed by bisecting the threshold on
+         load / k instead of looping over replicas.
       2. packing: longest-processing-time first (heaviest replica to the least-loaded device with a free
-         slot), then pairwise swaps that lower the busiest device until none does. This is where we beat
-         EPLB's packing, which stops after step 2's greedy pass.
+         slot), then swaps of replicas between devices while they lower the busiest (bounded rounds).
+         This is where we beat EPLB's packing, which stops after the greedy pass.
       3. moves: three candidates per layer -- keep `current` (0 moves), repair `current` (swap replicas
          only where counts changed, then refine), plan afresh (devices relabelled to overlap `current`
          most). Each scores max/mean device load + move_cost x moved / P; the lowest wins, ties to the
@@ -335,11 +336,13 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
     if n_need.max(initial=0) == 0:
         return slots
     width = int(n_need.max())
-    add = np.full((L, width), _EMPTY, dtype=np.int64)
-    for l in np.flatnonzero(n_need):
-        experts = np.repeat(np.arange(E), need[l])
-        experts = experts[np.argsort(-replica_load[l, experts], kind="stable")]
-        add[l, :experts.size] = experts
+    layer_of = np.repeat(np.repeat(rows, E), need.ravel())                   # every needed replica
+    expert_of = np.repeat(np.tile(np.arange(E), L), need.ravel())
+    order = np.lexsort((-replica_load[layer_of, expert_of], layer_of))       # per layer, heaviest first
+    layer_of, expert_of = layer_of[order], expert_of[order]
+    position = np.arange(layer_of.size) - np.repeat(np.cumsum(n_need) - n_need, n_need)
+    add = np.full((L, width), _EMPTY, dtype=np.int64)                       # [L, width] padded with -1
+    add[layer_of, position] = expert_of
     dev_load = _device_load(slots, replica_load)
     holds = _holds(slots, E) > 0
     for i in range(width):
@@ -394,7 +397,7 @@ def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None,
     moved = np.stack([moved_experts(c, current, E) for c in candidates])      # [3, L]
     score = np.stack([_ratio(dl) for dl in loads]) + move_cost * moved / P    # [3, L]
     score[0, ~keep_valid] = np.inf
-    pick = score.argmin(0)                                                    # [L] ties -> fewer moves
+    pick = np.lexsort((moved, score), axis=0)[0]                              # [L] ties -> fewer moves
     rows = np.arange(L)
     slots = np.stack(candidates)[pick, rows]
     chosen_counts = np.where((pick == 0)[:, None], cur_counts, counts)
