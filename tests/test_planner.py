@@ -257,6 +257,14 @@ def test_plan_cli_errors_are_clear(tmp_path, capsys):
     assert rc == 2 and "no config.json" in err
     rc, _, err = run_cli("--model", str(ckpt), "--replicas", "6", capsys=capsys)
     assert rc == 2 and "cannot hold 8 experts" in err
+    two_per_device = planner.to_placement_plan(planner.plan_slots(np.ones((2, 8)), 4, 2), [0, 1])
+    two_per_device.save(tmp_path / "current.yaml")
+    rc, _, err = run_cli("--model", str(ckpt), "--replicas", "8", "--current", str(tmp_path / "current.yaml"),
+                         capsys=capsys)
+    assert rc == 2 and "more than 1 slots per device" in err and "--slots-per-device" in err
+    rc, _, err = run_cli("--model", str(ckpt), "--replicas", "8", "--slots-per-device", "2",
+                         "--current", str(tmp_path / "current.yaml"), capsys=capsys)
+    assert rc == 0 and err.count(", 0 experts moved") == 2, err
 
 
 def test_plan_entry_point_prints_the_default_plan(tmp_path):
