@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from expertmesh.core.plan import load_plan
 from expertmesh.experts import planner
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import reference_eplb  # noqa: E402
+# benchmarks/ is not a package: load DeepSeek's EPLB re-implementation by path (no sys.path change).
+_spec = importlib.util.spec_from_file_location("reference_eplb", REPO / "benchmarks" / "reference_eplb.py")
+reference_eplb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference_eplb)
 
 def zipf_load(layers: int, experts: int, s: float, seed: int, total: float = 65536.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
