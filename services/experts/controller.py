@@ -9,8 +9,10 @@ tokens/s per (layer, expert) over a moving window, and decides:
   must persist for `upscale_delay_s` (up) or `downscale_delay_s` (down) before it is applied; an idle
   group goes to its minimum.
 * **Rebalancing** (when the busiest replica of a layer carries more than `imbalance_threshold` x the mean
-  per-replica load, at most once per `rebalance_cooldown_s`): the planner (`planner.plan_autoscale`)
-  regroups experts so hot experts get groups of their own with more replicas. Groups whose keys are
+  per-replica load, or a layer needing more than one replica's capacity has an expert above
+  `hot_expert_skew` x the layer's mean expert load; at most once per `rebalance_cooldown_s`): the planner
+  (`planner.plan_autoscale(..., exclusive_hot=True)`) regroups experts so each hot expert gets a group of
+  its own with more replicas, and cold experts are not copied along. Groups whose keys are
   unchanged keep their name and replicas (nothing restarts); new groups are deployed and must register
   in the directory before the old groups they replace are drained (directory Drain: the router stops
   sending them new work) and then removed. A request never waits on a removed replica.
@@ -46,6 +48,7 @@ class ControllerSettings:
     interval_s: float = 2.0
     window_s: float = 10.0                 # moving window of the load estimate
     imbalance_threshold: float = 1.5       # max/mean per-replica load that triggers a rebalance
+    hot_expert_skew: float = 3.0           # an expert with this x its layer's mean load is "hot"
     rebalance_cooldown_s: float = 30.0
     min_tokens_per_s_to_rebalance: float = 50.0  # do not regroup on noise
     max_experts_per_replica: int = 64
@@ -215,9 +218,15 @@ class Controller:
         imbalance = layer_imbalance(st.plan, st.replicas, rate, self.layer_row)
         worst = max(imbalance.values(), default=1.0)
         total_rate = float(rate.sum())
-        if (worst > s.imbalance_threshold and total_rate >= s.min_tokens_per_s_to_rebalance
+        # Regroup when replicas are unevenly loaded, or when a layer that needs more than one replica's worth
+        # of capacity owes it to a few hot experts (scaling their whole group would copy cold experts too).
+        target = st.plan.autoscaling.target_tokens_per_second
+        mean_per_expert = rate.mean(axis=1, keepdims=True)
+        skew = np.where(mean_per_expert > 0, rate / np.maximum(mean_per_expert, 1e-12), 0.0).max(axis=1)  # [L]
+        hot_layers = (skew > s.hot_expert_skew) & (rate.sum(axis=1) > target)
+        if ((worst > s.imbalance_threshold or hot_layers.any()) and total_rate >= s.min_tokens_per_s_to_rebalance
                 and now - self._last_rebalance >= s.rebalance_cooldown_s):
-            self._rebalance(rate, worst, now)
+            self._rebalance(rate, max(worst, float(skew.max())), now)
         loads = group_loads(st.plan, st.replicas, rate, self.layer_row)
         target = self.autoscaler.decide(st.plan, st.replicas, loads, now)
         total = sum(target.values())
@@ -242,7 +251,7 @@ class Controller:
 
         st, s = self.state, self.settings
         target = st.plan.autoscaling.target_tokens_per_second
-        result = plan_autoscale(rate, s.max_experts_per_replica, target_load=target)
+        result = plan_autoscale(rate, s.max_experts_per_replica, target_load=target, exclusive_hot=True)
         proposed = to_placement_plan(result, self.layers, model=st.plan.model)
         merged, added, removed = merge_plan(st.plan, proposed)
         self._last_rebalance = now
