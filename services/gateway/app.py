@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -264,7 +265,14 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
     state = _State(router=router or defaults.router_address(), model_name=model_name, tokenizer_dir=tokenizer,
                    api_keys=frozenset(api_keys))
     telemetry.init_tracing("expertmesh-gateway")
-    app = FastAPI(title="expertmesh gateway", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if state.channel is not None:
+            await state.channel.close()
+
+    app = FastAPI(title="expertmesh gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.gw = state
     metrics = state.metrics
 
@@ -609,11 +617,6 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
                 "requests_running": stats.requests_running,
                 "uptime_seconds": stats.uptime_seconds,
                 "plan": None}
-
-    @app.on_event("shutdown")
-    async def _close_channel():
-        if state.channel is not None:
-            await state.channel.close()
 
     return app
 

@@ -389,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(config_from_args(args)))
-    return 0
+    # Everything is stopped and flushed; interpreter teardown with vLLM/torch loaded still takes seconds
+    # (C-level finalisers), which a rolling update or Ctrl-C should not wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
