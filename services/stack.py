@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +20,15 @@ import time
 from pathlib import Path
 
 from expertmesh.core import defaults
+from expertmesh.core.plan import load_plan
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _say(msg: str) -> None:
@@ -125,10 +133,14 @@ class Stack:
             t0 = time.monotonic()
             kwargs = {}
             if self.ray_port:
-                kwargs["ray_port"] = self.ray_port
+                kwargs["gcs_port"] = self.ray_port
+                kwargs["dashboard_port"] = free_port()
+                kwargs["metrics_port"] = free_port()
+                kwargs["state_file"] = self.log_dir / f"pool-{self.ray_port}.json"
             if self.directory_port:
                 kwargs["directory_port"] = self.directory_port
-            self.pool = LocalPool(self.model, plan=self.plan, **kwargs).start()
+            plan = load_plan(self.plan) if self.plan else None
+            self.pool = LocalPool(self.model, plan=plan, **kwargs).start()
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
             step += 1
@@ -146,13 +158,18 @@ class Stack:
         _say(f"[{step}/{steps}] starting the gateway ...")
         cmd = [sys.executable, "-m", "expertmesh.gateway.app", "--router", router_addr, "--host", self.host,
                "--port", str(self.port), "--tokenizer", str(self.model), "--model-name", self.model_name]
+        if self.use_controller:
+            env[defaults.ENV_CONTROLLER_STATUS] = str(self.log_dir / "controller-status.json")
         proc, log = self._spawn("gateway", cmd, env)
         took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
         _say(f"      gateway ready in {took:.0f} s")
         if self.use_controller:
-            from expertmesh.experts.controller import Controller
+            from expertmesh.experts.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
 
-            self.controller = Controller.for_stack(self).start()
+            settings = ControllerSettings(**json.loads(os.environ.get(ENV_CONTROLLER_SETTINGS) or "{}"))
+            self.controller = Controller.for_pool(self.pool, router_addr, settings,
+                                                  status_file=self.log_dir / "controller-status.json").start()
+            _say("      expert controller running (autoscaling and rebalancing by routed load)")
 
     @property
     def model_name(self) -> str:
@@ -195,7 +212,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="gateway port (default 8000)")
-    parser.add_argument("--router-port", type=int, default=defaults.ROUTER_PORT)
+    parser.add_argument("--router-port", type=int, default=defaults.ROUTER_PORT, help="router gRPC port")
+    parser.add_argument("--ray-port", type=int, default=None,
+                        help=f"GCS port of the stack's own Ray cluster (default {defaults.RAY_GCS_PORT})")
+    parser.add_argument("--directory-port", type=int, default=None,
+                        help=f"expert directory port (default {defaults.DIRECTORY_PORT})")
+    parser.add_argument("--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT,
+                        help="router Prometheus port (0 = off)")
     parser.add_argument("--plan", default=None, help="placement plan YAML (default: one group per MoE layer)")
     parser.add_argument("--local-experts", action="store_true",
                         help="compute experts inside vLLM (the monolithic baseline): no expert pool")
@@ -206,7 +229,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     stack = Stack(args.model, host=args.host, port=args.port, router_port=args.router_port,
                   local_experts=args.local_experts, plan=args.plan, enforce_eager=not args.compile,
-                  controller=not args.no_controller)
+                  controller=not args.no_controller, ray_port=args.ray_port, directory_port=args.directory_port,
+                  metrics_port=args.metrics_port)
     stopping = threading.Event()
 
     def on_signal(signum, frame):

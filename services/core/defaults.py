@@ -24,6 +24,7 @@ ENV_DIRECTORY = "EXPERTMESH_DIRECTORY"            # host:port of the expert dire
 ENV_ROUTER = "EXPERTMESH_ROUTER"                  # host:port of the router
 ENV_API_KEYS = "EXPERTMESH_API_KEYS"              # comma-separated API keys for the gateway; unset = open
 ENV_REPLICA_PORTS = "EXPERTMESH_REPLICA_PORTS"    # "start-end" range replicas bind in
+ENV_CONTROLLER_STATUS = "EXPERTMESH_CONTROLLER_STATUS"  # JSON file the controller writes; the gateway's /experts
 
 
 def bind_host() -> str:

@@ -13,6 +13,7 @@ costs one span per layer per step only while some traced request is running.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -101,3 +102,15 @@ class RequestRegistry:
 
 # The router server adds requests here; the dispatcher (same process) parents decode-step spans to them.
 requests_in_flight = RequestRegistry()
+
+
+@contextlib.contextmanager
+def step_span(name: str = "decode-step"):
+    """A span for one batched engine step, parented to a traced request in flight (others linked); made
+    current, so the step's per-layer dispatch spans nest under it. A no-op when no traced request runs."""
+    parent, links = requests_in_flight.step_parent()
+    if parent is None:
+        yield None
+        return
+    with tracer().start_as_current_span(name, context=parent, links=links) as span:
+        yield span

@@ -42,6 +42,8 @@ from expertmesh.core.plan import ExpertGroup, PlacementPlan
 
 log = logging.getLogger("expertmesh.controller")
 
+ENV_CONTROLLER_SETTINGS = "EXPERTMESH_CONTROLLER_SETTINGS"  # JSON object of ControllerSettings fields
+
 
 @dataclass
 class ControllerSettings:
@@ -53,6 +55,7 @@ class ControllerSettings:
     min_tokens_per_s_to_rebalance: float = 50.0  # do not regroup on noise
     max_experts_per_replica: int = 64
     max_total_replicas: int = 64           # safety cap on the whole pool
+    max_replicas_per_group: int = 8        # cap on what the planner gives one group (memory: a replica each)
     drain_grace_s: float = 3.0             # after draining, before removing (in-flight RPCs finish)
     register_timeout_s: float = 180.0      # new groups must register within this
 
@@ -253,6 +256,11 @@ class Controller:
         target = st.plan.autoscaling.target_tokens_per_second
         result = plan_autoscale(rate, s.max_experts_per_replica, target_load=target, exclusive_hot=True)
         proposed = to_placement_plan(result, self.layers, model=st.plan.model)
+        cap = s.max_replicas_per_group
+        proposed = proposed.model_copy(update={"autoscaling": st.plan.autoscaling, "groups": [
+            g.model_copy(update={"initial_replicas": min(g.start_replicas, cap), "max_replicas": min(g.max_replicas, cap),
+                                 "min_replicas": min(g.min_replicas, cap)})
+            for g in proposed.groups]})
         merged, added, removed = merge_plan(st.plan, proposed)
         self._last_rebalance = now
         if not added and not removed:
@@ -284,6 +292,43 @@ class Controller:
             st.rebalances += 1
             st.last_rebalance = {"t": time.time(), "added": added, "removed": removed, "imbalance_before": worst}
         self.autoscaler.pending.clear()
+
+    # -- wiring to a running pool ------------------------------------------------------------------------------
+    @classmethod
+    def for_pool(cls, pool, router_address: str, settings: ControllerSettings | None = None,
+                 status_file: str | Path | None = None) -> "Controller":
+        """A controller for a `LocalPool`: counters from the router's Stats RPC, the directory for readiness and
+        draining, `pool.apply(plan, replicas)` to deploy."""
+        import grpc
+
+        from expertmesh.core.protos import router_pb2, router_pb2_grpc
+
+        layers, num_experts = pool.info.moe_layers, pool.info.num_experts
+        row = {layer: i for i, layer in enumerate(layers)}
+        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router_address))
+        directory = pool.client()
+
+        def read_counts() -> np.ndarray:
+            reply = stub.Stats(router_pb2.StatsRequest(), timeout=5)
+            counts = np.zeros((len(layers), num_experts))              # [L, E]
+            for e in reply.experts:
+                if e.layer in row and e.expert < num_experts:
+                    counts[row[e.layer], e.expert] = e.routed_tokens
+            return counts
+
+        def registered() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for r in directory.snapshot(timeout=5).replicas:
+                if not r.draining:
+                    out[r.group] = out.get(r.group, 0) + 1
+            return out
+
+        def drain(group: str) -> None:
+            for r in directory.snapshot(timeout=5).replicas:
+                if r.group == group:
+                    directory.drain(r.replica_id)
+
+        return cls(pool.plan, layers, read_counts, pool.apply, registered, drain, settings, status_file)
 
     # -- thread -----------------------------------------------------------------------------------------------
     def start(self) -> "Controller":

@@ -611,14 +611,28 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
                            "service_unavailable_error") from exc
         rows = [{"layer": e.layer, "expert": e.expert, "routed_tokens": e.routed_tokens, "replicas": e.replicas}
                 for e in stats.experts]
+        controller = _controller_status()
         return {"experts": rows,
                 "replicas": {"total": sum(r["replicas"] for r in rows),
                              "missing": sum(1 for r in rows if r["replicas"] == 0)},
                 "requests_running": stats.requests_running,
                 "uptime_seconds": stats.uptime_seconds,
-                "plan": None}
+                "plan": controller.get("plan"),
+                "controller": {k: v for k, v in controller.items() if k != "plan"} or None}
 
     return app
+
+
+def _controller_status() -> dict:
+    """The expert controller's last status (plan, replicas per group, load, history), if one is running: it
+    writes the file named by EXPERTMESH_CONTROLLER_STATUS after every tick."""
+    path = os.environ.get(defaults.ENV_CONTROLLER_STATUS)
+    if not path:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _merge_completion_logprobs(a: dict | None, b: dict) -> dict:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from opentelemetry import trace
 
 from expertmesh.core import defaults, telemetry
 from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode_forward
@@ -309,9 +310,13 @@ class Dispatcher:
         return out.to(hidden.dtype)
 
     def _trace(self, layer: int):
-        parent, links = telemetry.requests_in_flight.step_parent()
-        if parent is None:
-            return None, None
+        # Inside the engine's decode-step span (same thread): nest under it. Otherwise parent to a traced request.
+        if trace.get_current_span().is_recording():
+            parent, links = None, None
+        else:
+            parent, links = telemetry.requests_in_flight.step_parent()
+            if parent is None:
+                return None, None
         cm = telemetry.tracer().start_as_current_span(f"dispatch layer {layer}", context=parent, links=links)
         cm.__enter__()
         return cm, telemetry.inject_metadata()

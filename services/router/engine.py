@@ -36,6 +36,8 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from expertmesh.core import telemetry  # noqa: E402 - after the environment above
+
 log = logging.getLogger("expertmesh.router.engine")
 
 
@@ -217,7 +219,8 @@ class InprocAsyncEngine:
                 self.num_unfinished = 0
                 continue
             try:
-                outputs = engine.step()
+                with telemetry.step_span():
+                    outputs = engine.step()
             except Exception as exc:  # one failed step fails its requests, not the server
                 self.step_failures += 1
                 log.error("engine step failed: %s", exc)
