@@ -264,7 +264,7 @@ def build_model(vocab_size: int, special_ids: dict[str, int], max_positions: int
         bos_token_id=special_ids[ENDOFTEXT],
         eos_token_id=special_ids[IM_END],
         pad_token_id=special_ids[ENDOFTEXT],
-        output_router_logits=True,    # training adds the load-balancing loss so every expert gets used
+        output_router_logits=True,    # training adds the load-balancing loss so no expert starves
         router_aux_loss_coef=0.02,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         dtype="float32",
@@ -464,8 +464,10 @@ Plain PyTorch, 1 CPU thread, AdamW (β = 0.9/0.95, weight decay {stats['weight_d
 | validation loss (all held-out tokens) | {stats['val_loss']:.3f} |
 | validation perplexity | {math.exp(stats['val_loss']):.1f} (a uniform guess over the vocabulary: {stats['config']['vocab_size']}) |
 
-Share of top-{stats['config']['num_experts_per_tok']} selections per expert on held-out text (the load-balancing
-loss keeps every expert in use, which is what makes the demo's per-expert dashboards interesting):
+Share of top-{stats['config']['num_experts_per_tok']} selections per expert on held-out text. transformers' Mixtral
+load-balancing loss concatenates the router logits of all layers, so it balances each expert's share
+summed over the layers, not within a layer: per layer the load is skewed — a few hot experts, a few
+nearly idle — which is the situation expertmesh's per-expert replica scaling is for:
 
 | layer | """ + " | ".join(f"e{e}" for e in range(stats['config']['num_local_experts'])) + """ |
 |---|""" + "---|" * stats['config']['num_local_experts'] + f"""
@@ -473,7 +475,10 @@ loss keeps every expert in use, which is what makes the demo's per-expert dashbo
 
 ## Samples
 
-Generated with transformers from this checkpoint (60 new tokens at most; sampling seeded).
+Generated with transformers from this checkpoint (60 new tokens at most; sampling seeded). Greedy
+decoding of a model this small falls into loops (`[Enter a Messenger.]` …); sampling reads better.
+Chat replies ignore what was asked (the two sampled chat replies can even coincide: same seed, and the
+model barely conditions on the question).
 
 """ + "\n".join(sample_blocks) + """
 ## Retrain
@@ -537,12 +542,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per periodic pass")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--card-only", action="store_true",
+                   help="no training: regenerate the samples and README.md of the checkpoint in --out "
+                        "from its training_stats.json (after editing the card's text)")
     return p.parse_args(argv)
+
+
+def rewrite_card(out_dir: Path, seed: int) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stats = json.loads((out_dir / "training_stats.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    write_model_card(out_dir, stats, generate_samples(model, tokenizer, stats.get("seed", seed)))
+    print(f"rewrote {out_dir / 'README.md'}", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # the machine is shared; 1 thread was also the fastest measured
+    if args.card_only:
+        return rewrite_card(args.out, args.seed)
     random.seed(args.seed)
     rng = random.Random(args.seed)
 
