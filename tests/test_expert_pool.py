@@ -30,7 +30,7 @@ from expertmesh.experts.replica import CHANNEL_OPTIONS, ExpertServer, keys_from_
 pytestmark = pytest.mark.slow
 
 PLAN = PlacementPlan(groups=[
-    ExpertGroup(name="l0-a", keys={0: [0, 1, 2, 3]}),
+    ExpertGroup(name="l0-a", keys={0: [0, 1, 2, 3]}, max_replicas=2),
     ExpertGroup(name="l0-b", keys={0: [4, 5, 6, 7]}),
     ExpertGroup(name="l1", keys={1: list(range(8))}),
 ])
@@ -212,6 +212,22 @@ def test_bad_inputs_get_clear_errors_and_server_keeps_serving(pool, directory, r
     out, _ = _forward(stub, good)
     assert torch.equal(out, reference.forward(*good))
     channel.close()
+
+
+def test_apply_changes_one_groups_replica_count_in_place(pool, directory, reference):
+    """What the controller does: more replicas for one group; no other replica restarts; then back to one."""
+    before = {(e.group, e.replica_id) for e in directory.snapshot().replicas}
+    pool.apply(PLAN, {"l0-a": 2, "l0-b": 1, "l1": 1})
+    snap = directory.wait_for(lambda s: sum(e.group == "l0-a" for e in s.replicas) == 2, timeout=120)
+    after = {(e.group, e.replica_id) for e in snap.replicas}
+    assert before < after  # only an added replica: nobody restarted
+    req = _request(0, [0, 1, 2, 3], rows=8)
+    for entry in (e for e in snap.replicas if e.group == "l0-a"):
+        out, _ = _forward(_stub(entry.endpoint), req)
+        assert torch.equal(out, reference.forward(*req))
+    pool.apply(PLAN, {"l0-a": 1, "l0-b": 1, "l1": 1})
+    snap = directory.wait_for(lambda s: sum(e.group == "l0-a" for e in s.replicas) == 1, timeout=60)
+    assert {(e.group, e.replica_id) for e in snap.replicas} < after
 
 
 def test_killed_replica_leaves_directory_and_serve_restarts_it(pool, directory, reference):

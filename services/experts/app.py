@@ -1,7 +1,7 @@
 """The Ray Serve application of the expert pool: Serve is the control plane, each replica serves gRPC itself.
 
-Deployments (names and autoscaling come from `serve_config.build_serve_config`, which `serve deploy`, the
-local pool and the Helm chart's RayService all use):
+Deployments (replica counts, autoscaling and actor options come from the Serve config,
+`serve_config.build_serve_config`, which `serve deploy`, the local pool and the Helm chart's RayService all use):
 
     ExpertDirectory   1 replica: the directory gRPC server on the directory address's port
     <group name> ...  `ExpertGroupReplica`, one deployment per plan group; each replica loads ONLY its group's
@@ -14,7 +14,7 @@ starts, health-checks (`check_health` makes a real Info call to the replica's ow
 scales the replicas; each deployment's replica count can change without touching the others.
 
 `build_app(args)` args: model (checkpoint dir), plan (PlacementPlan as a dict), directory ("host:port"), and
-optionally lease_seconds, max_wait_ms, max_batch_rows.
+optionally lease_seconds, max_wait_ms, max_batch_rows, inline_rows.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from expertmesh.core import defaults
 from expertmesh.core.plan import ExpertGroup, PlacementPlan
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.experts.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
-from expertmesh.experts.replica import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, ExpertServer, keys_to_proto
-from expertmesh.experts.serve_config import DIRECTORY_DEPLOYMENT, build_serve_config
+from expertmesh.experts.replica import (DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, ExpertServer,
+                                        keys_to_proto)
+from expertmesh.experts.serve_config import DIRECTORY_DEPLOYMENT
 
 log = logging.getLogger("expertmesh.experts")
 
@@ -48,14 +49,16 @@ class ExpertGroupReplica:
     """One replica of one expert group: its weights, its grpc.aio server, its directory lease."""
 
     def __init__(self, model: str, group: dict, directory: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
-                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+                 inline_rows: int = DEFAULT_INLINE_ROWS):
         spec = ExpertGroup.model_validate(group)
         ctx = serve.get_replica_context()
         self.replica_id = f"{ctx.deployment}#{ctx.replica_id.unique_id}"
         self.directory = directory
         self.lease_seconds = lease_seconds
         self.server = ExpertServer(model, spec.keys, replica_id=self.replica_id, group=spec.name,
-                                   max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, metrics_backend="ray")
+                                   max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, inline_rows=inline_rows,
+                                   metrics_backend="ray")
         port = self.server.start(defaults.bind_host(), defaults.replica_port_range())
         self.endpoint = f"{defaults.advertise_host()}:{port}"
         self.entry = expert_pb2.ReplicaEntry(replica_id=self.replica_id, group=spec.name, endpoint=self.endpoint,
@@ -130,19 +133,17 @@ class ExpertDirectory:
 
 
 def build_app(args: dict):
-    """The Serve application for `args` = {model, plan, directory[, lease_seconds, max_wait_ms, max_batch_rows]}."""
+    """The Serve application for `args` = {model, plan, directory[, lease_seconds, max_wait_ms, max_batch_rows,
+    inline_rows]}."""
     plan = PlacementPlan.model_validate(args["plan"])
     model = str(args["model"])
     directory = args.get("directory") or defaults.directory_address()
     _port_of(directory)
-    replica_args = {k: args[k] for k in ("lease_seconds", "max_wait_ms", "max_batch_rows") if args.get(k) is not None}
-    # The same per-deployment options `serve deploy` gets from the config (a config's own entries override them),
-    # so `serve.run(build_app(...))` and a deployed config behave alike.
-    options = {d["name"]: d for d in build_serve_config(plan, model, directory)["applications"][0]["deployments"]}
-    groups = []
-    for group in plan.groups:
-        opts = {k: v for k, v in options[group.name].items() if k != "name"}
-        groups.append(ExpertGroupReplica.options(name=group.name, **opts)
-                      .bind(model, group.model_dump(mode="json"), directory, **replica_args))
-    directory_opts = {k: v for k, v in options[DIRECTORY_DEPLOYMENT].items() if k != "name"}
-    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT, **directory_opts).bind(directory, *groups)
+    replica_args = {k: args[k] for k in ("lease_seconds", "max_wait_ms", "max_batch_rows", "inline_rows")
+                    if args.get(k) is not None}
+    # Replica counts, autoscaling and actor options come from the Serve config (`serve_config.build_serve_config`)
+    # only: one source of truth, and a count set there is never fought by a default set here.
+    groups = [ExpertGroupReplica.options(name=group.name).bind(model, group.model_dump(mode="json"), directory,
+                                                               **replica_args)
+              for group in plan.groups]
+    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT).bind(directory, *groups)

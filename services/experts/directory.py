@@ -151,14 +151,17 @@ class DirectoryServer:
     def running(self) -> bool:
         return self._loop is not None and self._loop.alive and self._server is not None
 
+    async def _shutdown(self, grace: float) -> None:
+        if self.servicer is not None and self.servicer._sweeper is not None:
+            self.servicer._sweeper.cancel()
+        await self._server.stop(grace)
+
     def stop(self, grace: float = 0.5) -> None:
         if self._loop is None:
             return
-        if self.servicer is not None and self.servicer._sweeper is not None:
-            self._loop.loop.call_soon_threadsafe(self.servicer._sweeper.cancel)
         if self._server is not None:
             try:
-                self._loop.run(self._server.stop(grace), timeout=grace + 5)
+                self._loop.run(self._shutdown(grace), timeout=grace + 5)
             except Exception:
                 log.exception("stopping the directory server")
             self._server = None

@@ -7,6 +7,10 @@ private `prometheus_client` registry per server, rendered with `ReplicaMetrics.t
 
 from __future__ import annotations
 
+import threading
+
+import torch
+
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
@@ -15,6 +19,10 @@ class ReplicaMetrics:
     def __init__(self, group: str, backend: str = "prometheus"):
         self.group = group
         self.backend = backend
+        # Token counts accumulate in one tensor per layer (one op per batch) and reach the counters on `flush()`:
+        # eight labelled counter increments per call would cost as much as the layer's matmuls.
+        self._pending: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
         if backend == "ray":
             from ray.util import metrics as rm
 
@@ -48,10 +56,24 @@ class ReplicaMetrics:
         else:
             metric.labels(**tags).observe(value)
 
-    def batch(self, layer: int, rows: int, tokens_per_expert: dict[int, int]) -> None:
-        for expert, n in tokens_per_expert.items():
-            self._inc(self._tokens, n, {"group": self.group, "layer": str(layer), "expert": str(expert)})
+    def batch(self, layer: int, rows: int, expert: torch.Tensor, num_experts: int) -> None:
+        """One computed batch: its row count, and its assignments' expert ids [N] (counted per expert)."""
+        counts = torch.bincount(expert, minlength=num_experts)  # [E]
+        with self._lock:
+            if layer in self._pending:
+                self._pending[layer] += counts
+            else:
+                self._pending[layer] = counts
         self._observe(self._rows, rows, {"group": self.group, "layer": str(layer)})
+
+    def flush(self) -> None:
+        """Move the accumulated token counts into the per-(layer, expert) counters."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for layer, counts in pending.items():
+            for expert in torch.nonzero(counts).flatten().tolist():
+                self._inc(self._tokens, int(counts[expert]), {"group": self.group, "layer": str(layer),
+                                                              "expert": str(expert)})
 
     def call(self, seconds: float, code: str) -> None:
         self._observe(self._calls, seconds, {"group": self.group, "code": code})
@@ -62,4 +84,5 @@ class ReplicaMetrics:
             raise RuntimeError("ray-backed metrics are exported by the Ray node's metrics agent")
         import prometheus_client as pc
 
+        self.flush()
         return pc.generate_latest(self.registry).decode()

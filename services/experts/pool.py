@@ -117,10 +117,11 @@ class LocalPool:
         self.plan = plan or default_plan(self.info)
         self.plan.check_covers(self.info)
         self.host = "127.0.0.1"
-        self.gcs_port = gcs_port
-        self.dashboard_port = dashboard_port
-        self.directory_port = directory_port
-        self.metrics_port = metrics_port
+        # 0 = any free port (tests, benchmarks, a second pool beside the default one)
+        self.gcs_port = gcs_port or free_port()
+        self.dashboard_port = dashboard_port or free_port()
+        self.directory_port = directory_port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.replica_ports = replica_ports or defaults.replica_port_range()
         # Replicas ask for 1 CPU each in the Serve config; these are logical CPUs, so give every replica
         # the plan may scale to (and the directory) a slot even on a 2-core machine.
@@ -128,7 +129,11 @@ class LocalPool:
         self.extra_args = {k: v for k, v in (("lease_seconds", lease_seconds), ("max_wait_ms", max_wait_ms),
                                              ("max_batch_rows", max_batch_rows)) if v is not None}
         self.ready_timeout = ready_timeout
-        self.state_file = state_file or STATE_DIR / f"pool-{gcs_port}.json"
+        # Serve's own autoscaler sees none of the traffic (it bypasses Serve), so it would only ever shrink groups
+        # to min_replicas: locally the counts are pinned (start_replicas) and changed by `apply` (the controller).
+        # Pinned from the start, because moving a deployment from autoscaling to a fixed count restarts the app.
+        self.replica_counts: dict[str, int] = {g.name: g.start_replicas for g in self.plan.groups}
+        self.state_file = state_file or STATE_DIR / f"pool-{self.gcs_port}.json"
         self.process: subprocess.Popen | None = None
         self.temp_dir: str | None = None
         self.log_path: Path | None = None
@@ -166,6 +171,11 @@ class LocalPool:
     def serve_config(self) -> dict:
         config = build_serve_config(self.plan, self.model, self.directory_address)
         config["applications"][0]["args"].update(self.extra_args)
+        for deployment in config["applications"][0]["deployments"]:
+            count = self.replica_counts.get(deployment["name"])
+            if count is not None:  # pinned by `apply` (the controller scales; Serve sees none of the traffic)
+                deployment.pop("autoscaling_config", None)
+                deployment["num_replicas"] = count
         # The data plane is each replica's own gRPC server: no Serve HTTP/gRPC proxy at all.
         config["proxy_location"] = "Disabled"
         config["http_options"] = {"host": self.host, "port": free_port()}
@@ -183,6 +193,9 @@ class LocalPool:
             "OMP_NUM_THREADS": "1",  # replicas do small matmuls; two OpenMP threads per core fight (30-60x slower)
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray 2.60 turns on token auth for every new cluster once ~/.ray/auth_token exists (any local
+            # `ray.init()` writes one); the pool is loopback-only and its REST calls carry no token: say so.
+            "RAY_AUTH_MODE": "disabled",
             defaults.ENV_BIND_HOST: env.get(defaults.ENV_BIND_HOST, self.host),
             defaults.ENV_REPLICA_PORTS: f"{self.replica_ports[0]}-{self.replica_ports[1]}",
             defaults.ENV_DIRECTORY: self.directory_address,
@@ -226,15 +239,35 @@ class LocalPool:
         raise TimeoutError(f"{url} did not answer within {timeout} s; log:\n{self._log_tail()}")
 
     def _log_tail(self, n: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
+        """The end of `ray start`'s output and of the dashboard's log (the usual suspects when start-up fails)."""
+        if self.temp_dir is None:
             return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        tails = []
+        for path in [self.log_path, *sorted(Path(self.temp_dir).glob("session_*/logs/dashboard.log"))]:
+            if path is not None and path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-n:]
+                tails.append(f"--- {path}\n" + "\n".join(lines))
+        return "\n".join(tails)
 
     def deploy(self) -> None:
         """PUT the Serve config (like `serve deploy`); re-deploying a changed config updates only what changed."""
         reply = httpx.put(f"{self.dashboard_url}/api/serve/applications/", json=self.serve_config(), timeout=60)
         if reply.status_code != 200:
             raise RuntimeError(f"serve deploy failed ({reply.status_code}): {reply.text[:2000]}")
+
+    def apply(self, plan: PlacementPlan, replicas: dict[str, int]) -> None:
+        """Deploy `plan` with `replicas[group]` replicas per group (declarative; returns once Serve accepted it).
+
+        Same plan, other counts: Serve changes only those deployments' replica counts in place; no other replica
+        restarts. A different plan changes the application's args, and Serve then rebuilds the application and
+        restarts every replica (directory included): the directory refills as replicas re-register."""
+        plan.check_covers(self.info)
+        unknown = sorted(set(replicas) - {g.name for g in plan.groups})
+        if unknown:
+            raise ValueError(f"replica counts for groups not in the plan: {unknown}")
+        self.plan = plan
+        self.replica_counts = {name: int(n) for name, n in replicas.items()}
+        self.deploy()
 
     def serve_status(self) -> dict:
         reply = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=10)
@@ -278,6 +311,7 @@ class LocalPool:
 
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count, a listener does
         try:
             s.bind((host, port))
         except OSError:
@@ -293,8 +327,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--plan", help="placement plan YAML (default: one group per MoE layer)")
     up.add_argument("--address", default=f"127.0.0.1:{defaults.RAY_GCS_PORT}",
                     help="GCS address of the local Ray cluster to start (loopback only)")
-    up.add_argument("--dashboard-port", type=int, default=defaults.RAY_DASHBOARD_PORT)
-    up.add_argument("--directory-port", type=int, default=defaults.DIRECTORY_PORT)
+    up.add_argument("--dashboard-port", type=int, default=defaults.RAY_DASHBOARD_PORT, help="0 = any free port")
+    up.add_argument("--directory-port", type=int, default=defaults.DIRECTORY_PORT, help="0 = any free port")
     up.add_argument("--metrics-port", type=int, default=defaults.REPLICA_METRICS_PORT,
                     help="Prometheus metrics of the pool (Ray's metrics export port)")
     up.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every expert to register")

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 SERVICE = "expertmesh.v1.ExpertService"
 DEFAULT_MAX_WAIT_MS = 1.0
 DEFAULT_MAX_BATCH_ROWS = 4096
+# Batches up to this many rows are computed on the event loop itself: for them a hop to the compute thread (and
+# the GIL hand-offs it brings) costs more than the matmuls. Bigger batches go to the compute thread so the loop
+# keeps taking in calls (which then form the next batch).
+DEFAULT_INLINE_ROWS = 256
+METRICS_FLUSH_SECONDS = 1.0
 
 # SO_REUSEPORT is on by default in gRPC on Linux: two replicas could then "bind" the same port and split its
 # traffic. Off, so a taken port fails and we try the next one in the range.
@@ -106,8 +111,10 @@ class _LayerQueue:
 class Coalescer:
     """Per-(layer, dtype) queues of validated calls, computed as one batch each on a single compute thread."""
 
-    def __init__(self, weights: ExpertWeights, metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int):
+    def __init__(self, weights: ExpertWeights, metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int,
+                 inline_rows: int = DEFAULT_INLINE_ROWS):
         self.weights = weights
+        self.inline_rows = inline_rows
         self.metrics = metrics
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_batch_rows = max_batch_rows
@@ -177,7 +184,10 @@ class Coalescer:
                 if not calls:
                     continue
                 try:
-                    outputs, rows = await loop.run_in_executor(self._compute, self._run, key[0], calls)
+                    if sum(c.rows for c in calls) <= self.inline_rows:
+                        outputs, rows = self._run(key[0], calls)
+                    else:
+                        outputs, rows = await loop.run_in_executor(self._compute, self._run, key[0], calls)
                 except Exception as exc:  # a kernel failure fails this batch's calls, never the server
                     log.exception("expert batch failed")
                     for call in calls:
@@ -206,9 +216,7 @@ class Coalescer:
             weight = torch.cat([c.batch.weight for c in calls])                                   # [sum N]
         out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
         rows = hidden.shape[0]
-        counts = torch.bincount(expert, minlength=self.weights.num_experts)                       # [E]
-        nonzero = torch.nonzero(counts).flatten().tolist()
-        self.metrics.batch(layer, rows, {e: int(counts[e]) for e in nonzero})
+        self.metrics.batch(layer, rows, expert, self.weights.num_experts)
         return list(torch.split(out, [c.rows for c in calls])), rows
 
     def close(self) -> None:
@@ -219,13 +227,14 @@ class ExpertServicer:
     """`ExpertService` over the weights of one replica's keys."""
 
     def __init__(self, weights: ExpertWeights, num_layers: int, replica_id: str, group: str,
-                 metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int):
+                 metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int,
+                 inline_rows: int = DEFAULT_INLINE_ROWS):
         self.weights = weights
         self.num_layers = num_layers
         self.replica_id = replica_id
         self.group = group
         self.metrics = metrics
-        self.coalescer = Coalescer(weights, metrics, max_wait_ms, max_batch_rows)
+        self.coalescer = Coalescer(weights, metrics, max_wait_ms, max_batch_rows, inline_rows)
         self._info = expert_pb2.InfoResponse(
             replica_id=replica_id, group=group, keys=keys_to_proto(weights.held),
             hidden_size=weights.hidden_size, dtype=encode(torch.empty(0, dtype=weights.dtype)).dtype,
@@ -283,8 +292,8 @@ class ExpertServer:
 
     def __init__(self, checkpoint: str | Path | CheckpointReader, keys: dict[int, list[int]], *,
                  replica_id: str = "", group: str = "", max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, metrics_backend: str = "prometheus",
-                 dtype: torch.dtype | None = None):
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, inline_rows: int = DEFAULT_INLINE_ROWS,
+                 metrics_backend: str = "prometheus", dtype: torch.dtype | None = None):
         reader = checkpoint if isinstance(checkpoint, CheckpointReader) else CheckpointReader(checkpoint)
         self.reader = reader
         self.weights = ExpertWeights(reader, {int(k): list(v) for k, v in keys.items()}, dtype=dtype)
@@ -293,6 +302,7 @@ class ExpertServer:
         self.group = group
         self._max_wait_ms = max_wait_ms
         self._max_batch_rows = max_batch_rows
+        self._inline_rows = inline_rows
         self._loop: LoopThread | None = None
         self._server: grpc.aio.Server | None = None
         self.servicer: ExpertServicer | None = None
@@ -312,12 +322,22 @@ class ExpertServer:
 
     async def _start(self, host: str, port) -> int:
         self.servicer = ExpertServicer(self.weights, self.reader.info.num_layers, self.replica_id, self.group,
-                                       self.metrics, self._max_wait_ms, self._max_batch_rows)
+                                       self.metrics, self._max_wait_ms, self._max_batch_rows, self._inline_rows)
         self._server = grpc.aio.server(options=SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         bound = bind_port(self._server, host, port)
         await self._server.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
         return bound
+
+    async def _shutdown(self, grace: float) -> None:
+        self._flusher.cancel()
+        await self._server.stop(grace)
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_SECONDS)
+            self.metrics.flush()
 
     @property
     def running(self) -> bool:
@@ -328,7 +348,8 @@ class ExpertServer:
             return
         if self._server is not None:
             try:
-                self._loop.run(self._server.stop(grace), timeout=grace + 5)
+                self._loop.run(self._shutdown(grace), timeout=grace + 5)
+                self.metrics.flush()
             except Exception:  # stopping must not fail the caller's shutdown
                 log.exception("stopping the expert server")
             self._server = None

@@ -1,0 +1,315 @@
+"""One MoE layer's dispatch round trip to the expert pool vs a plain grpc.aio echo of the same payload.
+
+Dispatch: 64 tokens x hidden 128, fp32, top-2 over the layer's 8 experts (tiny Mixtral); the endpoint comes from
+the expert directory (a watched snapshot, as the router's dispatcher holds it), the call goes straight to the
+Ray Serve replica's own grpc.aio server, the reply is decoded. Echo: a grpc.aio server in its own process that
+returns the serialized ForwardRequest bytes unchanged (raw handlers, no protobuf work) — the floor any gRPC data
+plane pays for moving this payload. Both are timed in the same run, in alternating blocks, from one grpc.aio
+client making sequential calls (latency, not throughput). Also one concurrent line: 32 callers at once on the
+same replica (coalesced), to show what batching buys.
+
+    .venv/bin/python benchmarks/dispatch_roundtrip.py            # writes benchmarks/results/dispatch_roundtrip.json
+    .venv/bin/python benchmarks/dispatch_roundtrip.py --iters 500 --blocks 4
+
+Target: dispatch median <= 2x echo median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from expertmesh.core.codec import decode, encode_forward  # noqa: E402
+from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
+from expertmesh.core.plan import default_plan  # noqa: E402
+from expertmesh.core.protos import expert_pb2  # noqa: E402
+from expertmesh.core.tiny import build_tiny_checkpoint  # noqa: E402
+from expertmesh.experts.directory import endpoints_by_key  # noqa: E402
+from expertmesh.experts.pool import LocalPool, free_port  # noqa: E402
+from expertmesh.experts.replica import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dispatch_roundtrip.json"
+FORWARD = "/expertmesh.v1.ExpertService/Forward"
+ECHO = "/bench.Echo/Echo"
+
+
+# -- echo server (runs in its own process) -------------------------------------------------------------------------
+async def _echo_main(port: int) -> None:
+    async def echo(raw: bytes, context) -> bytes:
+        return raw
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def _standalone_main(model: str, directory_port: int) -> None:
+    """--standalone: the directory and one replica of layer 0 in this process, no Ray (quick A/B of the code)."""
+    from expertmesh.experts.directory import DirectoryClient, DirectoryServer
+    from expertmesh.experts.replica import ExpertServer, keys_to_proto
+
+    directory = DirectoryServer()
+    directory.start("127.0.0.1", directory_port)
+    info = read_moe_info(model)
+    server = ExpertServer(model, {info.moe_layers[0]: list(range(info.num_experts))}, replica_id="bench", group="l0")
+    port = server.start("127.0.0.1", 0)
+    with DirectoryClient(directory.address) as client:
+        client.register(expert_pb2.ReplicaEntry(replica_id="bench", group="l0", endpoint=f"127.0.0.1:{port}",
+                                                keys=keys_to_proto(server.weights.held)), lease_seconds=3600)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+
+
+# -- client ------------------------------------------------------------------------------------------------------
+def _summary(samples_s: list[float]) -> dict:
+    ms = sorted(s * 1000 for s in samples_s)
+    pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
+    return {"n": len(ms), "median_ms": round(statistics.median(ms), 4), "mean_ms": round(statistics.fmean(ms), 4),
+            "p90_ms": round(pick(0.90), 4), "p99_ms": round(pick(0.99), 4), "min_ms": round(ms[0], 4)}
+
+
+def _layer_request(seed: int, tokens: int = 64, hidden: int = 128, experts: int = 8, top_k: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)                                            # [T, H]
+    topk = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])  # [T, k]
+    weight = torch.softmax(torch.randn(tokens, top_k, generator=g), dim=-1)                   # [T, k]
+    return x, topk, weight
+
+
+async def _measure(args, directory_snapshot, layer: int, echo_port: int) -> dict:
+    by_key = endpoints_by_key(directory_snapshot)
+    x, topk, weight = _layer_request(0)
+    payload = encode_forward(layer, x, torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten())
+    echo_bytes = payload.SerializeToString()
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    token_index = torch.arange(64).repeat_interleave(2)                                   # [T*k]
+    expert = topk.flatten()                                                               # [T*k]
+    gate = weight.flatten()                                                               # [T*k]
+
+    async def dispatch() -> torch.Tensor:
+        # What the router does per layer: look the experts up in the watched directory snapshot, group the
+        # assignments by replica (one here: the layer's group), one Forward per replica with only the rows it
+        # needs, decode, combine with index_add.
+        per_replica: dict[str, list[int]] = {}
+        for e in expert.unique().tolist():
+            per_replica.setdefault(by_key[(layer, e)][0], []).append(e)
+        out = torch.zeros_like(x)                                                         # [T, H]
+        for endpoint, experts in per_replica.items():
+            channel = channels.get(endpoint)
+            if channel is None:
+                channel = channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            call = channel.unary_unary(FORWARD, request_serializer=expert_pb2.ForwardRequest.SerializeToString,
+                                       response_deserializer=expert_pb2.ForwardResponse.FromString)
+            sel = torch.isin(expert, torch.tensor(experts))                               # [T*k]
+            rows, local = torch.unique(token_index[sel], return_inverse=True)             # [t], [n]
+            reply = await call(encode_forward(layer, x[rows], local, expert[sel], gate[sel]), timeout=5)
+            out.index_add_(0, rows, decode(reply.output))
+        return out
+
+    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=CHANNEL_OPTIONS)
+    echo_call = echo_channel.unary_unary(ECHO)
+
+    async def echo() -> bytes:
+        return await echo_call(echo_bytes, timeout=5)
+
+    for _ in range(args.warmup):
+        await dispatch()
+        await echo()
+    times = {"dispatch": [], "echo": []}
+    for block in range(args.blocks):  # alternate so both see the same background load
+        order = [("dispatch", dispatch), ("echo", echo)]
+        if block % 2:
+            order.reverse()
+        for name, fn in order:
+            for _ in range(args.iters):
+                t = time.perf_counter()
+                await fn()
+                times[name].append(time.perf_counter() - t)
+
+    # Concurrency: 32 callers each issuing layer calls back to back on the same replica (coalesced batches).
+    endpoint = by_key[(layer, 0)][0]
+    call = channels[endpoint].unary_unary(FORWARD, request_serializer=expert_pb2.ForwardRequest.SerializeToString,
+                                          response_deserializer=expert_pb2.ForwardResponse.FromString)
+    batch_rows: list[int] = []
+
+    async def caller(n: int):
+        for _ in range(n):
+            reply = await call(payload, timeout=10)
+            batch_rows.append(reply.batch_rows)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(caller(args.concurrent_calls) for _ in range(32)))
+    wall = time.perf_counter() - t
+    calls = 32 * args.concurrent_calls
+
+    for c in list(channels.values()) + [echo_channel]:
+        await c.close()
+    result = {name: _summary(v) for name, v in times.items()}
+    result["request_bytes"] = len(echo_bytes)
+    result["ratio_median"] = round(result["dispatch"]["median_ms"] / result["echo"]["median_ms"], 3)
+    result["ratio_p90"] = round(result["dispatch"]["p90_ms"] / result["echo"]["p90_ms"], 3)
+    result["concurrent_32"] = {"calls": calls, "wall_s": round(wall, 3), "layer_calls_per_s": round(calls / wall, 1),
+                               "tokens_per_s": round(calls * 64 / wall, 1),
+                               "mean_batch_rows": round(statistics.fmean(batch_rows), 1),
+                               "max_batch_rows": max(batch_rows)}
+    return result
+
+
+def _per_call_us(fn, n: int = 500, repeats: int = 5) -> float:
+    for _ in range(50):
+        fn()
+    best = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best.append((time.perf_counter() - t) / n * 1e6)
+    return round(sorted(best)[len(best) // 2], 1)
+
+
+def _breakdown(model: str, layer: int) -> dict:
+    """Where a dispatch's CPU time goes, per piece, measured in this process (median of 5 x 500 calls)."""
+    from expertmesh.core.checkpoint import CheckpointReader
+    from expertmesh.core.codec import decode_forward, encode
+    from expertmesh.core.kernel import ExpertWeights
+
+    info = read_moe_info(model)
+    weights = ExpertWeights(CheckpointReader(model), {layer: list(range(info.num_experts))})
+    x, topk, weight = _layer_request(0)
+    token_index, expert, gate = torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten()
+    req = encode_forward(layer, x, token_index, expert, gate)
+    raw = req.SerializeToString()
+    out = weights.forward(layer, x, token_index, expert, gate)
+    reply = expert_pb2.ForwardResponse(output=encode(out), batch_rows=64).SerializeToString()
+    result = {
+        "client_encode_forward": _per_call_us(lambda: encode_forward(layer, x, token_index, expert, gate)),
+        "server_parse": _per_call_us(lambda: expert_pb2.ForwardRequest.FromString(raw)),
+        "server_decode_forward_validate": _per_call_us(lambda: decode_forward(
+            req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,
+            num_experts=info.num_experts)),
+        "server_kernel_forward": _per_call_us(lambda: weights.forward(layer, x, token_index, expert, gate)),
+        "server_encode_output": _per_call_us(lambda: encode(out)),
+        "client_decode_output": _per_call_us(lambda: decode(expert_pb2.ForwardResponse.FromString(reply).output)),
+    }
+    # The kernel's per-expert loop costs ~10 small ops per expert; torch._grouped_mm does all experts in one op.
+    if hasattr(torch, "_grouped_mm"):
+        slot = weights.slot[layer][expert]
+        w13t = weights.w13[layer].transpose(1, 2).contiguous()  # [E, H, 2I]
+        w2t = weights.w2[layer].transpose(1, 2).contiguous()    # [E, I, H]
+        inter = weights.w2[layer].shape[2]
+
+        def grouped() -> torch.Tensor:
+            order = torch.argsort(slot, stable=True)
+            offs = torch.cumsum(torch.bincount(slot, minlength=w13t.shape[0]), 0).to(torch.int32)
+            rows = token_index[order]
+            gu = torch._grouped_mm(x[rows], w13t, offs=offs)                                   # [N, 2I]
+            y = torch._grouped_mm(weights.act(gu[:, :inter]) * gu[:, inter:], w2t, offs=offs)  # [N, H]
+            return torch.zeros_like(x).index_add_(0, rows, y * gate[order].unsqueeze(1))
+
+        result["kernel_with_torch_grouped_mm_for_comparison"] = _per_call_us(grouped)
+        result["grouped_mm_bitwise_equal"] = bool(torch.equal(grouped(), out))
+    return {k: v for k, v in result.items()}
+
+
+def _run_against(args, directory_address: str, replicas: int, info, echo_port: int) -> dict:
+    from expertmesh.experts.directory import DirectoryClient
+
+    with DirectoryClient(directory_address) as client:
+        client.watch()
+        snapshot = client.wait_for(lambda s: len(s.replicas) == replicas, timeout=30)
+    return asyncio.run(_measure(args, snapshot, info.moe_layers[0], echo_port))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=1000, help="calls per block and kind")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--concurrent-calls", type=int, default=50, help="calls per caller in the 32-caller run")
+    parser.add_argument("--model", help="checkpoint (default: a tiny random Mixtral built in a temp dir)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--standalone", action="store_true",
+                        help="replica + directory in one plain process instead of Ray Serve (quick A/B, not the target)")
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--standalone-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        asyncio.run(_echo_main(args.echo_server))
+        return 0
+    if args.standalone_server:
+        _standalone_main(args.model, args.standalone_server)
+        return 0
+
+    model = args.model or str(build_tiny_checkpoint("mixtral", Path(tempfile.mkdtemp(prefix="em-bench-")) / "m"))
+    info = read_moe_info(model)
+    plan = default_plan(info)  # one group (deployment) per MoE layer
+    echo_port = free_port()
+    echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(echo_port)], stdout=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lo = random.randrange(30000, 45000)
+    try:
+        assert echo.stdout.readline().strip() == b"ready"
+        t = time.perf_counter()
+        if args.standalone:
+            directory_port = free_port()
+            replica = subprocess.Popen([sys.executable, __file__, "--model", model, "--standalone-server",
+                                        str(directory_port)], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+            try:
+                assert replica.stdout.readline().strip() == b"ready"
+                startup = time.perf_counter() - t
+                result = _run_against(args, f"127.0.0.1:{directory_port}", 1, info, echo_port)
+            finally:
+                replica.stdin.close()
+                replica.wait(10)
+        else:
+            with LocalPool(model, plan, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
+                           metrics_port=free_port(), replica_ports=(lo, lo + 100)) as pool:
+                startup = time.perf_counter() - t
+                result = _run_against(args, pool.directory_address, len(plan.groups), info, echo_port)
+    finally:
+        echo.terminate()
+        echo.wait(10)
+    result["breakdown_us"] = _breakdown(model, info.moe_layers[0])
+    result.update({
+        "benchmark": "dispatch_roundtrip",
+        "payload": {"tokens": 64, "hidden": 128, "dtype": "float32", "top_k": 2, "experts": info.num_experts,
+                    "request_bytes": result.pop("request_bytes")},
+        "replica": "standalone process (no Ray)" if args.standalone else "Ray Serve replica (LocalPool)",
+        "pool_startup_s": round(startup, 1),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
+                    "torch": torch.__version__},
+        "unix_time": int(time.time()),
+        "target": "dispatch median <= 2x echo median",
+        "meets_target": result["ratio_median"] <= 2.0,
+    })
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
