@@ -19,7 +19,7 @@ import torch
 
 from conftest import free_port
 from expertmesh.core.checkpoint import CheckpointReader, read_moe_info
-from expertmesh.core.codec import decode, encode, encode_forward
+from expertmesh.core.codec import decode, encode_forward
 from expertmesh.core.kernel import ExpertWeights
 from expertmesh.core.plan import ExpertGroup, PlacementPlan
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc

@@ -4,8 +4,9 @@ A replica holds the FFN weights of its group's (layer, expert) keys only (`Exper
 the checkpoint) and answers `Forward` for one layer per call. Concurrent calls for the same layer (many router
 steps in flight) are computed as ONE batch: a layer's batch starts when it reaches `max_batch_rows` rows, or
 `max_wait_ms` after its first call arrived, or at once when no other Forward is in flight on this replica (a
-lone caller never waits). While a batch computes (on a compute thread, so the loop keeps accepting calls), new
-calls queue up and form the next batch.
+lone caller never waits). While a batch computes, new calls queue up and form the next batch. Small batches
+(<= `inline_rows`) compute on the event loop itself (a thread hop would cost more than the matmuls); bigger ones on
+a compute thread, so the loop keeps taking in calls meanwhile.
 
 Errors: `WireError` -> INVALID_ARGUMENT, an unparseable message -> INVALID_ARGUMENT, `ExpertNotHeld` ->
 NOT_FOUND; a call whose deadline passed while queued is dropped from its batch (DEADLINE_EXCEEDED, never
