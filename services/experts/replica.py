@@ -34,6 +34,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from expertmesh.core import telemetry
 from expertmesh.core.checkpoint import CheckpointReader
 from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, ExpertNotHeld, ForwardBatch, WireError, decode_forward, encode
 from expertmesh.core.kernel import ExpertWeights
@@ -257,6 +258,15 @@ class ExpertServicer:
         return self._info
 
     async def forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ForwardResponse:
+        metadata = context.invocation_metadata()
+        if metadata and any(k == "traceparent" for k, _ in metadata):  # a traced request: one span per call
+            with telemetry.tracer().start_as_current_span(
+                    "expert forward", context=telemetry.extract_metadata(metadata),
+                    attributes={"expertmesh.replica": self.replica_id, "expertmesh.group": self.group}):
+                return await self._forward(raw, context)
+        return await self._forward(raw, context)
+
+    async def _forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ForwardResponse:
         start = time.perf_counter()
         code = "OK"
         self.coalescer.enter()
@@ -295,6 +305,7 @@ class ExpertServer:
                  replica_id: str = "", group: str = "", max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
                  max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, inline_rows: int = DEFAULT_INLINE_ROWS,
                  metrics_backend: str = "prometheus", dtype: torch.dtype | None = None):
+        telemetry.init_tracing("expertmesh-experts")  # exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set
         reader = checkpoint if isinstance(checkpoint, CheckpointReader) else CheckpointReader(checkpoint)
         self.reader = reader
         self.weights = ExpertWeights(reader, {int(k): list(v) for k, v in keys.items()}, dtype=dtype)
