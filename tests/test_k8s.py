@@ -221,8 +221,9 @@ def test_serve_config_equals_local_plan(rendered, variant):
     values = values_for(variant)
     got = rendered_serve_config(rendered[variant])
     assert got == expected_serve_config(values)
-    names = [d["name"] for d in got["applications"][0]["deployments"]]
-    assert names == ["ExpertDirectory"] + [g["name"] for g in values["experts"]["plan"]["groups"]]
+    groups = [g["name"] for g in values["experts"]["plan"]["groups"]]
+    assert [a["name"] for a in got["applications"]] == ["expertmesh-directory"] + [f"experts-{g}" for g in groups]
+    assert [[d["name"] for d in a["deployments"]] for a in got["applications"]] == [["ExpertDirectory"]] + [[g] for g in groups]
 
 
 def test_serve_config_defaults_and_overrides(tmp_path):
@@ -243,23 +244,25 @@ def test_serve_config_defaults_and_overrides(tmp_path):
     values["experts"]["plan"] = plan  # lists replace, maps merge: the sparse plan stands alone
     got = rendered_serve_config(docs)
     assert got == expected_serve_config(values)
-    scaling = {d["name"]: d.get("autoscaling_config") for d in got["applications"][0]["deployments"]}
-    assert scaling["hot-e3"] == {"min_replicas": 0, "max_replicas": 6, "initial_replicas": 2,
-                                 "upscale_delay_s": 0, "downscale_delay_s": 15}
-    assert scaling["l10"]["initial_replicas"] == 1  # start_replicas: max(1, min_replicas)
-    assert got["applications"][0]["args"]["plan"]["groups"][1]["keys"] == {"0": [0, 1, 2, 4, 5, 6, 7],
-                                                                          "1": list(range(8)), "2": []}
+    apps = {a["name"]: a for a in got["applications"]}
+    replicas = {a["deployments"][0]["name"]: a["deployments"][0]["num_replicas"] for a in got["applications"]}
+    assert replicas == {"ExpertDirectory": 1, "hot-e3": 2, "rest": 1, "l10": 1}  # l10: max(1, min_replicas)
+    assert all("autoscaling_config" not in a["deployments"][0] for a in got["applications"])  # the controller scales
+    assert apps["experts-rest"]["args"]["group"] == {"name": "rest", "keys": {"0": [0, 1, 2, 4, 5, 6, 7],
+                                                                             "1": list(range(8)), "2": []}}
 
 
 def test_serve_config_is_valid_for_ray_serve(rendered):
     from ray.serve.schema import ServeDeploySchema  # the schema `serve deploy` and KubeRay's Serve API use
 
     parsed = ServeDeploySchema.model_validate(rendered_serve_config(rendered["gpu"]))
-    app = parsed.applications[0]
-    assert app.route_prefix is None and app.import_path == "expertmesh.experts.app:build_app"
-    groups = {d.name: d for d in app.deployments}
-    assert groups["l31"].autoscaling_config["max_replicas"] == 4
-    assert groups["l31"].ray_actor_options.num_gpus == 0.25
+    directory = parsed.applications[0]
+    assert directory.route_prefix is None and directory.import_path == "expertmesh.experts.app:build_directory"
+    groups = {a.deployments[0].name: a for a in parsed.applications[1:]}
+    assert all(a.import_path == "expertmesh.experts.app:build_group" and a.route_prefix is None
+               for a in groups.values())
+    assert groups["l31"].args["group"]["name"] == "l31" and set(groups["l31"].args) == {"model", "group", "directory"}
+    assert groups["l31"].deployments[0].ray_actor_options.num_gpus == 0.25
 
 
 @pytest.mark.parametrize("plan_groups, message", [
@@ -513,13 +516,19 @@ def test_build_serve_config_locally_and_cli(tmp_path, capsys):
 
     plan = PlacementPlan.model_validate({"groups": [{"name": "l0", "keys": {0: [1, 0]}, "max_replicas": 3}]})
     config = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5)
-    (app,) = config["applications"]
-    directory, group = app["deployments"]
-    assert directory == {"name": "ExpertDirectory", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    assert group["ray_actor_options"] == {"num_cpus": 0.5}
-    assert group["autoscaling_config"]["initial_replicas"] == 1
-    assert app["args"] == {"model": "/ckpt", "directory": "127.0.0.1:50071",
-                           "plan": plan.model_dump(mode="json", exclude_none=True)}
+    directory_app, group_app = config["applications"]
+    assert directory_app["deployments"] == [{"name": "ExpertDirectory", "num_replicas": 1,
+                                             "ray_actor_options": {"num_cpus": 0.5}}]
+    assert directory_app["args"] == {"directory": "127.0.0.1:50071"}
+    (group,) = group_app["deployments"]
+    assert group == {"name": "l0", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    assert group_app["name"] == "experts-l0"
+    assert group_app["args"] == {"model": "/ckpt", "directory": "127.0.0.1:50071",
+                                 "group": {"name": "l0", "keys": {"0": [0, 1]}}}
+    # replica counts from the controller change only num_replicas, never the args (no restart)
+    scaled = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5, replicas={"l0": 3})
+    assert scaled["applications"][1]["deployments"][0]["num_replicas"] == 3
+    assert scaled["applications"][1]["args"] == group_app["args"]
     plan.save(tmp_path / "plan.yaml")
     assert serve_config.main(["--plan", str(tmp_path / "plan.yaml"), "--model", "/ckpt",
                               "--directory", "127.0.0.1:50071", "--num-cpus", "0.5"]) == 0

@@ -1,20 +1,18 @@
 """The Ray Serve application of the expert pool: Serve is the control plane, each replica serves gRPC itself.
 
-Deployments (replica counts, autoscaling and actor options come from the Serve config,
-`serve_config.build_serve_config`, which `serve deploy`, the local pool and the Helm chart's RayService all use):
+Applications (replica counts and actor options come from the Serve config, `serve_config.build_serve_config`,
+which `serve deploy`, the local pool and the Helm chart's RayService all use):
 
-    ExpertDirectory   1 replica: the directory gRPC server on the directory address's port
-    <group name> ...  `ExpertGroupReplica`, one deployment per plan group; each replica loads ONLY its group's
-                      (layer, expert) weights, serves ExpertService on its own grpc.aio server (a free port of
-                      `replica_port_range()` on `bind_host()`), registers `advertise_host():port` in the
-                      directory with a lease, renews it, and deregisters when Serve shuts it down.
+    expertmesh-directory   `ExpertDirectory`, 1 replica: the directory gRPC server on the directory port
+    experts-<group> ...    `ExpertGroupReplica`, one application per plan group; each replica loads ONLY its
+                           group's (layer, expert) weights, serves ExpertService on its own grpc.aio server (a
+                           free port of `replica_port_range()` on `bind_host()`), registers
+                           `advertise_host():port` in the directory with a lease, renews it, and deregisters
+                           when Serve shuts it down.
 
 No request goes through Serve: a Serve proxy hop costs ~11 ms here vs ~0.9 ms for plain grpc.aio. Serve
 starts, health-checks (`check_health` makes a real Info call to the replica's own server), restarts and
-scales the replicas; each deployment's replica count can change without touching the others.
-
-`build_app(args)` args: model (checkpoint dir), plan (PlacementPlan as a dict), directory ("host:port"), and
-optionally lease_seconds, max_wait_ms, max_batch_rows, inline_rows.
+scales the replicas; changing one group's application (replica count, removal) touches no other group.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import grpc
 from ray import serve
 
 from expertmesh.core import defaults
-from expertmesh.core.plan import ExpertGroup, PlacementPlan
+from expertmesh.core.plan import ExpertGroup
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.experts.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
 from expertmesh.experts.replica import (DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, ExpertServer,
@@ -115,9 +113,9 @@ class ExpertGroupReplica:
 
 @serve.deployment
 class ExpertDirectory:
-    """The directory server. Takes the group deployments as arguments only so they form one application."""
+    """The directory server, an application of its own (`expertmesh-directory`)."""
 
-    def __init__(self, directory: str, *group_deployments):
+    def __init__(self, directory: str):
         self.server = DirectoryServer()
         self.server.start(defaults.bind_host(), _port_of(directory))
         log.info("expert directory serving on %s", self.server.address)
@@ -132,18 +130,23 @@ class ExpertDirectory:
             server.stop()
 
 
-def build_app(args: dict):
-    """The Serve application for `args` = {model, plan, directory[, lease_seconds, max_wait_ms, max_batch_rows,
-    inline_rows]}."""
-    plan = PlacementPlan.model_validate(args["plan"])
-    model = str(args["model"])
+def _directory_of(args: dict) -> str:
     directory = args.get("directory") or defaults.directory_address()
     _port_of(directory)
+    return directory
+
+
+def build_directory(args: dict):
+    """The `expertmesh-directory` application: args = {directory: "host:port"}."""
+    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT).bind(_directory_of(args))
+
+
+def build_group(args: dict):
+    """One group's application: args = {model, group: {name, keys}, directory[, lease_seconds, max_wait_ms,
+    max_batch_rows, inline_rows]}. Replica count and actor options come from the Serve config only
+    (`serve_config.build_serve_config`): one source of truth, never fought by a default set here."""
+    group = ExpertGroup.model_validate(args["group"])
     replica_args = {k: args[k] for k in ("lease_seconds", "max_wait_ms", "max_batch_rows", "inline_rows")
                     if args.get(k) is not None}
-    # Replica counts, autoscaling and actor options come from the Serve config (`serve_config.build_serve_config`)
-    # only: one source of truth, and a count set there is never fought by a default set here.
-    groups = [ExpertGroupReplica.options(name=group.name).bind(model, group.model_dump(mode="json"), directory,
-                                                               **replica_args)
-              for group in plan.groups]
-    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT).bind(directory, *groups)
+    return ExpertGroupReplica.options(name=group.name).bind(
+        str(args["model"]), group.model_dump(mode="json"), _directory_of(args), **replica_args)

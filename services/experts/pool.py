@@ -33,9 +33,10 @@ from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
 from expertmesh.experts.directory import DirectoryClient, endpoints_by_key
-from expertmesh.experts.serve_config import APP_NAME, build_serve_config
+from expertmesh.experts.serve_config import GROUP_IMPORT_PATH, build_serve_config
 
 STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
+REPLICA_LOGICAL_CPUS = 0.25  # per replica; the head offers `num_cpus` logical CPUs in all
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # the pool moves no objects through Ray; keep /dev/shm use small
 
 
@@ -125,7 +126,9 @@ class LocalPool:
         self.replica_ports = replica_ports or defaults.replica_port_range()
         # Replicas ask for 1 CPU each in the Serve config; these are logical CPUs, so give every replica
         # the plan may scale to (and the directory) a slot even on a 2-core machine.
-        self.num_cpus = num_cpus or sum(g.max_replicas for g in self.plan.groups) + 2
+        # Logical CPUs for Ray's bookkeeping only (the directory takes 1/4, each replica 1/4): room for the
+        # controller to grow the pool well past the plan's start; physical cores are shared by the OS.
+        self.num_cpus = num_cpus or 64
         self.extra_args = {k: v for k, v in (("lease_seconds", lease_seconds), ("max_wait_ms", max_wait_ms),
                                              ("max_batch_rows", max_batch_rows)) if v is not None}
         self.ready_timeout = ready_timeout
@@ -169,13 +172,12 @@ class LocalPool:
         return self
 
     def serve_config(self) -> dict:
-        config = build_serve_config(self.plan, self.model, self.directory_address)
-        config["applications"][0]["args"].update(self.extra_args)
-        for deployment in config["applications"][0]["deployments"]:
-            count = self.replica_counts.get(deployment["name"])
-            if count is not None:  # pinned by `apply` (the controller scales; Serve sees none of the traffic)
-                deployment.pop("autoscaling_config", None)
-                deployment["num_replicas"] = count
+        # Logical CPUs: a replica mostly waits on gRPC; physical cores are shared by the OS scheduler.
+        config = build_serve_config(self.plan, self.model, self.directory_address, replicas=self.replica_counts,
+                                    num_cpus=REPLICA_LOGICAL_CPUS)
+        for app in config["applications"]:
+            if app["import_path"] == GROUP_IMPORT_PATH:
+                app["args"].update(self.extra_args)
         # The data plane is each replica's own gRPC server: no Serve HTTP/gRPC proxy at all.
         config["proxy_location"] = "Disabled"
         config["http_options"] = {"host": self.host, "port": free_port()}
@@ -258,9 +260,9 @@ class LocalPool:
     def apply(self, plan: PlacementPlan, replicas: dict[str, int]) -> None:
         """Deploy `plan` with `replicas[group]` replicas per group (declarative; returns once Serve accepted it).
 
-        Same plan, other counts: Serve changes only those deployments' replica counts in place; no other replica
-        restarts. A different plan changes the application's args, and Serve then rebuilds the application and
-        restarts every replica (directory included): the directory refills as replicas re-register."""
+        Each group is its own Serve application whose args are only its name and keys: other counts change those
+        groups in place, a new group starts its replicas, a removed group stops its own; no other replica
+        restarts (serve_config.py says why)."""
         plan.check_covers(self.info)
         unknown = sorted(set(replicas) - {g.name for g in plan.groups})
         if unknown:
@@ -280,9 +282,10 @@ class LocalPool:
         deadline = time.monotonic() + timeout
         with DirectoryClient(self.directory_address) as client:
             while True:
-                app = self.serve_status().get("applications", {}).get(APP_NAME, {})
-                if app.get("status") == "DEPLOY_FAILED":
-                    raise RuntimeError(f"Serve could not deploy {APP_NAME}: {app.get('message', '')[:3000]}")
+                apps = self.serve_status().get("applications", {})
+                for name, app in apps.items():
+                    if app.get("status") == "DEPLOY_FAILED":
+                        raise RuntimeError(f"Serve could not deploy {name}: {app.get('message', '')[:3000]}")
                 try:
                     snapshot = client.snapshot(timeout=2)
                     served, wanted = coverage(snapshot, self.plan)
@@ -291,7 +294,7 @@ class LocalPool:
                 except Exception:  # directory not up yet
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"pool not ready within {timeout} s; Serve says: {json.dumps(app)[:3000]}")
+                    raise TimeoutError(f"pool not ready within {timeout} s; Serve says: {json.dumps(apps)[:3000]}")
                 time.sleep(0.5)
 
     def client(self) -> DirectoryClient:

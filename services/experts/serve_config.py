@@ -1,14 +1,23 @@
 """The Ray Serve config of the expert pool, built from a placement plan (pure function, no Ray import).
 
-`build_serve_config(plan, model_path)` returns the mapping `serve deploy` reads (`applications: [...]`), which
-is also what the Helm chart renders into the KubeRay RayService's `serveConfigV2` (a test renders the chart
-and checks the two are equal for the same plan). One application, `expertmesh-experts`:
+`build_serve_config(plan, model_path, directory, replicas=...)` returns the mapping `serve deploy` reads
+(`applications: [...]`), which is also what the Helm chart renders into the KubeRay RayService's
+`serveConfigV2` (a test renders the chart and checks the two are equal for the same plan). Applications:
 
-    ExpertDirectory        1 replica: who serves which (layer, expert) where
-    <group name> ...       one deployment per plan group: min/max/initial replicas and delays from the plan
+    expertmesh-directory     ExpertDirectory, 1 replica: who serves which (layer, expert) where
+    experts-<group>          one application per plan group: one deployment named as the group,
+                             `num_replicas` from `replicas` (default: the group's initial replicas)
 
-The application is not exposed over HTTP (`route_prefix: null`): the data plane is each replica's own
-grpc.aio server, Serve is the control plane only (lifecycle, health checks, scaling).
+Why one application per group: Serve derives an application's code version from its import path and args,
+and a new code version restarts every replica of that application. A group's args are only its own name and
+keys, so the controller can add a group (hot experts), remove one, or change any group's replica count (a
+lightweight update) without restarting a single replica of any other group. Replica counts are plain
+`num_replicas`, not Serve autoscaling: token traffic goes straight to the replicas' gRPC servers, so Serve's
+request-based autoscaler would see no load; the expert controller scales groups by routed tokens/s within
+the plan's [min_replicas, max_replicas].
+
+No application is exposed over HTTP (`route_prefix: null`): the data plane is each replica's own grpc.aio
+server, Serve is the control plane (lifecycle, health checks, restarts, replica counts).
 
 `directory_resource`: in Kubernetes the directory must sit on a node a Service can select, so the chart gives
 the Ray head a custom resource of that name and the ExpertDirectory asks for one unit of it (and no CPU: the
@@ -24,11 +33,23 @@ import sys
 
 import yaml
 
-from expertmesh.core.plan import PlacementPlan, load_plan
+from expertmesh.core.plan import ExpertGroup, PlacementPlan, load_plan
 
-APP_NAME = "expertmesh-experts"
-IMPORT_PATH = "expertmesh.experts.app:build_app"
+DIRECTORY_APP = "expertmesh-directory"
+DIRECTORY_IMPORT_PATH = "expertmesh.experts.app:build_directory"
 DIRECTORY_DEPLOYMENT = "ExpertDirectory"
+GROUP_APP_PREFIX = "experts-"
+GROUP_IMPORT_PATH = "expertmesh.experts.app:build_group"
+
+
+def group_app_name(group: str) -> str:
+    return f"{GROUP_APP_PREFIX}{group}"
+
+
+def group_args(group: ExpertGroup, model_path: str, directory: str | None) -> dict:
+    """The args of a group's application: what its replicas need, nothing that may change while it serves."""
+    return {"model": model_path, "group": group.model_dump(mode="json", include={"name", "keys"}),
+            "directory": directory}
 
 
 def build_serve_config(
@@ -36,11 +57,13 @@ def build_serve_config(
     model_path: str,
     directory: str | None = None,
     *,
+    replicas: dict[str, int] | None = None,
     num_cpus: float = 1,
     num_gpus: float = 0,
     directory_resource: str | None = None,
 ) -> dict:
     """Serve config (`{"applications": [...]}`) for `plan`; `num_cpus`/`num_gpus` are per expert replica."""
+    replicas = replicas or {}
     replica_options: dict = {"num_cpus": num_cpus}
     if num_gpus:
         replica_options["num_gpus"] = num_gpus
@@ -48,34 +71,26 @@ def build_serve_config(
         directory_options: dict = {"num_cpus": 0, "resources": {directory_resource: 1}}
     else:
         directory_options = {"num_cpus": num_cpus}
-
-    deployments = [{"name": DIRECTORY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": directory_options}]
+    applications = [{
+        "name": DIRECTORY_APP,
+        "route_prefix": None,
+        "import_path": DIRECTORY_IMPORT_PATH,
+        "args": {"directory": directory},
+        "deployments": [{"name": DIRECTORY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": directory_options}],
+    }]
     for group in plan.groups:
-        scaling = plan.autoscaling_for(group)
-        deployments.append({
-            "name": group.name,
-            "autoscaling_config": {
-                "min_replicas": group.min_replicas,
-                "max_replicas": group.max_replicas,
-                "initial_replicas": group.start_replicas,
-                "upscale_delay_s": scaling.upscale_delay_s,
-                "downscale_delay_s": scaling.downscale_delay_s,
-            },
-            "ray_actor_options": dict(replica_options),
-        })
-    return {
-        "applications": [{
-            "name": APP_NAME,
+        applications.append({
+            "name": group_app_name(group.name),
             "route_prefix": None,
-            "import_path": IMPORT_PATH,
-            "args": {
-                "model": model_path,
-                "plan": plan.model_dump(mode="json", exclude_none=True),
-                "directory": directory,
-            },
-            "deployments": deployments,
-        }]
-    }
+            "import_path": GROUP_IMPORT_PATH,
+            "args": group_args(group, model_path, directory),
+            "deployments": [{
+                "name": group.name,
+                "num_replicas": int(replicas.get(group.name, group.start_replicas)),
+                "ray_actor_options": dict(replica_options),
+            }],
+        })
+    return {"applications": applications}
 
 
 def main(argv: list[str] | None = None) -> int:

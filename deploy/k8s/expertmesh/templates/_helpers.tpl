@@ -192,20 +192,22 @@ checked types, names and unknown fields. Returns JSON.
 {{- end -}}
 
 {{/* serveConfigV2: same structure as build_serve_config(plan, model_path, directory, num_cpus=, num_gpus=,
-directory_resource=). Returns JSON (a YAML document too). */}}
+directory_resource=): the directory application, then one application per plan group whose args are only the
+group's name and keys (so changing one group never restarts another). Returns JSON (a YAML document too). */}}
 {{- define "expertmesh.serveConfig" -}}
 {{- $plan := include "expertmesh.plan" . | fromJson -}}
 {{- $replica := dict "num_cpus" .Values.experts.replica.numCpus -}}
 {{- if .Values.experts.replica.numGpus -}}{{- $_ := set $replica "num_gpus" .Values.experts.replica.numGpus -}}{{- end -}}
 {{- $directoryOptions := dict "num_cpus" 0 "resources" (dict (include "expertmesh.directoryResource" .) 1) -}}
-{{- $deployments := list (dict "name" "ExpertDirectory" "num_replicas" 1 "ray_actor_options" $directoryOptions) -}}
+{{- $directory := include "expertmesh.directoryAddress" . -}}
+{{- $model := include "expertmesh.modelPath" . -}}
+{{- $directoryApp := dict "name" "expertmesh-directory" "route_prefix" nil "import_path" "expertmesh.experts.app:build_directory" "args" (dict "directory" $directory) "deployments" (list (dict "name" "ExpertDirectory" "num_replicas" 1 "ray_actor_options" $directoryOptions)) -}}
+{{- $apps := list $directoryApp -}}
 {{- range $g := $plan.groups -}}
-  {{- $scaling := $g.autoscaling | default $plan.autoscaling -}}
   {{- $start := hasKey $g "initial_replicas" | ternary (get $g "initial_replicas") (max 1 (int $g.min_replicas)) -}}
-  {{- $autoscaling := dict "min_replicas" $g.min_replicas "max_replicas" $g.max_replicas "initial_replicas" $start "upscale_delay_s" $scaling.upscale_delay_s "downscale_delay_s" $scaling.downscale_delay_s -}}
-  {{- $deployments = append $deployments (dict "name" $g.name "autoscaling_config" $autoscaling "ray_actor_options" (deepCopy $replica)) -}}
+  {{- $args := dict "model" $model "group" (dict "name" $g.name "keys" $g.keys) "directory" $directory -}}
+  {{- $deployment := dict "name" $g.name "num_replicas" (int $start) "ray_actor_options" (deepCopy $replica) -}}
+  {{- $apps = append $apps (dict "name" (printf "experts-%s" $g.name) "route_prefix" nil "import_path" "expertmesh.experts.app:build_group" "args" $args "deployments" (list $deployment)) -}}
 {{- end -}}
-{{- $args := dict "model" (include "expertmesh.modelPath" .) "plan" $plan "directory" (include "expertmesh.directoryAddress" .) -}}
-{{- $app := dict "name" "expertmesh-experts" "route_prefix" nil "import_path" "expertmesh.experts.app:build_app" "args" $args "deployments" $deployments -}}
-{{- toJson (dict "applications" (list $app)) -}}
+{{- toJson (dict "applications" $apps) -}}
 {{- end -}}
