@@ -230,6 +230,61 @@ def test_apply_changes_one_groups_replica_count_in_place(pool, directory, refere
     assert {(e.group, e.replica_id) for e in snap.replicas} < after
 
 
+def test_controller_service_adopts_what_serve_runs(pool, directory, monkeypatch):
+    """The in-cluster controller (controller_service) against this real dashboard: it starts from the groups and
+    counts Serve runs, follows a config someone else PUT (KubeRay re-submitting serveConfigV2) instead of pushing
+    its own back, and serves that on /status, which the gateway reads by URL. No router runs here, so every tick
+    fails and /health says 503."""
+    import threading
+
+    import httpx
+
+    from expertmesh.experts import controller_service as cs
+    from expertmesh.experts.controller import ControllerSettings
+    from expertmesh.gateway.app import _controller_status
+
+    service = cs.ControllerService(
+        info=pool.info, plan=PLAN, router=f"127.0.0.1:{free_port()}", settings=ControllerSettings(interval_s=0.3),
+        target_options={"model": pool.model, "directory": pool.directory_address, "dashboard": pool.dashboard_url})
+    server = cs.serve_http(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("EXPERTMESH_CONTROLLER_STATUS", url + "/status")
+
+    def wait_status(pred, timeout=30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reply = httpx.get(url + "/status", timeout=5)
+            if reply.status_code == 200 and pred(reply.json()):
+                return reply.json()
+            time.sleep(0.1)
+        raise AssertionError(f"/status never matched: {reply.status_code} {reply.text[:500]}")
+
+    service.start()
+    try:
+        status = wait_status(lambda s: True)
+        assert status["replicas"] == {"l0-a": 1, "l0-b": 1, "l1": 1} and service.adoptions == 0
+        assert [(g["name"], g["keys"]) for g in status["plan"]["groups"]] == [
+            (g.name, {str(k): v for k, v in g.keys.items()}) for g in PLAN.groups]
+        deadline = time.monotonic() + 10
+        while "StatusCode.UNAVAILABLE" not in (service.last_error or "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and "StatusCode.UNAVAILABLE" in health.json()["last_error"]  # no router
+        pool.apply(PLAN, {"l0-a": 2, "l0-b": 1, "l1": 1})  # someone else changes the Serve config
+        status = wait_status(lambda s: s["replicas"]["l0-a"] == 2)
+        assert service.adoptions == 1 and status["service"]["adoptions"] == 1
+        assert status["plan"]["groups"][0]["initial_replicas"] == 2
+        seen_by_gateway = asyncio.run(_controller_status())
+        assert seen_by_gateway["replicas"] == {"l0-a": 2, "l0-b": 1, "l1": 1}
+    finally:
+        service.stop()
+        server.shutdown()
+        server.server_close()
+        pool.apply(PLAN, {"l0-a": 1, "l0-b": 1, "l1": 1})
+    directory.wait_for(lambda s: sum(e.group == "l0-a" for e in s.replicas) == 1, timeout=60)
+
+
 def test_killed_replica_leaves_directory_and_serve_restarts_it(pool, directory, reference):
     from ray.util.state import list_actors
 

@@ -9,6 +9,7 @@ expertmesh.experts.serve_config.build_serve_config produces from the same plan.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import subprocess
@@ -265,6 +266,94 @@ def test_serve_config_is_valid_for_ray_serve(rendered):
     assert groups["l31"].deployments[0].ray_actor_options.num_gpus == 0.25
 
 
+# ---- the expert controller ------------------------------------------------------------------------------------
+
+def controller_of(docs: list[dict]) -> tuple[dict, argparse.Namespace, PlacementPlan]:
+    """(container, its parsed flags, the plan it reads) of the controller Deployment."""
+    from expertmesh.experts.controller_service import configure
+
+    dep = one(docs, "Deployment", "-controller")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "expertmesh.experts.controller_service"]
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(container["args"])
+    # --plan is a file from the controller's ConfigMap (mounted read-only)
+    mount = next(m for m in container["volumeMounts"] if args.plan.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    config_map = one(docs, "ConfigMap", volume["configMap"]["name"].removeprefix(f"{RELEASE}-expertmesh"))
+    plan = PlacementPlan.model_validate(yaml.safe_load(config_map["data"][Path(args.plan).name]))
+    return container, args, plan
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_controller_puts_what_the_chart_renders(rendered, variant):
+    """The controller's flags and plan rebuild serveConfigV2 exactly: its first PUT changes nothing but counts."""
+    from expertmesh.experts.controller_service import ServeTarget
+
+    docs = rendered[variant]
+    values = values_for(variant)
+    container, args, plan = controller_of(docs)
+    assert plan == PlacementPlan.model_validate(values["experts"]["plan"])
+    target = ServeTarget(None, plan, {}, model=args.model, directory=args.directory, dashboard=args.dashboard,
+                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, directory_resource=args.directory_resource)
+    assert target.serve_config(plan, {}) == rendered_serve_config(docs)
+    # ... and its peers are the chart's router and directory Services and KubeRay's Service of the active head
+    prefix = f"{RELEASE}-expertmesh"
+    services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
+    assert args.router == f"{prefix}-router:{defaults.ROUTER_PORT}" and f"{prefix}-router" in services
+    assert args.directory == f"{prefix}-directory:{defaults.DIRECTORY_PORT}" and f"{prefix}-directory" in services
+    rayservice = one(docs, "RayService", "-experts")["metadata"]["name"]
+    assert args.dashboard == f"http://{rayservice}-head-svc:8265"  # KubeRay: <rayservice>-head-svc
+    head_ports = {p["name"]: p["containerPort"] for p in pod_templates(docs)["ray-head"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["dashboard"] == 8265
+    assert args.port == defaults.CONTROLLER_PORT and args.host == "0.0.0.0"
+    # CPU-only, probes on /health, requests, weights read-only (it reads config.json)
+    dep = one(docs, "Deployment", "-controller")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert "nvidia.com/gpu" not in json.dumps(dep)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    model_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == values["model"]["mountPath"])
+    assert model_mount["readOnly"] is True and args.model.startswith(values["model"]["mountPath"] + "/")
+    # the gateway's /experts reads its /status through its Service
+    gateway = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    status_url = env_of(gateway)[defaults.ENV_CONTROLLER_STATUS]["value"]
+    assert status_url == f"http://{prefix}-controller:{defaults.CONTROLLER_PORT}/status"
+    svc = services[f"{prefix}-controller"]
+    assert labels_match(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+    # the NetworkPolicy on the Ray pods lets it reach the dashboard and the directory (and nothing of the replicas)
+    policy = one(docs, "NetworkPolicy", "-experts")["spec"]
+    lo, _ = defaults.REPLICA_PORT_RANGE
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    open_to_it = {p["port"] for r in policy["ingress"] for peer in r["from"]
+                  if labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), labels)
+                  for p in r["ports"]}
+    assert open_to_it == {8265, defaults.DIRECTORY_PORT} and lo not in open_to_it
+
+
+def test_controller_settings_and_disabling(tmp_path):
+    from expertmesh.experts.controller_service import parse_settings
+
+    values_file = tmp_path / "settings.yaml"
+    values_file.write_text(yaml.safe_dump({"controller": {"settings": {"interval_s": 5, "max_total_replicas": 32}}}))
+    docs = template([values_file])
+    _, args, _ = controller_of(docs)
+    settings = parse_settings(args.settings)
+    assert (settings.interval_s, settings.max_total_replicas) == (5, 32)
+    values_file.write_text(yaml.safe_dump({"controller": {"settings": {"intervall_s": 5}}}))  # a typo
+    proc = helm("template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+    assert proc.returncode != 0 and "intervall_s" in proc.stderr
+    off = template([], "--set", "controller.enabled=false")
+    assert not [d for d in off if "controller" in d["metadata"]["name"]]
+    gateway = one(off, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert defaults.ENV_CONTROLLER_STATUS not in env_of(gateway)
+    policy = one(off, "NetworkPolicy", "-experts")["spec"]
+    assert not [r for r in policy["ingress"] for p in r.get("ports", []) if p["port"] == 8265 and "podSelector" in r["from"][0]]
+
+
 @pytest.mark.parametrize("plan_groups, message", [
     ([{"name": "a", "keys": {0: [2, 1, 2]}}], "duplicate expert ids"),
     ([{"name": "a", "keys": {0: [-1]}}], "non-negative"),
@@ -298,6 +387,7 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
     assert svc_ports[f"{prefix}-router"]["metrics"]["port"] == defaults.ROUTER_METRICS_PORT
     assert svc_ports[f"{prefix}-directory"]["grpc-directory"]["port"] == defaults.DIRECTORY_PORT
     assert svc_ports[f"{prefix}-experts-metrics"]["pool-metrics"]["port"] == defaults.REPLICA_METRICS_PORT
+    assert svc_ports[f"{prefix}-controller"]["http"]["port"] == defaults.CONTROLLER_PORT
 
     # gRPC Services name the proto service they carry; each must exist in the protos, on the right port.
     proto_services = {s.full_name for pb in (expert_pb2, router_pb2) for s in pb.DESCRIPTOR.services_by_name.values()}
@@ -381,6 +471,7 @@ def test_network_policy_admits_expert_grpc_only_from_router(rendered, variant):
     assert selected == ray_pods and len(ray_pods) >= 2  # head + every worker group, nothing else
     router_labels = labels[f"{RELEASE}-expertmesh-router"]
     gateway_labels = labels[f"{RELEASE}-expertmesh-gateway"]
+    controller_labels = labels[f"{RELEASE}-expertmesh-controller"]
 
     lo, hi = defaults.REPLICA_PORT_RANGE
 
@@ -397,8 +488,11 @@ def test_network_policy_admits_expert_grpc_only_from_router(rendered, variant):
                 sel = peer["podSelector"]["matchLabels"]
                 from_router = labels_match(sel, router_labels)
                 from_pool = all(labels_match(sel, labels[n]) for n in ray_pods) and not from_router
-                assert from_router or from_pool, f"port {port} open to {sel}"
+                # the controller asks the directory who registered and drains replicas; no expert traffic
+                from_controller = port == defaults.DIRECTORY_PORT and labels_match(sel, controller_labels)
+                assert from_router or from_pool or from_controller, f"port {port} open to {sel}"
                 assert not labels_match(sel, gateway_labels), f"port {port} open to the gateway"
+                assert from_controller or not labels_match(sel, controller_labels), f"port {port} open to the controller"
     router_rule = next(r for r in policy["ingress"] if labels_match(r["from"][0]["podSelector"]["matchLabels"],
                                                                     router_labels))
     assert {"protocol": "TCP", "port": lo, "endPort": hi} in router_rule["ports"]
@@ -479,7 +573,8 @@ def test_api_keys_come_from_a_secret(rendered):
 
 def test_observability_optional(rendered):
     default_kinds = {d["kind"] for d in rendered["default"]}
-    assert "ServiceMonitor" not in default_kinds and "ConfigMap" not in default_kinds
+    assert "ServiceMonitor" not in default_kinds
+    assert not [d for d in by_kind(rendered["default"], "ConfigMap") if "otel" in d["metadata"]["name"]]
     gpu = rendered["gpu"]
     monitors = by_kind(gpu, "ServiceMonitor")
     services = by_kind(gpu, "Service")

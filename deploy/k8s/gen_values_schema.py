@@ -1,4 +1,5 @@
-"""Write the chart's values.schema.json; the placement-plan part comes from services/core/plan.py (one schema).
+"""Write the chart's values.schema.json; the placement-plan part comes from services/core/plan.py and
+controller.settings from ControllerSettings (services/experts/controller.py): one schema each.
 
     .venv/bin/python deploy/k8s/gen_values_schema.py        # rewrite deploy/k8s/expertmesh/values.schema.json
 
@@ -10,11 +11,21 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from expertmesh.core.plan import PlacementPlan
+from expertmesh.experts.controller import ControllerSettings
 
 SCHEMA_PATH = Path(__file__).parent / "expertmesh" / "values.schema.json"
+
+
+def controller_settings_schema() -> dict:
+    """controller.settings: ControllerSettings fields (services/experts/controller.py), non-negative numbers."""
+    number = {"type": "number", "minimum": 0}
+    return {"type": "object", "additionalProperties": False,
+            "properties": {f.name: dict(number, type="integer" if f.type in (int, "int") else "number")
+                           for f in fields(ControllerSettings)}}
 
 
 def values_schema() -> dict:
@@ -31,12 +42,16 @@ def values_schema() -> dict:
                 "additionalProperties": False,
                 "properties": {
                     **{k: port for k in ("gateway", "router", "routerMetrics", "directory", "poolMetrics",
-                                         "rayMetrics")},
+                                         "rayMetrics", "controller")},
                     "replicaRange": {"type": "string", "pattern": r"^[0-9]{1,5}-[0-9]{1,5}$"},
                 },
             },
             "image": {"type": "object", "properties": {"flavor": {"enum": ["gpu", "cpu"]}}},
             "model": {"type": "object", "properties": {"source": {"enum": ["pvc", "init"]}}},
+            "controller": {
+                "type": "object",
+                "properties": {"enabled": {"type": "boolean"}, "settings": controller_settings_schema()},
+            },
             "experts": {
                 "type": "object",
                 "properties": {

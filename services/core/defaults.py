@@ -16,6 +16,7 @@ REPLICA_PORT_RANGE = (50100, 50999)  # gRPC ExpertService of the replicas (one p
 REPLICA_METRICS_PORT = 9471      # HTTP Prometheus metrics served by the expert pool
 RAY_GCS_PORT = 6391              # local Ray cluster of `expertmesh experts up` / `serve`
 RAY_DASHBOARD_PORT = 8271
+CONTROLLER_PORT = 9481           # HTTP /health and /status of the expert controller service
 
 # Environment variables (the Helm chart sets the same names).
 ENV_BIND_HOST = "EXPERTMESH_BIND_HOST"            # address servers bind (default 127.0.0.1; 0.0.0.0 in pods)
@@ -24,7 +25,8 @@ ENV_DIRECTORY = "EXPERTMESH_DIRECTORY"            # host:port of the expert dire
 ENV_ROUTER = "EXPERTMESH_ROUTER"                  # host:port of the router
 ENV_API_KEYS = "EXPERTMESH_API_KEYS"              # comma-separated API keys for the gateway; unset = open
 ENV_REPLICA_PORTS = "EXPERTMESH_REPLICA_PORTS"    # "start-end" range replicas bind in
-ENV_CONTROLLER_STATUS = "EXPERTMESH_CONTROLLER_STATUS"  # JSON file the controller writes; the gateway's /experts
+ENV_CONTROLLER_STATUS = "EXPERTMESH_CONTROLLER_STATUS"  # controller status for the gateway's /experts: a JSON file
+                                                        # (local stack) or http(s)://controller:9481/status
 
 
 def bind_host() -> str:

@@ -104,6 +104,29 @@ def format_directory(snapshot: expert_pb2.DirectorySnapshot) -> str:
     return "\n".join(lines)
 
 
+def put_serve_config(dashboard_url: str, config: dict, timeout: float = 60) -> None:
+    """PUT a whole Serve config to a Ray dashboard (what `serve deploy` and KubeRay do); Serve updates only what
+    changed. Used by `LocalPool.deploy` and by the in-cluster controller (controller_service.py)."""
+    reply = httpx.put(f"{dashboard_url.rstrip('/')}/api/serve/applications/", json=config, timeout=timeout)
+    if reply.status_code != 200:
+        raise RuntimeError(f"serve deploy failed ({reply.status_code}): {reply.text[:2000]}")
+
+
+def get_serve_status(dashboard_url: str, timeout: float = 10) -> dict:
+    """The dashboard's Serve instance details (`applications` -> status, deployed_app_config, ...)."""
+    reply = httpx.get(f"{dashboard_url.rstrip('/')}/api/serve/applications/", timeout=timeout)
+    reply.raise_for_status()
+    return reply.json()
+
+
+def check_apply(plan: PlacementPlan, replicas: dict[str, int], info) -> None:
+    """What `apply(plan, replicas)` refuses: a plan missing some (layer, expert), counts for unknown groups."""
+    plan.check_covers(info)
+    unknown = sorted(set(replicas) - {g.name for g in plan.groups})
+    if unknown:
+        raise ValueError(f"replica counts for groups not in the plan: {unknown}")
+
+
 class LocalPool:
     """The expert pool on a private single-node Ray cluster bound to loopback."""
 
@@ -253,9 +276,7 @@ class LocalPool:
 
     def deploy(self) -> None:
         """PUT the Serve config (like `serve deploy`); re-deploying a changed config updates only what changed."""
-        reply = httpx.put(f"{self.dashboard_url}/api/serve/applications/", json=self.serve_config(), timeout=60)
-        if reply.status_code != 200:
-            raise RuntimeError(f"serve deploy failed ({reply.status_code}): {reply.text[:2000]}")
+        put_serve_config(self.dashboard_url, self.serve_config())
 
     def apply(self, plan: PlacementPlan, replicas: dict[str, int]) -> None:
         """Deploy `plan` with `replicas[group]` replicas per group (declarative; returns once Serve accepted it).
@@ -263,18 +284,13 @@ class LocalPool:
         Each group is its own Serve application whose args are only its name and keys: other counts change those
         groups in place, a new group starts its replicas, a removed group stops its own; no other replica
         restarts (serve_config.py says why)."""
-        plan.check_covers(self.info)
-        unknown = sorted(set(replicas) - {g.name for g in plan.groups})
-        if unknown:
-            raise ValueError(f"replica counts for groups not in the plan: {unknown}")
+        check_apply(plan, replicas, self.info)
         self.plan = plan
         self.replica_counts = {name: int(n) for name, n in replicas.items()}
         self.deploy()
 
     def serve_status(self) -> dict:
-        reply = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=10)
-        reply.raise_for_status()
-        return reply.json()
+        return get_serve_status(self.dashboard_url)
 
     def wait_ready(self, timeout: float | None = None) -> expert_pb2.DirectorySnapshot:
         """Wait until every (layer, expert) of the plan is served; fail fast if Serve reports a failed deploy."""

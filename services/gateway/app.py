@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -611,7 +612,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
                            "service_unavailable_error") from exc
         rows = [{"layer": e.layer, "expert": e.expert, "routed_tokens": e.routed_tokens, "replicas": e.replicas}
                 for e in stats.experts]
-        controller = _controller_status()
+        controller = await _controller_status()
         return {"experts": rows,
                 "replicas": {"total": sum(r["replicas"] for r in rows),
                              "missing": sum(1 for r in rows if r["replicas"] == 0)},
@@ -623,14 +624,26 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
     return app
 
 
-def _controller_status() -> dict:
-    """The expert controller's last status (plan, replicas per group, load, history), if one is running: it
-    writes the file named by EXPERTMESH_CONTROLLER_STATUS after every tick."""
-    path = os.environ.get(defaults.ENV_CONTROLLER_STATUS)
-    if not path:
+CONTROLLER_STATUS_TIMEOUT_S = 1.0  # /experts must not hang on a controller that is down
+
+
+async def _controller_status() -> dict:
+    """The expert controller's last status (plan, replicas per group, load, history), if one is running.
+    EXPERTMESH_CONTROLLER_STATUS names where: a file the local stack's controller writes after every tick, or
+    (in the cluster) the controller service's http(s)://.../status. Unreachable or not ready -> {}."""
+    where = os.environ.get(defaults.ENV_CONTROLLER_STATUS)
+    if not where:
         return {}
+    if where.startswith(("http://", "https://")):
+        try:
+            async with httpx.AsyncClient(timeout=CONTROLLER_STATUS_TIMEOUT_S) as http:
+                reply = await http.get(where)
+            body = reply.json() if reply.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(where).read_text())
     except (OSError, ValueError):
         return {}
 

@@ -43,6 +43,15 @@ expertmesh.io/expert-pool: {{ include "expertmesh.fullname" . | quote }}
 {{- printf "%s-directory:%v" (include "expertmesh.fullname" .) (int .Values.ports.directory) -}}
 {{- end -}}
 
+{{/* KubeRay's Service for the RayService's active head (it names it <rayservice>-head-svc): the dashboard. */}}
+{{- define "expertmesh.dashboardURL" -}}
+{{- printf "http://%s-experts-head-svc:8265" (include "expertmesh.fullname" .) -}}
+{{- end -}}
+
+{{- define "expertmesh.controllerStatusURL" -}}
+{{- printf "http://%s-controller:%v/status" (include "expertmesh.fullname" .) (int .Values.ports.controller) -}}
+{{- end -}}
+
 {{- define "expertmesh.modelPath" -}}
 {{- printf "%s/%s" (.Values.model.mountPath | trimSuffix "/") .Values.model.dir -}}
 {{- end -}}
