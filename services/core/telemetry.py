@@ -7,13 +7,16 @@ in gRPC metadata (`inject_metadata` on the client, `extract_metadata` on the ser
 
 One trace per request: gateway span → router `generate` → `decode-step` spans → `dispatch layer` spans →
 replica `expert forward` spans. A decode step computes many requests at once; its span is parented to
-one traced request in flight (round-robin), the others are attached as span links, so per-layer detail
-costs one span per layer per step only while some traced request is running.
+one traced request in flight (round-robin), the others are attached as span links. Per-layer detail is
+sampled: a step is traced when a traced request has arrived since the last traced step (every request's
+prefill is seen) and otherwise every EXPERTMESH_TRACE_STEP_EVERY-th step (default 16); see
+docs/benchmarks.md for what a traced step costs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 import threading
@@ -74,15 +77,21 @@ def extract_metadata(metadata) -> otel_context.Context:
 class RequestRegistry:
     """Trace contexts of the requests in flight in this process, for spans of batched steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int | None = None) -> None:
         self._contexts: dict[str, otel_context.Context] = {}
         self._lock = threading.Lock()
         self._turn = itertools.count()
+        # Per-layer detail is sampled: a step is traced if a traced request arrived since the last traced step
+        # (so every request's prefill is seen) or every `every`-th step otherwise.
+        self.every = every or int(os.environ.get("EXPERTMESH_TRACE_STEP_EVERY", "16"))
+        self._steps = 0
+        self._arrived = False
 
     def add(self, request_id: str, ctx: otel_context.Context) -> None:
         if trace.get_current_span(ctx).get_span_context().trace_flags.sampled:
             with self._lock:
                 self._contexts[request_id] = ctx
+                self._arrived = True
 
     def remove(self, request_id: str) -> None:
         with self._lock:
@@ -93,6 +102,10 @@ class RequestRegistry:
         with self._lock:
             if not self._contexts:
                 return None, []
+            self._steps += 1
+            if not self._arrived and self._steps % self.every:
+                return None, []
+            self._arrived = False
             ctxs = list(self._contexts.values())
         first = next(self._turn) % len(ctxs)
         parent = ctxs[first]
@@ -104,13 +117,25 @@ class RequestRegistry:
 requests_in_flight = RequestRegistry()
 
 
+_in_step = contextvars.ContextVar("expertmesh_in_step", default=False)
+
+
+def in_untraced_step() -> bool:
+    """True inside a `step_span` that was not sampled: per-layer spans must not be made there."""
+    return _in_step.get() and not trace.get_current_span().is_recording()
+
+
 @contextlib.contextmanager
 def step_span(name: str = "decode-step"):
     """A span for one batched engine step, parented to a traced request in flight (others linked); made
-    current, so the step's per-layer dispatch spans nest under it. A no-op when no traced request runs."""
-    parent, links = requests_in_flight.step_parent()
-    if parent is None:
-        yield None
-        return
-    with tracer().start_as_current_span(name, context=parent, links=links) as span:
-        yield span
+    current, so the step's per-layer dispatch spans nest under it. A no-op when the step is not sampled."""
+    token = _in_step.set(True)
+    try:
+        parent, links = requests_in_flight.step_parent()
+        if parent is None:
+            yield None
+            return
+        with tracer().start_as_current_span(name, context=parent, links=links) as span:
+            yield span
+    finally:
+        _in_step.reset(token)

@@ -14,6 +14,10 @@ The Dispatcher (one per process, `get_dispatcher()`):
   them, balanced by rows each replica already has in flight plus rows given to it in this layer — and sends
   ONE Forward RPC per replica with all its tokens (distinct hidden rows + token_index/expert/weight arrays,
   `codec.encode_forward`); all of a layer's RPCs are in flight at once (sync gRPC futures);
+- fast paths (the common case: every expert of the layer has exactly one live replica, cached per directory
+  snapshot as an expert -> replica table): if one replica holds the whole layer (the default plan), the step's
+  hidden states go as they are in one blocking RPC and its reply is the output (no grouping, no index_add);
+  otherwise one table lookup groups the assignments — no per-expert Python loop, no load balancing;
 - combines replica outputs with one `index_add_` per replica into an fp32 buffer;
 - failover: a replica that errors or passes its deadline (`EXPERTMESH_DISPATCH_DEADLINE_S`, default 5 s) has
   its assignments resent to another replica holding the same experts (excluding every replica that failed in
@@ -111,6 +115,31 @@ class RoutingTable:
     def covers(self, layer: int, num_experts: int) -> bool:
         per_layer = self.holders.get(layer, {})
         return all(per_layer.get(e) for e in range(num_experts))
+
+    def sole_owners(self, layer: int, num_experts: int) -> "SoleOwners | None":
+        """If every expert of `layer` has exactly one replica: that mapping (cached per snapshot), else None."""
+        cache = self.__dict__.setdefault("_sole", {})
+        key = (layer, num_experts)
+        if key not in cache:
+            per_layer = self.holders.get(layer, {})
+            owners = [per_layer.get(e, ()) for e in range(num_experts)]
+            if all(len(o) == 1 for o in owners):
+                idx = [o[0] for o in owners]
+                distinct = sorted(set(idx))
+                cache[key] = SoleOwners(torch.tensor(idx, dtype=torch.int64),
+                                        self.replicas[distinct[0]].endpoint if len(distinct) == 1 else None)
+            else:
+                cache[key] = None
+        return cache[key]
+
+
+@dataclass(frozen=True)
+class SoleOwners:
+    """Every expert of a layer has one replica: owner [E] replica index per expert; `only` = endpoint if one
+    replica holds the whole layer."""
+
+    owner: torch.Tensor
+    only: str | None
 
 
 # ---- the dispatcher ------------------------------------------------------------------------------------------
@@ -289,30 +318,105 @@ class Dispatcher:
         if num_experts is None:
             raise RemoteExpertError(f"layer {layer} was not registered by the expertmesh quant method")
         hidden = hidden.contiguous()
-        ids = topk_ids.reshape(-1).to(torch.int64)        # [N] expert of each assignment (N = T*K)
-        weights = topk_weights.reshape(-1).to(torch.float32)  # [N]
+        ids = topk_ids.reshape(-1)                            # [N] expert of each assignment (N = T*K)
+        if ids.dtype != torch.int64:
+            ids = ids.long()
+        weights = topk_weights.reshape(-1)                    # [N]
+        if weights.dtype != torch.float32:
+            weights = weights.float()
         counts = torch.bincount(ids, minlength=num_experts)   # [E]
         self._ensure_counters().add(layer, counts)
         self.layer_calls += 1
+        table = self._table
+        sole = table.sole_owners(layer, num_experts) if table is not None else None
         self.timers["prepare"] += time.perf_counter() - t0
 
         span_ctx, metadata = self._trace(layer)
         try:
-            pending = torch.arange(ids.numel())                # [n] assignment positions still to compute
             excluded: set[str] = set()
+            if sole is not None and sole.only is not None:
+                result = self._whole_layer(layer, sole.only, hidden, ids, weights, K, excluded, metadata)
+                if result is not None:
+                    return result
+            pending = torch.arange(ids.numel())                # [n] assignment positions still to compute
+            first = True
             while pending.numel():
-                groups = self._assign(layer, ids, pending, counts if pending.numel() == ids.numel() else None,
-                                      excluded)
+                if first and sole is not None and not excluded:
+                    groups = self._group_by_owner(table, sole.owner, ids)
+                else:
+                    groups = self._assign(layer, ids, pending, counts if pending.numel() == ids.numel() else None,
+                                          excluded)
+                first = False
                 pending = self._round(layer, hidden, ids, weights, K, groups, out, excluded, metadata)
         finally:
             if span_ctx is not None:
                 span_ctx.__exit__(None, None, None)
         return out.to(hidden.dtype)
 
+    def _whole_layer(self, layer: int, endpoint: str, hidden: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor, K: int, excluded: set[str], metadata) -> torch.Tensor | None:
+        """One replica holds every expert of the layer: send all rows as they are, one blocking RPC; its reply
+        [T, H] is the output. None (endpoint added to `excluded`) if the call failed: the caller re-routes."""
+        t0 = time.perf_counter()
+        T = hidden.shape[0]
+        token_index = self._token_index(T, K)                                    # [T*K] = t // K
+        req = encode_forward(layer, hidden, token_index, ids, weights)
+        link = self._links[endpoint]
+        link.inflight_rows += T
+        with self._stats_lock:
+            self.rpcs[endpoint] = self.rpcs.get(endpoint, 0) + 1
+            self.assignments[endpoint] = self.assignments.get(endpoint, 0) + int(ids.numel())
+        sent = time.perf_counter()
+        self.timers["encode"] += sent - t0
+        try:
+            resp = link.forward(req, timeout=self.deadline_s, metadata=metadata)
+        except grpc.RpcError as exc:
+            self.timers["wait"] += time.perf_counter() - sent
+            link.inflight_rows -= T
+            self._on_failure(endpoint, exc)
+            excluded.add(endpoint)
+            return None
+        done = time.perf_counter()
+        self.timers["wait"] += done - sent
+        link.inflight_rows -= T
+        if self._metrics is not None:
+            self._metrics.observe(endpoint, done - sent)
+        result = decode(resp.output, "output")                                   # [T, H] read-only view
+        if result.shape != hidden.shape:
+            self._on_failure(endpoint, RuntimeError(f"bad output shape {list(result.shape)}"))
+            excluded.add(endpoint)
+            return None
+        # A copy the model may write into (the view is over the reply's immutable bytes), in hidden's dtype.
+        out = result.to(hidden.dtype, copy=True)
+        self.timers["combine"] += time.perf_counter() - done
+        return out
+
+    def _token_index(self, T: int, K: int) -> torch.Tensor:
+        """[T*K] int32 row of each assignment when all T rows are sent (cached per (T, K))."""
+        cache = self.__dict__.setdefault("_token_index_cache", {})
+        ti = cache.get((T, K))
+        if ti is None:
+            if len(cache) > 4096:
+                cache.clear()
+            ti = cache[(T, K)] = torch.arange(T, dtype=torch.int32).repeat_interleave(K)
+        return ti
+
+    def _group_by_owner(self, table: RoutingTable, owner: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every expert has one replica: assignment positions per replica endpoint from one table lookup."""
+        t0 = time.perf_counter()
+        replica_of = owner[ids]                                        # [N] replica index per assignment
+        groups: dict[str, torch.Tensor] = {}
+        for r in torch.unique(replica_of).tolist():
+            groups[table.replicas[r].endpoint] = torch.nonzero(replica_of == r).flatten()
+        self.timers["prepare"] += time.perf_counter() - t0
+        return groups
+
     def _trace(self, layer: int):
         # Inside the engine's decode-step span (same thread): nest under it. Otherwise parent to a traced request.
         if trace.get_current_span().is_recording():
             parent, links = None, None
+        elif telemetry.in_untraced_step():  # the engine's step was not sampled: no per-layer spans
+            return None, None
         else:
             parent, links = telemetry.requests_in_flight.step_parent()
             if parent is None:
