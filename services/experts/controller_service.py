@@ -151,8 +151,10 @@ class ControllerService:
             self.controller.tick()
             self.last_ok, self.last_error = time.monotonic(), None
         except Exception as exc:  # noqa: BLE001 - reported by /health, retried next step
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("controller step failed: %s", self.last_error)
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self.last_error:  # once per new error, not every step while waiting for the pool
+                log.warning("controller step failed: %s", error)
+            self.last_error = error
         finally:
             self.step_started = None
 
