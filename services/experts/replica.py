@@ -100,6 +100,27 @@ class _Call:
     future: asyncio.Future
     deadline: float | None  # loop time
     rows: int
+    queued: float = 0.0     # perf_counter when submitted (for the queue-wait timer)
+
+
+class DataPlaneTimers:
+    """Cumulative seconds per stage of Forward calls on this replica (profiling; benchmarks read `snapshot()`).
+
+    validate: parse + codec checks; queue: submit -> its batch starts (coalescing wait); compute: the batch's
+    kernel time (counted once per call it served); respond: output encoding; handler: the whole handler.
+    """
+
+    STAGES = ("validate", "queue", "compute", "respond", "handler")
+
+    def __init__(self):
+        self.calls = 0
+        self.batches = 0
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+
+    def snapshot(self) -> dict:
+        calls = max(1, self.calls)
+        return {"calls": self.calls, "batches": self.batches,
+                "us_per_call": {k: round(v / calls * 1e6, 1) for k, v in self.seconds.items()}}
 
 
 @dataclass
@@ -121,6 +142,7 @@ class Coalescer:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_batch_rows = max_batch_rows
         self.in_flight = 0  # Forward calls inside the handler (any layer)
+        self.timers = DataPlaneTimers()
         self._queues: dict[tuple[int, torch.dtype], _LayerQueue] = {}
         self._changed = asyncio.Event()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
@@ -134,10 +156,22 @@ class Coalescer:
         self._changed.set()
 
     async def submit(self, batch: ForwardBatch, deadline: float | None) -> tuple[torch.Tensor, int]:
-        loop = asyncio.get_running_loop()
         key = (batch.layer, batch.hidden.dtype)
-        q = self._queues.setdefault(key, _LayerQueue())
-        call = _Call(batch, loop.create_future(), deadline, batch.hidden.shape[0])
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = _LayerQueue()
+        rows = batch.hidden.shape[0]
+        if self.in_flight == 1 and not q.draining and rows <= self.inline_rows:
+            # A lone caller with a small batch: nobody could join it, so compute right here — no queue, no drain
+            # task, no future, no extra event-loop turn (the common case at low load).
+            started = time.perf_counter()
+            out = self.weights.forward(batch.layer, batch.hidden, batch.token_index, batch.expert, batch.weight)
+            self.metrics.batch(batch.layer, rows, batch.expert, self.weights.num_experts)
+            self.timers.seconds["compute"] += time.perf_counter() - started
+            self.timers.batches += 1
+            return out, rows
+        loop = asyncio.get_running_loop()
+        call = _Call(batch, loop.create_future(), deadline, batch.hidden.shape[0], time.perf_counter())
         if not q.calls:
             q.first_arrival = loop.time()
         q.calls.append(call)
@@ -185,6 +219,10 @@ class Coalescer:
                 calls = self._take(q, loop.time())
                 if not calls:
                     continue
+                started = time.perf_counter()
+                seconds = self.timers.seconds
+                for call in calls:
+                    seconds["queue"] += started - call.queued
                 try:
                     if sum(c.rows for c in calls) <= self.inline_rows:
                         outputs, rows = self._run(key[0], calls)
@@ -196,6 +234,8 @@ class Coalescer:
                         if not call.future.done():
                             call.future.set_exception(exc)
                     continue
+                seconds["compute"] += (time.perf_counter() - started) * len(calls)
+                self.timers.batches += 1
                 for call, out in zip(calls, outputs):
                     if not call.future.done():
                         call.future.set_result((out, rows))
@@ -219,6 +259,8 @@ class Coalescer:
         out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
         rows = hidden.shape[0]
         self.metrics.batch(layer, rows, expert, self.weights.num_experts)
+        if len(calls) == 1:
+            return [out], rows
         return list(torch.split(out, [c.rows for c in calls])), rows
 
     def close(self) -> None:
@@ -270,11 +312,13 @@ class ExpertServicer:
         start = time.perf_counter()
         code = "OK"
         self.coalescer.enter()
+        seconds = self.coalescer.timers.seconds
         try:
             try:
                 request = expert_pb2.ForwardRequest.FromString(raw)
                 batch = decode_forward(request, held=self.weights.held, hidden_size=self.weights.hidden_size,
                                        num_layers=self.num_layers, num_experts=self.weights.num_experts)
+                seconds["validate"] += time.perf_counter() - start
             except (WireError, DecodeError) as exc:
                 code = "INVALID_ARGUMENT"
                 msg = str(exc) if isinstance(exc, WireError) else f"unparseable ForwardRequest: {exc}"
@@ -289,13 +333,19 @@ class ExpertServicer:
             except DeadlineExpired:
                 code = "DEADLINE_EXCEEDED"
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch started")
-            return expert_pb2.ForwardResponse(output=encode(output), batch_rows=rows)
+            r0 = time.perf_counter()
+            response = expert_pb2.ForwardResponse(output=encode(output), batch_rows=rows)
+            seconds["respond"] += time.perf_counter() - r0
+            return response
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         finally:
             self.coalescer.leave()
-            self.metrics.call(time.perf_counter() - start, code)
+            elapsed = time.perf_counter() - start
+            seconds["handler"] += elapsed
+            self.coalescer.timers.calls += 1
+            self.metrics.call(elapsed, code)
 
 
 class ExpertServer:
