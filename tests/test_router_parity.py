@@ -138,15 +138,15 @@ def _routed_params(model: torch.nn.Module):
     return nbytes, len(modules), {type(m.quant_method).__name__ for m in modules}
 
 
-def make_llm(path, mode: str, directory: str | None = None, **kwargs):
+def make_llm(path, mode: str, directory: str | None = None, enforce_eager: bool = True, **kwargs):
     from vllm import LLM
 
     if mode == "remote":
         plugin.configure_remote(directory)
     else:
         plugin.configure_local()
-    return LLM(str(path), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=NUM_PROMPTS,
-               seed=0, **kwargs)
+    return LLM(str(path), dtype="float32", enforce_eager=enforce_eager, max_model_len=256,
+               max_num_seqs=NUM_PROMPTS, seed=0, **kwargs)
 
 
 def generate(llm, prompts=PROMPTS) -> tuple[list[list[int]], list[list[int]], list[list[float]]]:
@@ -248,13 +248,19 @@ def test_mixtral_through_ray_serve_pool_and_router_memory(tiny_checkpoint):
     info = read_moe_info(path)
     routed_bytes = info.expert_bytes * info.num_experts * len(info.moe_layers)
     assert routed_bytes > 150e6
+    # The first engine in a process also pays one-time memory (imports, allocator pools): run monolithic once
+    # before measuring, then compare the remote engine with a monolithic engine started after it.
+    first_mono = run_engine(path, "local")
     lo = free_port()
+    # A port range with room for every replica (each binds the first free port of it); Ray's logical CPUs are
+    # left to LocalPool (one per replica the plan may scale to, plus the directory).
     with LocalPool(path, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
-                   metrics_port=free_port(), replica_ports=(lo, lo), num_cpus=2) as pool:
+                   metrics_port=free_port(), replica_ports=(lo, lo + 200)) as pool:
         remote = run_engine(path, "remote", pool.directory_address)
         stats = dispatch.get_dispatcher(pool.directory_address).stats()
     dispatch.reset_dispatcher()
     mono = run_engine(path, "local")
+    assert_same(first_mono, mono)
     assert len(stats["rpcs"]) == len(pool.plan.groups)   # every Serve replica served this router
     assert remote.methods == {"RemoteExpertsMethod"} and remote.routed_modules == len(info.moe_layers)
     assert remote.routed_param_bytes == 0
@@ -298,6 +304,27 @@ def wait_for_endpoints(d: dispatch.Dispatcher, present: set[str], absent: set[st
             return
         time.sleep(0.02)
     raise AssertionError(f"directory change not seen: want {present}, not {absent}")
+
+
+def test_compiled_mode_matches_monolithic(mixtral_pool):
+    """vLLM's default mode (torch.compile on, no enforce_eager): the dispatch runs as the opaque custom op inside
+    the compiled graph and gives the same greedy output as monolithic eager vLLM (runs before the fixture's eager
+    engine exists, so only one engine is alive at a time)."""
+    path, info, reference, pool = mixtral_pool
+    d = dispatch.get_dispatcher(pool.address)
+    d.reset_stats()
+    llm = make_llm(path, "remote", pool.address, enforce_eager=False)
+    try:
+        from vllm.config.compilation import CompilationMode
+
+        config = llm.llm_engine.vllm_config
+        assert not config.model_config.enforce_eager and config.compilation_config.mode != CompilationMode.NONE
+        _, tokens, logprobs = generate(llm)
+    finally:
+        del llm
+        gc.collect()
+    assert d.layer_calls >= MAX_TOKENS * len(info.moe_layers)   # the experts really ran remotely
+    assert_same(reference, Run(reference.prompt_ids, tokens, logprobs, 0, 0, set(), 0))
 
 
 def test_experts_with_two_replicas_split_tokens(mixtral_pool, remote_llm):
