@@ -160,16 +160,6 @@ class Coalescer:
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _LayerQueue()
-        rows = batch.hidden.shape[0]
-        if self.in_flight == 1 and not q.draining and rows <= self.inline_rows:
-            # A lone caller with a small batch: nobody could join it, so compute right here — no queue, no drain
-            # task, no future, no extra event-loop turn (the common case at low load).
-            started = time.perf_counter()
-            out = self.weights.forward(batch.layer, batch.hidden, batch.token_index, batch.expert, batch.weight)
-            self.metrics.batch(batch.layer, rows, batch.expert, self.weights.num_experts)
-            self.timers.seconds["compute"] += time.perf_counter() - started
-            self.timers.batches += 1
-            return out, rows
         loop = asyncio.get_running_loop()
         call = _Call(batch, loop.create_future(), deadline, batch.hidden.shape[0], time.perf_counter())
         if not q.calls:
