@@ -1,18 +1,24 @@
 """Decode throughput of the router: remote experts (vLLM + expert pool) vs monolithic local experts, same run.
 
-Tiny Mixtral (fp32, 2 MoE layers, 8 experts top-2). For each concurrency c in --concurrency (default 1, 8, 32),
-`--rounds` batches of exactly c requests (short prompts, --max-tokens generated tokens each, ignore_eos) go through
-one vLLM engine (single process, `max_num_seqs` = max concurrency); tokens/s = generated tokens / wall time.
+Model: a tiny random Mixtral (fp32, 2 MoE layers, hidden 128, 8 experts top-2), or --model DIR (e.g. models/demo:
+4 MoE layers, hidden 128). For each concurrency c in --concurrency (default 1, 8, 32), `--rounds` batches of
+exactly c requests (short prompts, --max-tokens generated tokens each, ignore_eos) go through one vLLM engine
+(single process, `max_num_seqs` = max concurrency); tokens/s = generated tokens / wall time.
 
-    remote       router with `EXPERTMESH_EXPERT_MODE=remote`, experts in a Ray Serve pool (`LocalPool`, one replica
-                 per MoE layer in its own process, direct gRPC) — or, with --pool inproc, ExpertServers in this
-                 process (no Ray; shares this process's GIL)
+    remote       router with `EXPERTMESH_EXPERT_MODE=remote`; the experts (default placement plan: one group per
+                 MoE layer) served by
+                   --pool procs   (default) one ExpertServer per group, each in its OWN process (what a Serve
+                                  replica runs, without Ray's start-up cost), registered in a directory
+                   --pool ray     a Ray Serve pool (`LocalPool`), replicas in their own processes
+                   --pool inproc  ExpertServers in this process (shares the router's GIL: not realistic)
     monolithic   the same engine settings, experts computed by vLLM in-process (local-experts mode)
 
-The dispatcher's own timers (prepare = grouping/bincount, encode = slicing + protobuf + send, wait = RPC round
-trip incl. replica compute and coalescing, combine = index_add) are recorded per layer call for the profile.
+Both are measured in the same run (monolithic first). Time breakdown per MoE layer call, from the dispatcher's
+timers (prepare = bincount + grouping, encode = slicing + protobuf + send, wait = RPC round trip, combine =
+copy/index_add) and, with --pool procs, the replicas' own timers (validate, queue = coalescing wait, compute,
+respond, handler), plus the step-time difference to monolithic.
 
-    .venv/bin/python benchmarks/router_throughput.py [--compile] [--pool ray|inproc] [--out FILE]
+    .venv/bin/python benchmarks/router_throughput.py [--model models/demo] [--compile] [--pool procs|ray|inproc]
 
 Results: benchmarks/results/router_throughput.json (see docs/benchmarks.md, "Router throughput").
 """
@@ -74,16 +80,86 @@ def make_llm(path: Path, compile_: bool, max_seqs: int):
                seed=0)
 
 
+def _replica_main(model: str, directory: str, group: str, keys_json: str) -> None:
+    """--replica-server: one ExpertServer for one group in this process; prints 'ready', then, when stdin closes,
+    its data-plane timers as one JSON line."""
+    from expertmesh.core.protos import expert_pb2
+    from expertmesh.experts.directory import DirectoryClient
+    from expertmesh.experts.replica import ExpertServer, keys_to_proto
+
+    # If the engine thread that spawned us was bound to a core (vLLM's CPU worker may bind), we would inherit the
+    # mask and share the router's core: replicas stand for other hardware, so they get every core of the machine.
+    inherited = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, range(os.cpu_count()))
+    print(f"replica {group}: inherited CPU affinity {inherited}, now all {os.cpu_count()} CPUs", file=sys.stderr)
+    keys = {int(k): v for k, v in json.loads(keys_json).items()}
+    server = ExpertServer(model, keys, replica_id=group, group=group)
+    port = server.start("127.0.0.1", 0)
+    with DirectoryClient(directory) as client:
+        client.register(expert_pb2.ReplicaEntry(replica_id=group, group=group, endpoint=f"127.0.0.1:{port}",
+                                                keys=keys_to_proto(keys)), lease_seconds=3600)
+    print("ready", flush=True)
+    sys.stdin.read()
+    print(json.dumps(server.servicer.coalescer.timers.snapshot()), flush=True)
+    server.stop(grace=0)
+
+
+class ProcessPool:
+    """A directory (this process) + one ExpertServer process per group of the default plan."""
+
+    def __init__(self, path: Path):
+        import subprocess
+
+        from expertmesh.core.checkpoint import read_moe_info
+        from expertmesh.core.plan import default_plan
+        from expertmesh.experts.directory import DirectoryServer
+
+        self.directory = DirectoryServer()
+        self.address = f"127.0.0.1:{self.directory.start()}"
+        self.procs = []
+        for g in default_plan(read_moe_info(path)).groups:
+            keys = json.dumps({str(k): v for k, v in g.keys.items()})
+            self.procs.append((g.name, subprocess.Popen(
+                [sys.executable, __file__, "--replica-server", g.name, "--directory", self.address, "--keys", keys,
+                 "--model", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env=dict(os.environ, OMP_NUM_THREADS="1"))))
+        for name, p in self.procs:
+            line = p.stdout.readline().strip()
+            if line != b"ready":
+                raise RuntimeError(f"replica {name} did not start: {line!r}")
+
+    def timers(self) -> dict:
+        """Stop the replicas and return their timers {group: snapshot}."""
+        out = {}
+        for name, p in self.procs:
+            p.stdin.close()
+            out[name] = json.loads(p.stdout.readline())
+            p.wait(10)
+        self.procs = []
+        return out
+
+    def stop(self) -> None:
+        for _, p in self.procs:
+            p.kill()
+            p.wait(10)
+        self.procs = []
+        self.directory.stop()
+
+
 def run_remote(path: Path, args) -> tuple[dict, dict]:
     from expertmesh.router import dispatch, plugin
 
     pool_cm = None
-    if args.pool == "ray":
+    proc_pool = None
+    if args.pool == "procs":
+        proc_pool = ProcessPool(path)
+        address = proc_pool.address
+        servers = []
+    elif args.pool == "ray":
         from expertmesh.experts.pool import LocalPool
 
-        lo = free_port()
         pool_cm = LocalPool(path, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
-                            metrics_port=free_port(), replica_ports=(lo, lo), num_cpus=2)
+                            metrics_port=free_port(), replica_ports=(0, 0))
         t = time.perf_counter()
         pool_cm.start()
         print(f"  Ray Serve pool ready in {time.perf_counter() - t:.1f}s at {pool_cm.directory_address}", flush=True)
@@ -132,11 +208,15 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
             "us_per_layer_call": {k: round(v / calls * 1e6, 1) for k, v in stats["timers"].items()},
             "failovers": stats["failovers"],
         }
+        if proc_pool is not None:
+            profile["replicas"] = proc_pool.timers()   # includes the warm-up round
         del llm
         gc.collect()
         dispatch.reset_dispatcher()
         return result, profile
     finally:
+        if proc_pool is not None:
+            proc_pool.stop()
         if pool_cm is not None:
             pool_cm.stop()
         for s in servers:
@@ -160,11 +240,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="vLLM's default torch.compile mode (else eager)")
-    parser.add_argument("--pool", choices=["ray", "inproc"], default="ray")
+    parser.add_argument("--pool", choices=["procs", "ray", "inproc"], default="procs")
     parser.add_argument("--profile", action="store_true", help="cProfile the remote run (prints the top entries)")
     parser.add_argument("--model", type=Path, help="checkpoint (default: a tiny random Mixtral built here)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replica-server", help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
+    parser.add_argument("--keys", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.replica_server:
+        _replica_main(str(args.model), args.directory, args.replica_server, args.keys)
+        return 0
 
     from expertmesh.core.tiny import build_tiny_checkpoint
 
@@ -176,11 +262,21 @@ def main(argv=None) -> int:
     mono = run_monolithic(path, args)
     print(f"remote experts ({args.pool} pool):", flush=True)
     remote, profile = run_remote(path, args)
+    from expertmesh.core.checkpoint import read_moe_info
+
+    info = read_moe_info(path)
     ratio = {c: round(remote[c]["tokens_per_s"] / mono[c]["tokens_per_s"], 3) for c in mono}
-    print("remote / monolithic:", ratio, "dispatcher:", profile, flush=True)
+    # Decode steps are (almost) all the wall time: each round is max_tokens steps of c sequences.
+    steps = args.rounds * args.max_tokens
+    step_ms = {c: {"monolithic": round(mono[c]["seconds"] / steps * 1e3, 3),
+                   "remote": round(remote[c]["seconds"] / steps * 1e3, 3)} for c in mono}
+    for c, v in step_ms.items():
+        v["extra_us_per_layer_call"] = round((v["remote"] - v["monolithic"]) * 1e3 / len(info.moe_layers), 1)
+    print("remote / monolithic:", ratio, "step ms:", step_ms, "dispatcher:", json.dumps(profile), flush=True)
     record = {
         "benchmark": "router_throughput",
-        "model": "tiny mixtral fp32 (2 MoE layers, hidden 128, 8 experts top-2)",
+        "model": (f"{'models/demo' if args.model else 'tiny random mixtral'} fp32 ({len(info.moe_layers)} MoE layers, "
+                  f"hidden {info.hidden_size}, {info.num_experts} experts top-{info.top_k})"),
         "mode": "compiled" if args.compile else "eager",
         "pool": args.pool,
         "rounds": args.rounds,
@@ -189,13 +285,16 @@ def main(argv=None) -> int:
         "monolithic": mono,
         "remote": remote,
         "remote_over_monolithic": ratio,
+        "step_ms": step_ms,
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "dispatcher_profile": profile,
         "unix_time": int(time.time()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = existing.get("runs", []) if isinstance(existing, dict) else []
-    runs = [r for r in runs if (r.get("mode"), r.get("pool")) != (record["mode"], record["pool"])] + [record]
+    same = lambda r: (r.get("mode"), r.get("pool"), r.get("model")) == (record["mode"], record["pool"], record["model"])  # noqa: E731
+    runs = [r for r in runs if not same(r)] + [record]
     args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
