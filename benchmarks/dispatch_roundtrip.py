@@ -1,12 +1,13 @@
 """One MoE layer's dispatch round trip to the expert pool vs a plain grpc.aio echo of the same payload.
 
-Dispatch: 64 tokens x hidden 128, fp32, top-2 over the layer's 8 experts (tiny Mixtral); the endpoint comes from
-the expert directory (a watched snapshot, as the router's dispatcher holds it), the call goes straight to the
-Ray Serve replica's own grpc.aio server, the reply is decoded. Echo: a grpc.aio server in its own process that
-returns the serialized ForwardRequest bytes unchanged (raw handlers, no protobuf work) — the floor any gRPC data
-plane pays for moving this payload. Both are timed in the same run, in alternating blocks, from one grpc.aio
-client making sequential calls (latency, not throughput). Also one concurrent line: 32 callers at once on the
-same replica (coalesced), to show what batching buys.
+Dispatch: 64 tokens x hidden 128, fp32, top-2 over the layer's 8 experts (tiny Mixtral), through the router's
+own code: `router.dispatch.Dispatcher.forward(layer, hidden, topk_weights, topk_ids)` — directory watch, routing
+table, grouping, encode, one Forward straight to the Ray Serve replica's own grpc.aio server, decode, combine.
+Echo: a grpc.aio server in its own process that returns the serialized ForwardRequest bytes unchanged (raw
+handlers, no protobuf work) — the floor any gRPC data plane pays for moving this payload — called with the same
+sync gRPC client API the dispatcher uses. Both are timed in the same run, in alternating blocks, sequential calls
+(latency, not throughput). Also one concurrent line: 32 grpc.aio callers at once on the same replica
+(coalesced), to show what batching buys.
 
     .venv/bin/python benchmarks/dispatch_roundtrip.py            # writes benchmarks/results/dispatch_roundtrip.json
     .venv/bin/python benchmarks/dispatch_roundtrip.py --iters 500 --blocks 4
@@ -39,7 +40,6 @@ from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
 from expertmesh.core.plan import default_plan  # noqa: E402
 from expertmesh.core.protos import expert_pb2  # noqa: E402
 from expertmesh.core.tiny import build_tiny_checkpoint  # noqa: E402
-from expertmesh.experts.directory import endpoints_by_key  # noqa: E402
 from expertmesh.experts.pool import LocalPool, free_port  # noqa: E402
 from expertmesh.experts.replica import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
 
@@ -95,46 +95,33 @@ def _layer_request(seed: int, tokens: int = 64, hidden: int = 128, experts: int 
     return x, topk, weight
 
 
-async def _measure(args, directory_snapshot, layer: int, echo_port: int) -> dict:
-    by_key = endpoints_by_key(directory_snapshot)
+def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> dict:
+    from expertmesh.router.dispatch import Dispatcher
+
     x, topk, weight = _layer_request(0)
     payload = encode_forward(layer, x, torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten())
     echo_bytes = payload.SerializeToString()
-    channels: dict[str, grpc.aio.Channel] = {}
 
-    token_index = torch.arange(64).repeat_interleave(2)                                   # [T*k]
-    expert = topk.flatten()                                                               # [T*k]
-    gate = weight.flatten()                                                               # [T*k]
+    d = Dispatcher(directory_address, metrics=False,
+                   counters_path=str(Path(tempfile.mkdtemp(prefix="em-bench-counters-")) / "counters"))
+    d.register_layer("bench", layer, info.num_experts)
+    d.wait_for_coverage({layer: info.num_experts}, timeout=30)
+    reference = _reference_output(args.model_path, layer, x, topk, weight)
 
-    async def dispatch() -> torch.Tensor:
-        # What the router does per layer: look the experts up in the watched directory snapshot, group the
-        # assignments by replica (one here: the layer's group), one Forward per replica with only the rows it
-        # needs, decode, combine with index_add.
-        per_replica: dict[str, list[int]] = {}
-        for e in expert.unique().tolist():
-            per_replica.setdefault(by_key[(layer, e)][0], []).append(e)
-        out = torch.zeros_like(x)                                                         # [T, H]
-        for endpoint, experts in per_replica.items():
-            channel = channels.get(endpoint)
-            if channel is None:
-                channel = channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-            call = channel.unary_unary(FORWARD, request_serializer=expert_pb2.ForwardRequest.SerializeToString,
-                                       response_deserializer=expert_pb2.ForwardResponse.FromString)
-            sel = torch.isin(expert, torch.tensor(experts))                               # [T*k]
-            rows, local = torch.unique(token_index[sel], return_inverse=True)             # [t], [n]
-            reply = await call(encode_forward(layer, x[rows], local, expert[sel], gate[sel]), timeout=5)
-            out.index_add_(0, rows, decode(reply.output))
-        return out
+    def dispatch() -> torch.Tensor:
+        return d.forward(layer, x, weight, topk)                                          # [T, H]
 
-    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=CHANNEL_OPTIONS)
+    echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=CHANNEL_OPTIONS)
     echo_call = echo_channel.unary_unary(ECHO)
 
-    async def echo() -> bytes:
-        return await echo_call(echo_bytes, timeout=5)
+    def echo() -> bytes:
+        return echo_call(echo_bytes, timeout=5)
 
+    assert torch.equal(dispatch(), reference), "dispatch output differs from the kernel run locally"
     for _ in range(args.warmup):
-        await dispatch()
-        await echo()
+        dispatch()
+        echo()
+    d.reset_stats()
     times = {"dispatch": [], "echo": []}
     for block in range(args.blocks):  # alternate so both see the same background load
         order = [("dispatch", dispatch), ("echo", echo)]
@@ -143,13 +130,37 @@ async def _measure(args, directory_snapshot, layer: int, echo_port: int) -> dict
         for name, fn in order:
             for _ in range(args.iters):
                 t = time.perf_counter()
-                await fn()
+                fn()
                 times[name].append(time.perf_counter() - t)
+    stats = d.stats()
+    endpoint = next(iter(stats["rpcs"]))
+    d.close()
+    echo_channel.close()
 
-    # Concurrency: 32 callers each issuing layer calls back to back on the same replica (coalesced batches).
-    endpoint = by_key[(layer, 0)][0]
-    call = channels[endpoint].unary_unary(FORWARD, request_serializer=expert_pb2.ForwardRequest.SerializeToString,
-                                          response_deserializer=expert_pb2.ForwardResponse.FromString)
+    result = {name: _summary(v) for name, v in times.items()}
+    calls = max(1, stats["layer_calls"])
+    result["dispatcher_us_per_call"] = {k: round(v / calls * 1e6, 1) for k, v in stats["timers"].items()}
+    result["request_bytes"] = len(echo_bytes)
+    result["ratio_median"] = round(result["dispatch"]["median_ms"] / result["echo"]["median_ms"], 3)
+    result["ratio_p90"] = round(result["dispatch"]["p90_ms"] / result["echo"]["p90_ms"], 3)
+    result["concurrent_32"] = asyncio.run(_concurrent(args, endpoint, payload))
+    return result
+
+
+def _reference_output(model: str, layer: int, x, topk, weight) -> torch.Tensor:
+    from expertmesh.core.checkpoint import CheckpointReader
+    from expertmesh.core.kernel import ExpertWeights
+
+    info = read_moe_info(model)
+    w = ExpertWeights(CheckpointReader(model), {layer: list(range(info.num_experts))})
+    return w.forward(layer, x, torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten())
+
+
+async def _concurrent(args, endpoint: str, payload) -> dict:
+    """32 callers each issuing layer calls back to back on the same replica (coalesced batches)."""
+    channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+    call = channel.unary_unary(FORWARD, request_serializer=expert_pb2.ForwardRequest.SerializeToString,
+                               response_deserializer=expert_pb2.ForwardResponse.FromString)
     batch_rows: list[int] = []
 
     async def caller(n: int):
@@ -161,18 +172,10 @@ async def _measure(args, directory_snapshot, layer: int, echo_port: int) -> dict
     await asyncio.gather(*(caller(args.concurrent_calls) for _ in range(32)))
     wall = time.perf_counter() - t
     calls = 32 * args.concurrent_calls
-
-    for c in list(channels.values()) + [echo_channel]:
-        await c.close()
-    result = {name: _summary(v) for name, v in times.items()}
-    result["request_bytes"] = len(echo_bytes)
-    result["ratio_median"] = round(result["dispatch"]["median_ms"] / result["echo"]["median_ms"], 3)
-    result["ratio_p90"] = round(result["dispatch"]["p90_ms"] / result["echo"]["p90_ms"], 3)
-    result["concurrent_32"] = {"calls": calls, "wall_s": round(wall, 3), "layer_calls_per_s": round(calls / wall, 1),
-                               "tokens_per_s": round(calls * 64 / wall, 1),
-                               "mean_batch_rows": round(statistics.fmean(batch_rows), 1),
-                               "max_batch_rows": max(batch_rows)}
-    return result
+    await channel.close()
+    return {"calls": calls, "wall_s": round(wall, 3), "layer_calls_per_s": round(calls / wall, 1),
+            "tokens_per_s": round(calls * 64 / wall, 1), "mean_batch_rows": round(statistics.fmean(batch_rows), 1),
+            "max_batch_rows": max(batch_rows)}
 
 
 def _per_call_us(fn, n: int = 500, repeats: int = 5) -> float:
@@ -211,23 +214,6 @@ def _breakdown(model: str, layer: int) -> dict:
         "server_encode_output": _per_call_us(lambda: encode(out)),
         "client_decode_output": _per_call_us(lambda: decode(expert_pb2.ForwardResponse.FromString(reply).output)),
     }
-    # The kernel's per-expert loop costs ~10 small ops per expert; torch._grouped_mm does all experts in one op.
-    if hasattr(torch, "_grouped_mm"):
-        slot = weights.slot[layer][expert]
-        w13t = weights.w13[layer].transpose(1, 2).contiguous()  # [E, H, 2I]
-        w2t = weights.w2[layer].transpose(1, 2).contiguous()    # [E, I, H]
-        inter = weights.w2[layer].shape[2]
-
-        def grouped() -> torch.Tensor:
-            order = torch.argsort(slot, stable=True)
-            offs = torch.cumsum(torch.bincount(slot, minlength=w13t.shape[0]), 0).to(torch.int32)
-            rows = token_index[order]
-            gu = torch._grouped_mm(x[rows], w13t, offs=offs)                                   # [N, 2I]
-            y = torch._grouped_mm(weights.act(gu[:, :inter]) * gu[:, inter:], w2t, offs=offs)  # [N, H]
-            return torch.zeros_like(x).index_add_(0, rows, y * gate[order].unsqueeze(1))
-
-        result["kernel_with_torch_grouped_mm_for_comparison"] = _per_call_us(grouped)
-        result["grouped_mm_bitwise_equal"] = bool(torch.equal(grouped(), out))
     return {k: v for k, v in result.items()}
 
 
@@ -236,8 +222,8 @@ def _run_against(args, directory_address: str, replicas: int, info, echo_port: i
 
     with DirectoryClient(directory_address) as client:
         client.watch()
-        snapshot = client.wait_for(lambda s: len(s.replicas) == replicas, timeout=30)
-    return asyncio.run(_measure(args, snapshot, info.moe_layers[0], echo_port))
+        client.wait_for(lambda s: len(s.replicas) == replicas, timeout=30)
+    return _measure(args, directory_address, info, info.moe_layers[0], echo_port)
 
 
 def main() -> int:
@@ -261,6 +247,7 @@ def main() -> int:
         return 0
 
     model = args.model or str(build_tiny_checkpoint("mixtral", Path(tempfile.mkdtemp(prefix="em-bench-")) / "m"))
+    args.model_path = model
     info = read_moe_info(model)
     plan = default_plan(info)  # one group (deployment) per MoE layer
     echo_port = free_port()
