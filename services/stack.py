@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_SIGNALS: list[int] = []  # SIGINT/SIGTERM received by `serve` (checked while starting, too)
 
 
 def _die_with_parent() -> None:
@@ -48,6 +50,8 @@ def _wait(what: str, check, proc: subprocess.Popen | None, timeout: float, log: 
     start = time.monotonic()
     last = 0.0
     while True:
+        if _SIGNALS:
+            raise KeyboardInterrupt(f"interrupted while waiting for {what}")
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"{what} exited with code {proc.returncode} while starting\n{tail}")
@@ -240,15 +244,20 @@ def run(args: argparse.Namespace) -> int:
                   local_experts=args.local_experts, plan=args.plan, enforce_eager=not args.compile,
                   controller=not args.no_controller, ray_port=args.ray_port, directory_port=args.directory_port,
                   metrics_port=args.metrics_port)
-    stopping = threading.Event()
+    # The handler only records the signal: taking a lock in it (Event.set) can deadlock against the main
+    # thread it interrupts while that thread holds the same lock.
+    signals = _SIGNALS
 
     def on_signal(signum, frame):
-        stopping.set()
+        signals.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         stack.start()
+    except KeyboardInterrupt:  # start() already stopped everything it had started
+        _say("expertmesh serve: interrupted while starting; stopped.")
+        return 130
     except Exception as exc:  # noqa: BLE001 - report, clean up (start() already stopped everything)
         _say(f"expertmesh serve: failed to start: {exc}")
         return 1
@@ -260,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     _say("Press Ctrl-C to stop.")
     code = 0
-    while not stopping.wait(1.0):
+    while not signals:
+        time.sleep(0.2)
         dead = stack.dead_process()
         if dead is not None:
             _say(f"expertmesh serve: a component exited with code {dead.returncode}; shutting down")
