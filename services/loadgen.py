@@ -665,7 +665,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help='JSON merged into every request body, e.g. \'{"ignore_eos": true}\' for vLLM')
     parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the result as JSON")
     parser.add_argument("--plot", dest="plot_dir", default=None, metavar="DIR",
-                        help="write latency_cdf.png and throughput.png into DIR")
+                        help="write latency_cdf.png and throughput.png into DIR (and, against expertmesh's "
+                             "gateway, expert_load.png and replicas.png from GET /experts)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -677,6 +678,24 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_s=args.timeout, warmup=args.warmup, temperature=args.temperature, tokenizer=args.tokenizer,
         extra_body=args.extra_body, show_progress=not args.no_progress,
     )
+
+
+def expert_plots(config: BenchConfig, out_dir: str | Path) -> list[Path]:
+    """expert_load.png and replicas.png from the server's GET /experts (expertmesh's gateway); [] elsewhere."""
+    from expertmesh.experts.plots import write_expert_plots
+
+    headers = {}
+    api_key = config.api_key or os.environ.get("OPENAI_API_KEY")
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    try:
+        reply = httpx.get(normalize_url(config.url) + "/experts", headers=headers, timeout=10)
+        data = reply.json() if reply.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("experts"), list):
+        return []  # not an expertmesh gateway: only the latency plots
+    return write_expert_plots(data, out_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -694,7 +713,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json_path:
             print(f"wrote {result.write_json(args.json_path)}")
         if args.plot_dir:
-            for path in result.write_plots(args.plot_dir):
+            for path in result.write_plots(args.plot_dir) + expert_plots(config, args.plot_dir):
                 print(f"wrote {path}")
     except OSError as exc:
         print(f"expertmesh bench: error: cannot write results: {exc}", file=sys.stderr)

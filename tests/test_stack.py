@@ -264,6 +264,25 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
             for p in prompts] == before
 
 
+def test_bench_against_the_stack_writes_latency_and_expert_plots(stack, tmp_path):
+    """`expertmesh bench` end to end: counts add up, and --plot adds the expert heatmap and replicas over time."""
+    from expertmesh.cli import main
+
+    name = _client(stack).models.list().data[0].id
+    code = main(["bench", "--url", stack["url"], "--model", name, "--concurrency", "2", "--requests", "4",
+                 "--input-len", "8", "--output-len", "4", "--json", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path), "--no-progress"])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["summary"]["completed"] == 4 and result["summary"]["failed"] == 0
+    for png in ("latency_cdf.png", "throughput.png", "expert_load.png", "replicas.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    from expertmesh.experts.plots import load_matrix
+
+    layers, load = load_matrix(httpx.get(stack["url"] + "/experts", timeout=10).json()["experts"])
+    assert layers == [HOT_LAYER] and load[0].argmax() == HOT_EXPERT  # the heatmap shows the biased gate
+
+
 def _descendants(pid: int) -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid"], capture_output=True, text=True).stdout.split("\n")[1:]
     rows = [tuple(int(x) for x in line.split()) for line in out if line.strip()]
