@@ -543,7 +543,7 @@ class Dispatcher:
         return torch.sort(torch.cat(retry)).values
 
     def _on_failure(self, endpoint: str, exc: BaseException) -> None:
-        detail = exc.code() if isinstance(exc, grpc.RpcError) else exc
+        detail = f"{exc.code()}: {exc.details()}" if isinstance(exc, grpc.RpcError) else exc
         log.warning("expert replica %s failed (%s); resending its tokens to another replica", endpoint, detail)
         self._suspect_until[endpoint] = time.monotonic() + SUSPECT_SECONDS
         with self._stats_lock:
