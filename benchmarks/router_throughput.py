@@ -107,7 +107,7 @@ def _replica_main(model: str, directory: str, group: str, keys_json: str) -> Non
 class ProcessPool:
     """A directory (this process) + one ExpertServer process per group of the default plan."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, layers_per_group: int | None = None):
         import subprocess
 
         from expertmesh.core.checkpoint import read_moe_info
@@ -117,7 +117,7 @@ class ProcessPool:
         self.directory = DirectoryServer()
         self.address = f"127.0.0.1:{self.directory.start()}"
         self.procs = []
-        for g in default_plan(read_moe_info(path)).groups:
+        for g in default_plan(read_moe_info(path), layers_per_group=layers_per_group).groups:
             keys = json.dumps({str(k): v for k, v in g.keys.items()})
             self.procs.append((g.name, subprocess.Popen(
                 [sys.executable, __file__, "--replica-server", g.name, "--directory", self.address, "--keys", keys,
@@ -152,7 +152,7 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
     pool_cm = None
     proc_pool = None
     if args.pool == "procs":
-        proc_pool = ProcessPool(path)
+        proc_pool = ProcessPool(path, args.layers_per_group)
         address = proc_pool.address
         servers = []
     elif args.pool == "ray":
@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="vLLM's default torch.compile mode (else eager)")
     parser.add_argument("--pool", choices=["procs", "ray", "inproc"], default="procs")
+    parser.add_argument("--layers-per-group", type=int, default=None,
+                        help="cap on MoE layers per expert group (1 = one group per layer; default: the default plan)")
     parser.add_argument("--profile", action="store_true", help="cProfile the remote run (prints the top entries)")
     parser.add_argument("--model", type=Path, help="checkpoint (default: a tiny random Mixtral built here)")
     parser.add_argument("--out", type=Path, default=RESULTS)

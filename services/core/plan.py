@@ -16,12 +16,14 @@ KubeRay RayService by the Helm chart, and produced by the planner. YAML on disk:
         max_replicas: 4
         initial_replicas: 1
 
-Default plan (`default_plan`): one group per MoE layer holding all of that layer's experts, split into
-chunks only when a layer's experts exceed `max_group_bytes`. Why: a decode step visits the MoE layers one
-after another, so one group per layer means one RPC per layer per step (the fewest round trips), and a
-group's replicas are interchangeable for failover; chunking bounds a replica's memory for large models
-(DeepSeek-V3: 256 experts x 44 MB per layer). Hot experts are then split into their own groups with more
-replicas by the planner.
+Default plan (`default_plan`): whole MoE layers packed into as few groups as fit `max_group_bytes` (2 GiB) of
+expert weights each; a layer bigger than the budget is split into expert chunks that fit. Why: a decode step
+visits the MoE layers one after another and a group answers one RPC per layer per step, so every plan costs the
+same number of round trips; fewer groups mean fewer replica processes (each holds a Python runtime and its own
+threads — on a laptop they compete for the same cores) and replicas that are called every layer rather than
+once a step, so they stay warm (measured in docs/benchmarks.md). The budget bounds a replica's memory for large
+models (Mixtral-8x7B: one layer per group; DeepSeek-V3: 256 experts x 44 MB per layer, chunked). Hot experts
+are split into their own groups with more replicas by the controller.
 """
 
 from __future__ import annotations
@@ -132,13 +134,29 @@ def load_plan(path: str | Path) -> PlacementPlan:
     return PlacementPlan.model_validate(data)
 
 
-def default_plan(info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: int = 2) -> PlacementPlan:
-    """One group per MoE layer (chunked to at most `max_group_bytes` of expert weights per group)."""
-    per_group = max(1, min(info.num_experts, max_group_bytes // max(1, info.expert_bytes)))
+def default_plan(info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: int = 2,
+                 layers_per_group: int | None = None) -> PlacementPlan:
+    """The default placement: whole MoE layers packed into groups of at most `max_group_bytes` of expert weights
+    (a layer bigger than that is split into expert chunks that fit). `layers_per_group` caps how many layers one
+    group takes (1 = one group per layer)."""
+    per_layer = info.num_experts * info.expert_bytes
+    if per_layer > max_group_bytes:  # big layers: chunks of experts, one layer at a time
+        per_group = max(1, max_group_bytes // max(1, info.expert_bytes))
+        groups = []
+        for layer in info.moe_layers:
+            for start in range(0, info.num_experts, per_group):
+                experts = list(range(start, min(info.num_experts, start + per_group)))
+                groups.append(ExpertGroup(name=f"l{layer}-e{experts[0]}-{experts[-1]}", keys={layer: experts},
+                                          min_replicas=1, max_replicas=max_replicas))
+        return PlacementPlan(model=str(info.path), groups=groups)
+    take = max(1, max_group_bytes // per_layer)
+    if layers_per_group is not None:
+        take = max(1, min(take, layers_per_group))
     groups = []
-    for layer in info.moe_layers:
-        for start in range(0, info.num_experts, per_group):
-            experts = list(range(start, min(info.num_experts, start + per_group)))
-            name = f"l{layer}" if per_group >= info.num_experts else f"l{layer}-e{experts[0]}-{experts[-1]}"
-            groups.append(ExpertGroup(name=name, keys={layer: experts}, min_replicas=1, max_replicas=max_replicas))
+    all_experts = list(range(info.num_experts))
+    for i in range(0, len(info.moe_layers), take):
+        layers = info.moe_layers[i:i + take]
+        name = f"l{layers[0]}" if len(layers) == 1 else f"l{layers[0]}-{layers[-1]}"
+        groups.append(ExpertGroup(name=name, keys={layer: all_experts for layer in layers}, min_replicas=1,
+                                  max_replicas=max_replicas))
     return PlacementPlan(model=str(info.path), groups=groups)
