@@ -232,7 +232,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"expert directory port (default {defaults.DIRECTORY_PORT})")
     parser.add_argument("--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT,
                         help="router Prometheus port (0 = off)")
-    parser.add_argument("--plan", default=None, help="placement plan YAML (default: one group per MoE layer)")
+    parser.add_argument("--plan", default=None, help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)")
     parser.add_argument("--local-experts", action="store_true",
                         help="compute experts inside vLLM (the monolithic baseline): no expert pool")
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile (slower start)")

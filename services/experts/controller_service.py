@@ -312,7 +312,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="expert directory gRPC host:port (as the replicas see it: it goes into the Serve config)")
     parser.add_argument("--dashboard", required=True, type=_url, help="Ray dashboard URL, e.g. http://HEAD:8265")
     parser.add_argument("--model", required=True, help="checkpoint directory as the replicas see it (config.json)")
-    parser.add_argument("--plan", help="placement plan YAML (default: one group per MoE layer)")
+    parser.add_argument("--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)")
     parser.add_argument("--num-cpus", type=_non_negative("--num-cpus"), default=1.0, help="per expert replica")
     parser.add_argument("--num-gpus", type=_non_negative("--num-gpus"), default=0.0, help="per expert replica")
     parser.add_argument("--directory-resource", default=None,

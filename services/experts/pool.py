@@ -343,7 +343,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start a local Ray cluster with the expert pool and print the directory")
     up.add_argument("--model", required=True, help="checkpoint directory (Hugging Face MoE, safetensors)")
-    up.add_argument("--plan", help="placement plan YAML (default: one group per MoE layer)")
+    up.add_argument("--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)")
     up.add_argument("--address", default=f"127.0.0.1:{defaults.RAY_GCS_PORT}",
                     help="GCS address of the local Ray cluster to start (loopback only)")
     up.add_argument("--dashboard-port", type=int, default=defaults.RAY_DASHBOARD_PORT, help="0 = any free port")
