@@ -249,7 +249,7 @@ def main() -> int:
     model = args.model or str(build_tiny_checkpoint("mixtral", Path(tempfile.mkdtemp(prefix="em-bench-")) / "m"))
     args.model_path = model
     info = read_moe_info(model)
-    plan = default_plan(info)  # one group (deployment) per MoE layer
+    plan = default_plan(info)  # the default placement (both MoE layers of the tiny Mixtral in one group)
     echo_port = free_port()
     echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(echo_port)], stdout=subprocess.PIPE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -72,7 +72,8 @@ def main() -> int:
     # on, but no traced request in flight: only the registry check runs
     on_idle = per_step_us(args.layers, args.steps)
     # on, with a traced request in flight: a sampled step makes 1 + layers spans and exports them
-    with telemetry.tracer().start_as_current_span("request") as span:
+    # the request's span lives in the server's handler; the engine thread (where steps run) has no current span
+    with telemetry.tracer().start_span("request") as span:
         telemetry.requests_in_flight.add("r1", trace.set_span_in_context(span))
         every = telemetry.requests_in_flight.every
         on_traced = per_step_us(args.layers, args.steps // 10)  # sampled: every `every`-th step traced
