@@ -445,14 +445,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
         metrics.prompt_tokens.labels(endpoint).inc(len(prompt_ids))
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            def chunk(choices, usage=None):
-                data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": choices}
-                if include_usage:
-                    data["usage"] = usage
-                return _sse(data)
+            chunk = _chunker(request_id, "chat.completion.chunk", created, model, body)
 
             async def chunks():
                 for c in generation.choices:
@@ -466,7 +459,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
                              "logprobs": chat_logprobs(msg.logprobs, top) if top is not None else None,
                              "finish_reason": _finish_reason(msg.finish_reason)}
                     yield chunk([entry])
-                if include_usage:
+                if chunk.include_usage:
                     yield chunk([], generation.usage([prompt_ids]))
 
             return await stream_response(request, span, endpoint, generation, chunks())
@@ -532,15 +525,8 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
             return text, None
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunk = _chunker(request_id, "text_completion", created, model, body)
             offsets = {c.index: 0 for c in generation.choices}
-
-            def chunk(choices, usage=None):
-                data = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                        "choices": choices}
-                if include_usage:
-                    data["usage"] = usage
-                return _sse(data)
 
             async def chunks():
                 sent_prompt = set()
@@ -559,7 +545,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
                     offsets[choice.index] += len(msg.text)
                     yield chunk([{"index": choice.index, "text": text + msg.text, "logprobs": logprobs,
                                   "finish_reason": _finish_reason(msg.finish_reason)}])
-                if include_usage:
+                if chunk.include_usage:
                     yield chunk([], generation.usage(prompts))
 
             return await stream_response(request, span, endpoint, generation, chunks())
@@ -625,6 +611,20 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
 
 
 CONTROLLER_STATUS_TIMEOUT_S = 1.0  # /experts must not hang on a controller that is down
+
+
+def _chunker(request_id: str, obj: str, created: int, model: str, body):
+    """chunk(choices, usage=None) -> one SSE event of a streamed response (usage only if stream_options asks)."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices, usage=None):
+        data = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return _sse(data)
+
+    chunk.include_usage = include_usage
+    return chunk
 
 
 async def _controller_status() -> dict:
