@@ -13,6 +13,7 @@ import pytest
 
 from expertmesh.cli import main as cli_main
 from expertmesh.core.checkpoint import read_moe_info
+from expertmesh.core.plan import default_plan
 from expertmesh.core.plan import load_plan
 from expertmesh.experts import planner
 
@@ -277,5 +278,7 @@ def test_plan_entry_point_prints_the_default_plan(tmp_path):
     proc = subprocess.run([str(exe), "plan", "--model", str(ckpt)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     plan = load_plan_text(tmp_path, proc.stdout)
-    assert [g.name for g in plan.groups] == ["l0", "l1"]
-    plan.check_covers(read_moe_info(ckpt))
+    info = read_moe_info(ckpt)
+    assert plan == default_plan(info)          # exactly the shared default (both layers fit one group here)
+    assert [g.name for g in plan.groups] == ["l0-1"]
+    plan.check_covers(info)
