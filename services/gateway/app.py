@@ -385,6 +385,18 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
             watch.cancel()
             work.cancel()
 
+    async def run_unary(request: Request, span, endpoint: str, generation: Generation, prompts) -> dict:
+        """A non-streamed response: run every call to the end, count it, return its usage."""
+        state.metrics.in_progress.labels(endpoint).inc()
+        try:
+            await run_to_end(request, generation)
+        finally:
+            state.metrics.in_progress.labels(endpoint).dec()
+            span.end()
+        usage = generation.usage(prompts)
+        state.metrics.completion_tokens.labels(endpoint).inc(usage["completion_tokens"])
+        return usage
+
     async def stream_response(request: Request, span, endpoint: str, generation: Generation, chunks):
         """Wrap an async iterator of SSE bytes: errors become an error event, the span ends with the stream."""
         state.metrics.in_progress.labels(endpoint).inc()
@@ -464,14 +476,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
 
             return await stream_response(request, span, endpoint, generation, chunks())
 
-        state.metrics.in_progress.labels(endpoint).inc()
-        try:
-            await run_to_end(request, generation)
-        finally:
-            state.metrics.in_progress.labels(endpoint).dec()
-            span.end()
-        usage = generation.usage([prompt_ids])
-        metrics.completion_tokens.labels(endpoint).inc(usage["completion_tokens"])
+        usage = await run_unary(request, span, endpoint, generation, [prompt_ids])
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
                              "logprobs": chat_logprobs(c.logprobs, top) if top is not None else None,
@@ -550,14 +555,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
 
             return await stream_response(request, span, endpoint, generation, chunks())
 
-        state.metrics.in_progress.labels(endpoint).inc()
-        try:
-            await run_to_end(request, generation)
-        finally:
-            state.metrics.in_progress.labels(endpoint).dec()
-            span.end()
-        usage = generation.usage(prompts)
-        metrics.completion_tokens.labels(endpoint).inc(usage["completion_tokens"])
+        usage = await run_unary(request, span, endpoint, generation, prompts)
         out = []
         for c in generation.choices:
             text, logprobs = prompt_part(c)
