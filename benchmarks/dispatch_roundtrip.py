@@ -40,7 +40,8 @@ from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
 from expertmesh.core.plan import default_plan  # noqa: E402
 from expertmesh.core.protos import expert_pb2  # noqa: E402
 from expertmesh.core.tiny import build_tiny_checkpoint  # noqa: E402
-from expertmesh.experts.pool import LocalPool, free_port  # noqa: E402
+from expertmesh.core.defaults import free_port  # noqa: E402
+from expertmesh.experts.pool import LocalPool  # noqa: E402
 from expertmesh.experts.replica import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dispatch_roundtrip.json"

@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -41,13 +40,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
+from expertmesh.core.defaults import free_port  # noqa: E402 - after the environment above
+
 RESULTS = Path(__file__).resolve().parent / "results" / "router_throughput.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompts(n: int, offset: int = 0) -> list[str]:

@@ -12,22 +12,16 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from expertmesh.core import defaults
+from expertmesh.core.defaults import free_port
 from expertmesh.core.plan import load_plan
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _SIGNALS: list[int] = []  # SIGINT/SIGTERM received by `serve` (checked while starting, too)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -13,6 +12,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from expertmesh.core.defaults import free_port  # noqa: E402,F401 - tests import it from here
 from expertmesh.core.tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
 
 
@@ -34,9 +34,3 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -7,6 +7,7 @@ the machine. Everything binds loopback unless told otherwise.
 from __future__ import annotations
 
 import os
+import socket
 
 GATEWAY_PORT = 8000              # HTTP, OpenAI-compatible API, /health, /metrics, /experts
 ROUTER_PORT = 50061              # gRPC expertmesh.v1.Router
@@ -51,3 +52,10 @@ def replica_port_range() -> tuple[int, int]:
         return REPLICA_PORT_RANGE
     lo, _, hi = raw.partition("-")
     return int(lo), int(hi)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it), for servers started on loopback."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

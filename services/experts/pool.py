@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from expertmesh.core import defaults
+from expertmesh.core.defaults import free_port
 from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
@@ -38,12 +39,6 @@ from expertmesh.experts.serve_config import GROUP_IMPORT_PATH, build_serve_confi
 STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
 REPLICA_LOGICAL_CPUS = 0.25  # per replica; the head offers `num_cpus` logical CPUs in all
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # the pool moves no objects through Ray; keep /dev/shm use small
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _ray_bin() -> str:
