@@ -48,7 +48,7 @@ class ExpertGroupReplica:
 
     def __init__(self, model: str, group: dict, directory: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                  max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
-                 inline_rows: int = DEFAULT_INLINE_ROWS):
+                 inline_rows: int = DEFAULT_INLINE_ROWS, compute_threads: int = 0):
         spec = ExpertGroup.model_validate(group)
         ctx = serve.get_replica_context()
         self.replica_id = f"{ctx.deployment}#{ctx.replica_id.unique_id}"
@@ -56,7 +56,7 @@ class ExpertGroupReplica:
         self.lease_seconds = lease_seconds
         self.server = ExpertServer(model, spec.keys, replica_id=self.replica_id, group=spec.name,
                                    max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, inline_rows=inline_rows,
-                                   metrics_backend="ray")
+                                   metrics_backend="ray", compute_threads=compute_threads)
         port = self.server.start(defaults.bind_host(), defaults.replica_port_range())
         self.endpoint = f"{defaults.advertise_host()}:{port}"
         self.entry = expert_pb2.ReplicaEntry(replica_id=self.replica_id, group=spec.name, endpoint=self.endpoint,

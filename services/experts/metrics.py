@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -19,10 +20,11 @@ class ReplicaMetrics:
     def __init__(self, group: str, backend: str = "prometheus"):
         self.group = group
         self.backend = backend
-        # Token counts accumulate in one tensor per layer (one op per batch) and reach the counters on `flush()`:
+        # Token counts accumulate in one array per layer (one op per batch) and reach the counters on `flush()`:
         # eight labelled counter increments per call would cost as much as the layer's matmuls.
-        self._pending: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._children: dict[tuple, object] = {}
         if backend == "ray":
             from ray.util import metrics as rm
 
@@ -53,12 +55,16 @@ class ReplicaMetrics:
     def _observe(self, metric, value: float, tags: dict) -> None:
         if self.backend == "ray":
             metric.observe(value, tags=tags)
-        else:
-            metric.labels(**tags).observe(value)
+            return
+        key = (id(metric), *tags.values())     # a labels() lookup per call costs more than the observation
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**tags)
+        child.observe(value)
 
     def batch(self, layer: int, rows: int, expert: torch.Tensor, num_experts: int) -> None:
         """One computed batch: its row count, and its assignments' expert ids [N] (counted per expert)."""
-        counts = torch.bincount(expert, minlength=num_experts)  # [E]
+        counts = np.bincount(expert.numpy(), minlength=num_experts)  # [E]
         with self._lock:
             if layer in self._pending:
                 self._pending[layer] += counts
@@ -71,7 +77,7 @@ class ReplicaMetrics:
         with self._lock:
             pending, self._pending = self._pending, {}
         for layer, counts in pending.items():
-            for expert in torch.nonzero(counts).flatten().tolist():
+            for expert in np.flatnonzero(counts).tolist():
                 self._inc(self._tokens, int(counts[expert]), {"group": self.group, "layer": str(layer),
                                                               "expert": str(expert)})
 

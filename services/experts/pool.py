@@ -130,7 +130,8 @@ class LocalPool:
                  directory_port: int = defaults.DIRECTORY_PORT, metrics_port: int = defaults.REPLICA_METRICS_PORT,
                  replica_ports: tuple[int, int] | None = None, num_cpus: int | None = None,
                  lease_seconds: float | None = None, max_wait_ms: float | None = None,
-                 max_batch_rows: int | None = None, ready_timeout: float = 240.0, state_file: Path | None = None):
+                 max_batch_rows: int | None = None, compute_threads: int | None = None, ready_timeout: float = 240.0,
+                 state_file: Path | None = None):
         self.model = str(Path(model).resolve())
         self.info = read_moe_info(self.model)
         self.plan = plan or default_plan(self.info)
@@ -148,7 +149,8 @@ class LocalPool:
         # controller to grow the pool well past the plan's start; physical cores are shared by the OS.
         self.num_cpus = num_cpus or 64
         self.extra_args = {k: v for k, v in (("lease_seconds", lease_seconds), ("max_wait_ms", max_wait_ms),
-                                             ("max_batch_rows", max_batch_rows)) if v is not None}
+                                             ("max_batch_rows", max_batch_rows), ("compute_threads", compute_threads))
+                           if v is not None}
         self.ready_timeout = ready_timeout
         # Serve's own autoscaler sees none of the traffic (it bypasses Serve), so it would only ever shrink groups
         # to min_replicas: locally the counts are pinned (start_replicas) and changed by `apply` (the controller).

@@ -158,6 +158,17 @@ class Coalescer:
     async def submit(self, batch: ForwardBatch, deadline: float | None) -> tuple[torch.Tensor, int]:
         key = (batch.layer, batch.hidden.dtype)
         q = self._queues.get(key)
+        if self.in_flight == 1 and (q is None or not q.calls) and batch.hidden.shape[0] <= self.inline_rows:
+            # One loop turn lets calls gRPC has already received enter their handlers; if this is still the only
+            # call on the replica there is nothing to coalesce with: compute it right here (no queue entry, drain
+            # task or future, each of which costs the lone caller more loop turns).
+            await asyncio.sleep(0)
+        if self.in_flight == 1 and (q is None or not q.calls) and batch.hidden.shape[0] <= self.inline_rows:
+            started = time.perf_counter()
+            outputs, rows = self._run(batch.layer, [batch])
+            self.timers.seconds["compute"] += time.perf_counter() - started
+            self.timers.batches += 1
+            return outputs[0], rows
         if q is None:
             q = self._queues[key] = _LayerQueue()
         loop = asyncio.get_running_loop()
@@ -214,10 +225,11 @@ class Coalescer:
                 for call in calls:
                     seconds["queue"] += started - call.queued
                 try:
+                    batches = [c.batch for c in calls]
                     if sum(c.rows for c in calls) <= self.inline_rows:
-                        outputs, rows = self._run(key[0], calls)
+                        outputs, rows = self._run(key[0], batches)
                     else:
-                        outputs, rows = await loop.run_in_executor(self._compute, self._run, key[0], calls)
+                        outputs, rows = await loop.run_in_executor(self._compute, self._run, key[0], batches)
                 except Exception as exc:  # a kernel failure fails this batch's calls, never the server
                     log.exception("expert batch failed")
                     for call in calls:
@@ -232,26 +244,26 @@ class Coalescer:
         finally:
             q.draining = False
 
-    def _run(self, layer: int, calls: list[_Call]) -> tuple[list[torch.Tensor], int]:
-        """Compute calls of one layer as one batch: [sum T, H] through the kernel, split back per call."""
-        if len(calls) == 1:
-            b = calls[0].batch
+    def _run(self, layer: int, batches: list[ForwardBatch]) -> tuple[list[torch.Tensor], int]:
+        """Compute batches of one layer as one: [sum T, H] through the kernel, split back per batch."""
+        if len(batches) == 1:
+            b = batches[0]
             hidden, token_index, expert, weight = b.hidden, b.token_index, b.expert, b.weight
         else:
-            offsets, total = [], 0
-            for c in calls:
-                offsets.append(total)
-                total += c.rows
-            hidden = torch.cat([c.batch.hidden for c in calls])                                   # [sum T, H]
-            token_index = torch.cat([c.batch.token_index + off for c, off in zip(calls, offsets)])  # [sum N]
-            expert = torch.cat([c.batch.expert for c in calls])                                   # [sum N]
-            weight = torch.cat([c.batch.weight for c in calls])                                   # [sum N]
+            sizes = [b.hidden.shape[0] for b in batches]
+            offsets = [0]
+            for n in sizes[:-1]:
+                offsets.append(offsets[-1] + n)
+            hidden = torch.cat([b.hidden for b in batches])                                       # [sum T, H]
+            token_index = torch.cat([b.token_index + off for b, off in zip(batches, offsets)])      # [sum N]
+            expert = torch.cat([b.expert for b in batches])                                       # [sum N]
+            weight = torch.cat([b.weight for b in batches])                                       # [sum N]
         out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
         rows = hidden.shape[0]
         self.metrics.batch(layer, rows, expert, self.weights.num_experts)
-        if len(calls) == 1:
+        if len(batches) == 1:
             return [out], rows
-        return list(torch.split(out, [c.rows for c in calls])), rows
+        return list(torch.split(out, sizes)), rows
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -344,8 +356,13 @@ class ExpertServer:
     def __init__(self, checkpoint: str | Path | CheckpointReader, keys: dict[int, list[int]], *,
                  replica_id: str = "", group: str = "", max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
                  max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, inline_rows: int = DEFAULT_INLINE_ROWS,
-                 metrics_backend: str = "prometheus", dtype: torch.dtype | None = None):
+                 metrics_backend: str = "prometheus", dtype: torch.dtype | None = None, compute_threads: int = 0):
         telemetry.init_tracing("expertmesh-experts")  # exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+        if compute_threads > 0:
+            # torch's intra-op threads for the expert matmuls (process-wide: meant for a replica's own process).
+            # Besides splitting the matmuls, libgomp's workers spin-wait a few ms after each batch, which keeps
+            # this replica's cores awake for the next layer's call: lower latency, paid for with busy CPU.
+            torch.set_num_threads(compute_threads)
         reader = checkpoint if isinstance(checkpoint, CheckpointReader) else CheckpointReader(checkpoint)
         self.reader = reader
         self.weights = ExpertWeights(reader, {int(k): list(v) for k, v in keys.items()}, dtype=dtype)
