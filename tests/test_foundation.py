@@ -212,6 +212,22 @@ def test_kernel_groups_by_expert_and_sums_per_token():
     assert bf.dtype == torch.bfloat16 and (bf.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+def test_kernel_output_does_not_depend_on_placement(tiny_checkpoint):
+    """A replica holding a subset of a layer's experts gives the same bits as one holding all of them, whatever mix
+    of experts a call uses (balanced, or every assignment on one expert)."""
+    reader = CheckpointReader(tiny_checkpoint("mixtral"))
+    layer, E = reader.info.moe_layers[0], reader.info.num_experts
+    everything, subset = ExpertWeights(reader, {layer: list(range(E))}), ExpertWeights(reader, {layer: [1, 2, 5]})
+    g = torch.Generator().manual_seed(3)
+    for rows, experts in ((8, [1, 2, 5]), (16, [1, 2, 5]), (64, [1, 2, 5]), (7, [5]), (300, [2, 5])):
+        x = torch.randn(rows, reader.info.hidden_size, generator=g)
+        token_index = torch.arange(rows).repeat_interleave(2)
+        expert = torch.tensor(experts)[torch.randint(len(experts), (2 * rows,), generator=g)]
+        weight = torch.rand(2 * rows, generator=g)
+        assert torch.equal(subset.forward(layer, x, token_index, expert, weight),
+                           everything.forward(layer, x, token_index, expert, weight)), (rows, experts)
+
+
 # ---- codec -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64])

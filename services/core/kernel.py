@@ -100,60 +100,31 @@ def moe_combine(hidden: torch.Tensor, token_index: torch.Tensor, slot: torch.Ten
         return _moe_combine(hidden, token_index, slot, weight, w13, w2, act)
 
 
-# The padded path computes E x C rows (C = the busiest expert's count) to run each FFN matmul as ONE bmm; it is
-# taken while that is at most this many times the N rows really needed (balanced, small batches: a decode step),
-# else the grouped path computes exactly N rows (skewed routing, big prefill batches).
-PADDED_WASTE_LIMIT = 2.0
-
-
 def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     T, H = hidden.shape
-    E, I = w13.shape[0], w2.shape[2]
     N = slot.numel()
+    out = torch.zeros((T, H), dtype=torch.float32)                             # [T, H] fp32 accumulator
     if N == 0:
-        out = torch.zeros((T, H), dtype=torch.float32)
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
     # Index bookkeeping on [N] ints in numpy: an op there costs ~1 us, a torch op ~5 us, and a decode step's
-    # kernel is mostly such small ops around two matmuls.
+    # kernel is mostly such small ops around two matmuls. Each expert's rows go through their own matmul (never
+    # padded or batched with other experts' rows), so an output does not depend on which other experts the
+    # replica holds or the call uses: any placement gives the same bits.
     s = slot.numpy()                                                           # [N]
     if s.min() < 0:
         raise ValueError("assignment to an expert that is not held")
-    counts = np.bincount(s, minlength=E)                                       # [E]
+    counts = np.bincount(s, minlength=w13.shape[0])                            # [E]
     order = np.argsort(s, kind="stable")                                       # [N] assignments grouped by expert
-    rows = token_index.numpy()[order]                                          # [N] token of each sorted assignment
-    gate = weight.numpy()[order] if weight.dtype == torch.float32 else weight.float().numpy()[order]  # [N]
-    capacity = int(counts.max())
-    if E * capacity <= PADDED_WASTE_LIMIT * N:
-        # Slot k of expert e's block holds its k-th assignment; empty slots read row 0 and add (weight 0) into a
-        # spare output row T that is cut off at the end.
-        starts = np.zeros(E, dtype=np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        sorted_slot = s[order]
-        flat = sorted_slot * capacity + (np.arange(N) - starts[sorted_slot])    # [N] position in [E * C]
-        src = np.zeros(E * capacity, dtype=np.int64)
-        src[flat] = rows
-        dst = np.full(E * capacity, T, dtype=np.int64)
-        dst[flat] = rows
-        gate_padded = np.zeros(E * capacity, dtype=np.float32)
-        gate_padded[flat] = gate
-        x = hidden.index_select(0, torch.from_numpy(src)).view(E, capacity, H)  # [E, C, H]
-        if x.dtype != w13.dtype:
-            x = x.to(w13.dtype)
-        gu = torch.bmm(x, w13.transpose(1, 2))                                  # [E, C, 2I]
-        y = torch.bmm(act(gu[..., :I]).mul_(gu[..., I:]), w2.transpose(1, 2)).view(E * capacity, H)  # [E*C, H]
-        dst_t, gate_t = torch.from_numpy(dst), torch.from_numpy(gate_padded)
-    else:
-        x = hidden.index_select(0, torch.from_numpy(rows))                      # [N, H]
-        if x.dtype != w13.dtype:
-            x = x.to(w13.dtype)
-        y = _grouped_ffn(x, torch.from_numpy(counts), w13, w2, act)             # [N, H]
-        dst_t, gate_t = torch.from_numpy(rows), torch.from_numpy(gate)
+    rows = torch.from_numpy(token_index.numpy()[order])                        # [N] token of each sorted assignment
+    gate = torch.from_numpy((weight if weight.dtype == torch.float32 else weight.float()).numpy()[order])  # [N]
+    x = hidden.index_select(0, rows)                                           # [N, H]
+    if x.dtype != w13.dtype:
+        x = x.to(w13.dtype)
+    y = _grouped_ffn(x, torch.from_numpy(counts), w13, w2, act)                # [N, H]
     if y.dtype != torch.float32:
         y = y.float()
-    y.mul_(gate_t.unsqueeze(1))                                                 # gate-weighted, in place
-    out = torch.zeros((T + 1, H), dtype=torch.float32)                          # [T+1, H] fp32 (+ spare row)
-    out.index_add_(0, dst_t, y)
-    out = out[:T]
+    y.mul_(gate.unsqueeze(1))                                                  # gate-weighted, in place
+    out.index_add_(0, rows, y)
     return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
 
 
