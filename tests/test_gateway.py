@@ -358,16 +358,6 @@ def _wait_engine_idle(stack, timeout=10.0) -> int:
     return stub.Stats(pb.StatsRequest()).requests_running
 
 
-def _wait_cancelled_count(router, expected: float, timeout=10.0) -> float:
-    """The engine goes idle when vLLM drops the aborted request; the router's gRPC handler counts it a moment
-    later (its CancelledError unwinds on the server loop), so wait for the counter rather than read it once."""
-    deadline = time.monotonic() + timeout
-    while (got := router.metric("expertmesh_router_requests_total", '{status="cancelled"}')) != expected \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return got
-
-
 def test_client_disconnect_mid_stream_cancels_generation(stack):
     router = stack["router"]
     cancelled = router.metric("expertmesh_router_requests_total", '{status="cancelled"}')
@@ -380,7 +370,7 @@ def test_client_disconnect_mid_stream_cancels_generation(stack):
         assert router.stub().Stats(pb.StatsRequest()).requests_running == 1
     # the connection is closed: the gateway cancels its Generate call, the router aborts the request in vLLM
     assert _wait_engine_idle(stack) == 0
-    assert _wait_cancelled_count(router, cancelled + 1) == cancelled + 1
+    assert router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled + 1) == cancelled + 1
 
 
 def test_client_disconnect_while_waiting_cancels_generation(stack):
@@ -395,4 +385,4 @@ def test_client_disconnect_while_waiting_cancels_generation(stack):
         time.sleep(0.01)
     sock.close()
     assert _wait_engine_idle(stack) == 0
-    assert _wait_cancelled_count(router, cancelled + 1) == cancelled + 1
+    assert router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled + 1) == cancelled + 1
