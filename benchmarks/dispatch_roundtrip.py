@@ -5,8 +5,8 @@ own code: `router.dispatch.Dispatcher.forward(layer, hidden, topk_weights, topk_
 table, grouping, encode, one Forward straight to the Ray Serve replica's own grpc.aio server, decode, combine.
 Echo: a grpc.aio server in its own process that returns the serialized ForwardRequest bytes unchanged (raw
 handlers, no protobuf work) — the floor any gRPC data plane pays for moving this payload — called with the same
-sync gRPC client API the dispatcher uses. Both are timed in the same run, in alternating blocks, sequential calls
-(latency, not throughput). Also one concurrent line: 32 grpc.aio callers at once on the same replica
+sync gRPC client API the dispatcher uses. Both are timed in the same run, interleaved call by call, sequential
+calls (latency, not throughput). Also one concurrent line: 32 grpc.aio callers at once on the same replica
 (coalesced), to show what batching buys.
 
     .venv/bin/python benchmarks/dispatch_roundtrip.py            # writes benchmarks/results/dispatch_roundtrip.json
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -120,17 +121,22 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
         return echo_call(echo_bytes, timeout=5)
 
     assert torch.equal(dispatch(), reference), "dispatch output differs from the kernel run locally"
+    # As in the router, whose vLLM engine freezes the GC heap after start-up (and as vLLM's own benchmark client does)
+    gc.collect()
+    gc.freeze()
     for _ in range(args.warmup):
         dispatch()
         echo()
     d.reset_stats()
     times = {"dispatch": [], "echo": []}
-    for block in range(args.blocks):  # alternate so both see the same background load
+    # Interleaved call by call (the order flipped every block), so both see the same background load: on this
+    # shared VM the load drifts within seconds and blocks of hundreds of calls would compare different moments.
+    for block in range(args.blocks):
         order = [("dispatch", dispatch), ("echo", echo)]
         if block % 2:
             order.reverse()
-        for name, fn in order:
-            for _ in range(args.iters):
+        for _ in range(args.iters):
+            for name, fn in order:
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)

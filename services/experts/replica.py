@@ -23,6 +23,7 @@ Usable without Ray (tests, the router's in-process pool):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -36,7 +37,8 @@ from google.protobuf.message import DecodeError
 
 from expertmesh.core import telemetry
 from expertmesh.core.checkpoint import CheckpointReader
-from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, ExpertNotHeld, ForwardBatch, WireError, decode_forward, encode
+from expertmesh.core.codec import (DEFAULT_MAX_MESSAGE_BYTES, ExpertNotHeld, ForwardBatch, WireError, decode_forward,
+                                   encode, encode_into)
 from expertmesh.core.kernel import ExpertWeights
 from expertmesh.core.protos import expert_pb2
 from expertmesh.experts.loop_thread import LoopThread
@@ -336,7 +338,8 @@ class ExpertServicer:
                 code = "DEADLINE_EXCEEDED"
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch started")
             r0 = time.perf_counter()
-            response = expert_pb2.ForwardResponse(output=encode(output), batch_rows=rows)
+            response = expert_pb2.ForwardResponse(batch_rows=rows)
+            encode_into(response.output, output)
             seconds["respond"] += time.perf_counter() - r0
             return response
         except asyncio.CancelledError:
@@ -386,6 +389,11 @@ class ExpertServer:
         """Bind and start serving; returns the bound port."""
         self._loop = LoopThread(f"expert-server-{self.replica_id}")
         self.port = self._loop.run(self._start(host, port))
+        # Everything allocated so far (modules, weights, the server) lives as long as the replica: keep it out of
+        # the cyclic GC's scans, which otherwise land on Forward calls (vLLM's engine does the same after init,
+        # vllm.utils.gc_utils.freeze_gc_heap).
+        gc.collect()
+        gc.freeze()
         self.host = host
         return self.port
 

@@ -50,6 +50,9 @@ class RoutedTokenCounters:
         self.num_experts = num_experts
         self.writable = writable
         self._row = {layer: i for i, layer in enumerate(self.layers)}
+        # Plain ndarray views of each row over the same shared memory: `add` runs once per MoE layer per step, and
+        # indexing the np.memmap subclass costs several times an add of a few counts.
+        self._rows = [np.asarray(array)[i] for i in range(len(self.layers))]
 
     @classmethod
     def create(cls, path: str | Path, layers: list[int], num_experts: int) -> "RoutedTokenCounters":
@@ -88,7 +91,8 @@ class RoutedTokenCounters:
         """counts: [num_experts] non-negative integers routed to each expert of `layer` in one step."""
         if isinstance(counts, torch.Tensor):
             counts = counts.numpy()
-        self._array[self._row[layer]] += counts.astype(np.uint64, copy=False)
+        row = self._rows[self._row[layer]]
+        row += counts.astype(np.uint64, copy=False)
 
     def snapshot(self) -> np.ndarray:
         """A copy of the counts: uint64 [num_moe_layers, num_experts] (row i = layer `layers[i]`)."""
