@@ -209,8 +209,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except EngineStopped as exc:
             status = "engine_error"
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except asyncio.CancelledError:
-            status = "cancelled"       # client went away: engine.generate's cleanup aborted the request
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: cancelled while we awaited the engine (CancelledError), or while gRPC was
+            # writing our last message, when it closes this generator (GeneratorExit at the `yield`). Either way
+            # engine.generate's cleanup aborted the request in vLLM.
+            status = "cancelled"
             raise
         finally:
             REQUESTS.labels(status=status).inc()
