@@ -19,15 +19,15 @@ depend on which other experts a replica holds (tests/test_foundation.py pins it)
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 import importlib.util
 import logging
 import os
 import threading
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from expertmesh.core.checkpoint import CheckpointReader
 
@@ -40,7 +40,8 @@ ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_ta
 class ExpertWeights:
     """The FFN weights of a set of (layer, expert) keys, stacked per layer.
 
-    w13[layer]: [E_held, 2I, H] (gate rows first, then up), w2[layer]: [E_held, H, I];
+    w13[layer]: [E_held, 2I, H] (gate rows first, then up), w2[layer]: [E_held, H, I] — in the fused op's blocked
+    layout (same shape and bytes) when `kernel == "fused"`;
     slot[layer]: [num_experts] int64 mapping expert id -> row in the stack (-1 = not held).
     """
 
@@ -154,16 +155,17 @@ def _fused_forward(hidden: torch.Tensor, token_index: torch.Tensor, slot: np.nda
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Assignments -> the fused op's [T, K] (ids, weights) form; K = the most assignments any token has here.
 
-    A token with fewer than K assignments is padded with weight 0 on one of its own experts (adds exactly 0);
-    one with none reads its own row through slot 0 at weight 0. The router's whole-layer call is already [T, K]."""
+    A token with fewer than K assignments is padded with weight 0 on one of its own experts (adds exactly 0); one
+    with none gets K weight-0 entries on some held expert (its output row is 0). The router's whole-layer call is
+    already [T, K]."""
     T, H = hidden.shape
     N = slot.shape[0]
     if N == 0:
         return torch.zeros((T, H), dtype=hidden.dtype)
-    x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()   # [T, H]
-    out = torch.empty((T, H), dtype=x.dtype)                                  # [T, H]
     if slot.min() < 0:
         raise ValueError("assignment to an expert that is not held")
+    x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()   # [T, H]
+    out = torch.empty((T, H), dtype=x.dtype)                                  # [T, H]
     ti = token_index.numpy()
     w = weight.numpy() if weight.dtype == torch.float32 else weight.float().numpy()
     if N % T == 0 and np.array_equal(ti, _whole_layer_index(T, N // T)):
