@@ -70,6 +70,15 @@ def encode_into(msg: expert_pb2.Tensor, tensor: torch.Tensor) -> None:
 
 def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     """Wire message -> tensor viewing the message's bytes (read-only memory: clone before writing)."""
+    dtype, shape, data = _checked(msg, name)
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.frombuffer(data, dtype=dtype)
+    return t if len(shape) == 1 else t.view(shape)
+
+
+def _checked(msg: expert_pb2.Tensor, name: str) -> tuple[torch.dtype, tuple[int, ...], bytes]:
+    """(dtype, shape, bytes) of a wire tensor whose dtype is known, dims non-negative and byte length right."""
     dtype = _FROM_WIRE.get(msg.dtype)
     if dtype is None:
         raise WireError(f"{name}: unknown dtype {dtype_name(msg.dtype)}")
@@ -86,10 +95,7 @@ def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
             f"{name}: {len(data)} bytes do not match shape {list(shape)} x {dtype_name(msg.dtype)} "
             f"({expected} bytes expected)"
         )
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    t = torch.frombuffer(data, dtype=dtype)
-    return t if len(shape) == 1 else t.view(shape)
+    return dtype, shape, data
 
 
 @dataclass
@@ -120,20 +126,11 @@ def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor |
 def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> np.ndarray:
     """An assignment array ([N] ints or floats) as a read-only numpy view: its checks are a few ops on a few hundred
     values, which cost ~1 us each in numpy against ~5 us each in torch."""
-    dtype = _FROM_WIRE.get(msg.dtype)
-    if dtype is None:
-        raise WireError(f"{name}: unknown dtype {dtype_name(msg.dtype)}")
+    dtype, shape, data = _checked(msg, name)
     if dtype not in allowed:
         raise WireError(f"{name}: dtype {dtype} not allowed (expected one of {list(allowed)})")
-    if len(msg.shape) != 1:
-        raise WireError(f"{name}: expected 1 dim [assignments], got shape {list(msg.shape)}")
-    n = msg.shape[0]
-    if n < 0:
-        raise WireError(f"{name}: negative dimension in shape {[n]}")
-    data = msg.data
-    if len(data) != n * _ITEMSIZE[dtype]:
-        raise WireError(f"{name}: {len(data)} bytes do not match shape {[n]} x {dtype_name(msg.dtype)} "
-                        f"({n * _ITEMSIZE[dtype]} bytes expected)")
+    if len(shape) != 1:
+        raise WireError(f"{name}: expected 1 dim [assignments], got shape {list(shape)}")
     if dtype in _NUMPY:
         return np.frombuffer(data, dtype=_NUMPY[dtype])
     return decode(msg, name).float().numpy()   # bf16/fp16 gate weights: numpy has no bf16

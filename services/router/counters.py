@@ -52,7 +52,7 @@ class RoutedTokenCounters:
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         # Plain ndarray views of each row over the same shared memory: `add` runs once per MoE layer per step, and
         # indexing the np.memmap subclass costs several times an add of a few counts.
-        self._rows = [np.asarray(array)[i] for i in range(len(self.layers))]
+        self._rows = {layer: np.asarray(array)[i] for i, layer in enumerate(self.layers)}
 
     @classmethod
     def create(cls, path: str | Path, layers: list[int], num_experts: int) -> "RoutedTokenCounters":
@@ -91,8 +91,7 @@ class RoutedTokenCounters:
         """counts: [num_experts] non-negative integers routed to each expert of `layer` in one step."""
         if isinstance(counts, torch.Tensor):
             counts = counts.numpy()
-        row = self._rows[self._row[layer]]
-        row += counts.astype(np.uint64, copy=False)
+        self._rows[layer] += counts.astype(np.uint64, copy=False)
 
     def snapshot(self) -> np.ndarray:
         """A copy of the counts: uint64 [num_moe_layers, num_experts] (row i = layer `layers[i]`)."""
