@@ -64,22 +64,39 @@ async def _echo_main(port: int) -> None:
     await server.wait_for_termination()
 
 
-def _standalone_main(model: str, directory_port: int, compute_threads: int) -> None:
-    """--standalone: the directory and one replica of layer 0 in this process, no Ray (quick A/B of the code)."""
-    from expertmesh.experts.directory import DirectoryClient, DirectoryServer
-    from expertmesh.experts.replica import ExpertServer, keys_to_proto
+def _directory_main(port: int) -> None:
+    """--standalone's directory, in a process of its own (as in the Ray pool): a grpc.aio server on another
+    loop of the replica's process would be woken by every Forward too (grpc.aio's poller serves all loops)."""
+    from expertmesh.experts.directory import DirectoryServer
 
     directory = DirectoryServer()
-    directory.start("127.0.0.1", directory_port)
+    directory.start("127.0.0.1", port)
+    print("ready", flush=True)
+    sys.stdin.read()
+    directory.stop()
+
+
+def _standalone_main(model: str, directory_port: int, compute_threads: int) -> None:
+    """--standalone: one replica of layer 0 in a plain process, no Ray (quick A/B of the code)."""
+    from expertmesh.experts.directory import DirectoryClient
+    from expertmesh.experts.replica import ExpertServer, keys_to_proto
+
+    directory = subprocess.Popen([sys.executable, __file__, "--directory-server", str(directory_port)],
+                                 stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    assert directory.stdout.readline().strip() == b"ready"
     info = read_moe_info(model)
     server = ExpertServer(model, {info.moe_layers[0]: list(range(info.num_experts))}, replica_id="bench", group="l0",
                           compute_threads=compute_threads)
     port = server.start("127.0.0.1", 0)
-    with DirectoryClient(directory.address) as client:
+    with DirectoryClient(f"127.0.0.1:{directory_port}") as client:
         client.register(expert_pb2.ReplicaEntry(replica_id="bench", group="l0", endpoint=f"127.0.0.1:{port}",
                                                 keys=keys_to_proto(server.weights.held)), lease_seconds=3600)
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes our stdin
+    print(json.dumps(server.servicer.coalescer.timers.snapshot()), file=sys.stderr, flush=True)
+    server.stop()
+    directory.stdin.close()
+    directory.wait(10)
 
 
 # -- client ------------------------------------------------------------------------------------------------------
@@ -248,9 +265,13 @@ def main() -> int:
                         help="replica torch threads to measure, comma-separated (default 1,2; one pool each)")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--standalone-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--directory-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
         asyncio.run(_echo_main(args.echo_server))
+        return 0
+    if args.directory_server:
+        _directory_main(args.directory_server)
         return 0
     if args.standalone_server:
         _standalone_main(args.model, args.standalone_server, args.compute_threads[0])
