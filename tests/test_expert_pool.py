@@ -401,3 +401,43 @@ def test_in_process_server_other_families(tiny_checkpoint, family):
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         server.stop()
+
+
+def test_data_plane_loop_claims_grpc_poller_and_other_loops_keep_working(checkpoint):
+    """grpc.aio wakes every loop that ever created a grpc.aio object for every event in the process. The expert
+    server takes the poller's socket for its own loop; another loop's grpc.aio server (as Ray's own is in a Serve
+    replica; here the directory's) still serves — its events are forwarded — and gets the socket back when the
+    expert server stops."""
+    directory = DirectoryServer()
+    directory.start("127.0.0.1", 0)
+    other = directory._loop
+
+    def poller_readers(loop) -> int:
+        return sum(1 for key in loop._selector.get_map().values()
+                   if "PollerCompletionQueue._handle_events" in repr(key.data[0]))
+
+    def wait_readers(loop, n: int) -> int:
+        deadline = time.monotonic() + 5
+        while poller_readers(loop) != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return poller_readers(loop)
+
+    async def list_directory():   # a grpc.aio client on the other loop, calling that loop's own server
+        async with grpc.aio.insecure_channel(directory.address) as channel:
+            return await expert_pb2_grpc.ExpertDirectoryStub(channel).List(expert_pb2.ListRequest(), timeout=5)
+
+    try:
+        assert poller_readers(other.loop) == 1
+        server = ExpertServer(checkpoint, {0: [0, 1]}, group="g")
+        port = server.start("127.0.0.1", 0)
+        try:
+            assert wait_readers(other.loop, 0) == 0 and poller_readers(server._loop.loop) == 1
+            out, _ = _forward(_stub(f"127.0.0.1:{port}"), _request(0, [0, 1], rows=4))   # the data plane serves
+            assert out.shape == (4, 128)
+            assert list(other.run(list_directory(), timeout=10).replicas) == []
+        finally:
+            server.stop()
+        assert wait_readers(other.loop, 1) == 1
+        assert list(other.run(list_directory(), timeout=10).replicas) == []
+    finally:
+        directory.stop()

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -367,6 +368,10 @@ def _mutate(fn):
      r"does not hold layer 0 expert\(s\) \[4\]"),
     (lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 4], dtype=torch.int32))), codec.WireError,
      r"token_index out of range \[0, 4\)"),
+    (lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, -1, 2, 3], dtype=torch.int32))), codec.WireError,
+     r"token_index out of range \[0, 4\)"),
+    (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, -2, 0], dtype=torch.int64))), codec.WireError,
+     r"expert id out of range \[0, 8\)"),
     (lambda r: r.weight.CopyFrom(codec.encode(torch.rand(3))), codec.WireError,
      "assignment lengths differ: token_index 4, expert 4, weight 3"),
     (lambda r: r.weight.CopyFrom(codec.encode(torch.zeros(4, dtype=torch.int64))), codec.WireError,
@@ -384,7 +389,15 @@ def test_non_finite_values_are_data_not_wire_errors():
     uninitialised memory through the MoE layers): the replica computes it like vLLM would, it is no wire error."""
     req = _request()
     req.weight.CopyFrom(codec.encode(torch.tensor([0.1, float("nan"), 0.2, float("inf")])))
-    assert torch.isnan(_decode(req).weight[1])
+    assert np.isnan(_decode(req).weight[1])
+
+
+def test_experts_not_held_without_a_known_expert_count():
+    req = _request()
+    req.expert.CopyFrom(codec.encode(torch.tensor([0, -3, 2, 9], dtype=torch.int32)))
+    with pytest.raises(codec.ExpertNotHeld, match=r"does not hold layer 0 expert\(s\) \[-3, 9\]"):
+        codec.decode_forward(req, held=HELD, hidden_size=8)
+    assert codec.decode_forward(_request(), held=HELD, hidden_size=8).expert.tolist() == [0, 1, 2, 0]
 
 
 def test_layer_not_held_and_row_limit():

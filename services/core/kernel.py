@@ -86,14 +86,22 @@ class ExpertWeights:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
 
-    def forward(self, layer: int, hidden: torch.Tensor, token_index: torch.Tensor, expert: torch.Tensor,
-                weight: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], token_index/expert/weight [N] -> [T, H] = sum_n weight[n] * FFN_expert[n](hidden[row])."""
+    def forward(self, layer: int, hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor,
+                expert: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], token_index/expert/weight [N] (numpy or CPU tensors) -> [T, H] =
+        sum_n weight[n] * FFN_expert[n](hidden[token_index[n]])."""
+        token_index, weight = _as_numpy(token_index), _as_numpy(weight)
+        slot = self._slot_np[layer][_as_numpy(expert)]                              # [N] row in the stacks
         if self.kernel == "fused":
-            return _fused_forward(hidden, token_index, self._slot_np[layer][expert.numpy()], weight,
-                                  self.w13[layer], self.w2[layer])
-        return moe_combine(hidden, token_index, self.slot[layer][expert], weight,
-                           self.w13[layer], self.w2[layer], self.act)
+            return _fused_forward(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer])
+        return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
+
+
+def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An [N] assignment array as numpy (a CPU tensor's view; bf16/fp16 gate weights as float32)."""
+    if isinstance(a, np.ndarray):
+        return a
+    return (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()
 
 
 # ---- fused: vLLM's CPU fused-MoE op ---------------------------------------------------------------------------
@@ -151,7 +159,7 @@ def _fused_prepack(w: torch.Tensor, isa: str) -> torch.Tensor:
     return out
 
 
-def _fused_forward(hidden: torch.Tensor, token_index: torch.Tensor, slot: np.ndarray, weight: torch.Tensor,
+def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray, slot: np.ndarray, weight: np.ndarray,
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Assignments -> the fused op's [T, K] (ids, weights) form; K = the most assignments any token has here.
 
@@ -166,8 +174,8 @@ def _fused_forward(hidden: torch.Tensor, token_index: torch.Tensor, slot: np.nda
         raise ValueError("assignment to an expert that is not held")
     x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()   # [T, H]
     out = torch.empty((T, H), dtype=x.dtype)                                  # [T, H]
-    ti = token_index.numpy()
-    w = weight.numpy() if weight.dtype == torch.float32 else weight.float().numpy()
+    ti = token_index
+    w = weight if weight.dtype == np.float32 else weight.astype(np.float32)
     if N % T == 0 and np.array_equal(ti, _whole_layer_index(T, N // T)):
         ids, gates = slot.reshape(T, N // T), w.reshape(T, N // T)            # [T, K]
     else:
@@ -241,7 +249,7 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
         slot = torch.randint(E, (T * K,), generator=g)
         weight = torch.rand(T * K, generator=g)
         try:
-            got = _fused_forward(x, token_index, slot.numpy().astype(np.int32), weight,
+            got = _fused_forward(x, token_index.numpy(), slot.numpy().astype(np.int32), weight.numpy(),
                                  _fused_prepack(w13, _FUSED.isa), _fused_prepack(w2, _FUSED.isa))
             want = moe_combine(x, token_index, slot, weight, w13, w2)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -281,11 +289,11 @@ def _grouped_mm_works(dtype: torch.dtype) -> bool:
     return ok
 
 
-def moe_combine(hidden: torch.Tensor, token_index: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor,
-                w13: torch.Tensor, w2: torch.Tensor, act=F.silu) -> torch.Tensor:
+def moe_combine(hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor, slot: np.ndarray | torch.Tensor,
+                weight: np.ndarray | torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act=F.silu) -> torch.Tensor:
     """Grouped SwiGLU over assignments.
 
-    hidden [T, H]; token_index, slot [N] int64 (slot = row in w13/w2); weight [N];
+    hidden [T, H]; token_index, slot [N] ints (slot = row in w13/w2); weight [N] (numpy or CPU tensors);
     w13 [E, 2I, H]; w2 [E, H, I]. Returns [T, H] in hidden's dtype (accumulated in fp32).
     """
     with torch.inference_mode():
@@ -294,7 +302,8 @@ def moe_combine(hidden: torch.Tensor, token_index: torch.Tensor, slot: torch.Ten
 
 def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     T, H = hidden.shape
-    N = slot.numel()
+    s, token_index, weight = _as_numpy(slot), _as_numpy(token_index), _as_numpy(weight)   # [N] each
+    N = s.shape[0]
     out = torch.zeros((T, H), dtype=torch.float32)                             # [T, H] fp32 accumulator
     if N == 0:
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
@@ -302,13 +311,12 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     # kernel is mostly such small ops around two matmuls. Each expert's rows go through their own matmul (never
     # padded or batched with other experts' rows), so an output does not depend on which other experts the
     # replica holds or the call uses: any placement gives the same bits.
-    s = slot.numpy()                                                           # [N]
     if s.min() < 0:
         raise ValueError("assignment to an expert that is not held")
     counts = np.bincount(s, minlength=w13.shape[0])                            # [E]
     order = np.argsort(s, kind="stable")                                       # [N] assignments grouped by expert
-    rows = torch.from_numpy(token_index.numpy()[order])                        # [N] token of each sorted assignment
-    gate = torch.from_numpy((weight if weight.dtype == torch.float32 else weight.float()).numpy()[order])  # [N]
+    rows = torch.from_numpy(token_index[order].astype(np.int64))              # [N] token of each sorted assignment
+    gate = torch.from_numpy(weight[order].astype(np.float32, copy=False))      # [N]
     x = hidden.index_select(0, rows)                                           # [N, H]
     if x.dtype != w13.dtype:
         x = x.to(w13.dtype)

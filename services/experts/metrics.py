@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import torch
 
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -62,9 +61,9 @@ class ReplicaMetrics:
             child = self._children[key] = metric.labels(**tags)
         child.observe(value)
 
-    def batch(self, layer: int, rows: int, expert: torch.Tensor, num_experts: int) -> None:
+    def batch(self, layer: int, rows: int, expert: np.ndarray, num_experts: int) -> None:
         """One computed batch: its row count, and its assignments' expert ids [N] (counted per expert)."""
-        counts = np.bincount(expert.numpy(), minlength=num_experts)  # [E]
+        counts = np.bincount(expert, minlength=num_experts)  # [E]
         with self._lock:
             if layer in self._pending:
                 self._pending[layer] += counts

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
@@ -90,6 +91,55 @@ def bind_port(server: grpc.aio.Server, host: str, port: int | tuple[int, int]) -
         except RuntimeError:
             continue
     raise RuntimeError(f"no free port in {lo}-{hi} on {host}")
+
+
+def claim_grpc_poller() -> list[tuple[asyncio.AbstractEventLoop, int, object]]:
+    """Make the running loop the only one grpc.aio's completion-queue poller wakes; returns what to give back.
+
+    grpc.aio has one poller per process, and every event loop that ever created a grpc.aio object watches its
+    wake-up socket: every bound loop wakes for every event of every RPC in the process, and whichever reads first
+    runs the events or forwards the other loops' ones with call_soon_threadsafe. In a Serve replica, Ray's own loop
+    is bound (Serve's inter-deployment gRPC server), so each Forward woke a second Python thread that competed for
+    the GIL and the two cores, and sometimes took the detour through it (docs/benchmarks.md). Taking the socket
+    away from the other loops keeps delivery intact — this loop's handler forwards their events, which grpc does
+    already. This reaches into grpc's poller (the reader it registers on each bound loop is
+    functools.partial(PollerCompletionQueue._handle_events, loop)); grpcio is pinned, and if that reader is not
+    found nothing is changed. Call on the server's loop after the server started.
+    """
+    import functools
+    import gc
+
+    from grpc._cython import cygrpc
+
+    loop = asyncio.get_running_loop()
+    fd = handle_events = None
+    for key in loop._selector.get_map().values():
+        callback = getattr(key.data[0], "_callback", None) if key.data and key.data[0] is not None else None
+        if isinstance(callback, functools.partial) and isinstance(getattr(callback.func, "__self__", None),
+                                                                   cygrpc.PollerCompletionQueue):
+            fd, handle_events = key.fd, callback.func
+    if fd is None:
+        return []
+    taken: list[tuple[asyncio.AbstractEventLoop, int, object]] = []
+
+    def take(other: asyncio.AbstractEventLoop) -> None:   # runs on `other`'s own thread
+        # False: it had no reader there. uvloop returns None either way: give such a loop the reader back too.
+        if other.remove_reader(fd) is not False:
+            taken.append((other, fd, functools.partial(handle_events, other)))
+
+    for obj in gc.get_objects():   # event loops register nowhere; a one-off scan per replica
+        # type(), not isinstance(): some module proxies warn or raise when their __class__ is read. Ray's own
+        # loop is a uvloop Loop, not a selector loop: both are AbstractEventLoops.
+        if issubclass(type(obj), asyncio.AbstractEventLoop) and obj is not loop and not obj.is_closed():
+            obj.call_soon_threadsafe(take, obj)
+    return taken
+
+
+def return_grpc_poller(taken: list[tuple[asyncio.AbstractEventLoop, int, object]]) -> None:
+    """Give the poller's socket back to the loops `claim_grpc_poller` took it from (before this loop stops)."""
+    for loop, fd, callback in taken:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.add_reader, fd, callback)
 
 
 class DeadlineExpired(Exception):
@@ -260,9 +310,9 @@ class Coalescer:
             for n in sizes[:-1]:
                 offsets.append(offsets[-1] + n)
             hidden = torch.cat([b.hidden for b in batches])                                       # [sum T, H]
-            token_index = torch.cat([b.token_index + off for b, off in zip(batches, offsets)])      # [sum N]
-            expert = torch.cat([b.expert for b in batches])                                       # [sum N]
-            weight = torch.cat([b.weight for b in batches])                                       # [sum N]
+            token_index = np.concatenate([b.token_index + off for b, off in zip(batches, offsets)])  # [sum N]
+            expert = np.concatenate([b.expert for b in batches])                                  # [sum N]
+            weight = np.concatenate([b.weight for b in batches])                                  # [sum N]
         out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
         rows = hidden.shape[0]
         self.metrics.batch(layer, rows, expert, self.weights.num_experts)
@@ -381,6 +431,7 @@ class ExpertServer:
         self._loop: LoopThread | None = None
         self._server: grpc.aio.Server | None = None
         self.servicer: ExpertServicer | None = None
+        self._claimed: list = []
         self.port: int | None = None
         self.host: str | None = None
 
@@ -407,12 +458,17 @@ class ExpertServer:
         self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         bound = bind_port(self._server, host, port)
         await self._server.start()
+        try:
+            self._claimed = claim_grpc_poller()
+        except Exception:  # a latency optimisation only: never a reason for a replica not to start
+            log.warning("could not claim grpc.aio's poller for the data-plane loop", exc_info=True)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
         return bound
 
     async def _shutdown(self, grace: float) -> None:
         self._flusher.cancel()
         await self._server.stop(grace)
+        return_grpc_poller(self._claimed)
 
     async def _flush_metrics(self) -> None:
         while True:
