@@ -110,18 +110,30 @@ class ForwardBatch:
     weight: np.ndarray         # [N] float32
 
 
-def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | expert_pb2.Tensor,
-                   expert: torch.Tensor, weight: torch.Tensor) -> expert_pb2.ForwardRequest:
-    """token_index may come already encoded (the router caches the [T*K] = t // K of whole-layer calls)."""
+def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | expert_pb2.Tensor,
+                   expert: torch.Tensor | np.ndarray, weight: torch.Tensor | np.ndarray) -> expert_pb2.ForwardRequest:
+    """hidden [T, H]; token_index, expert, weight [N] as tensors or numpy arrays (sent as int32, int32, float32).
+    token_index may come already encoded (the router caches the [T*K] = t // K of whole-layer calls)."""
     req = expert_pb2.ForwardRequest(layer=layer)
     encode_into(req.hidden, hidden)
     if isinstance(token_index, expert_pb2.Tensor):
         req.token_index.CopyFrom(token_index)
     else:
-        encode_into(req.token_index, token_index if token_index.dtype == torch.int32 else token_index.to(torch.int32))
-    encode_into(req.expert, expert if expert.dtype == torch.int32 else expert.to(torch.int32))
-    encode_into(req.weight, weight if weight.dtype == torch.float32 else weight.to(torch.float32))
+        _encode_array_into(req.token_index, token_index, np.int32)
+    _encode_array_into(req.expert, expert, np.int32)
+    _encode_array_into(req.weight, weight, np.float32)
     return req
+
+
+def _encode_array_into(msg: expert_pb2.Tensor, values: torch.Tensor | np.ndarray, dtype: type) -> None:
+    """An [N] assignment array as `dtype` (converted in numpy: ~1 us against ~3 us for a torch cast)."""
+    if isinstance(values, torch.Tensor):
+        values = (values.float() if values.dtype in (torch.bfloat16, torch.float16) else values).detach().cpu().numpy()
+    values = np.ascontiguousarray(values, dtype=dtype)
+    msg.dtype = _NUMPY_TO_WIRE[values.dtype]
+    msg.shape.extend(values.shape)
+    if values.size:
+        msg.data = values.tobytes()
 
 
 def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> np.ndarray:
@@ -194,6 +206,7 @@ def decode_forward(
 
 
 _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
+_NUMPY_TO_WIRE = {np.dtype(np.int32): expert_pb2.INT32, np.dtype(np.float32): expert_pb2.FLOAT32}
 _UNSIGNED = {np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
 _HELD_TABLES: dict[tuple[frozenset, int], tuple[np.ndarray, bool]] = {}
 

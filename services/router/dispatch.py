@@ -321,13 +321,11 @@ class Dispatcher:
         if num_experts is None:
             raise RemoteExpertError(f"layer {layer} was not registered by the expertmesh quant method")
         hidden = hidden.contiguous()
-        ids = topk_ids.reshape(-1)                            # [N] expert of each assignment (N = T*K)
-        weights = topk_weights.reshape(-1)                    # [N]
-        if weights.dtype != torch.float32:
-            weights = weights.float()
         # This runs once per MoE layer per step on the latency path: [N]-sized bookkeeping in numpy (~1 us an op,
-        # a torch op costs ~5 us here).
-        counts = np.bincount(ids.numpy(), minlength=num_experts)   # [E]
+        # a torch op costs ~5 us here); the torch forms are made only when the assignments must be grouped.
+        ids_np = topk_ids.numpy().reshape(-1)                 # [N] expert of each assignment (N = T*K)
+        weights_np = topk_weights.detach().float().numpy().reshape(-1)   # [N] (.float() is a no-op on fp32)
+        counts = np.bincount(ids_np, minlength=num_experts)   # [E]
         self._ensure_counters().add(layer, counts)
         self.layer_calls += 1
         table = self._table
@@ -338,10 +336,11 @@ class Dispatcher:
         try:
             excluded: set[str] = set()
             if sole is not None and sole.only is not None:
-                result = self._whole_layer(layer, sole.only, hidden, ids, weights, K, excluded, metadata)
+                result = self._whole_layer(layer, sole.only, hidden, ids_np, weights_np, K, excluded, metadata)
                 if result is not None:
                     return result
-            ids = ids.long()
+            ids = torch.from_numpy(ids_np).long()                # [N]
+            weights = torch.from_numpy(weights_np)             # [N] fp32
             out = torch.zeros((T, H), dtype=torch.float32)    # [T, H] fp32 accumulator
             pending = torch.arange(ids.numel())                # [n] assignment positions still to compute
             first = True
@@ -359,8 +358,8 @@ class Dispatcher:
                 span_ctx.__exit__(None, None, None)
         return out.to(hidden.dtype)
 
-    def _whole_layer(self, layer: int, endpoint: str, hidden: torch.Tensor, ids: torch.Tensor,
-                     weights: torch.Tensor, K: int, excluded: set[str], metadata) -> torch.Tensor | None:
+    def _whole_layer(self, layer: int, endpoint: str, hidden: torch.Tensor, ids: np.ndarray,
+                     weights: np.ndarray, K: int, excluded: set[str], metadata) -> torch.Tensor | None:
         """One replica holds every expert of the layer: send all rows as they are, one blocking RPC; its reply
         [T, H] is the output. None (endpoint added to `excluded`) if the call failed: the caller re-routes."""
         t0 = time.perf_counter()
@@ -371,7 +370,7 @@ class Dispatcher:
         link.inflight_rows += T
         with self._stats_lock:
             self.rpcs[endpoint] = self.rpcs.get(endpoint, 0) + 1
-            self.assignments[endpoint] = self.assignments.get(endpoint, 0) + int(ids.numel())
+            self.assignments[endpoint] = self.assignments.get(endpoint, 0) + ids.shape[0]
         sent = time.perf_counter()
         self.timers["encode"] += sent - t0
         try:
