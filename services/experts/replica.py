@@ -142,6 +142,15 @@ def return_grpc_poller(taken: list[tuple[asyncio.AbstractEventLoop, int, object]
             loop.call_soon_threadsafe(loop.add_reader, fd, callback)
 
 
+def after_reply(fn, *args) -> None:
+    """Metrics off the latency path: on the event loop, at its next turn (by then gRPC has started sending the
+    reply); from the compute thread, now."""
+    try:
+        asyncio.get_running_loop().call_soon(fn, *args)
+    except RuntimeError:
+        fn(*args)
+
+
 class DeadlineExpired(Exception):
     """The call's deadline passed before its batch started."""
 
@@ -315,7 +324,7 @@ class Coalescer:
             weight = np.concatenate([b.weight for b in batches])                                  # [sum N]
         out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
         rows = hidden.shape[0]
-        self.metrics.batch(layer, rows, expert, self.weights.num_experts)
+        after_reply(self.metrics.batch, layer, rows, expert, self.weights.num_experts)
         if len(batches) == 1:
             return [out], rows
         return list(torch.split(out, sizes)), rows
@@ -403,7 +412,7 @@ class ExpertServicer:
             elapsed = time.perf_counter() - start
             seconds["handler"] += elapsed
             self.coalescer.timers.calls += 1
-            self.metrics.call(elapsed, code)
+            after_reply(self.metrics.call, elapsed, code)
 
 
 class ExpertServer:
