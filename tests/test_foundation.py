@@ -326,6 +326,19 @@ def test_codec_decode_is_zero_copy():
     assert not t.untyped_storage().resizable()  # a view over the message's bytes, not an owned copy
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codec_decode_owned_is_a_writable_copy(dtype):
+    x = torch.randn(3, 4).to(dtype)
+    msg = codec.encode(x)
+    y = codec.decode_owned(msg)
+    assert y.dtype == dtype and torch.equal(y, x)
+    y.add_(1)   # writable, and the message is untouched
+    assert torch.equal(codec.decode(msg), x)
+    with pytest.raises(codec.WireError, match="bytes do not match"):
+        msg.data = msg.data[:-2]
+        codec.decode_owned(msg)
+
+
 HELD = {0: frozenset({0, 1, 2}), 1: frozenset({5})}
 
 

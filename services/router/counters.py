@@ -91,7 +91,8 @@ class RoutedTokenCounters:
         """counts: [num_experts] non-negative integers routed to each expert of `layer` in one step."""
         if isinstance(counts, torch.Tensor):
             counts = counts.numpy()
-        self._rows[layer] += counts.astype(np.uint64, copy=False)
+        row = self._rows[layer]
+        np.add(row, counts, out=row, casting="unsafe")   # int64 counts into the uint64 row, no temporary
 
     def snapshot(self) -> np.ndarray:
         """A copy of the counts: uint64 [num_moe_layers, num_experts] (row i = layer `layers[i]`)."""

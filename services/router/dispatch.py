@@ -45,7 +45,7 @@ import torch
 from opentelemetry import trace
 
 from expertmesh.core import defaults, telemetry
-from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode, encode_forward
+from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, decode_owned, encode, encode_forward
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.experts.directory import DirectoryClient
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
@@ -324,7 +324,8 @@ class Dispatcher:
         # This runs once per MoE layer per step on the latency path: [N]-sized bookkeeping in numpy (~1 us an op,
         # a torch op costs ~5 us here); the torch forms are made only when the assignments must be grouped.
         ids_np = topk_ids.numpy().reshape(-1)                 # [N] expert of each assignment (N = T*K)
-        weights_np = topk_weights.detach().float().numpy().reshape(-1)   # [N] (.float() is a no-op on fp32)
+        weights_np = (topk_weights if topk_weights.dtype == torch.float32
+                      else topk_weights.float()).detach().numpy().reshape(-1)   # [N] fp32
         counts = np.bincount(ids_np, minlength=num_experts)   # [E]
         self._ensure_counters().add(layer, counts)
         self.layer_calls += 1
@@ -386,13 +387,13 @@ class Dispatcher:
         link.inflight_rows -= T
         if self._metrics is not None:
             self._metrics.observe(endpoint, done - sent)
-        result = decode(resp.output, "output")                                   # [T, H] read-only view
+        result = decode_owned(resp.output, "output")                             # [T, H], a copy we may write
         if result.shape != hidden.shape:
             self._on_failure(endpoint, RuntimeError(f"bad output shape {list(result.shape)}"))
             excluded.add(endpoint)
             return None
         # A copy the model may write into (the view is over the reply's immutable bytes), in hidden's dtype.
-        out = result.to(hidden.dtype, copy=True)
+        out = result if result.dtype == hidden.dtype else result.to(hidden.dtype)
         self.timers["combine"] += time.perf_counter() - done
         return out
 
