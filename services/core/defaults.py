@@ -7,6 +7,7 @@ the machine. Everything binds loopback unless told otherwise.
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 GATEWAY_PORT = 8000              # HTTP, OpenAI-compatible API, /health, /metrics, /experts
@@ -55,7 +56,20 @@ def replica_port_range() -> tuple[int, int]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it), for servers started on loopback."""
+    """A port nothing listens on right now, for servers started on loopback.
+
+    Drawn from 20000-29999: below the kernel's ephemeral range (Linux 32768+) and above Ray's worker ports
+    (10002-19999). A port the OS hands out for bind(0) can be handed out again to the next bind(0) — Ray's agents
+    and every Serve replica's internal server bind "[::]:0" — between our choosing it and our server binding it
+    (the likely cause of one pool start seen here whose directory replica never came up)."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

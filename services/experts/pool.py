@@ -298,7 +298,11 @@ class LocalPool:
                 apps = self.serve_status().get("applications", {})
                 for name, app in apps.items():
                     if app.get("status") == "DEPLOY_FAILED":
-                        raise RuntimeError(f"Serve could not deploy {name}: {app.get('message', '')[:3000]}")
+                        # The application's message only names the deployments; theirs says why (the replica's error).
+                        why = "; ".join(f"{d}: {info.get('message', '')}" for d, info in
+                                        app.get("deployments", {}).items() if info.get("message"))
+                        raise RuntimeError(f"Serve could not deploy {name}: {app.get('message', '')} "
+                                           f"{why}"[:3000] + f"\nlog:\n{self._log_tail()}")
                 try:
                     snapshot = client.snapshot(timeout=2)
                     served, wanted = coverage(snapshot, self.plan)
