@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh.core.checkpoint import CheckpointReader
+from expertmesh.core.codec import as_numpy
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "EXPERTMESH_EXPERT_KERNEL"
@@ -42,7 +43,7 @@ class ExpertWeights:
 
     w13[layer]: [E_held, 2I, H] (gate rows first, then up), w2[layer]: [E_held, H, I] — in the fused op's blocked
     layout (same shape and bytes) when `kernel == "fused"`;
-    slot[layer]: [num_experts] int64 mapping expert id -> row in the stack (-1 = not held).
+    slot[layer]: [num_experts] int32 (numpy) mapping expert id -> row in the stack (-1 = not held).
     """
 
     def __init__(self, reader: CheckpointReader, keys: dict[int, list[int]], dtype: torch.dtype | None = None,
@@ -58,8 +59,7 @@ class ExpertWeights:
         self.held: dict[int, frozenset[int]] = {}
         self.w13: dict[int, torch.Tensor] = {}
         self.w2: dict[int, torch.Tensor] = {}
-        self.slot: dict[int, torch.Tensor] = {}
-        self._slot_np: dict[int, np.ndarray] = {}
+        self.slot: dict[int, np.ndarray] = {}
         intermediate = None
         for layer, experts in sorted(keys.items()):
             experts = sorted(set(int(e) for e in experts))
@@ -71,10 +71,9 @@ class ExpertWeights:
                 intermediate = down.shape[1]
             self.w13[layer] = torch.stack(gates)  # [E_held, 2I, H]
             self.w2[layer] = torch.stack(downs)   # [E_held, H, I]
-            slot = torch.full((info.num_experts,), -1, dtype=torch.long)
-            slot[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+            slot = np.full(info.num_experts, -1, dtype=np.int32)
+            slot[experts] = np.arange(len(experts), dtype=np.int32)
             self.slot[layer] = slot
-            self._slot_np[layer] = slot.numpy().astype(np.int32)
             self.held[layer] = frozenset(experts)
         self.kernel = choose_kernel(kernel, act, self.dtype, self.hidden_size, intermediate)
         if self.kernel == "fused":   # the fused op reads its own blocked layout; nothing keeps the plain copy
@@ -90,18 +89,11 @@ class ExpertWeights:
                 expert: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> torch.Tensor:
         """hidden [T, H], token_index/expert/weight [N] (numpy or CPU tensors) -> [T, H] =
         sum_n weight[n] * FFN_expert[n](hidden[token_index[n]])."""
-        token_index, weight = _as_numpy(token_index), _as_numpy(weight)
-        slot = self._slot_np[layer][_as_numpy(expert)]                              # [N] row in the stacks
+        token_index, weight = as_numpy(token_index), as_numpy(weight)
+        slot = self.slot[layer][as_numpy(expert)]                                   # [N] row in the stacks
         if self.kernel == "fused":
             return _fused_forward(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer])
         return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
-
-
-def _as_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
-    """An [N] assignment array as numpy (a CPU tensor's view; bf16/fp16 gate weights as float32)."""
-    if isinstance(a, np.ndarray):
-        return a
-    return (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()
 
 
 # ---- fused: vLLM's CPU fused-MoE op ---------------------------------------------------------------------------
@@ -303,7 +295,7 @@ def moe_combine(hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor, sl
 
 def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     T, H = hidden.shape
-    s, token_index, weight = _as_numpy(slot), _as_numpy(token_index), _as_numpy(weight)   # [N] each
+    s, token_index, weight = as_numpy(slot), as_numpy(token_index), as_numpy(weight)   # [N] each
     N = s.shape[0]
     out = torch.zeros((T, H), dtype=torch.float32)                             # [T, H] fp32 accumulator
     if N == 0:
