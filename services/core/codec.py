@@ -162,7 +162,7 @@ def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype,
         raise WireError(f"{name}: expected 1 dim [assignments], got shape {list(shape)}")
     if dtype in _NUMPY:
         return np.frombuffer(data, dtype=_NUMPY[dtype])
-    return decode(msg, name).float().numpy()   # bf16/fp16 gate weights: numpy has no bf16
+    return as_numpy(decode(msg, name))   # bf16/fp16 gate weights as float32: numpy has no bf16
 
 
 def decode_forward(
@@ -222,7 +222,7 @@ def decode_forward(
 
 
 _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
-_NUMPY_TO_WIRE = {np.dtype(np.int32): expert_pb2.INT32, np.dtype(np.float32): expert_pb2.FLOAT32}
+_NUMPY_TO_WIRE = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
 _UNSIGNED = {np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
 _HELD_TABLES: dict[tuple[frozenset, int], tuple[np.ndarray, bool]] = {}
 
