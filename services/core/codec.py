@@ -59,13 +59,24 @@ def encode_into(msg: expert_pb2.Tensor, tensor: torch.Tensor) -> None:
     """Write `tensor` into `msg` in place (a sub-message set through a constructor would be copied again)."""
     if tensor.dtype not in _TO_WIRE:
         raise WireError(f"dtype {tensor.dtype} is not supported on the wire (supported: {list(_TO_WIRE)})")
-    t = tensor.detach()
-    if t.device.type != "cpu" or not t.is_contiguous():
-        t = t.contiguous().cpu()
-    msg.dtype = _TO_WIRE[t.dtype]
-    msg.shape.extend(t.shape)
-    if t.numel():
-        msg.data = (t.numpy() if t.dtype in _NUMPY else t.view(torch.uint8).numpy()).tobytes()
+    encode_raw_into(msg, tensor.dtype, tensor.shape, raw_bytes(tensor) if tensor.numel() else b"")
+
+
+def encode_raw_into(msg: expert_pb2.Tensor, dtype: torch.dtype, shape, data: bytes) -> None:
+    """Write a tensor given as its raw little-endian bytes (e.g. `raw_bytes`, or a kernel's output) into `msg`."""
+    msg.dtype = _TO_WIRE[dtype]
+    msg.shape.extend(shape)
+    if data:
+        msg.data = data
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's elements as contiguous little-endian bytes (one copy; bf16/fp16 as their raw 2-byte words)."""
+    t = tensor
+    if t.requires_grad or not t.is_cpu or not t.is_contiguous():   # a kernel's output is none of these: no copy
+        t = t.detach().contiguous().cpu()
+    return (t.numpy() if t.dtype in _NUMPY else t.view(torch.int16 if t.element_size() == 2 else torch.uint8)
+            .numpy()).tobytes()
 
 
 def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
@@ -109,14 +120,27 @@ def _checked(msg: expert_pb2.Tensor, name: str) -> tuple[torch.dtype, tuple[int,
 
 @dataclass
 class ForwardBatch:
-    """A validated ForwardRequest. The assignment arrays stay numpy views over the message's bytes (int32 or int64
-    as sent): the kernel's bookkeeping is numpy, and a torch round trip per array cost ~5 us each."""
+    """A validated ForwardRequest. Every array stays a numpy view over the message's bytes: on a replica's latency
+    path a torch or numpy call costs tens of microseconds when the process has just woken up, where a view costs
+    nothing (docs/benchmarks.md, "dispatch round trip"), so torch is touched only by the kernel's one op call."""
 
     layer: int
-    hidden: torch.Tensor       # [T, H] float
-    token_index: np.ndarray    # [N] int
-    expert: np.ndarray         # [N] int
+    hidden_data: np.ndarray    # [T, H] float32, or the raw uint16 words of bf16/fp16 (numpy has no bf16)
+    dtype: torch.dtype         # hidden's dtype
+    token_index: np.ndarray    # [N] int32 or int64, as sent
+    expert: np.ndarray         # [N] int32 or int64, as sent
     weight: np.ndarray         # [N] float32
+    whole_layer: bool = False  # token_index is [T*K] = t // K: all K assignments of each token, in token order
+
+    @property
+    def rows(self) -> int:
+        return self.hidden_data.shape[0]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[T, H] in `dtype`, viewing the message's (read-only) bytes."""
+        t = torch.from_numpy(self.hidden_data)
+        return t if self.dtype == torch.float32 else t.view(self.dtype)
 
 
 def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | expert_pb2.Tensor,
@@ -152,17 +176,32 @@ def _encode_array_into(msg: expert_pb2.Tensor, values: torch.Tensor | np.ndarray
         msg.data = values.tobytes()
 
 
-def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> np.ndarray:
-    """An assignment array ([N] ints or floats) as a read-only numpy view: its checks are a few ops on a few hundred
-    values, which cost ~1 us each in numpy against ~5 us each in torch."""
+def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> tuple[np.ndarray, bytes]:
+    """An assignment array ([N] ints or floats) as a read-only numpy view, and its wire bytes."""
     dtype, shape, data = _checked(msg, name)
     if dtype not in allowed:
         raise WireError(f"{name}: dtype {dtype} not allowed (expected one of {list(allowed)})")
     if len(shape) != 1:
         raise WireError(f"{name}: expected 1 dim [assignments], got shape {list(shape)}")
     if dtype in _NUMPY:
-        return np.frombuffer(data, dtype=_NUMPY[dtype])
-    return as_numpy(decode(msg, name))   # bf16/fp16 gate weights as float32: numpy has no bf16
+        return np.frombuffer(data, dtype=_NUMPY[dtype]), data
+    return as_numpy(decode(msg, name)), data   # bf16/fp16 gate weights as float32: numpy has no bf16
+
+
+def whole_layer_index(T: int, K: int) -> bytes:
+    """The int32 wire bytes of [T*K] = t // K: the token_index of a call that carries all K assignments of each of
+    T tokens in token order (the router's whole-layer call). Cached: comparing against it is one memcmp."""
+    index = _WHOLE_LAYER_INDEX.get((T, K))
+    if index is None:
+        if len(_WHOLE_LAYER_INDEX) > 4096:
+            _WHOLE_LAYER_INDEX.clear()
+        index = _WHOLE_LAYER_INDEX[(T, K)] = np.repeat(np.arange(T, dtype=np.int32), K).tobytes()
+    return index
+
+
+_WHOLE_LAYER_INDEX: dict[tuple[int, int], bytes] = {}
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_FORWARD_FIELDS = ("hidden", "token_index", "expert", "weight")
 
 
 def decode_forward(
@@ -174,37 +213,46 @@ def decode_forward(
     num_experts: int | None = None,
     max_rows: int = 1 << 20,
 ) -> ForwardBatch:
-    """Validate and decode a ForwardRequest against what the replica holds. Raises WireError / ExpertNotHeld."""
-    layer = int(req.layer)
+    """Validate and decode a ForwardRequest against what the replica holds. Raises WireError / ExpertNotHeld.
+
+    On a replica's latency path once per call: every extra numpy/torch call costs the round trip several times its
+    hot time here (docs/benchmarks.md), so the common case (a whole-layer call to a replica holding the layer) is
+    checked with two memcmps and one max."""
+    layer = req.layer
     if num_layers is not None and layer >= num_layers:
         raise WireError(f"layer {layer} out of range: the model has {num_layers} layers")
-    for field in ("hidden", "token_index", "expert", "weight"):
+    for field in _FORWARD_FIELDS:
         if not req.HasField(field):
             raise WireError(f"missing field '{field}'")
-    hidden = decode(req.hidden, "hidden")
-    if hidden.dtype not in FLOAT_DTYPES:
+    dtype, shape, data = _checked(req.hidden, "hidden")
+    if dtype not in FLOAT_DTYPES:
         raise WireError(f"hidden: dtype {dtype_name(req.hidden.dtype)} is not a float type")
-    if hidden.dim() != 2:
-        raise WireError(f"hidden: expected 2 dims [tokens, hidden], got shape {list(hidden.shape)}")
-    if hidden.shape[1] != hidden_size:
-        raise WireError(f"hidden: hidden size {hidden.shape[1]} does not match the model's {hidden_size}")
-    if hidden.shape[0] > max_rows:
-        raise WireError(f"hidden: {hidden.shape[0]} rows exceed the limit of {max_rows}")
-    token_index = _decode_small(req.token_index, "token_index", (torch.int32, torch.int64))
-    expert = _decode_small(req.expert, "expert", (torch.int32, torch.int64))
-    weight = _decode_small(req.weight, "weight", FLOAT_DTYPES)
+    if len(shape) != 2:
+        raise WireError(f"hidden: expected 2 dims [tokens, hidden], got shape {list(shape)}")
+    rows = shape[0]
+    if shape[1] != hidden_size:
+        raise WireError(f"hidden: hidden size {shape[1]} does not match the model's {hidden_size}")
+    if rows > max_rows:
+        raise WireError(f"hidden: {rows} rows exceed the limit of {max_rows}")
+    hidden = np.frombuffer(data, dtype=_HIDDEN_WORDS[dtype]).reshape(shape)            # [T, H] view
+    token_index, ti_data = _decode_small(req.token_index, "token_index", _INDEX_DTYPES)
+    expert, expert_data = _decode_small(req.expert, "expert", _INDEX_DTYPES)
+    weight, _ = _decode_small(req.weight, "weight", FLOAT_DTYPES)
     n = token_index.shape[0]
     if expert.shape[0] != n or weight.shape[0] != n:
         raise WireError(
             f"assignment lengths differ: token_index {n}, expert {expert.shape[0]}, weight {weight.shape[0]}"
         )
-    rows = hidden.shape[0]
     top = 0
+    whole = False
     if n:
-        # Each range check is one max over the ids read as unsigned: a negative id reads as a huge value.
-        if int(token_index.view(_UNSIGNED[token_index.dtype]).max()) >= rows:
+        # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a numpy
+        # reduction here cost ~40 us a call in situ, the builtin max nothing measurable. The router's whole-layer
+        # index [T*K] = t // K is in range by construction and recognised by one memcmp.
+        whole = n % rows == 0 and ti_data == whole_layer_index(rows, n // rows)
+        if not whole and max(memoryview(ti_data).cast(_UNSIGNED_CODE[token_index.dtype])) >= rows:
             raise WireError(f"token_index out of range [0, {rows})")
-        top = int(expert.view(_UNSIGNED[expert.dtype]).max())
+        top = max(memoryview(expert_data).cast(_UNSIGNED_CODE[expert.dtype]))
         if num_experts is not None and top >= num_experts:
             raise WireError(f"expert id out of range [0, {num_experts})")
     held_here = held.get(layer)
@@ -218,12 +266,14 @@ def decode_forward(
         if top >= size or (not holds_all and not table[expert].all()):
             missing = sorted(set(np.unique(expert).tolist()) - set(held_here))
             raise ExpertNotHeld(f"this replica does not hold layer {layer} expert(s) {missing}")
-    return ForwardBatch(layer, hidden, token_index, expert, weight)
+    return ForwardBatch(layer, hidden, dtype, token_index, expert, weight, whole)
 
 
 _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
 _NUMPY_TO_WIRE = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
-_UNSIGNED = {np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
+_UNSIGNED_CODE = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}   # memoryview formats of the unsigned views
+# numpy words viewing hidden's bytes: float32 as is, bf16/fp16 as their raw 16-bit words
+_HIDDEN_WORDS = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}
 _HELD_TABLES: dict[tuple[frozenset, int], tuple[np.ndarray, bool]] = {}
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh.core.checkpoint import CheckpointReader
-from expertmesh.core.codec import as_numpy
+from expertmesh.core.codec import ForwardBatch, as_numpy, raw_bytes, whole_layer_index
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "EXPERTMESH_EXPERT_KERNEL"
@@ -75,6 +75,9 @@ class ExpertWeights:
             slot[experts] = np.arange(len(experts), dtype=np.int32)
             self.slot[layer] = slot
             self.held[layer] = frozenset(experts)
+        # Layers whose every expert is held (the default plan): no slot can be -1, so no per-call check for it, and
+        # expert id == row in the stacks (no lookup).
+        self._holds_all = frozenset(layer for layer, slot in self.slot.items() if slot.min() >= 0)
         self.kernel = choose_kernel(kernel, act, self.dtype, self.hidden_size, intermediate)
         if self.kernel == "fused":   # the fused op reads its own blocked layout; nothing keeps the plain copy
             isa = _FUSED.isa
@@ -90,10 +93,25 @@ class ExpertWeights:
         """hidden [T, H], token_index/expert/weight [N] (numpy or CPU tensors) -> [T, H] =
         sum_n weight[n] * FFN_expert[n](hidden[token_index[n]])."""
         token_index, weight = as_numpy(token_index), as_numpy(weight)
-        slot = self.slot[layer][as_numpy(expert)]                                   # [N] row in the stacks
+        table = self.slot[layer]
+        slot = table[as_numpy(expert)]                 # [N] row in the stacks (IndexError for ids >= num_experts)
+        if layer not in self._holds_all and slot.shape[0] and slot.min() < 0:
+            raise ValueError("assignment to an expert that is not held")
         if self.kernel == "fused":
             return _fused_forward(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer])
         return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
+
+    def forward_batch(self, batch: ForwardBatch) -> bytes:
+        """A batch validated by `codec.decode_forward` against these weights' held keys -> its output [T, H] as the
+        wire's raw bytes, in the batch's dtype. The replica's path. A whole-layer call on the fused kernel (the
+        default plan's every call) is staged: nothing but the op itself touches torch (`_fused_staged`)."""
+        T, N = batch.rows, batch.expert.shape[0]
+        if (self.kernel == "fused" and batch.whole_layer and N and batch.dtype == self.dtype
+                and T <= _STAGING_MAX_ROWS):
+            layer = batch.layer
+            slot = batch.expert if layer in self._holds_all else self.slot[layer][batch.expert]   # [N]
+            return _fused_staged(batch.hidden_data, slot, batch.weight, N // T, self.w13[layer], self.w2[layer])
+        return raw_bytes(self.forward(batch.layer, batch.hidden, batch.token_index, batch.expert, batch.weight))
 
 
 # ---- fused: vLLM's CPU fused-MoE op ---------------------------------------------------------------------------
@@ -154,22 +172,22 @@ def _fused_prepack(w: torch.Tensor, isa: str) -> torch.Tensor:
 def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray, slot: np.ndarray, weight: np.ndarray,
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Assignments -> the fused op's [T, K] (ids, weights) form; K = the most assignments any token has here.
+    `slot` [N] int32, every entry a held row (the caller checked).
 
     A token with fewer than K assignments is padded with weight 0 on one of its own experts (adds exactly 0); one
     with none gets K weight-0 entries on some held expert (its output row is 0). The router's whole-layer call is
-    already [T, K]."""
+    already [T, K]. This runs once per Forward on the replica's latency path: every extra numpy or torch call here
+    was measured to cost the round trip several times its own hot time (docs/benchmarks.md), so the whole-layer
+    case makes exactly the tensors the op needs and nothing else."""
     T, H = hidden.shape
     N = slot.shape[0]
     if N == 0:
         return torch.zeros((T, H), dtype=hidden.dtype)
-    if slot.min() < 0:
-        raise ValueError("assignment to an expert that is not held")
     x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()   # [T, H]
-    out = torch.empty((T, H), dtype=x.dtype)                                  # [T, H]
     ti = token_index
     w = weight if weight.dtype == np.float32 else weight.astype(np.float32)
-    if N % T == 0 and ti.dtype == np.int32 and ti.tobytes() == _whole_layer_index(T, N // T):   # memcmp: ~0.2 us
-        ids, gates = slot.reshape(T, N // T), w.reshape(T, N // T)            # [T, K]
+    if N % T == 0 and ti.dtype == np.int32 and ti.tobytes() == whole_layer_index(T, N // T):   # memcmp: ~0.2 us
+        ids, gates = slot.reshape(T, N // T), w.reshape(T, N // T)            # [T, K] views, contiguous
     else:
         per_token = np.bincount(ti, minlength=T)                              # [T]
         K = int(per_token.max())
@@ -183,25 +201,60 @@ def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray, slot: np.ndarr
         ids[sorted_ti, col] = slot[order]
         gates = np.zeros((T, K), dtype=np.float32)
         gates[sorted_ti, col] = w[order]
-    gates_t = torch.from_numpy(np.ascontiguousarray(gates, dtype=np.float32))   # [T, K]
-    ids_t = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int32))         # [T, K]
+    out = torch.empty((T, H), dtype=x.dtype)                                  # [T, H]
     with _FUSED_LOCK:
-        torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, gates_t, ids_t, False, "silu", _FUSED.isa)
+        torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, torch.from_numpy(gates), torch.from_numpy(ids),
+                                   False, "silu", _FUSED.isa)
     return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
 
-_WHOLE_LAYER_INDEX: dict[tuple[int, int], bytes] = {}
+# A whole-layer call's op inputs and output live in persistent tensors, one set per (K, H, dtype) with views per
+# row count, written and read through numpy views under _FUSED_LOCK. Measured on the replica's latency path
+# (docs/benchmarks.md): each torch call there (from_numpy, empty, ...) cost tens of microseconds in situ, right after
+# the process woke up for the call, against ~1 us back to back; numpy copies into existing buffers cost nothing
+# measurable. Capacity bounds the memory: 2 x rows x H floats + 2 x rows x K small ones per set.
+_STAGING_MAX_ROWS = 256
 
 
-def _whole_layer_index(T: int, K: int) -> bytes:
-    """The int32 bytes of [T*K] = t // K: the token index of a call that carries all K assignments of each of T
-    tokens (cached)."""
-    index = _WHOLE_LAYER_INDEX.get((T, K))
-    if index is None:
-        if len(_WHOLE_LAYER_INDEX) > 4096:
-            _WHOLE_LAYER_INDEX.clear()
-        index = _WHOLE_LAYER_INDEX[(T, K)] = np.repeat(np.arange(T, dtype=np.int32), K).tobytes()
-    return index
+class _Staging:
+    def __init__(self, K: int, H: int, dtype: torch.dtype):
+        R = _STAGING_MAX_ROWS
+        self.x = torch.empty((R, H), dtype=dtype)         # [R, H]
+        self.out = torch.empty((R, H), dtype=dtype)       # [R, H]
+        self.ids = torch.empty((R, K), dtype=torch.int32)    # [R, K]
+        self.gates = torch.empty((R, K), dtype=torch.float32)  # [R, K]
+        self._views: dict[int, tuple] = {}
+
+    def views(self, T: int) -> tuple:
+        """(x, ids, gates, out) tensors of the first T rows, and numpy views (x words, flat ids, flat gates, out
+        words) of the same memory; made once per T."""
+        v = self._views.get(T)
+        if v is None:
+            x, ids, gates, out = self.x[:T], self.ids[:T], self.gates[:T], self.out[:T]
+            words = (lambda t: t.numpy()) if x.dtype == torch.float32 else (lambda t: t.view(torch.int16).numpy())
+            v = self._views[T] = (x, ids, gates, out, words(x), ids.numpy().reshape(-1), gates.numpy().reshape(-1),
+                                  words(out))
+        return v
+
+
+_STAGING: dict[tuple[int, int, torch.dtype], _Staging] = {}
+
+
+def _fused_staged(hidden_words: np.ndarray, slot: np.ndarray, weight: np.ndarray, K: int, w13: torch.Tensor,
+                  w2: torch.Tensor) -> bytes:
+    """hidden_words [T, H] (float32, or bf16 as int16 words), slot/weight [T*K] in token order (every entry a held
+    row) -> the op's output [T, H] as bytes."""
+    T, H = hidden_words.shape
+    with _FUSED_LOCK:
+        staging = _STAGING.get((K, H, w13.dtype))
+        if staging is None:
+            staging = _STAGING[(K, H, w13.dtype)] = _Staging(K, H, w13.dtype)
+        x, ids, gates, out, x_words, ids_flat, gates_flat, out_words = staging.views(T)
+        x_words[...] = hidden_words          # [T, H]
+        ids_flat[...] = slot                 # [T*K] int32
+        gates_flat[...] = weight             # [T*K] float32
+        torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, gates, ids, False, "silu", _FUSED.isa)
+        return out_words.tobytes()
 
 
 def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: int,

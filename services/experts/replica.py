@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 from expertmesh.core import telemetry
 from expertmesh.core.checkpoint import CheckpointReader
 from expertmesh.core.codec import (DEFAULT_MAX_MESSAGE_BYTES, ExpertNotHeld, ForwardBatch, WireError, decode_forward,
-                                   encode, encode_into)
+                                   encode, encode_raw_into)
 from expertmesh.core.kernel import ExpertWeights
 from expertmesh.core.protos import expert_pb2
 from expertmesh.experts.loop_thread import LoopThread
@@ -216,11 +216,14 @@ class Coalescer:
         self.in_flight -= 1
         self._changed.set()
 
-    async def submit(self, batch: ForwardBatch, deadline: float | None) -> tuple[torch.Tensor, int]:
-        key = (batch.layer, batch.hidden.dtype)
+    async def submit(self, batch: ForwardBatch, context: grpc.aio.ServicerContext | None = None
+                     ) -> tuple[bytes, int]:
+        """The call's output [T, H] as raw bytes (the batch's dtype) and the rows of the batch it was computed in. `context` gives the deadline of a
+        call that has to queue (a lone call is computed at once and never reads it)."""
+        key = (batch.layer, batch.dtype)
         q = self._queues.get(key)
         def alone() -> bool:
-            return self.in_flight == 1 and (q is None or not q.calls) and batch.hidden.shape[0] <= self.inline_rows
+            return self.in_flight == 1 and (q is None or not q.calls) and batch.rows <= self.inline_rows
 
         # One loop turn lets calls gRPC has already received enter their handlers; if this is still the only call
         # on the replica there is nothing to coalesce with: compute it right here (no queue entry, drain task or
@@ -236,7 +239,9 @@ class Coalescer:
         if q is None:
             q = self._queues[key] = _LayerQueue()
         loop = asyncio.get_running_loop()
-        call = _Call(batch, loop.create_future(), deadline, batch.hidden.shape[0], time.perf_counter())
+        remaining = context.time_remaining() if context is not None else None
+        deadline = None if remaining is None else loop.time() + remaining
+        call = _Call(batch, loop.create_future(), deadline, batch.rows, time.perf_counter())
         if not q.calls:
             q.first_arrival = loop.time()
         q.calls.append(call)
@@ -308,26 +313,29 @@ class Coalescer:
         finally:
             q.draining = False
 
-    def _run(self, layer: int, batches: list[ForwardBatch]) -> tuple[list[torch.Tensor], int]:
-        """Compute batches of one layer as one: [sum T, H] through the kernel, split back per batch."""
+    def _run(self, layer: int, batches: list[ForwardBatch]) -> tuple[list[bytes], int]:
+        """Compute batches of one layer as one: [sum T, H] through the kernel, split back per batch (as raw bytes)."""
         if len(batches) == 1:
-            b = batches[0]
-            hidden, token_index, expert, weight = b.hidden, b.token_index, b.expert, b.weight
+            batch = batches[0]
         else:
-            sizes = [b.hidden.shape[0] for b in batches]
-            offsets = [0]
-            for n in sizes[:-1]:
-                offsets.append(offsets[-1] + n)
-            hidden = torch.cat([b.hidden for b in batches])                                       # [sum T, H]
-            token_index = np.concatenate([b.token_index + off for b, off in zip(batches, offsets)])  # [sum N]
-            expert = np.concatenate([b.expert for b in batches])                                  # [sum N]
-            weight = np.concatenate([b.weight for b in batches])                                  # [sum N]
-        out = self.weights.forward(layer, hidden, token_index, expert, weight)                  # [sum T, H]
-        rows = hidden.shape[0]
-        after_reply(self.metrics.batch, layer, rows, expert, self.weights.num_experts)
+            offsets = np.cumsum([0] + [b.rows for b in batches[:-1]])
+            batch = ForwardBatch(
+                layer,
+                np.concatenate([b.hidden_data for b in batches]),                                   # [sum T, H]
+                batches[0].dtype,
+                np.concatenate([b.token_index + off for b, off in zip(batches, offsets)]),           # [sum N]
+                np.concatenate([b.expert for b in batches]),                                         # [sum N]
+                np.concatenate([b.weight for b in batches]),                                         # [sum N]
+                # whole-layer calls with one K stay one: their shifted indices are again t // K
+                whole_layer=all(b.whole_layer for b in batches)
+                and len({b.expert.shape[0] // max(1, b.rows) for b in batches}) == 1)
+        out = self.weights.forward_batch(batch)                                                 # [sum T, H] bytes
+        rows = batch.rows
+        after_reply(self.metrics.batch, layer, rows, batch.expert, self.weights.num_experts)
         if len(batches) == 1:
             return [out], rows
-        return list(torch.split(out, sizes)), rows
+        row_bytes = len(out) // max(1, rows)
+        return [out[off * row_bytes:(off + b.rows) * row_bytes] for b, off in zip(batches, offsets.tolist())], rows
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -392,16 +400,14 @@ class ExpertServicer:
             except ExpertNotHeld as exc:
                 code = "NOT_FOUND"
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc} (replica {self.replica_id})")
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
             try:
-                output, rows = await self.coalescer.submit(batch, deadline)
+                output, rows = await self.coalescer.submit(batch, context)
             except DeadlineExpired:
                 code = "DEADLINE_EXCEEDED"
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch started")
             r0 = time.perf_counter()
             response = expert_pb2.ForwardResponse(batch_rows=rows)
-            encode_into(response.output, output)
+            encode_raw_into(response.output, batch.dtype, batch.hidden_data.shape, output)
             seconds["respond"] += time.perf_counter() - r0
             return response
         except asyncio.CancelledError:
