@@ -145,16 +145,18 @@ class ForwardBatch:
 
 def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | expert_pb2.Tensor,
                    expert: torch.Tensor | np.ndarray, weight: torch.Tensor | np.ndarray) -> expert_pb2.ForwardRequest:
-    """hidden [T, H]; token_index, expert, weight [N] as tensors or numpy arrays (sent as int32, int32, float32).
-    token_index may come already encoded (the router caches the [T*K] = t // K of whole-layer calls)."""
+    """hidden [T, H]; token_index, expert [N] ints (int32 and int64 travel as they are, others as int32), weight [N]
+    (as float32), each a tensor or a numpy array. token_index may come already encoded (the router caches the
+    [T*K] = t // K of whole-layer calls). The router's latency path: numpy views and `tobytes`, no casts or
+    torch calls beyond the one `numpy()` per tensor (docs/benchmarks.md)."""
     req = expert_pb2.ForwardRequest(layer=layer)
     encode_into(req.hidden, hidden)
     if isinstance(token_index, expert_pb2.Tensor):
         req.token_index.CopyFrom(token_index)
     else:
-        _encode_array_into(req.token_index, token_index, np.int32)
-    _encode_array_into(req.expert, expert, np.int32)
-    _encode_array_into(req.weight, weight, np.float32)
+        _encode_array_into(req.token_index, token_index, _WIRE_INTS)
+    _encode_array_into(req.expert, expert, _WIRE_INTS)
+    _encode_array_into(req.weight, weight, _WIRE_FLOATS)
     return req
 
 
@@ -164,16 +166,20 @@ def as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
         return values
     if values.dtype in (torch.bfloat16, torch.float16):
         values = values.float()
-    return values.detach().cpu().numpy()
+    if values.requires_grad or not values.is_cpu:
+        values = values.detach().cpu()
+    return values.numpy()
 
 
-def _encode_array_into(msg: expert_pb2.Tensor, values: torch.Tensor | np.ndarray, dtype: type) -> None:
-    """An [N] assignment array as `dtype` (converted in numpy: ~1 us against ~3 us for a torch cast)."""
-    values = np.ascontiguousarray(as_numpy(values), dtype=dtype)
+def _encode_array_into(msg: expert_pb2.Tensor, values: torch.Tensor | np.ndarray, allowed: tuple) -> None:
+    """An [N] assignment array, as it is if its dtype is in `allowed` (numpy dtypes), else cast to allowed[0]."""
+    values = as_numpy(values)
+    if values.dtype not in allowed:
+        values = values.astype(allowed[0])
     msg.dtype = _NUMPY_TO_WIRE[values.dtype]
-    msg.shape.extend(values.shape)
+    msg.shape.append(values.size)
     if values.size:
-        msg.data = values.tobytes()
+        msg.data = values.tobytes()   # C order whatever the strides
 
 
 def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> tuple[np.ndarray, bytes]:
@@ -271,6 +277,8 @@ def decode_forward(
 
 _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
 _NUMPY_TO_WIRE = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
+_WIRE_INTS = (np.dtype(np.int32), np.dtype(np.int64))
+_WIRE_FLOATS = (np.dtype(np.float32),)
 _UNSIGNED_CODE = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}   # memoryview formats of the unsigned views
 # numpy words viewing hidden's bytes: float32 as is, bf16/fp16 as their raw 16-bit words
 _HIDDEN_WORDS = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}

@@ -45,7 +45,7 @@ import torch
 from opentelemetry import trace
 
 from expertmesh.core import defaults, telemetry
-from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, decode_owned, encode, encode_forward
+from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, as_numpy, decode, decode_owned, encode, encode_forward
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.experts.directory import DirectoryClient
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
@@ -320,12 +320,11 @@ class Dispatcher:
         num_experts = self._layers.get(layer)
         if num_experts is None:
             raise RemoteExpertError(f"layer {layer} was not registered by the expertmesh quant method")
-        hidden = hidden.contiguous()
-        # This runs once per MoE layer per step on the latency path: [N]-sized bookkeeping in numpy (~1 us an op,
-        # a torch op costs ~5 us here); the torch forms are made only when the assignments must be grouped.
-        ids_np = topk_ids.numpy().reshape(-1)                 # [N] expert of each assignment (N = T*K)
-        weights_np = (topk_weights if topk_weights.dtype == torch.float32
-                      else topk_weights.float()).detach().numpy().reshape(-1)   # [N] fp32
+        # This runs once per MoE layer per step on the latency path: [N]-sized bookkeeping in numpy, and as few
+        # torch calls as can be (each costs tens of us in situ, docs/benchmarks.md); the torch forms are made only
+        # when the assignments must be grouped.
+        ids_np = as_numpy(topk_ids).reshape(-1)               # [N] expert of each assignment (N = T*K)
+        weights_np = as_numpy(topk_weights).reshape(-1)       # [N] (bf16/fp16 as fp32)
         counts = np.bincount(ids_np, minlength=num_experts)   # [E]
         self._ensure_counters().add(layer, counts)
         self.layer_calls += 1
@@ -340,8 +339,9 @@ class Dispatcher:
                 result = self._whole_layer(layer, sole.only, hidden, ids_np, weights_np, K, excluded, metadata)
                 if result is not None:
                     return result
+            hidden = hidden.contiguous()
             ids = torch.from_numpy(ids_np).long()                # [N]
-            weights = torch.from_numpy(weights_np)             # [N] fp32
+            weights = torch.from_numpy(weights_np.astype(np.float32, copy=False))   # [N] fp32
             out = torch.zeros((T, H), dtype=torch.float32)    # [T, H] fp32 accumulator
             pending = torch.arange(ids.numel())                # [n] assignment positions still to compute
             first = True
