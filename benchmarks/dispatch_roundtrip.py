@@ -123,7 +123,7 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
     echo_bytes = payload.SerializeToString()
 
     d = Dispatcher(directory_address, metrics=False,
-                   counters_path=str(Path(tempfile.mkdtemp(prefix="em-bench-counters-")) / "counters"))
+                   counters_path=str(Path(tempfile.mkdtemp(prefix="counters-", dir=args.scratch)) / "counters"))
     d.register_layer("bench", layer, info.num_experts)
     d.wait_for_coverage({layer: info.num_experts}, timeout=30)
     reference = _reference_output(args.model_path, layer, x, topk, weight)
@@ -216,9 +216,10 @@ def _per_call_us(fn, n: int = 500, repeats: int = 5) -> float:
 
 
 def _breakdown(model: str, layer: int) -> dict:
-    """Where a dispatch's CPU time goes, per piece, measured in this process (median of 5 x 500 calls)."""
+    """Where a dispatch's CPU time goes, per piece, measured hot in this process (median of 5 x 500 calls). The
+    round trip pays these several times over in situ (see docs/benchmarks.md)."""
     from expertmesh.core.checkpoint import CheckpointReader
-    from expertmesh.core.codec import decode_forward, encode
+    from expertmesh.core.codec import decode, decode_forward, encode_raw_into
     from expertmesh.core.kernel import ExpertWeights
 
     info = read_moe_info(model)
@@ -227,19 +228,26 @@ def _breakdown(model: str, layer: int) -> dict:
     token_index, expert, gate = torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten()
     req = encode_forward(layer, x, token_index, expert, gate)
     raw = req.SerializeToString()
-    out = weights.forward(layer, x, token_index, expert, gate)
-    reply = expert_pb2.ForwardResponse(output=encode(out), batch_rows=64).SerializeToString()
-    result = {
+    batch = decode_forward(req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,
+                           num_experts=info.num_experts)
+    out = weights.forward_batch(batch)
+
+    def encode_output() -> bytes:
+        response = expert_pb2.ForwardResponse(batch_rows=64)
+        encode_raw_into(response.output, batch.dtype, batch.hidden_data.shape, out)
+        return response.SerializeToString()
+
+    reply = encode_output()
+    return {
         "client_encode_forward": _per_call_us(lambda: encode_forward(layer, x, token_index, expert, gate)),
         "server_parse": _per_call_us(lambda: expert_pb2.ForwardRequest.FromString(raw)),
         "server_decode_forward_validate": _per_call_us(lambda: decode_forward(
             req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,
             num_experts=info.num_experts)),
-        "server_kernel_forward": _per_call_us(lambda: weights.forward(layer, x, token_index, expert, gate)),
-        "server_encode_output": _per_call_us(lambda: encode(out)),
+        "server_kernel_forward_batch": _per_call_us(lambda: weights.forward_batch(batch)),
+        "server_encode_output": _per_call_us(encode_output),
         "client_decode_output": _per_call_us(lambda: decode(expert_pb2.ForwardResponse.FromString(reply).output)),
     }
-    return {k: v for k, v in result.items()}
 
 
 def _run_against(args, directory_address: str, replicas: int, info, echo_port: int) -> dict:
@@ -277,7 +285,9 @@ def main() -> int:
         _standalone_main(args.model, args.standalone_server, args.compute_threads[0])
         return 0
 
-    model = args.model or str(build_tiny_checkpoint("mixtral", Path(tempfile.mkdtemp(prefix="em-bench-")) / "m"))
+    scratch = tempfile.TemporaryDirectory(prefix="em-bench-")   # the tiny checkpoint and counters files; removed at exit
+    args.scratch = scratch.name
+    model = args.model or str(build_tiny_checkpoint("mixtral", Path(scratch.name) / "m"))
     args.model_path = model
     info = read_moe_info(model)
     plan = default_plan(info)  # the default placement (both MoE layers of the tiny Mixtral in one group)

@@ -265,6 +265,37 @@ def test_fused_kernel_matches_torch_kernel_on_any_assignment_set(tiny_checkpoint
         fused.forward(layer, x, torch.tensor([0]), torch.tensor([1]), torch.tensor([1.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("holds", ["all", "every other"])
+def test_forward_batch_gives_forward_bytes_for_every_call_shape(tiny_checkpoint, dtype, holds):
+    """The replica's path (`forward_batch`: a decoded request in, the output's wire bytes out) stages whole-layer
+    calls into persistent op tensors, reused across calls and row counts; every call must still give exactly
+    `forward`'s answer: whole-layer calls of changing T (int32 and int64 ids), partial calls, a held subset."""
+    reader = CheckpointReader(tiny_checkpoint("qwen3_moe"))
+    info = reader.info
+    layer, E, H = info.moe_layers[0], info.num_experts, info.hidden_size
+    keys = {layer: list(range(E)) if holds == "all" else list(range(0, E, 2))}
+    weights = ExpertWeights(reader, keys, dtype=dtype)
+    held = torch.tensor(keys[layer])
+    g = torch.Generator().manual_seed(7)
+    K = 4
+    for T, id_dtype, whole in [(64, torch.int32, True), (5, torch.int64, True), (64, torch.int64, True),
+                               (1, torch.int32, True), (9, torch.int32, False), (64, torch.int32, True)]:
+        x = torch.randn(T, H, generator=g).to(dtype)
+        ti = torch.arange(T).repeat_interleave(K)
+        ex = held[torch.randint(len(held), (T * K,), generator=g)].to(id_dtype)
+        w = torch.rand(T * K, generator=g)
+        if not whole:
+            keep = torch.rand(T * K, generator=g) < 0.5
+            ti, ex, w = ti[keep], ex[keep], w[keep]
+        batch = codec.decode_forward(codec.encode_forward(layer, x, ti, ex, w), held=weights.held, hidden_size=H,
+                                     num_layers=info.num_layers, num_experts=E)
+        assert batch.whole_layer == whole and batch.rows == T and batch.dtype == dtype
+        assert torch.equal(batch.hidden, x)
+        want = weights.forward(layer, x, ti, ex, w)
+        assert weights.forward_batch(batch) == codec.raw_bytes(want), (T, id_dtype, whole)
+
+
 def test_kernel_is_safe_to_call_from_several_threads(tiny_checkpoint):
     """Two replicas in one process (the router's in-process pool), or a replica's loop and compute threads, may run
     the kernel at once: each caller still gets its own answer (vLLM's fused op alone would crash here)."""

@@ -1,8 +1,10 @@
 """The one wire codec: tensors <-> `expertmesh.v1.Tensor` (raw little-endian bytes + dtype + shape).
 
-Decoding is zero-copy (`torch.frombuffer` over the protobuf bytes) and every check on an incoming
+Decoding is zero-copy (numpy / torch views over the protobuf bytes) and every check on an incoming
 ForwardRequest lives here, each with its own message, raised as `WireError` (the servers map it to
-gRPC INVALID_ARGUMENT; `ExpertNotHeld` maps to NOT_FOUND). No pickle.
+gRPC INVALID_ARGUMENT; `ExpertNotHeld` maps to NOT_FOUND). No pickle. The request decoder and the encoders run once
+per MoE layer per step on the latency path, where every torch or numpy call costs tens of microseconds in situ
+(docs/benchmarks.md): they use views, `tobytes` and Python builtins rather than array operations.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class ForwardBatch:
 
 def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | expert_pb2.Tensor,
                    expert: torch.Tensor | np.ndarray, weight: torch.Tensor | np.ndarray) -> expert_pb2.ForwardRequest:
-    """hidden [T, H]; token_index, expert [N] ints (int32 and int64 travel as they are, others as int32), weight [N]
+    """hidden [T, H]; token_index [N] (as int32), expert [N] ints (int32 and int64 travel as they are), weight [N]
     (as float32), each a tensor or a numpy array. token_index may come already encoded (the router caches the
     [T*K] = t // K of whole-layer calls). The router's latency path: numpy views and `tobytes`, no casts or
     torch calls beyond the one `numpy()` per tensor (docs/benchmarks.md)."""
@@ -154,7 +156,8 @@ def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor |
     if isinstance(token_index, expert_pb2.Tensor):
         req.token_index.CopyFrom(token_index)
     else:
-        _encode_array_into(req.token_index, token_index, _WIRE_INTS)
+        _encode_array_into(req.token_index, token_index, _WIRE_INT32)   # rows < 2^31; int32 is what the
+        # replica recognises a whole-layer call by
     _encode_array_into(req.expert, expert, _WIRE_INTS)
     _encode_array_into(req.weight, weight, _WIRE_FLOATS)
     return req
@@ -278,6 +281,7 @@ def decode_forward(
 _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
 _NUMPY_TO_WIRE = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
 _WIRE_INTS = (np.dtype(np.int32), np.dtype(np.int64))
+_WIRE_INT32 = (np.dtype(np.int32),)
 _WIRE_FLOATS = (np.dtype(np.float32),)
 _UNSIGNED_CODE = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}   # memoryview formats of the unsigned views
 # numpy words viewing hidden's bytes: float32 as is, bf16/fp16 as their raw 16-bit words
