@@ -142,15 +142,6 @@ def return_grpc_poller(taken: list[tuple[asyncio.AbstractEventLoop, int, object]
             loop.call_soon_threadsafe(loop.add_reader, fd, callback)
 
 
-def after_reply(fn, *args) -> None:
-    """Metrics off the latency path: on the event loop, at its next turn (by then gRPC has started sending the
-    reply); from the compute thread, now."""
-    try:
-        asyncio.get_running_loop().call_soon(fn, *args)
-    except RuntimeError:
-        fn(*args)
-
-
 class DeadlineExpired(Exception):
     """The call's deadline passed before its batch started."""
 
@@ -331,7 +322,7 @@ class Coalescer:
                 and len({b.expert.shape[0] // max(1, b.rows) for b in batches}) == 1)
         out = self.weights.forward_batch(batch)                                                 # [sum T, H] bytes
         rows = batch.rows
-        after_reply(self.metrics.batch, layer, rows, batch.expert, self.weights.num_experts)
+        self.metrics.batch(layer, rows, batch.expert, self.weights.num_experts)
         if len(batches) == 1:
             return [out], rows
         row_bytes = len(out) // max(1, rows)
@@ -418,7 +409,7 @@ class ExpertServicer:
             elapsed = time.perf_counter() - start
             seconds["handler"] += elapsed
             self.coalescer.timers.calls += 1
-            after_reply(self.metrics.call, elapsed, code)
+            self.metrics.call(elapsed, code)
 
 
 class ExpertServer:
