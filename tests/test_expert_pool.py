@@ -441,3 +441,35 @@ def test_data_plane_loop_claims_grpc_poller_and_other_loops_keep_working(checkpo
         assert list(other.run(list_directory(), timeout=10).replicas) == []
     finally:
         directory.stop()
+
+
+def test_replica_metrics_recorded_on_flush_lose_nothing_recorded_meanwhile():
+    """Per call the replica only appends to the metrics' queues (the compute thread does too); flushes running at
+    the same time must neither lose nor double-count a record."""
+    import threading
+
+    import numpy as np
+
+    from expertmesh.experts.metrics import ReplicaMetrics
+
+    metrics = ReplicaMetrics("g")
+    ids = np.array([0, 1, 1, 3], dtype=np.int32)
+    done = threading.Event()
+
+    def record():
+        for _ in range(3000):
+            metrics.batch(0, 2, ids, 4)
+            metrics.call(0.001, "OK")
+        done.set()
+
+    worker = threading.Thread(target=record)
+    worker.start()
+    while not done.is_set():
+        metrics.flush()
+    worker.join()
+    text = metrics.text()   # flushes the rest
+    tokens = {line.split('expert="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("expertmesh_replica_expert_tokens_total{")}
+    assert tokens == {"0": 3000.0, "1": 6000.0, "3": 3000.0}
+    assert 'expertmesh_replica_forward_seconds_count{code="OK",group="g"} 3000.0' in text
+    assert 'expertmesh_replica_batch_rows_count{group="g",layer="0"} 3000.0' in text

@@ -8,6 +8,7 @@ private `prometheus_client` registry per server, rendered with `ReplicaMetrics.t
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import numpy as np
 
@@ -19,12 +20,13 @@ class ReplicaMetrics:
     def __init__(self, group: str, backend: str = "prometheus"):
         self.group = group
         self.backend = backend
-        # Per call, `call` and `batch` only append to a list (list.append is atomic under the GIL); `flush()` turns
-        # them into counter increments and histogram observations (the server flushes every second, and before
-        # every scrape). Measured in situ: recording them per call cost the replica's round trip ~40 us
-        # (docs/benchmarks.md); eight labelled counter increments per call would cost as much as the matmuls.
-        self._pending_batches: list[tuple[int, int, np.ndarray, int]] = []
-        self._pending_calls: list[tuple[float, str]] = []
+        # Per call, `call` and `batch` only append to a deque (append/popleft are thread-safe: the compute thread
+        # records batches too); `flush()` turns them into counter increments and histogram observations (the server
+        # flushes every second, and before every scrape). Measured in situ: recording them per call cost the
+        # replica's round trip ~40 us (docs/benchmarks.md); eight labelled counter increments per call would cost
+        # as much as the matmuls.
+        self._pending_batches: deque[tuple[int, int, np.ndarray, int]] = deque()
+        self._pending_calls: deque[tuple[float, str]] = deque()
         self._lock = threading.Lock()   # one flush at a time
         self._children: dict[tuple, object] = {}
         if backend == "ray":
@@ -75,8 +77,9 @@ class ReplicaMetrics:
     def flush(self) -> None:
         """Record everything since the last flush: batch rows, call latencies, token counts per (layer, expert)."""
         with self._lock:
-            batches, self._pending_batches = self._pending_batches, []
-            calls, self._pending_calls = self._pending_calls, []
+            # As many as are there now; whatever is appended meanwhile waits for the next flush (never lost).
+            batches = [self._pending_batches.popleft() for _ in range(len(self._pending_batches))]
+            calls = [self._pending_calls.popleft() for _ in range(len(self._pending_calls))]
             per_layer: dict[int, list[np.ndarray]] = {}
             sizes: dict[int, int] = {}
             for layer, rows, expert, num_experts in batches:
