@@ -414,6 +414,8 @@ def _mutate(fn):
      r"token_index out of range \[0, 4\)"),
     (lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, -1, 2, 3], dtype=torch.int32))), codec.WireError,
      r"token_index out of range \[0, 4\)"),
+    (lambda r: (r.hidden.CopyFrom(codec.encode(torch.zeros(0, 8))),), codec.WireError,
+     r"token_index out of range \[0, 0\)"),   # assignments but no rows
     (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, -2, 0], dtype=torch.int64))), codec.WireError,
      r"expert id out of range \[0, 8\)"),
     (lambda r: r.weight.CopyFrom(codec.encode(torch.rand(3))), codec.WireError,

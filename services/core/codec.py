@@ -122,7 +122,8 @@ def _checked(msg: expert_pb2.Tensor, name: str) -> tuple[torch.dtype, tuple[int,
 
 @dataclass
 class ForwardBatch:
-    """A validated ForwardRequest. Every array stays a numpy view over the message's bytes: on a replica's latency
+    """A validated ForwardRequest. Every array stays a numpy view over the message's bytes (bf16/fp16 gate weights
+    excepted: a float32 copy): on a replica's latency
     path a torch or numpy call costs tens of microseconds when the process has just woken up, where a view costs
     nothing (docs/benchmarks.md, "dispatch round trip"), so torch is touched only by the kernel's one op call."""
 
@@ -226,7 +227,7 @@ def decode_forward(
 
     On a replica's latency path once per call: every extra numpy/torch call costs the round trip several times its
     hot time here (docs/benchmarks.md), so the common case (a whole-layer call to a replica holding the layer) is
-    checked with two memcmps and one max."""
+    checked with one memcmp and one builtin max."""
     layer = req.layer
     if num_layers is not None and layer >= num_layers:
         raise WireError(f"layer {layer} out of range: the model has {num_layers} layers")
@@ -258,7 +259,7 @@ def decode_forward(
         # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a numpy
         # reduction here cost ~40 us a call in situ, the builtin max nothing measurable. The router's whole-layer
         # index [T*K] = t // K is in range by construction and recognised by one memcmp.
-        whole = n % rows == 0 and ti_data == whole_layer_index(rows, n // rows)
+        whole = rows > 0 and n % rows == 0 and ti_data == whole_layer_index(rows, n // rows)
         if not whole and max(memoryview(ti_data).cast(_UNSIGNED_CODE[token_index.dtype])) >= rows:
             raise WireError(f"token_index out of range [0, {rows})")
         top = max(memoryview(expert_data).cast(_UNSIGNED_CODE[expert.dtype]))

@@ -209,8 +209,8 @@ class Coalescer:
 
     async def submit(self, batch: ForwardBatch, context: grpc.aio.ServicerContext | None = None
                      ) -> tuple[bytes, int]:
-        """The call's output [T, H] as raw bytes (the batch's dtype) and the rows of the batch it was computed in. `context` gives the deadline of a
-        call that has to queue (a lone call is computed at once and never reads it)."""
+        """The call's output [T, H] as raw bytes (the batch's dtype) and the rows of the batch it was computed in.
+        `context` gives the deadline of a call that has to queue (a lone call is computed at once, never reads it)."""
         key = (batch.layer, batch.dtype)
         q = self._queues.get(key)
         def alone() -> bool:
