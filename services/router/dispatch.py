@@ -45,7 +45,8 @@ import torch
 from opentelemetry import trace
 
 from expertmesh.core import defaults, telemetry
-from expertmesh.core.codec import DEFAULT_MAX_MESSAGE_BYTES, as_numpy, decode, decode_owned, encode, encode_forward
+from expertmesh.core.codec import (DEFAULT_MAX_MESSAGE_BYTES, as_numpy, decode, decode_owned, encode_forward,
+                                   encode_raw_into, whole_layer_index)
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.experts.directory import DirectoryClient
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
@@ -398,13 +399,15 @@ class Dispatcher:
         return out
 
     def _token_index(self, T: int, K: int) -> expert_pb2.Tensor:
-        """The encoded [T*K] int32 row of each assignment when all T rows are sent (cached per (T, K))."""
+        """The encoded [T*K] int32 row of each assignment when all T rows are sent — `codec.whole_layer_index`, the
+        bytes the replica recognises a whole-layer call by (message cached per (T, K))."""
         cache = self.__dict__.setdefault("_token_index_cache", {})
         ti = cache.get((T, K))
         if ti is None:
             if len(cache) > 4096:
                 cache.clear()
-            ti = cache[(T, K)] = encode(torch.arange(T, dtype=torch.int32).repeat_interleave(K))
+            ti = cache[(T, K)] = expert_pb2.Tensor()
+            encode_raw_into(ti, torch.int32, (T * K,), whole_layer_index(T, K))
         return ti
 
     def _group_by_owner(self, table: RoutingTable, owner: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
