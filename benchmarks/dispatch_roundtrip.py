@@ -40,7 +40,8 @@ from expertmesh.core.codec import decode, encode_forward  # noqa: E402
 from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
 from expertmesh.core.plan import default_plan  # noqa: E402
 from expertmesh.core.protos import expert_pb2  # noqa: E402
-from expertmesh.core.tiny import build_tiny_checkpoint  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-checkpoint builder
+from tiny import build_tiny_checkpoint  # noqa: E402
 from expertmesh.core.defaults import free_port  # noqa: E402
 from expertmesh.experts.pool import LocalPool  # noqa: E402
 from expertmesh.experts.replica import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
@@ -67,7 +68,7 @@ async def _echo_main(port: int) -> None:
 def _directory_main(port: int) -> None:
     """--standalone's directory, in a process of its own (as in the Ray pool): a grpc.aio server on another
     loop of the replica's process would be woken by every Forward too (grpc.aio's poller serves all loops)."""
-    from expertmesh.experts.directory import DirectoryServer
+    from expertmesh.discovery.directory import DirectoryServer
 
     directory = DirectoryServer()
     directory.start("127.0.0.1", port)
@@ -78,7 +79,7 @@ def _directory_main(port: int) -> None:
 
 def _standalone_main(model: str, directory_port: int, compute_threads: int) -> None:
     """--standalone: one replica of layer 0 in a plain process, no Ray (quick A/B of the code)."""
-    from expertmesh.experts.directory import DirectoryClient
+    from expertmesh.discovery.directory import DirectoryClient
     from expertmesh.experts.replica import ExpertServer, keys_to_proto
 
     directory = subprocess.Popen([sys.executable, __file__, "--directory-server", str(directory_port)],
@@ -251,7 +252,7 @@ def _breakdown(model: str, layer: int) -> dict:
 
 
 def _run_against(args, directory_address: str, replicas: int, info, echo_port: int) -> dict:
-    from expertmesh.experts.directory import DirectoryClient
+    from expertmesh.discovery.directory import DirectoryClient
 
     with DirectoryClient(directory_address) as client:
         client.watch()

@@ -9,7 +9,7 @@ Reported per (s, layout), as max/mean device load (mean over layers, and the wor
   static      each expert once, contiguous (device d holds experts [d*E/D, (d+1)*E/D)), no redundancy
   eplb        benchmarks/reference_eplb.py, global policy (1 group, 1 node)
   eplb_hier   same, hierarchical policy (8 expert groups as in DeepSeek-V3, 8 GPUs per node)
-  ours        services/experts/planner.plan_slots
+  ours        services/control/planner.plan_slots
   free        plan_autoscale: per-expert autoscaling, replica budget free, <= S experts per replica
               (free_exclusive: hot experts alone in their groups)
 Rebalance under drift: a fraction f of each layer's experts swap loads among themselves (5 successive
@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_eplb  # noqa: E402
 
-from expertmesh.experts import planner  # noqa: E402
+from expertmesh.control import planner  # noqa: E402
 
 LAYERS, EXPERTS, TOP_K, TOKENS = 58, 256, 8, 8192
 SLOTS_PER_LAYER = TOKENS * TOP_K  # 65,536 routed token-slots

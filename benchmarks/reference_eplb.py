@@ -2,7 +2,7 @@
 
 Algorithm: deepseek-ai/EPLB (https://github.com/deepseek-ai/EPLB, eplb.py; MIT License, Copyright (c) 2025
 DeepSeek). This file re-implements its published algorithm step by step for comparison only -- it is not
-used by expertmesh itself (our planner is services/experts/planner.py). Same steps, same tie-breaking:
+used by expertmesh itself (our planner is services/control/planner.py). Same steps, same tie-breaking:
 
   replicate_experts   repeat (num_phy - num_log) times: one more replica for argmax(weight / count)
                       (first index on ties, like torch.max).

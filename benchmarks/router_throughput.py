@@ -79,7 +79,7 @@ def _replica_main(model: str, directory: str, group: str, keys_json: str) -> Non
     """--replica-server: one ExpertServer for one group in this process; prints 'ready', then, when stdin closes,
     its data-plane timers as one JSON line."""
     from expertmesh.core.protos import expert_pb2
-    from expertmesh.experts.directory import DirectoryClient
+    from expertmesh.discovery.directory import DirectoryClient
     from expertmesh.experts.replica import ExpertServer, keys_to_proto
 
     # If the engine thread that spawned us was bound to a core (vLLM's CPU worker may bind), we would inherit the
@@ -107,7 +107,7 @@ class ProcessPool:
 
         from expertmesh.core.checkpoint import read_moe_info
         from expertmesh.core.plan import default_plan
-        from expertmesh.experts.directory import DirectoryServer
+        from expertmesh.discovery.directory import DirectoryServer
 
         self.directory = DirectoryServer()
         self.address = f"127.0.0.1:{self.directory.start()}"
@@ -163,7 +163,7 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
     else:
         from expertmesh.core.checkpoint import read_moe_info
         from expertmesh.core.protos import expert_pb2
-        from expertmesh.experts.directory import DirectoryClient, DirectoryServer
+        from expertmesh.discovery.directory import DirectoryClient, DirectoryServer
         from expertmesh.experts.replica import ExpertServer, keys_to_proto
 
         info = read_moe_info(path)
@@ -249,7 +249,8 @@ def main(argv=None) -> int:
         _replica_main(str(args.model), args.directory, args.replica_server, args.keys)
         return 0
 
-    from expertmesh.core.tiny import build_tiny_checkpoint
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-checkpoint builder
+    from tiny import build_tiny_checkpoint
 
     path = args.model or Path(tempfile.mkdtemp(prefix="expertmesh-bench-")) / "mixtral"
     if not (path / "config.json").exists():

@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "serve": ("expertmesh.stack", "start the whole local stack (expert pool, router, gateway) and serve HTTP"),
     "experts": ("expertmesh.experts.pool", "start (up) or stop (down) the expert pool on a local Ray cluster"),
-    "plan": ("expertmesh.experts.plan_cli", "print a placement plan for a checkpoint, optionally from load stats"),
+    "plan": ("expertmesh.control.plan_cli", "print a placement plan for a checkpoint, optionally from load stats"),
     "bench": ("expertmesh.loadgen", "load-test an OpenAI-compatible server (TTFT, TPOT, throughput, goodput)"),
 }
 

@@ -682,7 +682,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def expert_plots(config: BenchConfig, out_dir: str | Path) -> list[Path]:
     """expert_load.png and replicas.png from the server's GET /experts (expertmesh's gateway); [] elsewhere."""
-    from expertmesh.experts.plots import write_expert_plots
+    from expertmesh.plots import write_expert_plots
 
     headers = {}
     api_key = config.api_key or os.environ.get("OPENAI_API_KEY")

@@ -171,7 +171,7 @@ class Stack:
         took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
         _say(f"      gateway ready in {took:.0f} s")
         if self.use_controller:
-            from expertmesh.experts.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
+            from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
 
             settings = ControllerSettings(**json.loads(os.environ.get(ENV_CONTROLLER_SETTINGS) or "{}"))
             self.controller = Controller.for_pool(self.pool, router_addr, settings,

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from expertmesh.core.defaults import free_port  # noqa: E402,F401 - tests import it from here
-from expertmesh.core.tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
+from tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

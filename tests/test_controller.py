@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from expertmesh.core.plan import Autoscaling, ExpertGroup, PlacementPlan
-from expertmesh.experts.controller import (Autoscaler, Controller, ControllerSettings, LoadWindow, group_loads,
+from expertmesh.control.controller import (Autoscaler, Controller, ControllerSettings, LoadWindow, group_loads,
                                            layer_imbalance, merge_plan)
 
 LAYERS = [0, 1]

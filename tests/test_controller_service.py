@@ -16,9 +16,9 @@ from conftest import free_port
 from expertmesh.core import defaults
 from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import ExpertGroup, PlacementPlan
-from expertmesh.experts import controller_service as cs
-from expertmesh.experts.controller import ControllerSettings
-from expertmesh.experts.serve_config import build_serve_config
+from expertmesh.control import controller_service as cs
+from expertmesh.control.controller import ControllerSettings
+from expertmesh.control.serve_config import build_serve_config
 from expertmesh.gateway.app import _controller_status
 
 PLAN = PlacementPlan(groups=[ExpertGroup(name="l0", keys={0: list(range(8))}, max_replicas=3),

@@ -23,7 +23,7 @@ from expertmesh.core.codec import decode, encode_forward
 from expertmesh.core.kernel import ExpertWeights
 from expertmesh.core.plan import ExpertGroup, PlacementPlan
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
-from expertmesh.experts.directory import DirectoryClient, DirectoryServer, endpoints_by_key
+from expertmesh.discovery.directory import DirectoryClient, DirectoryServer, endpoints_by_key
 from expertmesh.experts.pool import LocalPool
 from expertmesh.experts.replica import CHANNEL_OPTIONS, ExpertServer, keys_from_proto
 
@@ -239,8 +239,8 @@ def test_controller_service_adopts_what_serve_runs(pool, directory, monkeypatch)
 
     import httpx
 
-    from expertmesh.experts import controller_service as cs
-    from expertmesh.experts.controller import ControllerSettings
+    from expertmesh.control import controller_service as cs
+    from expertmesh.control.controller import ControllerSettings
     from expertmesh.gateway.app import _controller_status
 
     service = cs.ControllerService(

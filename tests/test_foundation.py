@@ -18,7 +18,7 @@ from expertmesh.core.checkpoint import CheckpointError, CheckpointReader, read_m
 from expertmesh.core.kernel import ExpertWeights, choose_kernel, moe_combine
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
-from expertmesh.core.tiny import FAMILIES
+from tiny import FAMILIES
 
 EXPECTED = {  # family -> (moe layers, experts, top_k, shared experts)
     "mixtral": ([0, 1], 8, 2, 0),

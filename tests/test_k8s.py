@@ -4,7 +4,7 @@ Offline and fast: helm/kubectl are the static binaries `make` unpacks into .venv
 (scripts/install_k8s_tools.py); core kinds are validated by kubernetes-validate (strict: unknown fields fail),
 the RayService by our own JSON schema (tests/schemas/rayservice.schema.json) and its pod templates by
 kubernetes-validate as PodTemplates. The Serve config the chart renders must equal what
-expertmesh.experts.serve_config.build_serve_config produces from the same plan.
+expertmesh.control.serve_config.build_serve_config produces from the same plan.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 from expertmesh.core import defaults
 from expertmesh.core.plan import PlacementPlan
 from expertmesh.core.protos import expert_pb2, router_pb2
-from expertmesh.experts.serve_config import build_serve_config
+from expertmesh.control.serve_config import build_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "k8s" / "expertmesh"
@@ -270,11 +270,11 @@ def test_serve_config_is_valid_for_ray_serve(rendered):
 
 def controller_of(docs: list[dict]) -> tuple[dict, argparse.Namespace, PlacementPlan]:
     """(container, its parsed flags, the plan it reads) of the controller Deployment."""
-    from expertmesh.experts.controller_service import configure
+    from expertmesh.control.controller_service import configure
 
     dep = one(docs, "Deployment", "-controller")
     (container,) = dep["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "expertmesh.experts.controller_service"]
+    assert container["command"] == ["python", "-m", "expertmesh.control.controller_service"]
     parser = argparse.ArgumentParser()
     configure(parser)
     args = parser.parse_args(container["args"])
@@ -290,7 +290,7 @@ def controller_of(docs: list[dict]) -> tuple[dict, argparse.Namespace, Placement
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_controller_puts_what_the_chart_renders(rendered, variant):
     """The controller's flags and plan rebuild serveConfigV2 exactly: its first PUT changes nothing but counts."""
-    from expertmesh.experts.controller_service import ServeTarget
+    from expertmesh.control.controller_service import ServeTarget
 
     docs = rendered[variant]
     values = values_for(variant)
@@ -335,7 +335,7 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
 
 
 def test_controller_settings_and_disabling(tmp_path):
-    from expertmesh.experts.controller_service import parse_settings
+    from expertmesh.control.controller_service import parse_settings
 
     values_file = tmp_path / "settings.yaml"
     values_file.write_text(yaml.safe_dump({"controller": {"settings": {"interval_s": 5, "max_total_replicas": 32}}}))
@@ -607,7 +607,7 @@ def test_dockerfiles_install_like_make(service):
 
 def test_build_serve_config_locally_and_cli(tmp_path, capsys):
     """Local use (experts up): no directory pinning, no GPUs; the module's CLI prints the same config."""
-    from expertmesh.experts import serve_config
+    from expertmesh.control import serve_config
 
     plan = PlacementPlan.model_validate({"groups": [{"name": "l0", "keys": {0: [1, 0]}, "max_replicas": 3}]})
     config = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5)

@@ -1,4 +1,4 @@
-"""Placement planner (services/experts/planner.py) and `expertmesh plan`: pure NumPy, no Ray, no vLLM."""
+"""Placement planner (services/control/planner.py) and `expertmesh plan`: pure NumPy, no Ray, no vLLM."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from expertmesh.cli import main as cli_main
 from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import default_plan
 from expertmesh.core.plan import load_plan
-from expertmesh.experts import planner
+from expertmesh.control import planner
 
 REPO = Path(__file__).resolve().parents[1]
 # benchmarks/ is not a package: load DeepSeek's EPLB re-implementation by path (no sys.path change).

@@ -33,7 +33,7 @@ os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
 from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
 from expertmesh.core.protos import expert_pb2  # noqa: E402
-from expertmesh.experts.directory import DirectoryClient, DirectoryServer  # noqa: E402
+from expertmesh.discovery.directory import DirectoryClient, DirectoryServer  # noqa: E402
 from expertmesh.experts.replica import ExpertServer, keys_to_proto  # noqa: E402
 from expertmesh.router import dispatch, plugin  # noqa: E402
 from expertmesh.router.counters import RoutedTokenCounters  # noqa: E402

@@ -119,7 +119,7 @@ class Pool:
 
     def __init__(self, model: Path):
         from expertmesh.core.checkpoint import read_moe_info
-        from expertmesh.experts.directory import DirectoryClient, DirectoryServer
+        from expertmesh.discovery.directory import DirectoryClient, DirectoryServer
 
         info = read_moe_info(model)
         self.model = model

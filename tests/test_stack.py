@@ -277,7 +277,7 @@ def test_bench_against_the_stack_writes_latency_and_expert_plots(stack, tmp_path
     assert result["summary"]["completed"] == 4 and result["summary"]["failed"] == 0
     for png in ("latency_cdf.png", "throughput.png", "expert_load.png", "replicas.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    from expertmesh.experts.plots import load_matrix
+    from expertmesh.plots import load_matrix
 
     layers, load = load_matrix(httpx.get(stack["url"] + "/experts", timeout=10).json()["experts"])
     assert layers == [HOT_LAYER] and load[0].argmax() == HOT_EXPERT  # the heatmap shows the biased gate

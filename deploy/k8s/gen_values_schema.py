@@ -1,5 +1,5 @@
 """Write the chart's values.schema.json; the placement-plan part comes from services/core/plan.py and
-controller.settings from ControllerSettings (services/experts/controller.py): one schema each.
+controller.settings from ControllerSettings (services/control/controller.py): one schema each.
 
     .venv/bin/python deploy/k8s/gen_values_schema.py        # rewrite deploy/k8s/expertmesh/values.schema.json
 
@@ -15,13 +15,13 @@ from dataclasses import fields
 from pathlib import Path
 
 from expertmesh.core.plan import PlacementPlan
-from expertmesh.experts.controller import ControllerSettings
+from expertmesh.control.controller import ControllerSettings
 
 SCHEMA_PATH = Path(__file__).parent / "expertmesh" / "values.schema.json"
 
 
 def controller_settings_schema() -> dict:
-    """controller.settings: ControllerSettings fields (services/experts/controller.py), non-negative numbers."""
+    """controller.settings: ControllerSettings fields (services/control/controller.py), non-negative numbers."""
     number = {"type": "number", "minimum": 0}
     return {"type": "object", "additionalProperties": False,
             "properties": {f.name: dict(number, type="integer" if f.type in (int, "int") else "number")

@@ -27,10 +27,10 @@ from ray import serve
 from expertmesh.core import defaults
 from expertmesh.core.plan import ExpertGroup
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
-from expertmesh.experts.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
+from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
 from expertmesh.experts.replica import (DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, ExpertServer,
                                         keys_to_proto)
-from expertmesh.experts.serve_config import DIRECTORY_DEPLOYMENT
+from expertmesh.control.serve_config import DIRECTORY_DEPLOYMENT
 
 log = logging.getLogger("expertmesh.experts")
 

@@ -33,8 +33,9 @@ from expertmesh.core.defaults import free_port
 from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
-from expertmesh.experts.directory import DirectoryClient, endpoints_by_key
-from expertmesh.experts.serve_config import GROUP_IMPORT_PATH, build_serve_config
+from expertmesh.discovery.directory import DirectoryClient, endpoints_by_key
+from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
+from expertmesh.control.serve_config import GROUP_IMPORT_PATH, build_serve_config
 
 STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
 REPLICA_LOGICAL_CPUS = 0.25  # per replica; the head offers `num_cpus` logical CPUs in all
@@ -97,29 +98,6 @@ def format_directory(snapshot: expert_pb2.DirectorySnapshot) -> str:
         flag = " (draining)" if entry.draining else ""
         lines.append(f"  {entry.group:<16} {entry.endpoint:<22} {entry.replica_id}{flag}  {keys}")
     return "\n".join(lines)
-
-
-def put_serve_config(dashboard_url: str, config: dict, timeout: float = 60) -> None:
-    """PUT a whole Serve config to a Ray dashboard (what `serve deploy` and KubeRay do); Serve updates only what
-    changed. Used by `LocalPool.deploy` and by the in-cluster controller (controller_service.py)."""
-    reply = httpx.put(f"{dashboard_url.rstrip('/')}/api/serve/applications/", json=config, timeout=timeout)
-    if reply.status_code != 200:
-        raise RuntimeError(f"serve deploy failed ({reply.status_code}): {reply.text[:2000]}")
-
-
-def get_serve_status(dashboard_url: str, timeout: float = 10) -> dict:
-    """The dashboard's Serve instance details (`applications` -> status, deployed_app_config, ...)."""
-    reply = httpx.get(f"{dashboard_url.rstrip('/')}/api/serve/applications/", timeout=timeout)
-    reply.raise_for_status()
-    return reply.json()
-
-
-def check_apply(plan: PlacementPlan, replicas: dict[str, int], info) -> None:
-    """What `apply(plan, replicas)` refuses: a plan missing some (layer, expert), counts for unknown groups."""
-    plan.check_covers(info)
-    unknown = sorted(set(replicas) - {g.name for g in plan.groups})
-    if unknown:
-        raise ValueError(f"replica counts for groups not in the plan: {unknown}")
 
 
 class LocalPool:

@@ -42,7 +42,7 @@ from expertmesh.core.codec import (DEFAULT_MAX_MESSAGE_BYTES, ExpertNotHeld, For
                                    encode, encode_raw_into)
 from expertmesh.core.kernel import ExpertWeights
 from expertmesh.core.protos import expert_pb2
-from expertmesh.experts.loop_thread import LoopThread
+from expertmesh.core.loop_thread import LoopThread
 from expertmesh.experts.metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ topk_weights [T, K], topk_ids [T, K], layer)`; the op returns the routed-expert 
 `torch.library.custom_op` so torch.compile treats it as opaque (its data-dependent grouping cannot be traced).
 
 The Dispatcher (one per process, `get_dispatcher()`):
-- watches the expert directory (`experts.directory.DirectoryClient`) and keeps, per (layer, expert), the live
+- watches the expert directory (`discovery.directory.DirectoryClient`) and keeps, per (layer, expert), the live
   non-draining replicas, plus one gRPC channel per replica endpoint;
 - for one layer: counts the step's assignments (one bincount -> `counters.RoutedTokenCounters`), groups the
   (token, expert) assignments by replica — an expert with several replicas has its assignments split across
@@ -48,7 +48,7 @@ from expertmesh.core import defaults, telemetry
 from expertmesh.core.codec import (DEFAULT_MAX_MESSAGE_BYTES, as_numpy, decode, decode_owned, encode_forward,
                                    encode_raw_into, whole_layer_index)
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
-from expertmesh.experts.directory import DirectoryClient
+from expertmesh.discovery.directory import DirectoryClient
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
 
 log = logging.getLogger("expertmesh.router.dispatch")

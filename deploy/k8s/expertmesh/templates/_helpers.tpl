@@ -1,4 +1,4 @@
-{{/* Names, labels, shared env and the placement plan -> Ray Serve config (mirrors experts/serve_config.py). */}}
+{{/* Names, labels, shared env and the placement plan -> Ray Serve config (mirrors control/serve_config.py). */}}
 
 {{- define "expertmesh.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}

@@ -23,7 +23,7 @@ server, Serve is the control plane (lifecycle, health checks, restarts, replica 
 the Ray head a custom resource of that name and the ExpertDirectory asks for one unit of it (and no CPU: the
 head starts with `num-cpus: 0` so no expert replica lands there). Locally it is None.
 
-    python -m expertmesh.experts.serve_config --plan plan.yaml --model /models/m   # prints the config YAML
+    python -m expertmesh.control.serve_config --plan plan.yaml --model /models/m   # prints the config YAML
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Callable
 import grpc
 
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
-from expertmesh.experts.loop_thread import LoopThread
+from expertmesh.core.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The expert controller as its own process: what the Helm chart's `controller` Deployment runs.
 
-    python -m expertmesh.experts.controller_service --router HOST:PORT --directory HOST:PORT \\
+    python -m expertmesh.control.controller_service --router HOST:PORT --directory HOST:PORT \\
         --dashboard http://HEAD:8265 --model DIR [--plan FILE] [--num-cpus X] [--num-gpus Y] \\
         [--directory-resource NAME] [--host 0.0.0.0] [--port 9481] [--settings JSON]
 
@@ -38,10 +38,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from expertmesh.core import defaults
 from expertmesh.core.checkpoint import MoEInfo, read_moe_info
 from expertmesh.core.plan import ExpertGroup, PlacementPlan, default_plan, load_plan
-from expertmesh.experts.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
-from expertmesh.experts.directory import DirectoryClient
-from expertmesh.experts.pool import check_apply, get_serve_status, put_serve_config
-from expertmesh.experts.serve_config import DIRECTORY_APP, GROUP_APP_PREFIX, build_serve_config
+from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
+from expertmesh.discovery.directory import DirectoryClient
+from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
+from expertmesh.control.serve_config import DIRECTORY_APP, GROUP_APP_PREFIX, build_serve_config
 
 log = logging.getLogger("expertmesh.controller_service")
 
@@ -353,7 +353,7 @@ def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Controll
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m expertmesh.experts.controller_service",
+    parser = argparse.ArgumentParser(prog="python -m expertmesh.control.controller_service",
                                      description=__doc__.splitlines()[0])
     configure(parser)
     args = parser.parse_args(argv)

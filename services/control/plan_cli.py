@@ -109,7 +109,7 @@ def read_stats(path: str | Path, layers: list[int], num_experts: int) -> np.ndar
 
 def _plan_devices(plan, layers: list[int], num_experts: int) -> np.ndarray:
     """A PlacementPlan as slots [L, D, S] (one device per group replica), sized to fit it."""
-    from expertmesh.experts.planner import slots_from_plan
+    from expertmesh.control.planner import slots_from_plan
 
     per_layer = {layer: 0 for layer in layers}
     width = 1
@@ -123,7 +123,7 @@ def _plan_devices(plan, layers: list[int], num_experts: int) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     from expertmesh.core.checkpoint import read_moe_info
     from expertmesh.core.plan import default_plan, load_plan
-    from expertmesh.experts import planner
+    from expertmesh.control import planner
 
     try:
         info = read_moe_info(args.model)

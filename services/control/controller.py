@@ -250,7 +250,7 @@ class Controller:
         self._write_status()
 
     def _rebalance(self, rate: np.ndarray, worst: float, now: float) -> None:
-        from expertmesh.experts.planner import plan_autoscale, to_placement_plan
+        from expertmesh.control.planner import plan_autoscale, to_placement_plan
 
         st, s = self.state, self.settings
         target = st.plan.autoscaling.target_tokens_per_second
