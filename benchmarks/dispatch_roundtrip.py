@@ -120,7 +120,8 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
     from expertmesh.router.dispatch import Dispatcher
 
     x, topk, weight = _layer_request(0)
-    payload = encode_forward(layer, x, torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten())
+    # The request the dispatcher sends for this layer: the whole-layer form (no token index on the wire).
+    payload = encode_forward(layer, x, None, topk.flatten(), weight.flatten())
     echo_bytes = payload.SerializeToString()
 
     d = Dispatcher(directory_address, metrics=False,
@@ -226,8 +227,9 @@ def _breakdown(model: str, layer: int) -> dict:
     info = read_moe_info(model)
     weights = ExpertWeights(CheckpointReader(model), {layer: list(range(info.num_experts))})
     x, topk, weight = _layer_request(0)
-    token_index, expert, gate = torch.arange(64).repeat_interleave(2), topk.flatten(), weight.flatten()
-    req = encode_forward(layer, x, token_index, expert, gate)
+    expert, gate = topk.flatten(), weight.flatten()
+    req = encode_forward(layer, x, None, expert, gate)                     # the whole-layer form, as the router sends
+
     raw = req.SerializeToString()
     batch = decode_forward(req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,
                            num_experts=info.num_experts)
@@ -240,7 +242,7 @@ def _breakdown(model: str, layer: int) -> dict:
 
     reply = encode_output()
     return {
-        "client_encode_forward": _per_call_us(lambda: encode_forward(layer, x, token_index, expert, gate)),
+        "client_encode_forward": _per_call_us(lambda: encode_forward(layer, x, None, expert, gate)),
         "server_parse": _per_call_us(lambda: expert_pb2.ForwardRequest.FromString(raw)),
         "server_decode_forward_validate": _per_call_us(lambda: decode_forward(
             req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,

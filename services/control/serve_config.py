@@ -19,11 +19,15 @@ the plan's [min_replicas, max_replicas].
 No application is exposed over HTTP (`route_prefix: null`): the data plane is each replica's own grpc.aio
 server, Serve is the control plane (lifecycle, health checks, restarts, replica counts).
 
+`replica` (core.settings.ReplicaSettings): the replicas' tunables (coalescing wait `max_wait_ms`,
+`max_batch_rows`, `inline_rows`, `compute_threads`, `lease_seconds`), added to every group's args when set; unset
+fields are left to the replica's defaults. The chart renders the same from `experts.replica` in values.yaml.
+
 `directory_resource`: in Kubernetes the directory must sit on a node a Service can select, so the chart gives
 the Ray head a custom resource of that name and the ExpertDirectory asks for one unit of it (and no CPU: the
 head starts with `num-cpus: 0` so no expert replica lands there). Locally it is None.
 
-    python -m expertmesh.control.serve_config --plan plan.yaml --model /models/m   # prints the config YAML
+    python -m expertmesh.control.serve_config --plan plan.yaml --model /models/m [--max-wait-ms 2 ...]  # YAML
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import sys
 import yaml
 
 from expertmesh.core.plan import ExpertGroup, PlacementPlan, load_plan
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
 
 DIRECTORY_APP = "expertmesh-directory"
 DIRECTORY_IMPORT_PATH = "expertmesh.experts.app:build_directory"
@@ -46,10 +51,13 @@ def group_app_name(group: str) -> str:
     return f"{GROUP_APP_PREFIX}{group}"
 
 
-def group_args(group: ExpertGroup, model_path: str, directory: str | None) -> dict:
+def group_args(group: ExpertGroup, model_path: str, directory: str | None,
+               replica: ReplicaSettings | None = None) -> dict:
     """The args of a group's application: what its replicas need, nothing that may change while it serves."""
-    return {"model": model_path, "group": group.model_dump(mode="json", include={"name", "keys"}),
+    args = {"model": model_path, "group": group.model_dump(mode="json", include={"name", "keys"}),
             "directory": directory}
+    args.update((replica or ReplicaSettings()).serve_args())
+    return args
 
 
 def build_serve_config(
@@ -61,8 +69,10 @@ def build_serve_config(
     num_cpus: float = 1,
     num_gpus: float = 0,
     directory_resource: str | None = None,
+    replica: ReplicaSettings | None = None,
 ) -> dict:
-    """Serve config (`{"applications": [...]}`) for `plan`; `num_cpus`/`num_gpus` are per expert replica."""
+    """Serve config (`{"applications": [...]}`) for `plan`; `num_cpus`/`num_gpus` are per expert replica, `replica`
+    its tunables (set fields only)."""
     replicas = replicas or {}
     replica_options: dict = {"num_cpus": num_cpus}
     if num_gpus:
@@ -83,7 +93,7 @@ def build_serve_config(
             "name": group_app_name(group.name),
             "route_prefix": None,
             "import_path": GROUP_IMPORT_PATH,
-            "args": group_args(group, model_path, directory),
+            "args": group_args(group, model_path, directory, replica),
             "deployments": [{
                 "name": group.name,
                 "num_replicas": int(replicas.get(group.name, group.start_replicas)),
@@ -100,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directory", default=None, help="host:port of the expert directory")
     parser.add_argument("--num-cpus", type=float, default=1)
     parser.add_argument("--num-gpus", type=float, default=0)
+    add_replica_flags(parser)
     args = parser.parse_args(argv)
     config = build_serve_config(load_plan(args.plan), args.model, args.directory,
-                                num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                                num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                replica=replica_settings_from_args(args))
     yaml.safe_dump(config, sys.stdout, sort_keys=False)
     return 0
 

@@ -1,7 +1,7 @@
 """The one wire codec: tensors <-> `expertmesh.v1.Tensor` (raw little-endian bytes + dtype + shape).
 
 Decoding is zero-copy (numpy / torch views over the protobuf bytes) and every check on an incoming
-ForwardRequest lives here, each with its own message, raised as `WireError` (the servers map it to
+ForwardRequest lives here (in `decode_forward`, the one place that reads the request's `whole_layer` flag), each with its own message, raised as `WireError` (the servers map it to
 gRPC INVALID_ARGUMENT; `ExpertNotHeld` maps to NOT_FOUND). No pickle. The request decoder and the encoders run once
 per MoE layer per step on the latency path, where every torch or numpy call costs tens of microseconds in situ
 (docs/benchmarks.md): they use views, `tobytes` and Python builtins rather than array operations.
@@ -17,9 +17,6 @@ import numpy as np
 import torch
 
 from expertmesh.core.protos import expert_pb2
-
-# 64 MiB: a 4096-token prefill chunk of hidden 4096 in fp32 plus assignments fits; raise for bigger models.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _TO_WIRE = {
     torch.float32: expert_pb2.FLOAT32,
@@ -47,25 +44,35 @@ class ExpertNotHeld(LookupError):
 
 
 def dtype_name(wire_dtype: int) -> str:
+    """Parameters: wire_dtype, an `expert_pb2.DType` value (possibly unknown). Returns: its name, or the number."""
     return expert_pb2.DType.Name(wire_dtype) if wire_dtype in expert_pb2.DType.values() else str(wire_dtype)
 
 
 def encode(tensor: torch.Tensor) -> expert_pb2.Tensor:
-    """Tensor -> wire message. Copies once (to contiguous bytes); bf16 travels as its raw 2-byte words."""
+    """Tensor -> wire message. Copies once (to contiguous bytes); bf16 travels as its raw 2-byte words.
+
+    Parameters: tensor, of a wire dtype (float32, bfloat16, float16, int32, int64).
+    Returns: a new `expert_pb2.Tensor`. Raises WireError for another dtype."""
     msg = expert_pb2.Tensor()
     encode_into(msg, tensor)
     return msg
 
 
 def encode_into(msg: expert_pb2.Tensor, tensor: torch.Tensor) -> None:
-    """Write `tensor` into `msg` in place (a sub-message set through a constructor would be copied again)."""
+    """Write `tensor` into `msg` in place (a sub-message set through a constructor would be copied again).
+
+    Parameters: msg, an empty `expert_pb2.Tensor` (usually a field of a request or reply); tensor, as for `encode`.
+    Returns: None. Raises WireError for a dtype the wire does not carry."""
     if tensor.dtype not in _TO_WIRE:
         raise WireError(f"dtype {tensor.dtype} is not supported on the wire (supported: {list(_TO_WIRE)})")
     encode_raw_into(msg, tensor.dtype, tensor.shape, raw_bytes(tensor) if tensor.numel() else b"")
 
 
 def encode_raw_into(msg: expert_pb2.Tensor, dtype: torch.dtype, shape, data: bytes) -> None:
-    """Write a tensor given as its raw little-endian bytes (e.g. `raw_bytes`, or a kernel's output) into `msg`."""
+    """Write a tensor given as its raw little-endian bytes (e.g. `raw_bytes`, or a kernel's output) into `msg`.
+
+    Parameters: msg, an empty `expert_pb2.Tensor`; dtype, a wire dtype; shape, its dims; data, prod(shape) *
+    itemsize bytes (not checked here: the decoder checks). Returns: None."""
     msg.dtype = _TO_WIRE[dtype]
     msg.shape.extend(shape)
     if data:
@@ -73,7 +80,9 @@ def encode_raw_into(msg: expert_pb2.Tensor, dtype: torch.dtype, shape, data: byt
 
 
 def raw_bytes(tensor: torch.Tensor) -> bytes:
-    """A tensor's elements as contiguous little-endian bytes (one copy; bf16/fp16 as their raw 2-byte words)."""
+    """A tensor's elements as contiguous little-endian bytes (one copy; bf16/fp16 as their raw 2-byte words).
+
+    Parameters: tensor, any CPU or device tensor. Returns: bytes in C order."""
     t = tensor
     if t.requires_grad or not t.is_cpu or not t.is_contiguous():   # a kernel's output is none of these: no copy
         t = t.detach().contiguous().cpu()
@@ -82,7 +91,10 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
-    """Wire message -> tensor viewing the message's bytes (read-only memory: clone before writing)."""
+    """Wire message -> tensor viewing the message's bytes (read-only memory: clone before writing).
+
+    Parameters: msg; name, for error messages. Returns: a tensor of msg's dtype and shape.
+    Raises WireError for an unknown dtype, a negative dim or a byte length that does not match."""
     dtype, shape, data = _checked(msg, name)
     if not data:
         return torch.empty(shape, dtype=dtype)
@@ -92,7 +104,9 @@ def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
 
 def decode_owned(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     """Wire message -> a tensor that owns (a copy of) the bytes, for a caller that hands it on or writes into it:
-    one numpy copy where numpy has the dtype (~3 us here against ~8 us for decode + a torch copy)."""
+    one numpy copy where numpy has the dtype (~3 us here against ~8 us for decode + a torch copy).
+
+    Parameters: msg; name, for error messages. Returns: a writable tensor. Raises WireError as `decode`."""
     dtype, shape, data = _checked(msg, name)
     if dtype in _NUMPY and data:
         return torch.from_numpy(np.frombuffer(data, dtype=_NUMPY[dtype]).reshape(shape).copy())
@@ -128,16 +142,28 @@ class ForwardBatch:
     nothing (docs/benchmarks.md, "dispatch round trip"), so torch is touched only by the kernel's one op call."""
 
     layer: int
-    hidden_data: np.ndarray    # [T, H] float32, or the raw uint16 words of bf16/fp16 (numpy has no bf16)
-    dtype: torch.dtype         # hidden's dtype
-    token_index: np.ndarray    # [N] int32 or int64, as sent
-    expert: np.ndarray         # [N] int32 or int64, as sent
-    weight: np.ndarray         # [N] float32
-    whole_layer: bool = False  # token_index is [T*K] = t // K: all K assignments of each token, in token order
+    hidden_data: np.ndarray         # [T, H] float32, or the raw uint16 words of bf16/fp16 (numpy has no bf16)
+    dtype: torch.dtype              # hidden's dtype
+    token_index: np.ndarray | None  # [N] int32 or int64, as sent; None for a whole-layer call
+    expert: np.ndarray              # [N] int32 or int64, as sent
+    weight: np.ndarray              # [N] float32
+    whole_layer: bool = False       # all K assignments of each row, in row order: assignment n is row n // K
 
     @property
     def rows(self) -> int:
         return self.hidden_data.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        """K of a whole-layer call (N / T; 0 without rows)."""
+        rows = self.hidden_data.shape[0]
+        return self.expert.shape[0] // rows if rows else 0
+
+    def row_index(self) -> np.ndarray:
+        """[N] row of each assignment: token_index, or for a whole-layer call the materialised n // K (int32)."""
+        if self.token_index is not None:
+            return self.token_index
+        return np.repeat(np.arange(self.rows, dtype=np.int32), self.top_k)
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -146,26 +172,42 @@ class ForwardBatch:
         return t if self.dtype == torch.float32 else t.view(self.dtype)
 
 
-def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | expert_pb2.Tensor,
+def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | None,
                    expert: torch.Tensor | np.ndarray, weight: torch.Tensor | np.ndarray) -> expert_pb2.ForwardRequest:
-    """hidden [T, H]; token_index [N] (as int32), expert [N] ints (int32 and int64 travel as they are), weight [N]
-    (as float32), each a tensor or a numpy array. token_index may come already encoded (the router caches the
-    [T*K] = t // K of whole-layer calls). The router's latency path: numpy views and `tobytes`, no casts or
-    torch calls beyond the one `numpy()` per tensor (docs/benchmarks.md)."""
+    """One layer's assignments for one replica -> a ForwardRequest.
+
+    The router's latency path: numpy views and `tobytes`, no casts or torch calls beyond the one `numpy()` per
+    tensor (docs/benchmarks.md).
+
+    Parameters
+    ----------
+    layer: the model layer.
+    hidden: [T, H] float tensor, one row per distinct token sent.
+    token_index: [N] ints (sent as int32), the row of each assignment; or None for the whole-layer form: all K
+        assignments of each row in row order (N = T * K), sent as `whole_layer` with no token_index at all.
+    expert: [N] ints, the expert id of each assignment (int32 and int64 travel as they are).
+    weight: [N] gate weights (sent as float32).
+    Each array may be a tensor or a numpy array.
+
+    Returns
+    -------
+    The request message (`decode_forward` is its inverse and its validator).
+    """
     req = expert_pb2.ForwardRequest(layer=layer)
     encode_into(req.hidden, hidden)
-    if isinstance(token_index, expert_pb2.Tensor):
-        req.token_index.CopyFrom(token_index)
+    if token_index is None:
+        req.whole_layer = True
     else:
-        _encode_array_into(req.token_index, token_index, _WIRE_INT32)   # rows < 2^31; int32 is what the
-        # replica recognises a whole-layer call by
+        _encode_array_into(req.token_index, token_index, _WIRE_INT32)   # rows < 2^31
     _encode_array_into(req.expert, expert, _WIRE_INTS)
     _encode_array_into(req.weight, weight, _WIRE_FLOATS)
     return req
 
 
 def as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
-    """An array as numpy: itself, or a tensor's host view (bf16/fp16 as float32 copies: numpy has no bf16)."""
+    """An array as numpy: itself, or a tensor's host view (bf16/fp16 as float32 copies: numpy has no bf16).
+
+    Parameters: values, a numpy array or a tensor on any device. Returns: a numpy array (a view where it can)."""
     if isinstance(values, np.ndarray):
         return values
     if values.dtype in (torch.bfloat16, torch.float16):
@@ -198,20 +240,8 @@ def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype,
     return as_numpy(decode(msg, name)), data   # bf16/fp16 gate weights as float32: numpy has no bf16
 
 
-def whole_layer_index(T: int, K: int) -> bytes:
-    """The int32 wire bytes of [T*K] = t // K: the token_index of a call that carries all K assignments of each of
-    T tokens in token order (the router's whole-layer call). Cached: comparing against it is one memcmp."""
-    index = _WHOLE_LAYER_INDEX.get((T, K))
-    if index is None:
-        if len(_WHOLE_LAYER_INDEX) > 4096:
-            _WHOLE_LAYER_INDEX.clear()
-        index = _WHOLE_LAYER_INDEX[(T, K)] = np.repeat(np.arange(T, dtype=np.int32), K).tobytes()
-    return index
-
-
-_WHOLE_LAYER_INDEX: dict[tuple[int, int], bytes] = {}
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_FORWARD_FIELDS = ("hidden", "token_index", "expert", "weight")
+_FORWARD_FIELDS = ("hidden", "expert", "weight")   # and token_index, unless whole_layer
 
 
 def decode_forward(
@@ -223,17 +253,46 @@ def decode_forward(
     num_experts: int | None = None,
     max_rows: int = 1 << 20,
 ) -> ForwardBatch:
-    """Validate and decode a ForwardRequest against what the replica holds. Raises WireError / ExpertNotHeld.
+    """Validate and decode a ForwardRequest against what the replica holds: every check of a ForwardRequest.
 
     On a replica's latency path once per call: every extra numpy/torch call costs the round trip several times its
     hot time here (docs/benchmarks.md), so the common case (a whole-layer call to a replica holding the layer) is
-    checked with one memcmp and one builtin max."""
+    checked with builtins only: a whole-layer call has no token index to range-check, and its expert ids are
+    checked with one builtin max.
+
+    Parameters
+    ----------
+    req: the parsed request.
+    held: layer -> expert ids this replica holds.
+    hidden_size: the model's H.
+    num_layers: the model's layer count (None: unchecked).
+    num_experts: experts per layer (None: ids are checked against `held` only).
+    max_rows: the most rows (T) one request may carry.
+
+    Returns
+    -------
+    ForwardBatch: numpy views over the request's bytes; `whole_layer` set (and token_index None) for the
+    whole-layer form.
+
+    Raises
+    ------
+    WireError (INVALID_ARGUMENT): a missing field, an unknown or wrong dtype, a bad shape or byte length, lengths
+    that differ, an id out of range, a whole-layer call that also sends a token_index or whose assignments are not a
+    multiple of its rows. ExpertNotHeld (NOT_FOUND): a layer or expert this replica does not hold.
+    """
     layer = req.layer
     if num_layers is not None and layer >= num_layers:
         raise WireError(f"layer {layer} out of range: the model has {num_layers} layers")
     for field in _FORWARD_FIELDS:
         if not req.HasField(field):
             raise WireError(f"missing field '{field}'")
+    whole = req.whole_layer
+    if whole:
+        if req.HasField("token_index"):
+            raise WireError("whole_layer call with a token_index: the whole-layer form implies row n // K, "
+                            "send one or the other")
+    elif not req.HasField("token_index"):
+        raise WireError("missing field 'token_index'")
     dtype, shape, data = _checked(req.hidden, "hidden")
     if dtype not in FLOAT_DTYPES:
         raise WireError(f"hidden: dtype {dtype_name(req.hidden.dtype)} is not a float type")
@@ -245,21 +304,25 @@ def decode_forward(
     if rows > max_rows:
         raise WireError(f"hidden: {rows} rows exceed the limit of {max_rows}")
     hidden = np.frombuffer(data, dtype=_HIDDEN_WORDS[dtype]).reshape(shape)            # [T, H] view
-    token_index, ti_data = _decode_small(req.token_index, "token_index", _INDEX_DTYPES)
     expert, expert_data = _decode_small(req.expert, "expert", _INDEX_DTYPES)
     weight, _ = _decode_small(req.weight, "weight", FLOAT_DTYPES)
-    n = token_index.shape[0]
-    if expert.shape[0] != n or weight.shape[0] != n:
-        raise WireError(
-            f"assignment lengths differ: token_index {n}, expert {expert.shape[0]}, weight {weight.shape[0]}"
-        )
+    n = expert.shape[0]
+    if whole:
+        token_index = ti_data = None
+        if weight.shape[0] != n:
+            raise WireError(f"assignment lengths differ: expert {n}, weight {weight.shape[0]}")
+        if n and (rows == 0 or n % rows):
+            raise WireError(f"whole_layer: {n} assignments are not a multiple of the {rows} rows")
+    else:
+        token_index, ti_data = _decode_small(req.token_index, "token_index", _INDEX_DTYPES)
+        if token_index.shape[0] != n or weight.shape[0] != n:
+            raise WireError(f"assignment lengths differ: token_index {token_index.shape[0]}, expert {n}, "
+                            f"weight {weight.shape[0]}")
     top = 0
-    whole = False
     if n:
         # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a numpy
-        # reduction here cost ~40 us a call in situ, the builtin max nothing measurable. The router's whole-layer
-        # index [T*K] = t // K is in range by construction and recognised by one memcmp.
-        whole = rows > 0 and n % rows == 0 and ti_data == whole_layer_index(rows, n // rows)
+        # reduction here cost ~40 us a call in situ, the builtin max nothing measurable. A whole-layer call's rows
+        # n // K are in range by construction.
         if not whole and max(memoryview(ti_data).cast(_UNSIGNED_CODE[token_index.dtype])) >= rows:
             raise WireError(f"token_index out of range [0, {rows})")
         top = max(memoryview(expert_data).cast(_UNSIGNED_CODE[expert.dtype]))

@@ -1,58 +1,28 @@
 """Ports, addresses and environment variable names shared by every service, the CLI and the Helm chart.
 
+The values live in core/settings.py (the one registry); this module re-exports them under their old names.
 Non-default ports on purpose: another Ray cluster (6379/8265) or another server (8000/50051) may share
 the machine. Everything binds loopback unless told otherwise.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 
-GATEWAY_PORT = 8000              # HTTP, OpenAI-compatible API, /health, /metrics, /experts
-ROUTER_PORT = 50061              # gRPC expertmesh.v1.Router
-ROUTER_METRICS_PORT = 9461       # HTTP Prometheus metrics of the router process
-DIRECTORY_PORT = 50071           # gRPC expertmesh.v1.ExpertDirectory
-REPLICA_PORT_RANGE = (50100, 50999)  # gRPC ExpertService of the replicas (one port each)
-REPLICA_METRICS_PORT = 9471      # HTTP Prometheus metrics served by the expert pool
-RAY_GCS_PORT = 6391              # local Ray cluster of `expertmesh experts up` / `serve`
-RAY_DASHBOARD_PORT = 8271
-CONTROLLER_PORT = 9481           # HTTP /health and /status of the expert controller service
+from expertmesh.core.settings import (CONTROLLER_PORT, DIRECTORY_PORT, GATEWAY_PORT, RAY_DASHBOARD_PORT,  # noqa: F401
+                                      RAY_GCS_PORT, REPLICA_METRICS_PORT, REPLICA_PORT_RANGE, ROUTER_METRICS_PORT,
+                                      ROUTER_PORT, advertise_host, bind_host, directory_address, replica_port_range,
+                                      router_address)
 
-# Environment variables (the Helm chart sets the same names).
-ENV_BIND_HOST = "EXPERTMESH_BIND_HOST"            # address servers bind (default 127.0.0.1; 0.0.0.0 in pods)
-ENV_ADVERTISE_HOST = "EXPERTMESH_ADVERTISE_HOST"  # address replicas publish in the directory (pod IP)
-ENV_DIRECTORY = "EXPERTMESH_DIRECTORY"            # host:port of the expert directory
-ENV_ROUTER = "EXPERTMESH_ROUTER"                  # host:port of the router
-ENV_API_KEYS = "EXPERTMESH_API_KEYS"              # comma-separated API keys for the gateway; unset = open
-ENV_REPLICA_PORTS = "EXPERTMESH_REPLICA_PORTS"    # "start-end" range replicas bind in
-ENV_CONTROLLER_STATUS = "EXPERTMESH_CONTROLLER_STATUS"  # controller status for the gateway's /experts: a JSON file
-                                                        # (local stack) or http(s)://controller:9481/status
-
-
-def bind_host() -> str:
-    return os.environ.get(ENV_BIND_HOST, "127.0.0.1")
-
-
-def advertise_host() -> str:
-    return os.environ.get(ENV_ADVERTISE_HOST) or bind_host()
-
-
-def directory_address() -> str:
-    return os.environ.get(ENV_DIRECTORY, f"127.0.0.1:{DIRECTORY_PORT}")
-
-
-def router_address() -> str:
-    return os.environ.get(ENV_ROUTER, f"127.0.0.1:{ROUTER_PORT}")
-
-
-def replica_port_range() -> tuple[int, int]:
-    raw = os.environ.get(ENV_REPLICA_PORTS)
-    if not raw:
-        return REPLICA_PORT_RANGE
-    lo, _, hi = raw.partition("-")
-    return int(lo), int(hi)
+# Environment variable names (registered, with type/default/meaning, in core/settings.py; the Helm chart sets them).
+ENV_BIND_HOST = "EXPERTMESH_BIND_HOST"
+ENV_ADVERTISE_HOST = "EXPERTMESH_ADVERTISE_HOST"
+ENV_DIRECTORY = "EXPERTMESH_DIRECTORY"
+ENV_ROUTER = "EXPERTMESH_ROUTER"
+ENV_API_KEYS = "EXPERTMESH_API_KEYS"
+ENV_REPLICA_PORTS = "EXPERTMESH_REPLICA_PORTS"
+ENV_CONTROLLER_STATUS = "EXPERTMESH_CONTROLLER_STATUS"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

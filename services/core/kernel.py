@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -29,21 +28,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from expertmesh.core import settings
 from expertmesh.core.checkpoint import CheckpointReader
-from expertmesh.core.codec import ForwardBatch, as_numpy, raw_bytes, whole_layer_index
+from expertmesh.core.codec import ForwardBatch, as_numpy, raw_bytes
 
 log = logging.getLogger(__name__)
-ENV_KERNEL = "EXPERTMESH_EXPERT_KERNEL"
 
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class ExpertWeights:
-    """The FFN weights of a set of (layer, expert) keys, stacked per layer.
+    """The replica's one kernel interface: the FFN weights of a set of (layer, expert) keys, stacked per layer,
+    and the expert MLP over a batch of assignments (`forward`, and `forward_batch` for a decoded request).
 
+    Parameters
+    ----------
+    reader: the checkpoint (its `info` gives hidden size, expert count, dtype and `hidden_act`).
+    keys: layer -> expert ids to load; nothing else is read.
+    dtype: the compute and weight dtype (default: the checkpoint's).
+    kernel: "fused", "torch" or "auto" (default $EXPERTMESH_EXPERT_KERNEL, else auto): see `choose_kernel`.
+
+    What a model family needs beyond these becomes a parameter here (read from the checkpoint, passed on to both
+    implementations), the way vLLM's FusedMoE takes them, never a copy of the kernel per family: the activation
+    (today `hidden_act`, SiLU-family for the fused op), expert biases (`w13_bias` [E, 2I], `w2_bias` [E, H]), a
+    SwiGLU clamp (`swiglu_limit`), and quantized weights with their scales (a quant config that picks the weight
+    layout, as FusedMoE's `quant_config`). None of these is taken yet.
+
+    Attributes
+    ----------
     w13[layer]: [E_held, 2I, H] (gate rows first, then up), w2[layer]: [E_held, H, I] — in the fused op's blocked
     layout (same shape and bytes) when `kernel == "fused"`;
-    slot[layer]: [num_experts] int32 (numpy) mapping expert id -> row in the stack (-1 = not held).
+    slot[layer]: [num_experts] int32 (numpy) mapping expert id -> row in the stack (-1 = not held);
+    held[layer]: the expert ids held.
     """
 
     def __init__(self, reader: CheckpointReader, keys: dict[int, list[int]], dtype: torch.dtype | None = None,
@@ -88,30 +104,61 @@ class ExpertWeights:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
 
-    def forward(self, layer: int, hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor,
+    def forward(self, layer: int, hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor | None,
                 expert: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], token_index/expert/weight [N] (numpy or CPU tensors) -> [T, H] =
-        sum_n weight[n] * FFN_expert[n](hidden[token_index[n]])."""
-        token_index, weight = as_numpy(token_index), as_numpy(weight)
+        """The routed-expert output of one layer for a batch of assignments.
+
+        Parameters
+        ----------
+        layer: a layer these weights hold.
+        hidden: [T, H] float tensor.
+        token_index: [N] ints, the row of each assignment; or None for the whole-layer form (all K assignments of
+            each row in row order, N = T * K: assignment n is row n // K).
+        expert: [N] expert ids, each one held (ValueError otherwise).
+        weight: [N] gate weights.
+        Arrays may be numpy arrays or CPU tensors.
+
+        Returns
+        -------
+        [T, H] in hidden's dtype: sum_n weight[n] * FFN_expert[n](hidden[token_index[n]]).
+        """
+        weight = as_numpy(weight)
         table = self.slot[layer]
         slot = table[as_numpy(expert)]                 # [N] row in the stacks (IndexError for ids >= num_experts)
         if layer not in self._holds_all and slot.shape[0] and slot.min() < 0:
             raise ValueError("assignment to an expert that is not held")
+        if token_index is not None:
+            token_index = as_numpy(token_index)
         if self.kernel == "fused":
             return _fused_forward(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer])
+        if token_index is None:
+            T, N = hidden.shape[0], slot.shape[0]
+            token_index = np.repeat(np.arange(T, dtype=np.int64), N // T if T else 0)     # [N] = n // K
         return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
 
     def forward_batch(self, batch: ForwardBatch) -> bytes:
-        """A batch validated by `codec.decode_forward` against these weights' held keys -> its output [T, H] as the
-        wire's raw bytes, in the batch's dtype. The replica's path. A whole-layer call on the fused kernel (the
-        default plan's every call) is staged: nothing but the op itself touches torch (`_fused_staged`)."""
+        """The replica's path: a decoded request in, its output's wire bytes out.
+
+        A whole-layer call on the fused kernel (the default plan's every call) is staged: nothing but the op itself
+        touches torch (`_fused_staged`).
+
+        Parameters
+        ----------
+        batch: validated by `codec.decode_forward` against these weights' held keys (or several such, merged by the
+            coalescer).
+
+        Returns
+        -------
+        The output [T, H] as raw little-endian bytes, in the batch's dtype.
+        """
         T, N = batch.rows, batch.expert.shape[0]
         if (self.kernel == "fused" and batch.whole_layer and N and batch.dtype == self.dtype
                 and T <= _STAGING_MAX_ROWS):
             layer = batch.layer
             slot = batch.expert if layer in self._holds_all else self.slot[layer][batch.expert]   # [N]
             return _fused_staged(batch.hidden_data, slot, batch.weight, N // T, self.w13[layer], self.w2[layer])
-        return raw_bytes(self.forward(batch.layer, batch.hidden, batch.token_index, batch.expert, batch.weight))
+        token_index = None if batch.whole_layer else batch.token_index
+        return raw_bytes(self.forward(batch.layer, batch.hidden, token_index, batch.expert, batch.weight))
 
 
 # ---- fused: vLLM's CPU fused-MoE op ---------------------------------------------------------------------------
@@ -169,10 +216,10 @@ def _fused_prepack(w: torch.Tensor, isa: str) -> torch.Tensor:
     return out
 
 
-def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray, slot: np.ndarray, weight: np.ndarray,
+def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray | None, slot: np.ndarray, weight: np.ndarray,
                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Assignments -> the fused op's [T, K] (ids, weights) form; K = the most assignments any token has here.
-    `slot` [N] int32, every entry a held row (the caller checked).
+    `slot` [N] int32, every entry a held row (the caller checked); token_index None = the whole-layer form.
 
     A token with fewer than K assignments is padded with weight 0 on one of its own experts (adds exactly 0); one
     with none gets K weight-0 entries on some held expert (its output row is 0). The router's whole-layer call is
@@ -186,7 +233,7 @@ def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray, slot: np.ndarr
     x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()   # [T, H]
     ti = token_index
     w = weight if weight.dtype == np.float32 else weight.astype(np.float32)
-    if N % T == 0 and ti.dtype == np.int32 and ti.tobytes() == whole_layer_index(T, N // T):   # memcmp: ~0.2 us
+    if ti is None:                                                            # whole-layer: row n // K
         ids, gates = slot.reshape(T, N // T), w.reshape(T, N // T)            # [T, K] views, contiguous
     else:
         per_token = np.bincount(ti, minlength=T)                              # [T]
@@ -259,10 +306,23 @@ def _fused_staged(hidden_words: np.ndarray, slot: np.ndarray, weight: np.ndarray
 
 def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: int,
                   intermediate: int | None) -> str:
-    """'fused' or 'torch' for these weights: `requested` (or $EXPERTMESH_EXPERT_KERNEL), 'auto' by default."""
-    requested = (requested or os.environ.get(ENV_KERNEL) or "auto").lower()
+    """Which implementation serves these weights.
+
+    Parameters
+    ----------
+    requested: "auto", "fused", "torch", or None for $EXPERTMESH_EXPERT_KERNEL (default auto).
+    act: the activation name (`hidden_act`).
+    dtype: the weight/compute dtype.
+    hidden, intermediate: H and I (the fused op needs multiples of its alignment).
+
+    Returns
+    -------
+    "fused" where the fused op runs and agrees with the torch path (auto or fused), else "torch". Raises ValueError
+    for an unknown request, RuntimeError when "fused" is asked for and cannot run.
+    """
+    requested = (requested or settings.expert_kernel() or "auto").lower()
     if requested not in ("auto", "fused", "torch"):
-        raise ValueError(f"{ENV_KERNEL}={requested!r}: expected auto, fused or torch")
+        raise ValueError(f"EXPERTMESH_EXPERT_KERNEL={requested!r}: expected auto, fused or torch")
     if requested == "torch":
         return "torch"
     why = _fused_unusable(act, dtype, hidden, intermediate)
@@ -337,10 +397,19 @@ def _grouped_mm_works(dtype: torch.dtype) -> bool:
 
 def moe_combine(hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor, slot: np.ndarray | torch.Tensor,
                 weight: np.ndarray | torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act=F.silu) -> torch.Tensor:
-    """Grouped SwiGLU over assignments.
+    """Grouped SwiGLU over assignments (the `torch` implementation, and the fused op's reference).
 
-    hidden [T, H]; token_index, slot [N] ints (slot = row in w13/w2); weight [N] (numpy or CPU tensors);
-    w13 [E, 2I, H]; w2 [E, H, I]. Returns [T, H] in hidden's dtype (accumulated in fp32).
+    Parameters
+    ----------
+    hidden: [T, H].
+    token_index, slot: [N] ints (slot = row in w13/w2, every one >= 0); numpy or CPU tensors.
+    weight: [N] gate weights.
+    w13: [E, 2I, H] (gate rows first, then up); w2: [E, H, I].
+    act: the activation applied to the gate half.
+
+    Returns
+    -------
+    [T, H] in hidden's dtype (accumulated in fp32): sum_n weight[n] * w2[slot[n]] (act(g) * u).
     """
     with torch.inference_mode():
         return _moe_combine(hidden, token_index, slot, weight, w13, w2, act)

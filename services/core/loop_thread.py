@@ -7,11 +7,14 @@ call never stalls a Forward. `run(coro)` runs a coroutine on the loop and waits 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any, Coroutine
 
 
 class LoopThread:
+    """A private event loop running on its own daemon thread."""
+
     def __init__(self, name: str):
         # Always the stdlib selector loop, whatever the process's policy (Ray installs uvloop's): measured no
         # faster here, and `replica.claim_grpc_poller` finds grpc's reader through the selector.
@@ -32,7 +35,8 @@ class LoopThread:
         """Run `coro` on the loop thread and return its result (raises its exception)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def submit(self, coro: Coroutine) -> "asyncio.Future":
+    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        """Schedule `coro` on the loop thread; the returned future is waitable from any thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -18,18 +18,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import os
 import threading
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+
+from expertmesh.core import settings
 
 _initialised = False
 _lock = threading.Lock()
 
 
 def tracing_enabled() -> bool:
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return bool(settings.otlp_endpoint())
 
 
 def init_tracing(service_name: str) -> None:
@@ -44,7 +45,7 @@ def init_tracing(service_name: str) -> None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-        endpoint = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        endpoint = settings.otlp_endpoint()
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True),
                                                        schedule_delay_millis=200))
         trace.set_tracer_provider(provider)
@@ -83,7 +84,7 @@ class RequestRegistry:
         self._turn = itertools.count()
         # Per-layer detail is sampled: a step is traced if a traced request arrived since the last traced step
         # (so every request's prefill is seen) or every `every`-th step otherwise.
-        self.every = every or int(os.environ.get("EXPERTMESH_TRACE_STEP_EVERY", "16"))
+        self.every = every or settings.trace_step_every()
         self._steps = 0
         self._arrived = False
 

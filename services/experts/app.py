@@ -147,12 +147,15 @@ def build_directory(args: dict):
     return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT).bind(_directory_of(args))
 
 
+# The optional args of a group application that reach each replica's `ExpertGroupReplica.__init__`.
+REPLICA_ARGS = ("lease_seconds", "max_wait_ms", "max_batch_rows", "inline_rows", "compute_threads")
+
+
 def build_group(args: dict):
     """One group's application: args = {model, group: {name, keys}, directory[, lease_seconds, max_wait_ms,
-    max_batch_rows, inline_rows]}. Replica count and actor options come from the Serve config only
+    max_batch_rows, inline_rows, compute_threads]}. Replica count and actor options come from the Serve config only
     (`serve_config.build_serve_config`): one source of truth, never fought by a default set here."""
     group = ExpertGroup.model_validate(args["group"])
-    replica_args = {k: args[k] for k in ("lease_seconds", "max_wait_ms", "max_batch_rows", "inline_rows")
-                    if args.get(k) is not None}
+    replica_args = {k: args[k] for k in REPLICA_ARGS if args.get(k) is not None}
     return ExpertGroupReplica.options(name=group.name).bind(
         str(args["model"]), group.model_dump(mode="json"), _directory_of(args), **replica_args)

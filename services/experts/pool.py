@@ -28,16 +28,17 @@ from pathlib import Path
 
 import httpx
 
-from expertmesh.core import defaults
+from expertmesh.core import defaults, settings
 from expertmesh.core.defaults import free_port
 from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
 from expertmesh.discovery.directory import DirectoryClient, endpoints_by_key
 from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
-from expertmesh.control.serve_config import GROUP_IMPORT_PATH, build_serve_config
+from expertmesh.control.serve_config import build_serve_config
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
 
-STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
+STATE_DIR = settings.cache_dir()
 REPLICA_LOGICAL_CPUS = 0.25  # per replica; the head offers `num_cpus` logical CPUs in all
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # the pool moves no objects through Ray; keep /dev/shm use small
 
@@ -108,8 +109,9 @@ class LocalPool:
                  directory_port: int = defaults.DIRECTORY_PORT, metrics_port: int = defaults.REPLICA_METRICS_PORT,
                  replica_ports: tuple[int, int] | None = None, num_cpus: int | None = None,
                  lease_seconds: float | None = None, max_wait_ms: float | None = None,
-                 max_batch_rows: int | None = None, compute_threads: int | None = None, ready_timeout: float = 240.0,
-                 state_file: Path | None = None):
+                 max_batch_rows: int | None = None, compute_threads: int | None = None,
+                 inline_rows: int | None = None, replica: ReplicaSettings | None = None, ready_timeout: float = 240.0,
+                 state_file: Path | None = None, env: dict[str, str] | None = None):
         self.model = str(Path(model).resolve())
         self.info = read_moe_info(self.model)
         self.plan = plan or default_plan(self.info)
@@ -126,9 +128,12 @@ class LocalPool:
         # Logical CPUs for Ray's bookkeeping only (the directory takes 1/4, each replica 1/4): room for the
         # controller to grow the pool well past the plan's start; physical cores are shared by the OS.
         self.num_cpus = num_cpus or 64
-        self.extra_args = {k: v for k, v in (("lease_seconds", lease_seconds), ("max_wait_ms", max_wait_ms),
-                                             ("max_batch_rows", max_batch_rows), ("compute_threads", compute_threads))
-                           if v is not None}
+        # The replicas' tunables: `replica`, with any keyword given here on top (None = the replica's default).
+        self.replica = ReplicaSettings(**{**(replica or ReplicaSettings()).serve_args(), **{
+            k: v for k, v in (("lease_seconds", lease_seconds), ("max_wait_ms", max_wait_ms),
+                              ("max_batch_rows", max_batch_rows), ("inline_rows", inline_rows),
+                              ("compute_threads", compute_threads)) if v is not None}})
+        self.env = dict(env or {})  # registered variables for the Ray head and so for every replica
         self.ready_timeout = ready_timeout
         # Serve's own autoscaler sees none of the traffic (it bypasses Serve), so it would only ever shrink groups
         # to min_replicas: locally the counts are pinned (start_replicas) and changed by `apply` (the controller).
@@ -172,10 +177,7 @@ class LocalPool:
     def serve_config(self) -> dict:
         # Logical CPUs: a replica mostly waits on gRPC; physical cores are shared by the OS scheduler.
         config = build_serve_config(self.plan, self.model, self.directory_address, replicas=self.replica_counts,
-                                    num_cpus=REPLICA_LOGICAL_CPUS)
-        for app in config["applications"]:
-            if app["import_path"] == GROUP_IMPORT_PATH:
-                app["args"].update(self.extra_args)
+                                    num_cpus=REPLICA_LOGICAL_CPUS, replica=self.replica)
         # The data plane is each replica's own gRPC server: no Serve HTTP/gRPC proxy at all.
         config["proxy_location"] = "Disabled"
         config["http_options"] = {"host": self.host, "port": free_port()}
@@ -188,18 +190,13 @@ class LocalPool:
         # Short: Ray puts unix sockets under the temp dir and those paths are limited to 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix=f"em-ray-{self.gcs_port}-")
         self.log_path = Path(self.temp_dir) / "ray-start.log"
-        env = dict(os.environ)
-        env.update({
-            "OMP_NUM_THREADS": "1",  # replicas do small matmuls; two OpenMP threads per core fight (30-60x slower)
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # Ray 2.60 turns on token auth for every new cluster once ~/.ray/auth_token exists (any local
-            # `ray.init()` writes one); the pool is loopback-only and its REST calls carry no token: say so.
-            "RAY_AUTH_MODE": "disabled",
-            defaults.ENV_BIND_HOST: env.get(defaults.ENV_BIND_HOST, self.host),
+        # OMP_NUM_THREADS=1, Ray on loopback, no usage stats, no token auth: settings.RAY_HEAD_ENV says why.
+        env = settings.child_env({
+            **self.env,
+            defaults.ENV_BIND_HOST: settings.inherited(defaults.ENV_BIND_HOST) or self.host,
             defaults.ENV_REPLICA_PORTS: f"{self.replica_ports[0]}-{self.replica_ports[1]}",
             defaults.ENV_DIRECTORY: self.directory_address,
-        })
+        }, forced=settings.RAY_HEAD_ENV)
         cmd = [
             _ray_bin(), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address", self.host, "--port", str(self.gcs_port),
@@ -330,6 +327,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--metrics-port", type=int, default=defaults.REPLICA_METRICS_PORT,
                     help="Prometheus metrics of the pool (Ray's metrics export port)")
     up.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every expert to register")
+    add_replica_flags(up)
     down = sub.add_parser("down", help="stop the local Ray cluster started by `experts up`")
     down.add_argument("--address", default=f"127.0.0.1:{defaults.RAY_GCS_PORT}")
 
@@ -347,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         plan = load_plan(args.plan) if args.plan else None
         pool = LocalPool(args.model, plan, gcs_port=gcs_port, dashboard_port=args.dashboard_port,
                          directory_port=args.directory_port, metrics_port=args.metrics_port,
-                         ready_timeout=args.timeout)
+                         ready_timeout=args.timeout, replica=replica_settings_from_args(args))
         pool.start()
         with pool.client() as client:
             print(format_directory(client.snapshot()))

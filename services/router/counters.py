@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expertmesh.core import settings
+
 ENV_COUNTERS_FILE = "EXPERTMESH_COUNTERS_FILE"
 
 
 def default_counters_path() -> str:
-    explicit = os.environ.get(ENV_COUNTERS_FILE)
+    explicit = settings.counters_file()
     if explicit:
         return explicit
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()

@@ -34,10 +34,9 @@ every family, and is where weights are created — the only place that can decli
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-from expertmesh.core import defaults
+from expertmesh.core import settings
 
 log = logging.getLogger("expertmesh.router.plugin")
 
@@ -47,10 +46,7 @@ _OOT_NAME = "UnquantizedFusedMoEMethod"
 
 
 def expert_mode() -> str:
-    mode = (os.environ.get(ENV_EXPERT_MODE) or "local").strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"{ENV_EXPERT_MODE}={mode!r}: expected one of {MODES}")
-    return mode
+    return settings.expert_mode()  # validated by the registry: one of MODES
 
 
 def register() -> None:
@@ -66,19 +62,18 @@ def configure_remote(directory: str | None = None, *, deadline_s: float | None =
     routed-token counters file, so a multiprocess engine core writes where this process reads).
     """
     from expertmesh.router.counters import ENV_COUNTERS_FILE, default_counters_path
-    from expertmesh.router.dispatch import ENV_DEADLINE
 
-    os.environ[ENV_EXPERT_MODE] = "remote"
-    os.environ[defaults.ENV_DIRECTORY] = directory or defaults.directory_address()
+    settings.export(ENV_EXPERT_MODE, "remote")
+    settings.export("EXPERTMESH_DIRECTORY", directory or settings.directory_address())
     if deadline_s is not None:
-        os.environ[ENV_DEADLINE] = str(deadline_s)
-    os.environ[ENV_COUNTERS_FILE] = counters_file or default_counters_path()
+        settings.export("EXPERTMESH_DISPATCH_DEADLINE_S", deadline_s)
+    settings.export(ENV_COUNTERS_FILE, counters_file or default_counters_path())
     apply_mode()
 
 
 def configure_local() -> None:
     """vLLM computes experts in-process as usual (monolithic baseline)."""
-    os.environ[ENV_EXPERT_MODE] = "local"
+    settings.export(ENV_EXPERT_MODE, "local")
     apply_mode()
 
 

@@ -81,9 +81,28 @@ expertmesh.io/expert-pool: {{ include "expertmesh.fullname" . | quote }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ include "expertmesh.otelEndpoint" . | quote }}
 {{- end }}
+{{- range $name, $value := .Values.settings }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
 {{- with .Values.commonEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/* The replica tunables set in experts.replica, as Serve application args (ReplicaSettings.serve_args()):
+snake_case names, unset (null) ones left out. Returns JSON. */}}
+{{- define "expertmesh.replicaArgs" -}}
+{{- $r := .Values.experts.replica -}}
+{{- $out := dict -}}
+{{- range $key, $camel := dict "lease_seconds" "leaseSeconds" "max_wait_ms" "maxWaitMs" "max_batch_rows" "maxBatchRows" "inline_rows" "inlineRows" "compute_threads" "computeThreads" -}}
+{{- if and (hasKey $r $camel) (not (kindIs "invalid" (get $r $camel))) -}}
+{{- $v := get $r $camel -}}
+{{- if has $key (list "max_batch_rows" "inline_rows" "compute_threads") -}}{{- $v = int $v -}}{{- end -}}
+{{- $_ := set $out $key $v -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
 
 {{/* Model volume (pvc or init-filled emptyDir) and /dev/shm: (dict "ctx" $ "shm" size). */}}
@@ -201,8 +220,9 @@ checked types, names and unknown fields. Returns JSON.
 {{- end -}}
 
 {{/* serveConfigV2: same structure as build_serve_config(plan, model_path, directory, num_cpus=, num_gpus=,
-directory_resource=): the directory application, then one application per plan group whose args are only the
-group's name and keys (so changing one group never restarts another). Returns JSON (a YAML document too). */}}
+directory_resource=, replica=): the directory application, then one application per plan group whose args are the
+group's name and keys plus the replica tunables (so changing one group never restarts another). Returns JSON (a
+YAML document too). */}}
 {{- define "expertmesh.serveConfig" -}}
 {{- $plan := include "expertmesh.plan" . | fromJson -}}
 {{- $replica := dict "num_cpus" .Values.experts.replica.numCpus -}}
@@ -210,11 +230,13 @@ group's name and keys (so changing one group never restarts another). Returns JS
 {{- $directoryOptions := dict "num_cpus" 0 "resources" (dict (include "expertmesh.directoryResource" .) 1) -}}
 {{- $directory := include "expertmesh.directoryAddress" . -}}
 {{- $model := include "expertmesh.modelPath" . -}}
+{{- $replicaArgs := include "expertmesh.replicaArgs" . | fromJson -}}
 {{- $directoryApp := dict "name" "expertmesh-directory" "route_prefix" nil "import_path" "expertmesh.experts.app:build_directory" "args" (dict "directory" $directory) "deployments" (list (dict "name" "ExpertDirectory" "num_replicas" 1 "ray_actor_options" $directoryOptions)) -}}
 {{- $apps := list $directoryApp -}}
 {{- range $g := $plan.groups -}}
   {{- $start := hasKey $g "initial_replicas" | ternary (get $g "initial_replicas") (max 1 (int $g.min_replicas)) -}}
   {{- $args := dict "model" $model "group" (dict "name" $g.name "keys" $g.keys) "directory" $directory -}}
+  {{- range $k, $v := $replicaArgs -}}{{- $_ := set $args $k $v -}}{{- end -}}
   {{- $deployment := dict "name" $g.name "num_replicas" (int $start) "ray_actor_options" (deepCopy $replica) -}}
   {{- $apps = append $apps (dict "name" (printf "experts-%s" $g.name) "route_prefix" nil "import_path" "expertmesh.experts.app:build_group" "args" $args "deployments" (list $deployment)) -}}
 {{- end -}}
