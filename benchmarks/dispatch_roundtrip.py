@@ -36,12 +36,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from expertmesh.core.codec import decode, encode_forward  # noqa: E402
 from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
+from expertmesh.core.codec import decode, encode_forward  # noqa: E402
 from expertmesh.core.plan import default_plan  # noqa: E402
 from expertmesh.core.protos import expert_pb2  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-checkpoint builder
 from tiny import build_tiny_checkpoint  # noqa: E402
+
 from expertmesh.core.defaults import free_port  # noqa: E402
 from expertmesh.experts.pool import LocalPool  # noqa: E402
 from expertmesh.experts.replica import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
@@ -57,8 +59,9 @@ async def _echo_main(port: int) -> None:
         return raw
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),)
+    )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
@@ -82,16 +85,28 @@ def _standalone_main(model: str, directory_port: int, compute_threads: int) -> N
     from expertmesh.discovery.directory import DirectoryClient
     from expertmesh.experts.replica import ExpertServer, keys_to_proto
 
-    directory = subprocess.Popen([sys.executable, __file__, "--directory-server", str(directory_port)],
-                                 stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    directory = subprocess.Popen(
+        [sys.executable, __file__, "--directory-server", str(directory_port)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+    )
     assert directory.stdout.readline().strip() == b"ready"
     info = read_moe_info(model)
-    server = ExpertServer(model, {info.moe_layers[0]: list(range(info.num_experts))}, replica_id="bench", group="l0",
-                          compute_threads=compute_threads)
+    server = ExpertServer(
+        model,
+        {info.moe_layers[0]: list(range(info.num_experts))},
+        replica_id="bench",
+        group="l0",
+        compute_threads=compute_threads,
+    )
     port = server.start("127.0.0.1", 0)
     with DirectoryClient(f"127.0.0.1:{directory_port}") as client:
-        client.register(expert_pb2.ReplicaEntry(replica_id="bench", group="l0", endpoint=f"127.0.0.1:{port}",
-                                                keys=keys_to_proto(server.weights.held)), lease_seconds=3600)
+        client.register(
+            expert_pb2.ReplicaEntry(
+                replica_id="bench", group="l0", endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(server.weights.held)
+            ),
+            lease_seconds=3600,
+        )
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     print(json.dumps(server.servicer.coalescer.timers.snapshot()), file=sys.stderr, flush=True)
@@ -104,15 +119,21 @@ def _standalone_main(model: str, directory_port: int, compute_threads: int) -> N
 def _summary(samples_s: list[float]) -> dict:
     ms = sorted(s * 1000 for s in samples_s)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
-    return {"n": len(ms), "median_ms": round(statistics.median(ms), 4), "mean_ms": round(statistics.fmean(ms), 4),
-            "p90_ms": round(pick(0.90), 4), "p99_ms": round(pick(0.99), 4), "min_ms": round(ms[0], 4)}
+    return {
+        "n": len(ms),
+        "median_ms": round(statistics.median(ms), 4),
+        "mean_ms": round(statistics.fmean(ms), 4),
+        "p90_ms": round(pick(0.90), 4),
+        "p99_ms": round(pick(0.99), 4),
+        "min_ms": round(ms[0], 4),
+    }
 
 
 def _layer_request(seed: int, tokens: int = 64, hidden: int = 128, experts: int = 8, top_k: int = 2):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=g)                                            # [T, H]
+    x = torch.randn(tokens, hidden, generator=g)  # [T, H]
     topk = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])  # [T, k]
-    weight = torch.softmax(torch.randn(tokens, top_k, generator=g), dim=-1)                   # [T, k]
+    weight = torch.softmax(torch.randn(tokens, top_k, generator=g), dim=-1)  # [T, k]
     return x, topk, weight
 
 
@@ -124,14 +145,17 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
     payload = encode_forward(layer, x, None, topk.flatten(), weight.flatten())
     echo_bytes = payload.SerializeToString()
 
-    d = Dispatcher(directory_address, metrics=False,
-                   counters_path=str(Path(tempfile.mkdtemp(prefix="counters-", dir=args.scratch)) / "counters"))
+    d = Dispatcher(
+        directory_address,
+        metrics=False,
+        counters_path=str(Path(tempfile.mkdtemp(prefix="counters-", dir=args.scratch)) / "counters"),
+    )
     d.register_layer("bench", layer, info.num_experts)
     d.wait_for_coverage({layer: info.num_experts}, timeout=30)
     reference = _reference_output(args.model_path, layer, x, topk, weight)
 
     def dispatch() -> torch.Tensor:
-        return d.forward(layer, x, weight, topk)                                          # [T, H]
+        return d.forward(layer, x, weight, topk)  # [T, H]
 
     echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=CHANNEL_OPTIONS)
     echo_call = echo_channel.unary_unary(ECHO)
@@ -186,8 +210,11 @@ def _reference_output(model: str, layer: int, x, topk, weight) -> torch.Tensor:
 async def _concurrent(args, endpoint: str, payload) -> dict:
     """32 callers each issuing layer calls back to back on the same replica (coalesced batches)."""
     channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-    call = channel.unary_unary(FORWARD, request_serializer=expert_pb2.ForwardRequest.SerializeToString,
-                               response_deserializer=expert_pb2.ForwardResponse.FromString)
+    call = channel.unary_unary(
+        FORWARD,
+        request_serializer=expert_pb2.ForwardRequest.SerializeToString,
+        response_deserializer=expert_pb2.ForwardResponse.FromString,
+    )
     batch_rows: list[int] = []
 
     async def caller(n: int):
@@ -200,9 +227,14 @@ async def _concurrent(args, endpoint: str, payload) -> dict:
     wall = time.perf_counter() - t
     calls = 32 * args.concurrent_calls
     await channel.close()
-    return {"calls": calls, "wall_s": round(wall, 3), "layer_calls_per_s": round(calls / wall, 1),
-            "tokens_per_s": round(calls * 64 / wall, 1), "mean_batch_rows": round(statistics.fmean(batch_rows), 1),
-            "max_batch_rows": max(batch_rows)}
+    return {
+        "calls": calls,
+        "wall_s": round(wall, 3),
+        "layer_calls_per_s": round(calls / wall, 1),
+        "tokens_per_s": round(calls * 64 / wall, 1),
+        "mean_batch_rows": round(statistics.fmean(batch_rows), 1),
+        "max_batch_rows": max(batch_rows),
+    }
 
 
 def _per_call_us(fn, n: int = 500, repeats: int = 5) -> float:
@@ -221,18 +253,19 @@ def _breakdown(model: str, layer: int) -> dict:
     """Where a dispatch's CPU time goes, per piece, measured hot in this process (median of 5 x 500 calls). The
     round trip pays these several times over in situ (see docs/benchmarks.md)."""
     from expertmesh.core.checkpoint import CheckpointReader
-    from expertmesh.core.codec import decode, decode_forward, encode_raw_into
+    from expertmesh.core.codec import decode_forward, encode_raw_into
     from expertmesh.core.kernel import ExpertWeights
 
     info = read_moe_info(model)
     weights = ExpertWeights(CheckpointReader(model), {layer: list(range(info.num_experts))})
     x, topk, weight = _layer_request(0)
     expert, gate = topk.flatten(), weight.flatten()
-    req = encode_forward(layer, x, None, expert, gate)                     # the whole-layer form, as the router sends
+    req = encode_forward(layer, x, None, expert, gate)  # the whole-layer form, as the router sends
 
     raw = req.SerializeToString()
-    batch = decode_forward(req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,
-                           num_experts=info.num_experts)
+    batch = decode_forward(
+        req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers, num_experts=info.num_experts
+    )
     out = weights.forward_batch(batch)
 
     def encode_output() -> bytes:
@@ -244,9 +277,15 @@ def _breakdown(model: str, layer: int) -> dict:
     return {
         "client_encode_forward": _per_call_us(lambda: encode_forward(layer, x, None, expert, gate)),
         "server_parse": _per_call_us(lambda: expert_pb2.ForwardRequest.FromString(raw)),
-        "server_decode_forward_validate": _per_call_us(lambda: decode_forward(
-            req, held=weights.held, hidden_size=info.hidden_size, num_layers=info.num_layers,
-            num_experts=info.num_experts)),
+        "server_decode_forward_validate": _per_call_us(
+            lambda: decode_forward(
+                req,
+                held=weights.held,
+                hidden_size=info.hidden_size,
+                num_layers=info.num_layers,
+                num_experts=info.num_experts,
+            )
+        ),
         "server_kernel_forward_batch": _per_call_us(lambda: weights.forward_batch(batch)),
         "server_encode_output": _per_call_us(encode_output),
         "client_decode_output": _per_call_us(lambda: decode(expert_pb2.ForwardResponse.FromString(reply).output)),
@@ -270,10 +309,17 @@ def main() -> int:
     parser.add_argument("--concurrent-calls", type=int, default=50, help="calls per caller in the 32-caller run")
     parser.add_argument("--model", help="checkpoint (default: a tiny random Mixtral built in a temp dir)")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--standalone", action="store_true",
-                        help="replica + directory in one plain process instead of Ray Serve (quick A/B, not the target)")
-    parser.add_argument("--compute-threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
-                        help="replica torch threads to measure, comma-separated (default 1,2; one pool each)")
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="replica + directory in one plain process instead of Ray Serve (quick A/B, not the target)",
+    )
+    parser.add_argument(
+        "--compute-threads",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 2],
+        help="replica torch threads to measure, comma-separated (default 1,2; one pool each)",
+    )
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--standalone-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--directory-server", type=int, help=argparse.SUPPRESS)
@@ -288,15 +334,18 @@ def main() -> int:
         _standalone_main(args.model, args.standalone_server, args.compute_threads[0])
         return 0
 
-    scratch = tempfile.TemporaryDirectory(prefix="em-bench-")   # the tiny checkpoint and counters files; removed at exit
+    scratch = tempfile.TemporaryDirectory(prefix="em-bench-")  # the tiny checkpoint and counters files; removed at exit
     args.scratch = scratch.name
     model = args.model or str(build_tiny_checkpoint("mixtral", Path(scratch.name) / "m"))
     args.model_path = model
     info = read_moe_info(model)
     plan = default_plan(info)  # the default placement (both MoE layers of the tiny Mixtral in one group)
     echo_port = free_port()
-    echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(echo_port)], stdout=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    echo = subprocess.Popen(
+        [sys.executable, __file__, "--echo-server", str(echo_port)],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     runs = {}
     try:
         assert echo.stdout.readline().strip() == b"ready"
@@ -304,10 +353,21 @@ def main() -> int:
             t = time.perf_counter()
             if args.standalone:
                 directory_port = free_port()
-                replica = subprocess.Popen([sys.executable, __file__, "--model", model, "--standalone-server",
-                                            str(directory_port), "--compute-threads", str(threads)],
-                                           stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+                replica = subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--model",
+                        model,
+                        "--standalone-server",
+                        str(directory_port),
+                        "--compute-threads",
+                        str(threads),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stdin=subprocess.PIPE,
+                    env=dict(os.environ, OMP_NUM_THREADS="1"),
+                )
                 try:
                     assert replica.stdout.readline().strip() == b"ready"
                     startup = time.perf_counter() - t
@@ -317,29 +377,49 @@ def main() -> int:
                     replica.wait(10)
             else:
                 lo = random.randrange(30000, 45000)
-                with LocalPool(model, plan, gcs_port=free_port(), dashboard_port=free_port(),
-                               directory_port=free_port(), metrics_port=free_port(), replica_ports=(lo, lo + 100),
-                               compute_threads=threads) as pool:
+                with LocalPool(
+                    model,
+                    plan,
+                    gcs_port=free_port(),
+                    dashboard_port=free_port(),
+                    directory_port=free_port(),
+                    metrics_port=free_port(),
+                    replica_ports=(lo, lo + 100),
+                    compute_threads=threads,
+                ) as pool:
                     startup = time.perf_counter() - t
                     result = _run_against(args, pool.directory_address, len(plan.groups), info, echo_port)
             result["pool_startup_s"] = round(startup, 1)
             runs[f"compute_threads_{threads}"] = result
-            print(f"compute_threads={threads}: dispatch {result['dispatch']['median_ms']} ms, "
-                  f"echo {result['echo']['median_ms']} ms, ratio {result['ratio_median']}", flush=True)
+            print(
+                f"compute_threads={threads}: dispatch {result['dispatch']['median_ms']} ms, "
+                f"echo {result['echo']['median_ms']} ms, ratio {result['ratio_median']}",
+                flush=True,
+            )
     finally:
         echo.terminate()
         echo.wait(10)
     first = next(iter(runs.values()))
     result = {
         "benchmark": "dispatch_roundtrip",
-        "payload": {"tokens": 64, "hidden": 128, "dtype": "float32", "top_k": 2, "experts": info.num_experts,
-                    "request_bytes": first["request_bytes"]},
+        "payload": {
+            "tokens": 64,
+            "hidden": 128,
+            "dtype": "float32",
+            "top_k": 2,
+            "experts": info.num_experts,
+            "request_bytes": first["request_bytes"],
+        },
         "replica": "standalone process (no Ray)" if args.standalone else "Ray Serve replica (LocalPool)",
         "runs": runs,
         "breakdown_us": _breakdown(model, info.moe_layers[0]),
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
-                    "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "torch": torch.__version__,
+        },
         "unix_time": int(time.time()),
         "target": "dispatch median <= 2x echo median",
         "meets_target": {name: r["ratio_median"] <= 2.0 for name, r in runs.items()},

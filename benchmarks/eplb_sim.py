@@ -57,7 +57,7 @@ def zipf_load(s: float, rng: np.random.Generator) -> np.ndarray:
     exact = SLOTS_PER_LAYER * share
     counts = np.floor(exact)
     short = SLOTS_PER_LAYER - int(counts.sum())
-    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1          # largest remainder
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1  # largest remainder
     load = np.empty((LAYERS, EXPERTS))
     for layer in range(LAYERS):
         load[layer, rng.permutation(EXPERTS)] = counts
@@ -75,11 +75,11 @@ def drift(load: np.ndarray, fraction: float, rng: np.random.Generator) -> np.nda
 
 
 def ratio(device_load: np.ndarray) -> np.ndarray:
-    return device_load.max(-1) / device_load.mean(-1)                          # [L]
+    return device_load.max(-1) / device_load.mean(-1)  # [L]
 
 
 def static_device_load(load: np.ndarray, D: int) -> np.ndarray:
-    return load.reshape(LAYERS, D, EXPERTS // D).sum(-1)                       # [L, D]
+    return load.reshape(LAYERS, D, EXPERTS // D).sum(-1)  # [L, D]
 
 
 def eplb_slots(load: np.ndarray, D: int, S: int, hierarchical: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +114,7 @@ def run_case(s: float, D: int, S: int) -> dict:
 
     case["static"] = summarise(ratio(static_device_load(load, D)))
     for name, hier in (("eplb", False), ("eplb_hier", True)):
-        (slots, counts), wall, cpu = timed(lambda: eplb_slots(load, D, S, hier), repeat=1)
+        (slots, counts), wall, cpu = timed(lambda hier=hier: eplb_slots(load, D, S, hier), repeat=1)
         case[name] = summarise(ratio(slots_device_load(slots, load, counts))) | {"runtime_ms": wall}
     plan, wall, cpu = timed(lambda: planner.plan_slots(load, D, S))
     case["ours"] = summarise(plan.imbalance) | {"runtime_ms": wall, "cpu_ms": cpu}
@@ -135,21 +135,45 @@ def run_case(s: float, D: int, S: int) -> dict:
     case["free"] = summarise(free.imbalance) | {
         "replicas_per_layer_mean": round(float(free.replicas.mean()), 1),
         "replicas_per_layer_max": int(free.replicas.max()),
-        "expert_slots_per_layer_mean": round(float((free.group_replicas * np.stack(
-            [np.bincount(g, minlength=EXPERTS) for g in free.group_of])).sum(1).mean()), 1),
-        "runtime_ms": wall, "cpu_ms": cpu}
+        "expert_slots_per_layer_mean": round(
+            float(
+                (free.group_replicas * np.stack([np.bincount(g, minlength=EXPERTS) for g in free.group_of]))
+                .sum(1)
+                .mean()
+            ),
+            1,
+        ),
+        "runtime_ms": wall,
+        "cpu_ms": cpu,
+    }
     alone, wall, cpu = timed(lambda: planner.plan_autoscale(load, S, exclusive_hot=True), repeat=1)
     case["free_exclusive"] = summarise(alone.imbalance) | {
         "replicas_per_layer_mean": round(float(alone.replicas.mean()), 1),
-        "replicas_per_layer_max": int(alone.replicas.max()), "runtime_ms": wall, "cpu_ms": cpu}
+        "replicas_per_layer_max": int(alone.replicas.max()),
+        "runtime_ms": wall,
+        "cpu_ms": cpu,
+    }
 
     drifts = {}
     for fraction in DRIFT:
         drng = np.random.default_rng([SEED, int(s * 10), D, int(fraction * 100)])
         cur_load, ours_slots = load, plan.slots
         eplb_prev, _ = eplb_slots(load, D, S, False)
-        rec = {k: [] for k in ("keep", "forced_moved", "ours", "ours_moved", "frugal", "frugal_moved", "fresh_moved", "eplb",
-                               "eplb_moved", "eplb_moved_relabelled")}
+        rec = {
+            k: []
+            for k in (
+                "keep",
+                "forced_moved",
+                "ours",
+                "ours_moved",
+                "frugal",
+                "frugal_moved",
+                "fresh_moved",
+                "eplb",
+                "eplb_moved",
+                "eplb_moved_relabelled",
+            )
+        }
         frugal_slots = plan.slots
         for _ in range(DRIFT_STEPS):
             cur_load = drift(cur_load, fraction, drng)
@@ -166,13 +190,17 @@ def run_case(s: float, D: int, S: int) -> dict:
             rec["frugal"].append(frugal.imbalance.mean())
             rec["frugal_moved"].append(frugal.moved.mean())
             frugal_slots = frugal.slots
-            rec["fresh_moved"].append(planner.moved_experts(
-                planner.match_devices(fresh.slots, ours_slots, EXPERTS), ours_slots, EXPERTS).mean())
+            rec["fresh_moved"].append(
+                planner.moved_experts(
+                    planner.match_devices(fresh.slots, ours_slots, EXPERTS), ours_slots, EXPERTS
+                ).mean()
+            )
             e_slots, e_counts = eplb_slots(cur_load, D, S, False)
             rec["eplb"].append(ratio(slots_device_load(e_slots, cur_load, e_counts)).mean())
             rec["eplb_moved"].append(planner.moved_experts(e_slots, eplb_prev, EXPERTS).mean())
-            rec["eplb_moved_relabelled"].append(planner.moved_experts(
-                planner.match_devices(e_slots, eplb_prev, EXPERTS), eplb_prev, EXPERTS).mean())
+            rec["eplb_moved_relabelled"].append(
+                planner.moved_experts(planner.match_devices(e_slots, eplb_prev, EXPERTS), eplb_prev, EXPERTS).mean()
+            )
             ours_slots, eplb_prev = new.slots, e_slots
         drifts[str(fraction)] = {k: round(float(np.mean(v)), 4 if "moved" not in k else 1) for k, v in rec.items()}
     case["drift"] = drifts
@@ -194,17 +222,23 @@ def markdown(cases: list[dict]) -> str:
             f"({c['ours']['worst']:.4f}) | {c['sampled']['eplb']:.3f} / {c['sampled']['ours']:.3f} "
             f"| {c['ours']['runtime_ms']:.0f} / {c['ours']['cpu_ms']:.0f} ms "
             f"| {f['worst']:.3f}, {f['replicas_per_layer_mean']:.0f} ({f['expert_slots_per_layer_mean']:.0f}) "
-            f"| {x['worst']:.3f}, {x['replicas_per_layer_mean']:.0f} |")
-    lines += ["", "| Zipf s | layout | drift | no rebalance | forced moves | ours: max/mean, moved/layer "
-              "| ours, move cost 1.0 | ours afresh: moved | EPLB afresh: max/mean, moved (relabelled) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            f"| {x['worst']:.3f}, {x['replicas_per_layer_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "| Zipf s | layout | drift | no rebalance | forced moves | ours: max/mean, moved/layer "
+        "| ours, move cost 1.0 | ours afresh: moved | EPLB afresh: max/mean, moved (relabelled) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in cases:
         for f, d in c["drift"].items():
             lines.append(
                 f"| {c['zipf_s']} | {c['devices']}x{c['slots_per_device']} | {float(f):.0%} | {d['keep']:.3f} "
                 f"| {d['forced_moved']:.1f} "
                 f"| {d['ours']:.4f}, {d['ours_moved']:.1f} | {d['frugal']:.4f}, {d['frugal_moved']:.1f} "
-                f"| {d['fresh_moved']:.1f} | {d['eplb']:.4f}, {d['eplb_moved']:.1f} ({d['eplb_moved_relabelled']:.1f}) |")
+                f"| {d['fresh_moved']:.1f} | {d['eplb']:.4f}, {d['eplb_moved']:.1f} "
+                f"({d['eplb_moved_relabelled']:.1f}) |"
+            )
     return "\n".join(lines)
 
 
@@ -217,14 +251,23 @@ def main() -> int:
             print(json.dumps(case), flush=True)
     targets = {
         "runtime_le_100ms": all(c["ours"]["cpu_ms"] <= 100 for c in cases),
-        "at_least_as_balanced_as_eplb": all(c["ours"]["mean"] <= c["eplb"]["mean"] + 1e-9
-                                            and c["ours"]["worst"] <= c["eplb"]["worst"] + 1e-9 for c in cases),
+        "at_least_as_balanced_as_eplb": all(
+            c["ours"]["mean"] <= c["eplb"]["mean"] + 1e-9 and c["ours"]["worst"] <= c["eplb"]["worst"] + 1e-9
+            for c in cases
+        ),
         "free_budget_le_1.10": all(c["free"]["worst"] <= 1.10 + 1e-9 for c in cases),
         "same_load_moves_nothing": all(c["ours_replan_same_load"]["moved_total"] == 0 for c in cases),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"layers": LAYERS, "experts": EXPERTS, "top_k": TOP_K, "token_slots_per_layer": SLOTS_PER_LAYER,
-            "drift_steps": DRIFT_STEPS, "seed": SEED, "numpy": np.__version__}
+    meta = {
+        "layers": LAYERS,
+        "experts": EXPERTS,
+        "top_k": TOP_K,
+        "token_slots_per_layer": SLOTS_PER_LAYER,
+        "drift_steps": DRIFT_STEPS,
+        "seed": SEED,
+        "numpy": np.__version__,
+    }
     OUT.write_text(json.dumps({"meta": meta, "targets": targets, "cases": cases}, indent=1) + "\n")
     print(markdown(cases))
     print("targets:", targets)

@@ -32,7 +32,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     if per_pack == 1:
         ids = np.broadcast_to(np.arange(num_items), weight.shape).copy()
         return ids, np.zeros_like(ids)
-    order = np.argsort(-weight, axis=-1, kind="stable")                       # heaviest first
+    order = np.argsort(-weight, axis=-1, kind="stable")  # heaviest first
     pack_index = np.full(weight.shape, -1, dtype=np.int64)
     rank_in_pack = np.full(weight.shape, -1, dtype=np.int64)
     for i in range(num_layers):
@@ -69,8 +69,9 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int, num_groups: int,
-                                   num_nodes: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rebalance_experts_hierarchical(
+    weight: np.ndarray, num_physical_experts: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_layers, num_logical = weight.shape
     assert num_logical % num_groups == 0 and num_groups % num_nodes == 0
     assert num_gpus % num_nodes == 0 and num_physical_experts % num_gpus == 0
@@ -81,8 +82,9 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int
     # 1. expert groups -> nodes
     tokens_per_group = weight.reshape(num_layers, num_groups, group_size).sum(-1)
     group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes)
-    log2mlog = (((group_pack * groups_per_node + group_rank) * group_size)[:, :, None]
-                + np.arange(group_size)).reshape(num_layers, num_logical)
+    log2mlog = (((group_pack * groups_per_node + group_rank) * group_size)[:, :, None] + np.arange(group_size)).reshape(
+        num_layers, num_logical
+    )
     mlog2log = _inverse(log2mlog)
 
     # 2. replicas within each node: [layers * nodes, logical per node]
@@ -96,26 +98,32 @@ def rebalance_experts_hierarchical(weight: np.ndarray, num_physical_experts: int
     pphy2phy = _inverse(phy2pphy)
 
     pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, 1)
-    pphy2mlog = (pphy2mlog.reshape(num_layers, num_nodes, -1)
-                 + np.arange(0, num_logical, num_logical // num_nodes)[None, :, None]).reshape(num_layers, -1)
+    pphy2mlog = (
+        pphy2mlog.reshape(num_layers, num_nodes, -1)
+        + np.arange(0, num_logical, num_logical // num_nodes)[None, :, None]
+    ).reshape(num_layers, -1)
     pphy2log = np.take_along_axis(mlog2log, pphy2mlog, 1)
     pphyrank = np.take_along_axis(phyrank, pphy2phy, 1).reshape(num_layers, -1)
     logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, 1)
     return pphy2log, pphyrank, logcnt
 
 
-def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rebalance_experts(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entry point: phy2log [L, R], log2phy [L, E, max count], logcnt [L, E]."""
     num_layers, num_logical = weight.shape
     weight = np.asarray(weight, dtype=np.float32)  # EPLB casts to float32 (weight.float())
     if num_groups % num_nodes == 0:
-        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, num_groups,
-                                                                  num_nodes, num_gpus)
+        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
     max_count = int(logcnt.max())
     log2phy = np.full((num_layers, num_logical * max_count), -1, dtype=np.int64)
-    np.put_along_axis(log2phy, phy2log * max_count + phyrank,
-                      np.broadcast_to(np.arange(num_replicas), (num_layers, num_replicas)), axis=1)
+    np.put_along_axis(
+        log2phy,
+        phy2log * max_count + phyrank,
+        np.broadcast_to(np.arange(num_replicas), (num_layers, num_replicas)),
+        axis=1,
+    )
     return phy2log, log2phy.reshape(num_layers, num_logical, max_count), logcnt

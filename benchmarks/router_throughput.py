@@ -53,7 +53,7 @@ def measure(llm, concurrencies: list[int], rounds: int, max_tokens: int) -> dict
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts(max(concurrencies)), params, use_tqdm=False)   # warm-up
+    llm.generate(prompts(max(concurrencies)), params, use_tqdm=False)  # warm-up
     out = {}
     for c in concurrencies:
         generated = 0
@@ -63,16 +63,21 @@ def measure(llm, concurrencies: list[int], rounds: int, max_tokens: int) -> dict
             generated += sum(len(o.outputs[0].token_ids) for o in results)
         seconds = time.perf_counter() - t0
         out[str(c)] = {"tokens": generated, "seconds": round(seconds, 4), "tokens_per_s": round(generated / seconds, 1)}
-        print(f"  concurrency {c:>3}: {generated / seconds:8.1f} tok/s ({generated} tokens in {seconds:.2f}s)",
-              flush=True)
+        print(
+            f"  concurrency {c:>3}: {generated / seconds:8.1f} tok/s ({generated} tokens in {seconds:.2f}s)", flush=True
+        )
     return out
 
 
 def make_llm(path: Path, compile_: bool, max_seqs: int):
     from vllm import LLM
 
-    return LLM(str(path), dtype="float32", enforce_eager=not compile_, max_model_len=512, max_num_seqs=max_seqs,
-               seed=0)
+    from expertmesh.router.vllm_args import engine_kwargs
+
+    # dtype and attention backend as the router's engine picks them for this checkpoint
+    return LLM(
+        str(path), enforce_eager=not compile_, max_model_len=512, max_num_seqs=max_seqs, seed=0, **engine_kwargs(path)
+    )
 
 
 def _replica_main(model: str, directory: str, group: str, keys_json: str) -> None:
@@ -91,8 +96,12 @@ def _replica_main(model: str, directory: str, group: str, keys_json: str) -> Non
     server = ExpertServer(model, keys, replica_id=group, group=group)
     port = server.start("127.0.0.1", 0)
     with DirectoryClient(directory) as client:
-        client.register(expert_pb2.ReplicaEntry(replica_id=group, group=group, endpoint=f"127.0.0.1:{port}",
-                                                keys=keys_to_proto(keys)), lease_seconds=3600)
+        client.register(
+            expert_pb2.ReplicaEntry(
+                replica_id=group, group=group, endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)
+            ),
+            lease_seconds=3600,
+        )
     print("ready", flush=True)
     sys.stdin.read()
     print(json.dumps(server.servicer.coalescer.timers.snapshot()), flush=True)
@@ -114,10 +123,28 @@ class ProcessPool:
         self.procs = []
         for g in default_plan(read_moe_info(path), layers_per_group=layers_per_group).groups:
             keys = json.dumps({str(k): v for k, v in g.keys.items()})
-            self.procs.append((g.name, subprocess.Popen(
-                [sys.executable, __file__, "--replica-server", g.name, "--directory", self.address, "--keys", keys,
-                 "--model", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                env=dict(os.environ, OMP_NUM_THREADS="1"))))
+            self.procs.append(
+                (
+                    g.name,
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--replica-server",
+                            g.name,
+                            "--directory",
+                            self.address,
+                            "--keys",
+                            keys,
+                            "--model",
+                            str(path),
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        env=dict(os.environ, OMP_NUM_THREADS="1"),
+                    ),
+                )
+            )
         for name, p in self.procs:
             line = p.stdout.readline().strip()
             if line != b"ready":
@@ -153,8 +180,14 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
     elif args.pool == "ray":
         from expertmesh.experts.pool import LocalPool
 
-        pool_cm = LocalPool(path, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
-                            metrics_port=free_port(), replica_ports=(0, 0))
+        pool_cm = LocalPool(
+            path,
+            gcs_port=free_port(),
+            dashboard_port=free_port(),
+            directory_port=free_port(),
+            metrics_port=free_port(),
+            replica_ports=(0, 0),
+        )
         t = time.perf_counter()
         pool_cm.start()
         print(f"  Ray Serve pool ready in {time.perf_counter() - t:.1f}s at {pool_cm.directory_address}", flush=True)
@@ -175,9 +208,12 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
             keys = {layer: list(range(info.num_experts))}
             server = ExpertServer(path, keys, replica_id=f"l{layer}", group=f"l{layer}")
             port = server.start()
-            client.register(expert_pb2.ReplicaEntry(replica_id=f"l{layer}", group=f"l{layer}",
-                                                    endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)),
-                            lease_seconds=3600)
+            client.register(
+                expert_pb2.ReplicaEntry(
+                    replica_id=f"l{layer}", group=f"l{layer}", endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)
+                ),
+                lease_seconds=3600,
+            )
             servers.append(server)
         client.close()
     try:
@@ -204,7 +240,7 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
             "failovers": stats["failovers"],
         }
         if proc_pool is not None:
-            profile["replicas"] = proc_pool.timers()   # includes the warm-up round
+            profile["replicas"] = proc_pool.timers()  # includes the warm-up round
         del llm
         gc.collect()
         dispatch.reset_dispatcher()
@@ -236,8 +272,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="vLLM's default torch.compile mode (else eager)")
     parser.add_argument("--pool", choices=["procs", "ray", "inproc"], default="procs")
-    parser.add_argument("--layers-per-group", type=int, default=None,
-                        help="cap on MoE layers per expert group (1 = one group per layer; default: the default plan)")
+    parser.add_argument(
+        "--layers-per-group",
+        type=int,
+        default=None,
+        help="cap on MoE layers per expert group (1 = one group per layer; default: the default plan)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the remote run (prints the top entries)")
     parser.add_argument("--model", type=Path, help="checkpoint (default: a tiny random Mixtral built here)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -266,15 +306,22 @@ def main(argv=None) -> int:
     ratio = {c: round(remote[c]["tokens_per_s"] / mono[c]["tokens_per_s"], 3) for c in mono}
     # Decode steps are (almost) all the wall time: each round is max_tokens steps of c sequences.
     steps = args.rounds * args.max_tokens
-    step_ms = {c: {"monolithic": round(mono[c]["seconds"] / steps * 1e3, 3),
-                   "remote": round(remote[c]["seconds"] / steps * 1e3, 3)} for c in mono}
-    for c, v in step_ms.items():
+    step_ms = {
+        c: {
+            "monolithic": round(mono[c]["seconds"] / steps * 1e3, 3),
+            "remote": round(remote[c]["seconds"] / steps * 1e3, 3),
+        }
+        for c in mono
+    }
+    for v in step_ms.values():
         v["extra_us_per_layer_call"] = round((v["remote"] - v["monolithic"]) * 1e3 / len(info.moe_layers), 1)
     print("remote / monolithic:", ratio, "step ms:", step_ms, "dispatcher:", json.dumps(profile), flush=True)
     record = {
         "benchmark": "router_throughput",
-        "model": (f"{'models/demo' if args.model else 'tiny random mixtral'} fp32 ({len(info.moe_layers)} MoE layers, "
-                  f"hidden {info.hidden_size}, {info.num_experts} experts top-{info.top_k})"),
+        "model": (
+            f"{'models/demo' if args.model else 'tiny random mixtral'} fp32 ({len(info.moe_layers)} MoE layers, "
+            f"hidden {info.hidden_size}, {info.num_experts} experts top-{info.top_k})"
+        ),
         "mode": "compiled" if args.compile else "eager",
         "pool": args.pool,
         "rounds": args.rounds,

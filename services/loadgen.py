@@ -34,7 +34,8 @@ from expertmesh.core import settings
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 # Common short English words: each is one token in most BPE vocabularies, so L words make a prompt of about L tokens.
-WORDS = tuple("""
+WORDS = tuple(
+    """
 the of and to in is was he for it with as his on be at by had are but from or have an they which one you were
 her all she there would their we him been has when who will more no if out so said what up its about into than
 them can only other new some could time these two may then do first any my now such like our over man me even
@@ -43,7 +44,8 @@ just those people how too little state good very make world still own see men wo
 life being under never day same another know while last might us great old year off come since against go came
 right used take three states himself few house use during without again place around however home small found
 thought went say part once general high upon school every number public course another water form less light
-""".split())
+""".split()
+)
 
 
 class BenchError(Exception):
@@ -56,23 +58,23 @@ class BenchError(Exception):
 
 @dataclass
 class BenchConfig:
-    url: str                             # base URL of the server, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)
+    url: str  # base URL of the server, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)
     model: str
-    concurrency: int = 1                 # requests in flight at most
+    concurrency: int = 1  # requests in flight at most
     num_requests: int = 32
-    input_len: int = 64                  # prompt length target (words, or tokens with `tokenizer`)
-    output_len: int = 64                 # max_tokens of every request
-    rate: float | None = None            # requests/s with Poisson arrivals; None = as fast as concurrency allows
-    endpoint: str = "completions"        # "completions" (raw prompt) or "chat"
+    input_len: int = 64  # prompt length target (words, or tokens with `tokenizer`)
+    output_len: int = 64  # max_tokens of every request
+    rate: float | None = None  # requests/s with Poisson arrivals; None = as fast as concurrency allows
+    endpoint: str = "completions"  # "completions" (raw prompt) or "chat"
     api_key: str | None = None
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     seed: int = 0
-    timeout_s: float = 600.0             # per request, whole stream
-    warmup: int = 1                      # requests sent (and checked) before the measured run
+    timeout_s: float = 600.0  # per request, whole stream
+    warmup: int = 1  # requests sent (and checked) before the measured run
     temperature: float = 0.0
-    tokenizer: str | None = None         # HF tokenizer dir/name: prompts of exactly input_len tokens
-    prompts: list[str] | None = None     # explicit prompts (cycled); overrides synthesis
+    tokenizer: str | None = None  # HF tokenizer dir/name: prompts of exactly input_len tokens
+    prompts: list[str] | None = None  # explicit prompts (cycled); overrides synthesis
     extra_body: dict = field(default_factory=dict)  # merged into every request body (e.g. vLLM's ignore_eos)
     show_progress: bool = True
 
@@ -103,14 +105,14 @@ class RequestRecord:
     index: int
     start_s: float = 0.0
     ok: bool = False
-    error_kind: str | None = None        # http_<status> | timeout | stream_error | connect_error | client_error
+    error_kind: str | None = None  # http_<status> | timeout | stream_error | connect_error | client_error
     error: str | None = None
-    ttft_s: float | None = None          # to the first chunk carrying generated text
+    ttft_s: float | None = None  # to the first chunk carrying generated text
     e2e_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)        # gaps between successive text chunks
+    itl_s: list[float] = field(default_factory=list)  # gaps between successive text chunks
     chunk_times_s: list[float] = field(default_factory=list)
-    prompt_tokens: int | None = None     # from usage (None when the server sent no usage)
-    output_tokens: int = 0               # from usage, else the number of text chunks
+    prompt_tokens: int | None = None  # from usage (None when the server sent no usage)
+    output_tokens: int = 0  # from usage, else the number of text chunks
     usage_reported: bool = False
 
     @property
@@ -219,8 +221,9 @@ def _error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace")[:300]
 
 
-async def _stream_one(client: httpx.AsyncClient, path: str, body: dict, record: RequestRecord,
-                      endpoint: str, t0: float) -> None:
+async def _stream_one(
+    client: httpx.AsyncClient, path: str, body: dict, record: RequestRecord, endpoint: str, t0: float
+) -> None:
     """Send one streaming request and fill `record`; raises only httpx/asyncio errors (classified by the caller)."""
     start = time.perf_counter()
     record.start_s = start - t0
@@ -235,7 +238,7 @@ async def _stream_one(client: httpx.AsyncClient, path: str, body: dict, record: 
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, comments, event: lines
-            payload = line[len("data:"):].strip()
+            payload = line[len("data:") :].strip()
             if payload == "[DONE]":
                 done = True
                 break
@@ -277,10 +280,14 @@ async def _send(client: httpx.AsyncClient, config: BenchConfig, prompt: str, ind
     record = RequestRecord(index=index)
     body = _request_body(config, prompt)
     try:
-        await asyncio.wait_for(_stream_one(client, ENDPOINTS[config.endpoint], body, record, config.endpoint, t0),
-                               timeout=config.timeout_s)
+        await asyncio.wait_for(
+            _stream_one(client, ENDPOINTS[config.endpoint], body, record, config.endpoint, t0), timeout=config.timeout_s
+        )
     except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
-        record.error_kind, record.error = "timeout", f"no complete response within {config.timeout_s:g} s ({type(exc).__name__})"
+        record.error_kind, record.error = (
+            "timeout",
+            f"no complete response within {config.timeout_s:g} s ({type(exc).__name__})",
+        )
     except httpx.ConnectError as exc:
         record.error_kind, record.error = "connect_error", str(exc) or type(exc).__name__
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.StreamError, httpx.NetworkError) as exc:
@@ -301,8 +308,15 @@ def distribution(values_s: list[float]) -> dict:
         return {k: None for k in ("mean", "p50", "p90", "p99", "min", "max", "count")} | {"count": 0}
     ms = np.asarray(values_s, dtype=np.float64) * 1e3  # [n]
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"mean": float(ms.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
-            "min": float(ms.min()), "max": float(ms.max()), "count": int(ms.size)}
+    return {
+        "mean": float(ms.mean()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "min": float(ms.min()),
+        "max": float(ms.max()),
+        "count": int(ms.size),
+    }
 
 
 def is_good(record: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
@@ -317,8 +331,9 @@ def is_good(record: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: float
     return True
 
 
-def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_ms: float | None = None,
-              slo_tpot_ms: float | None = None) -> dict:
+def summarize(
+    records: list[RequestRecord], duration_s: float, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None
+) -> dict:
     ok = [r for r in records if r.ok]
     errors: dict[str, int] = {}
     for r in records:
@@ -367,10 +382,20 @@ class BenchResult:
         out = {"started_at": self.started_at, "config": config, "summary": self.summary}
         if with_requests:
             out["requests"] = [
-                {"index": r.index, "ok": r.ok, "error_kind": r.error_kind, "error": r.error,
-                 "start_s": r.start_s, "ttft_ms": _ms(r.ttft_s), "tpot_ms": _ms(r.tpot_s), "e2el_ms": _ms(r.e2e_s),
-                 "itl_ms": [g * 1e3 for g in r.itl_s], "prompt_tokens": r.prompt_tokens,
-                 "output_tokens": r.output_tokens, "usage_reported": r.usage_reported}
+                {
+                    "index": r.index,
+                    "ok": r.ok,
+                    "error_kind": r.error_kind,
+                    "error": r.error,
+                    "start_s": r.start_s,
+                    "ttft_ms": _ms(r.ttft_s),
+                    "tpot_ms": _ms(r.tpot_s),
+                    "e2el_ms": _ms(r.e2e_s),
+                    "itl_ms": [g * 1e3 for g in r.itl_s],
+                    "prompt_tokens": r.prompt_tokens,
+                    "output_tokens": r.output_tokens,
+                    "usage_reported": r.usage_reported,
+                }
                 for r in self.records
             ]
         return out
@@ -415,14 +440,20 @@ def format_table(result: BenchResult) -> str:
     slo = s["slo"]
     if slo["ttft_ms"] is not None or slo["tpot_ms"] is not None:
         row("Request goodput (req/s):", f"{s['goodput']:.2f}")
-    for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st)"),
-                       ("itl_ms", "Inter-token Latency"), ("e2el_ms", "End-to-end Latency")):
+    for key, title in (
+        ("ttft_ms", "Time to First Token"),
+        ("tpot_ms", "Time per Output Token (excl. 1st)"),
+        ("itl_ms", "Inter-token Latency"),
+        ("e2el_ms", "End-to-end Latency"),
+    ):
         lines.append(f"{'-' * 6} {title} {'-' * max(1, width - 8 - len(title))}")
         d = s[key]
         name = key.split("_")[0].upper()
         for stat in ("mean", "p50", "p90", "p99"):
-            row(f"{stat.capitalize() if stat == 'mean' else stat.upper()} {name} (ms):",
-                "n/a" if d[stat] is None else f"{d[stat]:.2f}")
+            row(
+                f"{stat.capitalize() if stat == 'mean' else stat.upper()} {name} (ms):",
+                "n/a" if d[stat] is None else f"{d[stat]:.2f}",
+            )
     lines.append("=" * width)
     return "\n".join(lines)
 
@@ -444,8 +475,10 @@ def write_plots(result: BenchResult, out_dir: str | Path) -> list[Path]:
         "End-to-end latency": [r.e2e_s * 1e3 for r in ok if r.e2e_s is not None],
     }
     slo = {"TTFT": result.config.slo_ttft_ms, "TPOT": result.config.slo_tpot_ms}
-    title = (f"{result.config.model} @ {result.config.url} — concurrency {result.config.concurrency}, "
-             f"{result.summary['completed']}/{result.summary['requests']} ok")
+    title = (
+        f"{result.config.model} @ {result.config.url} — concurrency {result.config.concurrency}, "
+        f"{result.summary['completed']}/{result.summary['requests']} ok"
+    )
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (name, values) in zip(axes.flat, series.items()):
@@ -536,7 +569,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
         prompts = [config.prompts[i % len(config.prompts)] for i in range(config.num_requests + config.warmup)]
     else:
         prompts = synthesize_prompts(config.num_requests + config.warmup, config.input_len, config.seed, tokenizer)
-    warmup_prompts, prompts = prompts[: config.warmup], prompts[config.warmup:]
+    warmup_prompts, prompts = prompts[: config.warmup], prompts[config.warmup :]
     offsets = arrival_offsets(config.num_requests, config.rate, config.seed)
 
     headers = {}
@@ -546,8 +579,9 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     limits = httpx.Limits(max_connections=config.concurrency + 1, max_keepalive_connections=config.concurrency + 1)
     timeout = httpx.Timeout(config.timeout_s, connect=15.0)
     # trust_env=False: a benchmark must not go through an HTTP proxy from the environment
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=timeout,
-                                 trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=base, headers=headers, limits=limits, timeout=timeout, trust_env=False
+    ) as client:
         await _check_server(client, base, config.model)
         for i, prompt in enumerate(warmup_prompts):
             rec = await _send(client, config, prompt, -1 - i, time.perf_counter())
@@ -556,8 +590,14 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
 
         from tqdm import tqdm
 
-        bar = tqdm(total=config.num_requests, file=sys.stderr, unit="req", disable=not config.show_progress,
-                   desc=f"bench c={config.concurrency}", dynamic_ncols=True)
+        bar = tqdm(
+            total=config.num_requests,
+            file=sys.stderr,
+            unit="req",
+            disable=not config.show_progress,
+            desc=f"bench c={config.concurrency}",
+            dynamic_ncols=True,
+        )
         semaphore = asyncio.Semaphore(config.concurrency)
         failed = 0
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -646,38 +686,78 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name as the server knows it (see GET /v1/models)")
     parser.add_argument("--concurrency", type=_positive_int, default=1, help="requests in flight at most (default 1)")
     parser.add_argument("--requests", type=_positive_int, default=32, help="measured requests (default 32)")
-    parser.add_argument("--input-len", type=_positive_int, default=64,
-                        help="prompt length: words, or tokens with --tokenizer (default 64)")
+    parser.add_argument(
+        "--input-len",
+        type=_positive_int,
+        default=64,
+        help="prompt length: words, or tokens with --tokenizer (default 64)",
+    )
     parser.add_argument("--output-len", type=_positive_int, default=64, help="max_tokens per request (default 64)")
-    parser.add_argument("--rate", type=_positive_float, default=None,
-                        help="Poisson arrivals at this many requests/s (default: as fast as concurrency allows)")
-    parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="completions",
-                        help="/v1/completions (raw prompt, default) or /v1/chat/completions")
+    parser.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=None,
+        help="Poisson arrivals at this many requests/s (default: as fast as concurrency allows)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=sorted(ENDPOINTS),
+        default="completions",
+        help="/v1/completions (raw prompt, default) or /v1/chat/completions",
+    )
     parser.add_argument("--api-key", default=None, help="Bearer token (default: $OPENAI_API_KEY if set)")
     parser.add_argument("--slo-ttft-ms", type=_positive_float, default=None, help="goodput SLO on time to first token")
-    parser.add_argument("--slo-tpot-ms", type=_positive_float, default=None, help="goodput SLO on time per output token")
+    parser.add_argument(
+        "--slo-tpot-ms", type=_positive_float, default=None, help="goodput SLO on time per output token"
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt and arrival seed (default 0)")
     parser.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout, s (default 600)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=1,
-                        help="unmeasured requests sent first; a failure aborts the run (default 1)")
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=1,
+        help="unmeasured requests sent first; a failure aborts the run (default 1)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer dir: prompts of exactly --input-len tokens")
-    parser.add_argument("--extra-body", type=_json_object, default={},
-                        help='JSON merged into every request body, e.g. \'{"ignore_eos": true}\' for vLLM')
+    parser.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default={},
+        help="JSON merged into every request body, e.g. '{\"ignore_eos\": true}' for vLLM",
+    )
     parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the result as JSON")
-    parser.add_argument("--plot", dest="plot_dir", default=None, metavar="DIR",
-                        help="write latency_cdf.png and throughput.png into DIR (and, against expertmesh's "
-                             "gateway, expert_load.png and replicas.png from GET /experts)")
+    parser.add_argument(
+        "--plot",
+        dest="plot_dir",
+        default=None,
+        metavar="DIR",
+        help="write latency_cdf.png and throughput.png into DIR (and, against expertmesh's "
+        "gateway, expert_load.png and replicas.png from GET /experts)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        url=args.url, model=args.model, concurrency=args.concurrency, num_requests=args.requests,
-        input_len=args.input_len, output_len=args.output_len, rate=args.rate, endpoint=args.endpoint,
-        api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, seed=args.seed,
-        timeout_s=args.timeout, warmup=args.warmup, temperature=args.temperature, tokenizer=args.tokenizer,
-        extra_body=args.extra_body, show_progress=not args.no_progress,
+        url=args.url,
+        model=args.model,
+        concurrency=args.concurrency,
+        num_requests=args.requests,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        rate=args.rate,
+        endpoint=args.endpoint,
+        api_key=args.api_key,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        warmup=args.warmup,
+        temperature=args.temperature,
+        tokenizer=args.tokenizer,
+        extra_body=args.extra_body,
+        show_progress=not args.no_progress,
     )
 
 

@@ -21,7 +21,7 @@ def load_matrix(experts: list[dict]) -> tuple[list[int], np.ndarray]:
     layers = sorted({int(r["layer"]) for r in experts})
     num_experts = 1 + max((int(r["expert"]) for r in experts), default=-1)
     row = {layer: i for i, layer in enumerate(layers)}
-    load = np.zeros((len(layers), num_experts))                                  # [L, E]
+    load = np.zeros((len(layers), num_experts))  # [L, E]
     for r in experts:
         load[row[int(r["layer"])], int(r["expert"])] = float(r["routed_tokens"])
     return layers, load
@@ -62,8 +62,9 @@ def write_expert_plots(experts_json: dict, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("replicas")
         ax.set_xlabel("time")
         twin = ax.twinx()
-        twin.plot(times, [h.get("tokens_per_s", 0.0) for h in history], color="0.6", linestyle=":",
-                  label="routed tokens/s")
+        twin.plot(
+            times, [h.get("tokens_per_s", 0.0) for h in history], color="0.6", linestyle=":", label="routed tokens/s"
+        )
         twin.set_ylabel("routed tokens/s")
         ax.legend(loc="upper left", fontsize=7, ncol=2)
         ax.set_title("replicas per expert group", fontsize=10)

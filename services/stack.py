@@ -97,12 +97,24 @@ def _http_ok(url: str) -> bool:
 class Stack:
     """The local stack: expert pool (unless local_experts), router subprocess, gateway subprocess."""
 
-    def __init__(self, model: str | Path = DEMO_MODEL, host: str = "127.0.0.1", port: int = defaults.GATEWAY_PORT,
-                 router_port: int = defaults.ROUTER_PORT, local_experts: bool = False, plan: str | None = None,
-                 log_dir: str | Path | None = None, enforce_eager: bool = True, ray_port: int | None = None,
-                 directory_port: int | None = None, metrics_port: int = 0, extra_env: dict | None = None,
-                 controller: bool = True, replica: ReplicaSettings | None = None,
-                 controller_settings: dict | str | None = None):
+    def __init__(
+        self,
+        model: str | Path = DEMO_MODEL,
+        host: str = "127.0.0.1",
+        port: int = defaults.GATEWAY_PORT,
+        router_port: int = defaults.ROUTER_PORT,
+        local_experts: bool = False,
+        plan: str | None = None,
+        log_dir: str | Path | None = None,
+        enforce_eager: bool = True,
+        ray_port: int | None = None,
+        directory_port: int | None = None,
+        metrics_port: int = 0,
+        extra_env: dict | None = None,
+        controller: bool = True,
+        replica: ReplicaSettings | None = None,
+        controller_settings: dict | str | None = None,
+    ):
         """extra_env: registered variables (core/settings.py) for every process the stack starts, the Ray head
         included; replica: the expert replicas' tunables; controller_settings: ControllerSettings fields
         (default: $EXPERTMESH_CONTROLLER_SETTINGS)."""
@@ -122,7 +134,7 @@ class Stack:
         self.url = f"http://{host}:{port}"
 
     # -- lifecycle ----------------------------------------------------------------------------------------
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         try:
             self._start()
         except BaseException:
@@ -137,8 +149,9 @@ class Stack:
     def _spawn(self, name: str, cmd: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
         log = self.log_dir / f"{name}.log"
         fh = open(log, "w")
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
         fh.close()
         self.procs.append(proc)
         return proc, log
@@ -168,10 +181,24 @@ class Stack:
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
             step += 1
-        _say(f"[{step}/{steps}] starting the router (vLLM, {'local experts' if self.local_experts else 'remote experts'}) ...")
+        _say(
+            f"[{step}/{steps}] starting the router "
+            f"(vLLM, {'local experts' if self.local_experts else 'remote experts'}) ..."
+        )
         router_addr = f"127.0.0.1:{self.router_port}"
-        cmd = [sys.executable, "-m", "expertmesh.router.server", "--model", str(self.model),
-               "--host", "127.0.0.1", "--port", str(self.router_port), "--metrics-port", str(self.metrics_port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "expertmesh.router.server",
+            "--model",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.router_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
         cmd += ["--local-experts"] if self.local_experts else ["--directory", directory]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
@@ -180,8 +207,21 @@ class Stack:
         _say(f"      router ready in {took:.0f} s at {router_addr}")
         step += 1
         _say(f"[{step}/{steps}] starting the gateway ...")
-        cmd = [sys.executable, "-m", "expertmesh.gateway.app", "--router", router_addr, "--host", self.host,
-               "--port", str(self.port), "--tokenizer", str(self.model), "--model-name", self.model_name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "expertmesh.gateway.app",
+            "--router",
+            router_addr,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--tokenizer",
+            str(self.model),
+            "--model-name",
+            self.model_name,
+        ]
         if self.use_controller:
             env[defaults.ENV_CONTROLLER_STATUS] = str(self.log_dir / "controller-status.json")
         proc, log = self._spawn("gateway", cmd, env)
@@ -194,8 +234,9 @@ class Stack:
             chosen = self.controller_settings
             if chosen is None:
                 chosen = self.extra_env.get("EXPERTMESH_CONTROLLER_SETTINGS") or settings.controller_settings()
-            self.controller = Controller.for_pool(self.pool, router_addr, parse_settings(chosen),
-                                                  status_file=self.log_dir / "controller-status.json").start()
+            self.controller = Controller.for_pool(
+                self.pool, router_addr, parse_settings(chosen), status_file=self.log_dir / "controller-status.json"
+            ).start()
             _say("      expert controller running (autoscaling and rebalancing by routed load)")
 
     @property
@@ -223,7 +264,7 @@ class Stack:
             self.pool.stop()
             self.pool = None
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -235,33 +276,63 @@ class Stack:
 
 # -- CLI ------------------------------------------------------------------------------------------------------
 
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="gateway port (default 8000)")
     parser.add_argument("--router-port", type=int, default=defaults.ROUTER_PORT, help="router gRPC port")
-    parser.add_argument("--ray-port", type=int, default=None,
-                        help=f"GCS port of the stack's own Ray cluster (default {defaults.RAY_GCS_PORT})")
-    parser.add_argument("--directory-port", type=int, default=None,
-                        help=f"expert directory port (default {defaults.DIRECTORY_PORT})")
-    parser.add_argument("--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT,
-                        help="router Prometheus port (0 = off)")
-    parser.add_argument("--plan", default=None, help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)")
-    parser.add_argument("--local-experts", action="store_true",
-                        help="compute experts inside vLLM (the monolithic baseline): no expert pool")
+    parser.add_argument(
+        "--ray-port",
+        type=int,
+        default=None,
+        help=f"GCS port of the stack's own Ray cluster (default {defaults.RAY_GCS_PORT})",
+    )
+    parser.add_argument(
+        "--directory-port", type=int, default=None, help=f"expert directory port (default {defaults.DIRECTORY_PORT})"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT, help="router Prometheus port (0 = off)"
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)",
+    )
+    parser.add_argument(
+        "--local-experts",
+        action="store_true",
+        help="compute experts inside vLLM (the monolithic baseline): no expert pool",
+    )
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile (slower start)")
     parser.add_argument("--no-controller", action="store_true", help="do not run the expert autoscaling controller")
-    parser.add_argument("--controller-settings", default=None, metavar="JSON",
-                        help="ControllerSettings fields as a JSON object (default: $EXPERTMESH_CONTROLLER_SETTINGS)")
-    parser.add_argument("--dispatch-deadline-s", type=float, default=None,
-                        help="router: seconds a replica has to answer a layer before failover "
-                             f"(default {settings.ENV_VARS['EXPERTMESH_DISPATCH_DEADLINE_S'].default})")
-    parser.add_argument("--missing-expert-wait-s", type=float, default=None,
-                        help="router: seconds to wait for an expert nobody serves "
-                             f"(default {settings.ENV_VARS['EXPERTMESH_MISSING_EXPERT_WAIT_S'].default})")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a registered environment variable for every process of the stack (repeatable; "
-                             "see docs/configuration.md)")
+    parser.add_argument(
+        "--controller-settings",
+        default=None,
+        metavar="JSON",
+        help="ControllerSettings fields as a JSON object (default: $EXPERTMESH_CONTROLLER_SETTINGS)",
+    )
+    parser.add_argument(
+        "--dispatch-deadline-s",
+        type=float,
+        default=None,
+        help="router: seconds a replica has to answer a layer before failover "
+        f"(default {settings.ENV_VARS['EXPERTMESH_DISPATCH_DEADLINE_S'].default})",
+    )
+    parser.add_argument(
+        "--missing-expert-wait-s",
+        type=float,
+        default=None,
+        help="router: seconds to wait for an expert nobody serves "
+        f"(default {settings.ENV_VARS['EXPERTMESH_MISSING_EXPERT_WAIT_S'].default})",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a registered environment variable for every process of the stack (repeatable; see docs/configuration.md)",
+    )
     add_replica_flags(parser)
 
 
@@ -286,11 +357,22 @@ def env_from_args(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    stack = Stack(args.model, host=args.host, port=args.port, router_port=args.router_port,
-                  local_experts=args.local_experts, plan=args.plan, enforce_eager=not args.compile,
-                  controller=not args.no_controller, ray_port=args.ray_port, directory_port=args.directory_port,
-                  metrics_port=args.metrics_port, extra_env=env_from_args(args),
-                  replica=replica_settings_from_args(args), controller_settings=args.controller_settings)
+    stack = Stack(
+        args.model,
+        host=args.host,
+        port=args.port,
+        router_port=args.router_port,
+        local_experts=args.local_experts,
+        plan=args.plan,
+        enforce_eager=not args.compile,
+        controller=not args.no_controller,
+        ray_port=args.ray_port,
+        directory_port=args.directory_port,
+        metrics_port=args.metrics_port,
+        extra_env=env_from_args(args),
+        replica=replica_settings_from_args(args),
+        controller_settings=args.controller_settings,
+    )
     # The handler only records the signal: taking a lock in it (Event.set) can deadlock against the main
     # thread it interrupts while that thread holds the same lock.
     signals = _SIGNALS
@@ -312,8 +394,10 @@ def run(args: argparse.Namespace) -> int:
     _say("")
     _say(f"expertmesh is serving {stack.model_name} at {stack.url}/v1  (logs: {stack.log_dir})")
     _say("Try:")
-    print(f"curl -s {stack.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
-          flush=True)
+    print(
+        f"curl -s {stack.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+        flush=True,
+    )
     _say("Press Ctrl-C to stop.")
     code = 0
     while not signals:

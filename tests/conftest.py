@@ -13,8 +13,9 @@ from expertmesh.core.settings import apply_process_defaults  # noqa: E402 - ligh
 apply_process_defaults()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
-from expertmesh.core.defaults import free_port  # noqa: E402,F401 - tests import it from here
 from tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
+
+from expertmesh.core.defaults import free_port  # noqa: E402,F401 - tests import it from here
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +26,9 @@ def tiny_checkpoint(tmp_path_factory):
     def get(family: str, seed: int = 0, **overrides):
         key = (family, seed, tuple(sorted(overrides.items())))
         if key not in cache:
-            name = f"{family}-s{seed}" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else "")
+            name = f"{family}-s{seed}" + (
+                "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else ""
+            )
             cache[key] = build_tiny_checkpoint(family, tmp_path_factory.mktemp(name), seed=seed, overrides=overrides)
         return cache[key]
 

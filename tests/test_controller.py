@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from expertmesh.control.controller import (
+    Autoscaler,
+    Controller,
+    ControllerSettings,
+    LoadWindow,
+    group_loads,
+    layer_imbalance,
+    merge_plan,
+)
 from expertmesh.core.plan import Autoscaling, ExpertGroup, PlacementPlan
-from expertmesh.control.controller import (Autoscaler, Controller, ControllerSettings, LoadWindow, group_loads,
-                                           layer_imbalance, merge_plan)
 
 LAYERS = [0, 1]
 E = 8
 
 
 def _plan(target=100.0, max_replicas=4):
-    return PlacementPlan(autoscaling=Autoscaling(target_tokens_per_second=target, upscale_delay_s=3,
-                                                 downscale_delay_s=10),
-                         groups=[ExpertGroup(name=f"l{layer}", keys={layer: list(range(E))}, min_replicas=1,
-                                             max_replicas=max_replicas) for layer in LAYERS])
+    return PlacementPlan(
+        autoscaling=Autoscaling(target_tokens_per_second=target, upscale_delay_s=3, downscale_delay_s=10),
+        groups=[
+            ExpertGroup(name=f"l{layer}", keys={layer: list(range(E))}, min_replicas=1, max_replicas=max_replicas)
+            for layer in LAYERS
+        ],
+    )
 
 
 def test_load_window_rate():
@@ -34,8 +44,9 @@ def test_load_window_rate():
 
 
 def test_group_loads_split_by_replicas_and_imbalance():
-    plan = PlacementPlan(groups=[ExpertGroup(name="a", keys={0: list(range(E))}),
-                                 ExpertGroup(name="hot", keys={0: [3]}, max_replicas=4)])
+    plan = PlacementPlan(
+        groups=[ExpertGroup(name="a", keys={0: list(range(E))}), ExpertGroup(name="hot", keys={0: [3]}, max_replicas=4)]
+    )
     rate = np.zeros((1, E))
     rate[0, 3] = 300.0
     rate[0, 0] = 100.0
@@ -50,13 +61,13 @@ def test_autoscaler_cooldowns_and_bounds():
     auto = Autoscaler()
     cur = {"l0": 1, "l1": 1}
     loads = {"l0": 250.0, "l1": 0.0}
-    assert auto.decide(plan, cur, loads, now=0.0) == cur            # wants 3, waits upscale_delay_s
+    assert auto.decide(plan, cur, loads, now=0.0) == cur  # wants 3, waits upscale_delay_s
     assert auto.decide(plan, cur, loads, now=2.9) == cur
     cur = auto.decide(plan, cur, loads, now=3.0)
     assert cur == {"l0": 3, "l1": 1}
     assert auto.decide(plan, cur, {"l0": 10_000.0, "l1": 0.0}, now=10.0)["l0"] == 3  # max bound
     idle = {"l0": 0.0, "l1": 0.0}
-    assert auto.decide(plan, cur, idle, now=20.0) == cur            # down waits downscale_delay_s
+    assert auto.decide(plan, cur, idle, now=20.0) == cur  # down waits downscale_delay_s
     assert auto.decide(plan, cur, {"l0": 250.0, "l1": 0}, now=25.0) == cur  # load back: the down clock resets
     assert auto.decide(plan, cur, idle, now=26.0) == cur
     assert auto.decide(plan, cur, idle, now=36.0) == {"l0": 1, "l1": 1}  # idle -> minimum
@@ -64,9 +75,13 @@ def test_autoscaler_cooldowns_and_bounds():
 
 def test_merge_plan_keeps_unchanged_groups():
     current = _plan()
-    proposed = PlacementPlan(groups=[ExpertGroup(name="x", keys={0: list(range(E))}, initial_replicas=1),
-                                     ExpertGroup(name="l1-e3", keys={1: [3]}, max_replicas=6, initial_replicas=3),
-                                     ExpertGroup(name="l1-g1", keys={1: [0, 1, 2, 4, 5, 6, 7]}, initial_replicas=1)])
+    proposed = PlacementPlan(
+        groups=[
+            ExpertGroup(name="x", keys={0: list(range(E))}, initial_replicas=1),
+            ExpertGroup(name="l1-e3", keys={1: [3]}, max_replicas=6, initial_replicas=3),
+            ExpertGroup(name="l1-g1", keys={1: [0, 1, 2, 4, 5, 6, 7]}, initial_replicas=1),
+        ]
+    )
     merged, added, removed = merge_plan(current, proposed)
     assert [g.name for g in merged.groups] == ["l0", "l1-e3", "l1-g1"]
     assert added == ["l1-e3", "l1-g1"] and removed == ["l1"]
@@ -79,11 +94,18 @@ def test_controller_splits_a_hot_expert_and_scales_only_it():
     counts = np.zeros((2, E))
     applied: list[tuple[PlacementPlan, dict]] = []
     drained: list[str] = []
-    settings = ControllerSettings(interval_s=1, window_s=5, rebalance_cooldown_s=1000, drain_grace_s=0,
-                                  min_tokens_per_s_to_rebalance=10)
-    ctl = Controller(plan, LAYERS, read_counts=lambda: counts.copy(),
-                     apply=lambda p, r: applied.append((p, dict(r))),
-                     registered=lambda: dict(applied[-1][1]), drain=drained.append, settings=settings)
+    settings = ControllerSettings(
+        interval_s=1, window_s=5, rebalance_cooldown_s=1000, drain_grace_s=0, min_tokens_per_s_to_rebalance=10
+    )
+    ctl = Controller(
+        plan,
+        LAYERS,
+        read_counts=lambda: counts.copy(),
+        apply=lambda p, r: applied.append((p, dict(r))),
+        registered=lambda: dict(applied[-1][1]),
+        drain=drained.append,
+        settings=settings,
+    )
     t = 0.0
     for _ in range(30):  # layer 1 expert 5 takes 400 tokens/s, everything else 5 tokens/s
         counts += 5.0
@@ -92,10 +114,10 @@ def test_controller_splits_a_hot_expert_and_scales_only_it():
         t += 1.0
     st = ctl.status()
     names = {g["name"] for g in st["plan"]["groups"]}
-    assert "l0" in names                           # the cold layer is untouched (no restart)
+    assert "l0" in names  # the cold layer is untouched (no restart)
     hot = [g for g in st["plan"]["groups"] if g["keys"] == {"1": [5]} or g["keys"] == {1: [5]}]
     assert len(hot) == 1
-    assert st["replicas"][hot[0]["name"]] >= 4     # 400 tok/s at 100 per replica
+    assert st["replicas"][hot[0]["name"]] >= 4  # 400 tok/s at 100 per replica
     assert st["replicas"]["l0"] == 1
     assert drained == ["l1"] and st["rebalances"] == 1
     # while the new groups came up, the old l1 group kept serving (transitional apply held both)

@@ -11,18 +11,22 @@ import time
 
 import httpx
 import pytest
-
 from conftest import free_port
-from expertmesh.core import defaults
-from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.plan import ExpertGroup, PlacementPlan
+
 from expertmesh.control import controller_service as cs
 from expertmesh.control.controller import ControllerSettings
 from expertmesh.control.serve_config import build_serve_config
+from expertmesh.core import defaults
+from expertmesh.core.checkpoint import read_moe_info
+from expertmesh.core.plan import ExpertGroup, PlacementPlan
 from expertmesh.gateway.app import _controller_status
 
-PLAN = PlacementPlan(groups=[ExpertGroup(name="l0", keys={0: list(range(8))}, max_replicas=3),
-                             ExpertGroup(name="l1", keys={1: list(range(8))}, min_replicas=1, max_replicas=2)])
+PLAN = PlacementPlan(
+    groups=[
+        ExpertGroup(name="l0", keys={0: list(range(8))}, max_replicas=3),
+        ExpertGroup(name="l1", keys={1: list(range(8))}, min_replicas=1, max_replicas=2),
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,9 @@ def model(tiny_checkpoint):
 
 def serve_status(config: dict, status: str = "RUNNING") -> dict:
     """GET /api/serve/applications/ as Ray answers it: each application with the exact config submitted."""
-    return {"applications": {app["name"]: {"status": status, "deployed_app_config": app}
-                             for app in config["applications"]}}
+    return {
+        "applications": {app["name"]: {"status": status, "deployed_app_config": app} for app in config["applications"]}
+    }
 
 
 def run_main(argv: list[str], capsys) -> str:
@@ -67,7 +72,8 @@ def test_bad_flags_get_clear_errors(model, tmp_path, capsys):
     assert "interval_s must be a non-negative number" in run_main(with_("--settings", '{"interval_s": "2"}'), capsys)
     assert "--port must be 0-65535" in run_main(with_("--port", "99999"), capsys)
     assert cs.parse_settings('{"interval_s": 0.5, "max_total_replicas": 9}') == ControllerSettings(
-        interval_s=0.5, max_total_replicas=9)
+        interval_s=0.5, max_total_replicas=9
+    )
 
 
 def test_deployed_layout_and_adoption(model):
@@ -79,9 +85,13 @@ def test_deployed_layout_and_adoption(model):
     assert layout == target.layout()  # what we applied reads back equal: no adoption
 
     # The controller regrouped earlier (a hot expert of layer 0 on its own); a new controller adopts that.
-    regrouped = PlacementPlan(groups=[ExpertGroup(name="l0", keys={0: [0, 1, 2, 4, 5, 6, 7]}),
-                                      ExpertGroup(name="hot-0-3", keys={0: [3]}, max_replicas=4),
-                                      PLAN.groups[1]])
+    regrouped = PlacementPlan(
+        groups=[
+            ExpertGroup(name="l0", keys={0: [0, 1, 2, 4, 5, 6, 7]}),
+            ExpertGroup(name="hot-0-3", keys={0: [3]}, max_replicas=4),
+            PLAN.groups[1],
+        ]
+    )
     live = serve_status(build_serve_config(regrouped, model, "d:1", replicas={"hot-0-3": 4, "l0": 1, "l1": 2}))
     live["applications"]["experts-old"] = {"status": "DELETING", "deployed_app_config": config["applications"][1]}
     settings = ControllerSettings(max_replicas_per_group=6)
@@ -90,7 +100,7 @@ def test_deployed_layout_and_adoption(model):
     groups = {g.name: g for g in adopted.groups}
     assert set(groups) == {"l0", "hot-0-3", "l1"}  # the application being deleted is gone already
     assert groups["hot-0-3"].keys == {0: [3]} and groups["hot-0-3"].start_replicas == 4
-    assert groups["hot-0-3"].max_replicas == 6     # unknown to the chart's plan: the controller's cap
+    assert groups["hot-0-3"].max_replicas == 6  # unknown to the chart's plan: the controller's cap
     assert groups["l0"].keys == {0: [0, 1, 2, 4, 5, 6, 7]} and groups["l0"].max_replicas == 6  # same name, new keys
     assert groups["l1"] == PLAN.groups[1].model_copy(update={"initial_replicas": 2})  # chart's bounds kept
     assert adopted.autoscaling == PLAN.autoscaling
@@ -101,15 +111,15 @@ def test_deployed_layout_and_adoption(model):
 def test_health_rules():
     settings = ControllerSettings(interval_s=2, register_timeout_s=100, drain_grace_s=5)
     service = cs.ControllerService(info=None, plan=PLAN, router="r:1", target_options={}, settings=settings)
-    assert not service.healthy(now=0.0)                    # no step yet
+    assert not service.healthy(now=0.0)  # no step yet
     service.last_ok, service.last_error = 100.0, None
-    assert service.healthy(now=100.0 + 3 * 2 + 10)         # within three intervals (+10 s)
-    assert not service.healthy(now=100.0 + 3 * 2 + 11)     # stale
-    service.step_started = 110.0                           # a regroup waiting for new replicas to register
+    assert service.healthy(now=100.0 + 3 * 2 + 10)  # within three intervals (+10 s)
+    assert not service.healthy(now=100.0 + 3 * 2 + 11)  # stale
+    service.step_started = 110.0  # a regroup waiting for new replicas to register
     assert service.healthy(now=110.0 + 100 + 5 + 30)
     assert not service.healthy(now=110.0 + 100 + 5 + 31)
     service.step_started, service.last_error = None, "ConnectError: router"
-    assert not service.healthy(now=101.0)                  # the last step failed
+    assert not service.healthy(now=101.0)  # the last step failed
 
 
 def test_http_endpoints_and_gateway_reads_status_url(model, monkeypatch):
@@ -117,8 +127,13 @@ def test_http_endpoints_and_gateway_reads_status_url(model, monkeypatch):
     plan from it (and none from a URL nobody listens on), without an error."""
     settings = ControllerSettings(interval_s=0.2)
     dead = f"127.0.0.1:{free_port()}"
-    service = cs.ControllerService(info=read_moe_info(model), plan=PLAN, router=dead, settings=settings,
-                                   target_options={"model": model, "directory": dead, "dashboard": f"http://{dead}"})
+    service = cs.ControllerService(
+        info=read_moe_info(model),
+        plan=PLAN,
+        router=dead,
+        settings=settings,
+        target_options={"model": model, "directory": dead, "dashboard": f"http://{dead}"},
+    )
     server = cs.serve_http(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

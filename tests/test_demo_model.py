@@ -171,9 +171,11 @@ def test_loaded_model_routes_top2_over_8_experts(model, tokenizer):
 def test_chat_template_renders_chatml(tokenizer):
     messages = [{"role": "system", "content": "You are a player."}, {"role": "user", "content": "Speak as Hamlet."}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a player.<|im_end|>\n"
-                    "<|im_start|>user\nSpeak as Hamlet.<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a player.<|im_end|>\n"
+        "<|im_start|>user\nSpeak as Hamlet.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     # The markers are single special tokens, not spelled out in bytes.
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
@@ -183,12 +185,15 @@ def test_chat_template_renders_chatml(tokenizer):
     assert tokenizer.eos_token_id in generation["eos_token_id"]  # chat replies stop at <|im_end|>
 
 
-@pytest.mark.parametrize("text", [
-    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
-    "  leading spaces, tabs\tand\n\nblank lines  ",
-    "Ünïcödé, emoji 🎭 and 中文 are bytes too.",
-    "<|im_start|>user\nhi<|im_end|>\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+        "  leading spaces, tabs\tand\n\nblank lines  ",
+        "Ünïcödé, emoji 🎭 and 中文 are bytes too.",
+        "<|im_start|>user\nhi<|im_end|>\n",
+    ],
+)
 def test_tokenizer_round_trips(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
@@ -200,11 +205,10 @@ def test_heldout_perplexity_is_far_below_uniform(model, tokenizer):
     for text in (HELDOUT_TEXT, HELDOUT_TEXT_2):
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, T]
         for start in range(0, ids.shape[1] - 1, 256):  # the training context length
-            window = ids[:, start:start + 257]
+            window = ids[:, start : start + 257]
             with torch.no_grad():
                 logits = model(input_ids=window[:, :-1]).logits  # [1, S, V]
-            total_nll += torch.nn.functional.cross_entropy(
-                logits[0], window[0, 1:], reduction="sum").item()
+            total_nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
             total_tokens += window.shape[1] - 1
     perplexity = math.exp(total_nll / total_tokens)
     assert total_tokens > 500
@@ -218,7 +222,7 @@ def test_greedy_continuation_is_mostly_real_words(model, tokenizer):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=80, do_sample=False)
-    completion = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     words = WORD.findall(completion.lower())
     assert len(words) >= 20, completion
     known = sum(word in vocabulary for word in words) / len(words)
@@ -227,11 +231,15 @@ def test_greedy_continuation_is_mostly_real_words(model, tokenizer):
 
 
 def test_chat_reply_stops_at_im_end(model, tokenizer):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Speak as Romeo."}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Speak as Romeo."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
+    )
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=200, do_sample=False)
-    reply = out[0, ids.shape[1]:].tolist()
+    reply = out[0, ids.shape[1] :].tolist()
     assert reply[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") and len(reply) < 200
     assert len(WORD.findall(tokenizer.decode(reply, skip_special_tokens=True).lower())) >= 3
 
@@ -246,11 +254,15 @@ def _training_script():
 
 def test_corpus_cleaning_and_split():
     script = _training_script()
-    raw = ("The Project Gutenberg EBook of Hamlet\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n"
-           "Ham.\r\nWords, words, words.   \r\n\r\n\r\n\r\n\r\n\r\nPol.\r\nWhat is the matter?\r\n"
-           "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nlicense text\r\n")
+    raw = (
+        "The Project Gutenberg EBook of Hamlet\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n"
+        "Ham.\r\nWords, words, words.   \r\n\r\n\r\n\r\n\r\n\r\nPol.\r\nWhat is the matter?\r\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nlicense text\r\n"
+    )
     clean = script.clean_gutenberg(raw)
     assert clean == "Ham.\nWords, words, words.\n\n\nPol.\nWhat is the matter?\n"
     train, val = script.split_work("A.\none\n\nB.\ntwo\n\nC.\nthree\n", 0.5)
     assert train == "A.\none\n\nB.\ntwo\n" and val == "C.\nthree\n"  # cut at a blank line, no speech split
-    assert script.speeches("[Enter Hamlet.]\n\nHam.\nWords, words.\n[Aside.]\nMore.\n") == [("Ham", "Words, words.\nMore.")]
+    assert script.speeches("[Enter Hamlet.]\n\nHam.\nWords, words.\n[Aside.]\nMore.\n") == [
+        ("Ham", "Words, words.\nMore.")
+    ]

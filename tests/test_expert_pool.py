@@ -16,8 +16,8 @@ import time
 import grpc
 import pytest
 import torch
-
 from conftest import free_port
+
 from expertmesh.core.checkpoint import CheckpointReader, read_moe_info
 from expertmesh.core.codec import decode, encode_forward
 from expertmesh.core.kernel import ExpertWeights
@@ -29,13 +29,15 @@ from expertmesh.experts.replica import CHANNEL_OPTIONS, ExpertServer, keys_from_
 
 pytestmark = pytest.mark.slow
 
-PLAN = PlacementPlan(groups=[
-    ExpertGroup(name="l0-a", keys={0: [0, 1, 2, 3]}, max_replicas=2),
-    ExpertGroup(name="l0-b", keys={0: [4, 5, 6, 7]}),
-    ExpertGroup(name="l1", keys={1: list(range(8))}),
-])
+PLAN = PlacementPlan(
+    groups=[
+        ExpertGroup(name="l0-a", keys={0: [0, 1, 2, 3]}, max_replicas=2),
+        ExpertGroup(name="l0-b", keys={0: [4, 5, 6, 7]}),
+        ExpertGroup(name="l1", keys={1: list(range(8))}),
+    ]
+)
 LEASE_SECONDS = 2.0
-COMPUTE_THREADS = 2   # the replicas' torch threads: not the default, so a setting that does not arrive shows
+COMPUTE_THREADS = 2  # the replicas' torch threads: not the default, so a setting that does not arrive shows
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +49,27 @@ def checkpoint(tiny_checkpoint):
 def reference(checkpoint):
     """Every routed expert of the model, computed directly by the foundation kernel."""
     info = read_moe_info(checkpoint)
-    return ExpertWeights(CheckpointReader(checkpoint), {layer: list(range(info.num_experts)) for layer in info.moe_layers})
+    return ExpertWeights(
+        CheckpointReader(checkpoint), {layer: list(range(info.num_experts)) for layer in info.moe_layers}
+    )
 
 
 @pytest.fixture(scope="module")
 def pool(checkpoint):
     lo = random.randrange(30000, 45000)
-    with LocalPool(checkpoint, PLAN, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
-                   metrics_port=free_port(), replica_ports=(lo, lo + 200), lease_seconds=LEASE_SECONDS,
-                   compute_threads=COMPUTE_THREADS, ready_timeout=240, state_file=None) as p:
+    with LocalPool(
+        checkpoint,
+        PLAN,
+        gcs_port=free_port(),
+        dashboard_port=free_port(),
+        directory_port=free_port(),
+        metrics_port=free_port(),
+        replica_ports=(lo, lo + 200),
+        lease_seconds=LEASE_SECONDS,
+        compute_threads=COMPUTE_THREADS,
+        ready_timeout=240,
+        state_file=None,
+    ) as p:
         yield p
 
 
@@ -72,12 +86,12 @@ def _stub(endpoint: str) -> expert_pb2_grpc.ExpertServiceStub:
 def _request(layer: int, experts: list[int], rows: int, top_k: int = 2, seed: int = 0):
     """hidden [rows, 128] and `top_k` distinct experts (from `experts`) per token with random gate weights."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, 128, generator=g)                                   # [T, H]
+    hidden = torch.randn(rows, 128, generator=g)  # [T, H]
     k = min(top_k, len(experts))
     picks = torch.stack([torch.randperm(len(experts), generator=g)[:k] for _ in range(rows)])  # [T, k]
-    expert = torch.tensor(experts)[picks].flatten()                                 # [T*k]
-    token_index = torch.arange(rows).repeat_interleave(k)                           # [T*k]
-    weight = torch.rand(rows * k, generator=g)                                      # [T*k]
+    expert = torch.tensor(experts)[picks].flatten()  # [T*k]
+    token_index = torch.arange(rows).repeat_interleave(k)  # [T*k]
+    weight = torch.rand(rows * k, generator=g)  # [T*k]
     return layer, hidden, token_index, expert, weight
 
 
@@ -168,6 +182,7 @@ def _corrupt(field: str, **changes):
             else:
                 setattr(t, k, v)
         return req.SerializeToString()
+
     return make
 
 
@@ -177,18 +192,26 @@ def _serialized(layer: int, experts: list[int], rows: int = 8, hidden_size: int 
         if hidden_size != 128:
             hidden = torch.randn(rows, hidden_size)
         return encode_forward(layer, hidden, token_index, expert, weight).SerializeToString()
+
     return make
 
 
 BAD_INPUTS = {
     "wrong_byte_length": (_corrupt("hidden", data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT, "bytes do not match"),
     "unknown_dtype": (_corrupt("hidden", dtype=42), grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
-    "integer_hidden": (lambda: encode_forward(0, torch.ones(8, 128, dtype=torch.int32), torch.arange(8),
-                                              torch.zeros(8, dtype=torch.long), torch.ones(8)).SerializeToString(),
-                       grpc.StatusCode.INVALID_ARGUMENT, "not a float type"),
+    "integer_hidden": (
+        lambda: encode_forward(
+            0, torch.ones(8, 128, dtype=torch.int32), torch.arange(8), torch.zeros(8, dtype=torch.long), torch.ones(8)
+        ).SerializeToString(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not a float type",
+    ),
     "bad_shape": (_corrupt("hidden", shape=[8 * 128]), grpc.StatusCode.INVALID_ARGUMENT, "expected 2 dims"),
-    "hidden_size_mismatch": (_serialized(0, [0, 1], hidden_size=96), grpc.StatusCode.INVALID_ARGUMENT,
-                             "does not match the model's 128"),
+    "hidden_size_mismatch": (
+        _serialized(0, [0, 1], hidden_size=96),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "does not match the model's 128",
+    ),
     "layer_out_of_range": (_serialized(7, [0, 1]), grpc.StatusCode.INVALID_ARGUMENT, "layer 7 out of range"),
     "expert_out_of_range": (_serialized(0, [3, 8]), grpc.StatusCode.INVALID_ARGUMENT, "expert id out of range"),
     "expert_not_held": (_serialized(0, [3, 4]), grpc.StatusCode.NOT_FOUND, "does not hold layer 0 expert(s) [4]"),
@@ -201,8 +224,9 @@ BAD_INPUTS = {
 def test_bad_inputs_get_clear_errors_and_server_keeps_serving(pool, directory, reference):
     entry = _entry(directory, "l0-a")
     channel = grpc.insecure_channel(entry.endpoint, options=CHANNEL_OPTIONS)
-    raw_forward = channel.unary_unary("/expertmesh.v1.ExpertService/Forward",
-                                      response_deserializer=expert_pb2.ForwardResponse.FromString)
+    raw_forward = channel.unary_unary(
+        "/expertmesh.v1.ExpertService/Forward", response_deserializer=expert_pb2.ForwardResponse.FromString
+    )
     stub = expert_pb2_grpc.ExpertServiceStub(channel)
     good = _request(0, [0, 1, 2, 3], rows=8)
     for name, (make, code, text) in BAD_INPUTS.items():
@@ -252,8 +276,12 @@ def test_controller_service_adopts_what_serve_runs(pool, directory, monkeypatch)
     from expertmesh.gateway.app import _controller_status
 
     service = cs.ControllerService(
-        info=pool.info, plan=PLAN, router=f"127.0.0.1:{free_port()}", settings=ControllerSettings(interval_s=0.3),
-        target_options={"model": pool.model, "directory": pool.directory_address, "dashboard": pool.dashboard_url})
+        info=pool.info,
+        plan=PLAN,
+        router=f"127.0.0.1:{free_port()}",
+        settings=ControllerSettings(interval_s=0.3),
+        target_options={"model": pool.model, "directory": pool.directory_address, "dashboard": pool.dashboard_url},
+    )
     server = cs.serve_http(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -273,7 +301,8 @@ def test_controller_service_adopts_what_serve_runs(pool, directory, monkeypatch)
         status = wait_status(lambda s: True)
         assert status["replicas"] == {"l0-a": 1, "l0-b": 1, "l1": 1} and service.adoptions == 0
         assert [(g["name"], g["keys"]) for g in status["plan"]["groups"]] == [
-            (g.name, {str(k): v for k, v in g.keys.items()}) for g in PLAN.groups]
+            (g.name, {str(k): v for k, v in g.keys.items()}) for g in PLAN.groups
+        ]
         deadline = time.monotonic() + 10
         while "StatusCode.UNAVAILABLE" not in (service.last_error or "") and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -306,15 +335,18 @@ def test_killed_replica_leaves_directory_and_serve_restarts_it(pool, directory, 
     t0 = time.monotonic()
     directory.wait_for(lambda s: old.replica_id not in {e.replica_id for e in s.replicas}, timeout=LEASE_SECONDS + 10)
     left_after = time.monotonic() - t0
-    snap = directory.wait_for(lambda s: any(e.group == "l0-b" and e.replica_id != old.replica_id
-                                            for e in s.replicas), timeout=150)
+    snap = directory.wait_for(
+        lambda s: any(e.group == "l0-b" and e.replica_id != old.replica_id for e in s.replicas), timeout=150
+    )
     back_after = time.monotonic() - t0
     new = next(e for e in snap.replicas if e.group == "l0-b")
     assert keys_from_proto(new.keys) == {0: [4, 5, 6, 7]}
     req = _request(0, [4, 5, 6, 7], rows=16)
     out, _ = _forward(_stub(new.endpoint), req)
     assert torch.equal(out, reference.forward(*req))
-    print(f"killed replica left the directory after {left_after:.1f} s, replacement registered after {back_after:.1f} s")
+    print(
+        f"killed replica left the directory after {left_after:.1f} s, replacement registered after {back_after:.1f} s"
+    )
 
 
 # -- in-process pieces (no Ray) ------------------------------------------------------------------------------------
@@ -325,14 +357,19 @@ def test_directory_leases_drain_watch_and_validation():
     try:
         with DirectoryClient(f"127.0.0.1:{port}") as client:
             client.watch(lambda snap: seen.append(len(snap.replicas)))
-            a = expert_pb2.ReplicaEntry(replica_id="a", group="g", endpoint="127.0.0.1:1",
-                                        keys=[expert_pb2.ExpertKeys(layer=0, experts=[0, 1])])
-            b = expert_pb2.ReplicaEntry(replica_id="b", group="g", endpoint="127.0.0.1:2",
-                                        keys=[expert_pb2.ExpertKeys(layer=0, experts=[1])])
+            a = expert_pb2.ReplicaEntry(
+                replica_id="a", group="g", endpoint="127.0.0.1:1", keys=[expert_pb2.ExpertKeys(layer=0, experts=[0, 1])]
+            )
+            b = expert_pb2.ReplicaEntry(
+                replica_id="b", group="g", endpoint="127.0.0.1:2", keys=[expert_pb2.ExpertKeys(layer=0, experts=[1])]
+            )
             v1 = client.register(a, lease_seconds=30)
             assert client.register(a, lease_seconds=30) == v1  # a renewal is not a change
             client.register(b, lease_seconds=0.3)
-            assert endpoints_by_key(client.snapshot()) == {(0, 0): ["127.0.0.1:1"], (0, 1): ["127.0.0.1:1", "127.0.0.1:2"]}
+            assert endpoints_by_key(client.snapshot()) == {
+                (0, 0): ["127.0.0.1:1"],
+                (0, 1): ["127.0.0.1:1", "127.0.0.1:2"],
+            }
             assert client.drain("a") and not client.drain("nobody")
             client.register(a, lease_seconds=30)  # renewing does not undo the drain
             snap = client.snapshot()
@@ -343,8 +380,10 @@ def test_directory_leases_drain_watch_and_validation():
             client.deregister("a")
             client.wait_for(lambda s: not s.replicas, timeout=5)
             assert seen[-1] == 0 and 2 in seen
-            for bad in (expert_pb2.ReplicaEntry(replica_id="", endpoint="h:1"),
-                        expert_pb2.ReplicaEntry(replica_id="x", endpoint="no-port")):
+            for bad in (
+                expert_pb2.ReplicaEntry(replica_id="", endpoint="h:1"),
+                expert_pb2.ReplicaEntry(replica_id="x", endpoint="no-port"),
+            ):
                 with pytest.raises(grpc.RpcError) as err:
                     client.register(bad)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -360,6 +399,7 @@ def test_expired_call_is_dropped_not_computed(checkpoint):
     server = ExpertServer(checkpoint, {0: [0, 1]}, group="g")
     port = server.start("127.0.0.1", 0)
     try:
+
         async def main():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
                 stub = expert_pb2_grpc.ExpertServiceStub(channel)
@@ -377,8 +417,11 @@ def test_expired_call_is_dropped_not_computed(checkpoint):
 
         asyncio.run(main())
         text = server.metrics.text()
-        tokens = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                     if line.startswith("expertmesh_replica_expert_tokens_total{"))
+        tokens = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("expertmesh_replica_expert_tokens_total{")
+        )
         assert tokens == 32768 + 5  # the expired call's 3 tokens were never computed
         assert 'code="DEADLINE_EXCEEDED"' in text or 'code="CANCELLED"' in text
     finally:
@@ -422,6 +465,7 @@ def test_in_process_whole_layer_and_indexed_calls_coalesce_and_stay_exact(checkp
     port = server.start("127.0.0.1", 0)
     reference = ExpertWeights(CheckpointReader(checkpoint), {1: list(range(8))})
     try:
+
         async def main():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
                 stub = expert_pb2_grpc.ExpertServiceStub(channel)
@@ -459,8 +503,11 @@ def test_data_plane_loop_claims_grpc_poller_and_other_loops_keep_working(checkpo
     other = directory._loop
 
     def poller_readers(loop) -> int:
-        return sum(1 for key in loop._selector.get_map().values()
-                   if "PollerCompletionQueue._handle_events" in repr(key.data[0]))
+        return sum(
+            1
+            for key in loop._selector.get_map().values()
+            if "PollerCompletionQueue._handle_events" in repr(key.data[0])
+        )
 
     def wait_readers(loop, n: int) -> int:
         deadline = time.monotonic() + 5
@@ -468,7 +515,7 @@ def test_data_plane_loop_claims_grpc_poller_and_other_loops_keep_working(checkpo
             time.sleep(0.01)
         return poller_readers(loop)
 
-    async def list_directory():   # a grpc.aio client on the other loop, calling that loop's own server
+    async def list_directory():  # a grpc.aio client on the other loop, calling that loop's own server
         async with grpc.aio.insecure_channel(directory.address) as channel:
             return await expert_pb2_grpc.ExpertDirectoryStub(channel).List(expert_pb2.ListRequest(), timeout=5)
 
@@ -478,7 +525,7 @@ def test_data_plane_loop_claims_grpc_poller_and_other_loops_keep_working(checkpo
         port = server.start("127.0.0.1", 0)
         try:
             assert wait_readers(other.loop, 0) == 0 and poller_readers(server._loop.loop) == 1
-            out, _ = _forward(_stub(f"127.0.0.1:{port}"), _request(0, [0, 1], rows=4))   # the data plane serves
+            out, _ = _forward(_stub(f"127.0.0.1:{port}"), _request(0, [0, 1], rows=4))  # the data plane serves
             assert out.shape == (4, 128)
             assert list(other.run(list_directory(), timeout=10).replicas) == []
         finally:
@@ -513,9 +560,12 @@ def test_replica_metrics_recorded_on_flush_lose_nothing_recorded_meanwhile():
     while not done.is_set():
         metrics.flush()
     worker.join()
-    text = metrics.text()   # flushes the rest
-    tokens = {line.split('expert="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("expertmesh_replica_expert_tokens_total{")}
+    text = metrics.text()  # flushes the rest
+    tokens = {
+        line.split('expert="')[1].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("expertmesh_replica_expert_tokens_total{")
+    }
     assert tokens == {"0": 3000.0, "1": 6000.0, "3": 3000.0}
     assert 'expertmesh_replica_forward_seconds_count{code="OK",group="g"} 3000.0' in text
     assert 'expertmesh_replica_batch_rows_count{group="g",layer="0"} 3000.0' in text

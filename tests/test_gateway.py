@@ -12,14 +12,13 @@ import socket
 import threading
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
-
 from conftest import free_port
-from expertmesh.core.protos import router_pb2 as pb
 from test_router_server import MAX_MODEL_LEN, spawn_router, tokens_of, wait_ready
+
+from expertmesh.core.protos import router_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +36,16 @@ class Gateway:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(**kwargs), host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(**kwargs),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=1,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -56,8 +62,13 @@ class Gateway:
 @pytest.fixture(scope="module")
 def stack(tiny_checkpoint, tmp_path_factory):
     model = tiny_checkpoint("mixtral")
-    router = spawn_router(model, tmp_path_factory.mktemp("gw-router") / "router.log", "--local-experts",
-                          "--served-model-name", "tiny-mixtral")
+    router = spawn_router(
+        model,
+        tmp_path_factory.mktemp("gw-router") / "router.log",
+        "--local-experts",
+        "--served-model-name",
+        "tiny-mixtral",
+    )
     gateways = []
     try:
         wait_ready(router)
@@ -91,11 +102,15 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 
 def router_greedy(stack, ids: list[int], n: int) -> list[int]:
     stub = stack["router"].stub()
-    return tokens_of(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
-                                                      params=pb.SamplingParams(max_tokens=n, temperature=0))))
+    return tokens_of(
+        stub.Generate(
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), params=pb.SamplingParams(max_tokens=n, temperature=0))
+        )
+    )
 
 
 # ---- happy paths with the openai SDK ---------------------------------------------------------------------------
+
 
 def test_models_list(client):
     models = client.models.list()
@@ -110,7 +125,7 @@ def test_chat_non_streaming(client, tokenizer, stack):
     assert r.object == "chat.completion" and r.model == "tiny-mixtral"
     assert len(r.choices) == 1 and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(prompt_ids)
-    generated = router_greedy(stack, prompt_ids, 12)      # the router's greedy tokens for the templated prompt
+    generated = router_greedy(stack, prompt_ids, 12)  # the router's greedy tokens for the templated prompt
     assert r.choices[0].message.content == tokenizer.decode(generated, skip_special_tokens=True)
     assert r.usage.completion_tokens == len(generated)
     assert r.usage.total_tokens == len(prompt_ids) + len(generated)
@@ -119,9 +134,16 @@ def test_chat_non_streaming(client, tokenizer, stack):
 
 def test_chat_streaming_matches_non_streaming(client):
     full = client.chat.completions.create(model="tiny-mixtral", messages=MESSAGES, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model="tiny-mixtral", messages=MESSAGES, max_tokens=12,
-                                                 temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-mixtral",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == full.choices[0].message.content
@@ -133,27 +155,29 @@ def test_chat_streaming_matches_non_streaming(client):
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model="tiny-mixtral", messages=MESSAGES, max_tokens=6, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="tiny-mixtral", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for entry in content:
         tops = [t.logprob for t in entry.top_logprobs]
         assert len(tops) == 3 and tops == sorted(tops, reverse=True)
-        assert entry.logprob == tops[0]                    # greedy picks the most likely token
+        assert entry.logprob == tops[0]  # greedy picks the most likely token
         assert entry.bytes == list(entry.token.encode())
 
 
 def test_completions_echo_with_logprobs(client, tokenizer):
     prompt = "The quick brown fox"
     prompt_ids = tokenizer.encode(prompt)
-    r = client.completions.create(model="tiny-mixtral", prompt=prompt, max_tokens=5, temperature=0, echo=True,
-                                  logprobs=2)
+    r = client.completions.create(
+        model="tiny-mixtral", prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=2
+    )
     choice = r.choices[0]
     assert choice.text.startswith(prompt)
     lp = choice.logprobs
     assert len(lp.tokens) == len(prompt_ids) + r.usage.completion_tokens
-    assert "".join(lp.tokens[:len(prompt_ids)]) == prompt
+    assert "".join(lp.tokens[: len(prompt_ids)]) == prompt
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(isinstance(x, float) for x in lp.token_logprobs[1:])
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
@@ -162,20 +186,25 @@ def test_completions_echo_with_logprobs(client, tokenizer):
     # without echo: only the completion, whose logprobs equal the echoed tail
     plain = client.completions.create(model="tiny-mixtral", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
     assert choice.text == prompt + plain.choices[0].text
-    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(prompt_ids):]
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(prompt_ids) :]
 
 
 def test_completions_streaming_and_token_prompt(client, tokenizer):
     prompt = "Serving systems batch requests"
     full = client.completions.create(model="tiny-mixtral", prompt=prompt, max_tokens=10, temperature=0)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny-mixtral", prompt=prompt, max_tokens=10, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-mixtral", prompt=prompt, max_tokens=10, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == full.choices[0].text
-    by_ids = client.completions.create(model="tiny-mixtral", prompt=tokenizer.encode(prompt), max_tokens=10,
-                                       temperature=0)
+    by_ids = client.completions.create(
+        model="tiny-mixtral", prompt=tokenizer.encode(prompt), max_tokens=10, temperature=0
+    )
     assert by_ids.choices[0].text == full.choices[0].text
-    batch = client.completions.create(model="tiny-mixtral", prompt=[prompt, "The gate"], max_tokens=10,
-                                      temperature=0)
+    batch = client.completions.create(model="tiny-mixtral", prompt=[prompt, "The gate"], max_tokens=10, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == full.choices[0].text
 
 
@@ -185,7 +214,7 @@ def test_n_choices_and_seed_determinism(client):
     b = client.chat.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
-    assert a.choices[0].message.content != a.choices[1].message.content      # seed + i per choice
+    assert a.choices[0].message.content != a.choices[1].message.content  # seed + i per choice
     assert a.usage.completion_tokens == b.usage.completion_tokens
     other = client.chat.completions.create(**dict(kwargs, seed=6, n=1))
     assert other.choices[0].message.content == a.choices[1].message.content  # choice 1 of seed 5 = seed 6
@@ -195,9 +224,10 @@ def test_stop_sequence(client):
     full = client.completions.create(model="tiny-mixtral", prompt="Numbers like", max_tokens=16, temperature=0)
     text = full.choices[0].text
     stop = text[3:6]
-    r = client.completions.create(model="tiny-mixtral", prompt="Numbers like", max_tokens=16, temperature=0,
-                                  stop=[stop])
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.index(stop)]
+    r = client.completions.create(
+        model="tiny-mixtral", prompt="Numbers like", max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[: text.index(stop)]
 
 
 # ---- validation ------------------------------------------------------------------------------------------------
@@ -208,28 +238,83 @@ BASE = {"model": "tiny-mixtral", "messages": [{"role": "user", "content": "hi"}]
 BASE_CMPL = {"model": "tiny-mixtral", "prompt": "hi", "max_tokens": 4}
 
 ERRORS = [
-    ("negative temperature", CHAT, dict(BASE, temperature=-0.1), 400, "temperature must be non-negative", "temperature"),
+    (
+        "negative temperature",
+        CHAT,
+        dict(BASE, temperature=-0.1),
+        400,
+        "temperature must be non-negative",
+        "temperature",
+    ),
     ("temperature above 2", CHAT, dict(BASE, temperature=2.5), 400, "temperature must be in [0, 2]", "temperature"),
     ("top_p 0", CHAT, dict(BASE, top_p=0), 400, "top_p must be in (0, 1]", "top_p"),
     ("top_p above 1", CMPL, dict(BASE_CMPL, top_p=1.01), 400, "top_p must be in (0, 1]", "top_p"),
     ("max_tokens 0", CHAT, dict(BASE, max_tokens=0), 400, "max_tokens must be at least 1", "max_tokens"),
     ("max_tokens negative", CMPL, dict(BASE_CMPL, max_tokens=-3), 400, "max_tokens must be at least 1", "max_tokens"),
-    ("max_completion_tokens 0", CHAT, dict(BASE, max_completion_tokens=0), 400,
-     "max_completion_tokens must be at least 1", "max_completion_tokens"),
-    ("presence_penalty", CHAT, dict(BASE, presence_penalty=2.5), 400, "presence_penalty must be in [-2, 2]",
-     "presence_penalty"),
-    ("frequency_penalty", CMPL, dict(BASE_CMPL, frequency_penalty=-2.1), 400, "frequency_penalty must be in [-2, 2]",
-     "frequency_penalty"),
-    ("stream_options without stream", CHAT, dict(BASE, stream_options={"include_usage": True}), 400,
-     "Stream options can only be defined when `stream=True`.", "stream_options"),
-    ("beyond the context", CHAT, dict(BASE, max_tokens=1000), 400,
-     "This model's maximum context length is 256 tokens. However, you requested", "max_tokens"),
-    ("prompt alone beyond the context", CMPL, dict(BASE_CMPL, prompt=[5] * 300, max_tokens=None), 400,
-     "This model's maximum context length is 256 tokens. However, your request has 300 input tokens", "messages"),
-    ("top_logprobs without logprobs", CHAT, dict(BASE, top_logprobs=2), 400, "`logprobs` must be set to true",
-     "top_logprobs"),
-    ("too many top_logprobs", CHAT, dict(BASE, logprobs=True, top_logprobs=21), 400, "`top_logprobs` must be in",
-     "top_logprobs"),
+    (
+        "max_completion_tokens 0",
+        CHAT,
+        dict(BASE, max_completion_tokens=0),
+        400,
+        "max_completion_tokens must be at least 1",
+        "max_completion_tokens",
+    ),
+    (
+        "presence_penalty",
+        CHAT,
+        dict(BASE, presence_penalty=2.5),
+        400,
+        "presence_penalty must be in [-2, 2]",
+        "presence_penalty",
+    ),
+    (
+        "frequency_penalty",
+        CMPL,
+        dict(BASE_CMPL, frequency_penalty=-2.1),
+        400,
+        "frequency_penalty must be in [-2, 2]",
+        "frequency_penalty",
+    ),
+    (
+        "stream_options without stream",
+        CHAT,
+        dict(BASE, stream_options={"include_usage": True}),
+        400,
+        "Stream options can only be defined when `stream=True`.",
+        "stream_options",
+    ),
+    (
+        "beyond the context",
+        CHAT,
+        dict(BASE, max_tokens=1000),
+        400,
+        "This model's maximum context length is 256 tokens. However, you requested",
+        "max_tokens",
+    ),
+    (
+        "prompt alone beyond the context",
+        CMPL,
+        dict(BASE_CMPL, prompt=[5] * 300, max_tokens=None),
+        400,
+        "This model's maximum context length is 256 tokens. However, your request has 300 input tokens",
+        "messages",
+    ),
+    (
+        "top_logprobs without logprobs",
+        CHAT,
+        dict(BASE, top_logprobs=2),
+        400,
+        "`logprobs` must be set to true",
+        "top_logprobs",
+    ),
+    (
+        "too many top_logprobs",
+        CHAT,
+        dict(BASE, logprobs=True, top_logprobs=21),
+        400,
+        "`top_logprobs` must be in",
+        "top_logprobs",
+    ),
     ("too many logprobs", CMPL, dict(BASE_CMPL, logprobs=50), 400, "`logprobs` must be in [0, 20]", "logprobs"),
     ("n 0", CHAT, dict(BASE, n=0), 400, "n must be in", "n"),
     ("empty prompt", CMPL, dict(BASE_CMPL, prompt=""), 400, "prompt must not be empty", "prompt"),
@@ -237,8 +322,14 @@ ERRORS = [
     ("empty messages", CHAT, dict(BASE, messages=[]), 400, "at least one message", "messages"),
     ("missing messages", CHAT, {"model": "tiny-mixtral"}, 400, "Missing required parameter: 'messages'", "messages"),
     ("wrong type", CHAT, dict(BASE, max_tokens="many"), 400, "Invalid value for 'max_tokens'", "max_tokens"),
-    ("bad role", CHAT, dict(BASE, messages=[{"role": "wizard", "content": "hi"}]), 400, "Invalid value for 'messages",
-     "messages"),
+    (
+        "bad role",
+        CHAT,
+        dict(BASE, messages=[{"role": "wizard", "content": "hi"}]),
+        400,
+        "Invalid value for 'messages",
+        "messages",
+    ),
     ("unknown model", CHAT, dict(BASE, model="gpt-17"), 404, "The model `gpt-17` does not exist.", "model"),
 ]
 
@@ -260,8 +351,12 @@ def test_validation_errors(stack, path, body, status, message, param):
 
 
 def test_malformed_json(stack):
-    r = httpx.post(stack["gw"].url + CHAT, content=b'{"model": "tiny-mixtral", "messages": [', timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        stack["gw"].url + CHAT,
+        content=b'{"model": "tiny-mixtral", "messages": [',
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     error = check_error_shape(r, 400)
     assert error["type"] == "invalid_request_error" and error["message"].startswith("Malformed JSON")
     r = httpx.post(stack["gw"].url + CHAT, json=["not", "an", "object"], timeout=30)
@@ -271,20 +366,28 @@ def test_malformed_json(stack):
 def test_context_length_check_uses_the_chat_template(stack, tokenizer):
     messages = [{"role": "user", "content": "hi"}]
     prompt_len = len(chat_prompt_ids(tokenizer, messages))
-    ok = httpx.post(stack["gw"].url + CHAT, json=dict(BASE, messages=messages, max_tokens=MAX_MODEL_LEN - prompt_len,
-                                                      temperature=0, ignore_eos=True), timeout=60)
+    ok = httpx.post(
+        stack["gw"].url + CHAT,
+        json=dict(BASE, messages=messages, max_tokens=MAX_MODEL_LEN - prompt_len, temperature=0, ignore_eos=True),
+        timeout=60,
+    )
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - prompt_len
-    too_long = httpx.post(stack["gw"].url + CHAT,
-                          json=dict(BASE, messages=messages, max_tokens=MAX_MODEL_LEN - prompt_len + 1), timeout=30)
+    too_long = httpx.post(
+        stack["gw"].url + CHAT,
+        json=dict(BASE, messages=messages, max_tokens=MAX_MODEL_LEN - prompt_len + 1),
+        timeout=30,
+    )
     error = check_error_shape(too_long, 400)
     assert error["message"] == (
         f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
         f"{MAX_MODEL_LEN + 1} tokens ({prompt_len} in the messages, {MAX_MODEL_LEN - prompt_len + 1} in the "
-        f"completion). Please reduce the length of the messages or completion.")
+        f"completion). Please reduce the length of the messages or completion."
+    )
     assert error["code"] == "context_length_exceeded"
 
 
 # ---- auth ------------------------------------------------------------------------------------------------------
+
 
 def test_api_keys(stack):
     url = stack["keyed"].url
@@ -298,13 +401,14 @@ def test_api_keys(stack):
     keyed = openai.OpenAI(base_url=url + "/v1", api_key=KEYS[1], max_retries=0)
     r = keyed.chat.completions.create(model="tiny-mixtral", messages=MESSAGES, max_tokens=3, temperature=0)
     assert r.usage.completion_tokens >= 1
-    assert httpx.get(url + "/health").status_code == 200          # probes need no key
+    assert httpx.get(url + "/health").status_code == 200  # probes need no key
     assert httpx.get(url + "/metrics").status_code == 200
     # auth off: no header needed
     assert httpx.get(stack["gw"].url + "/v1/models").status_code == 200
 
 
 # ---- operations ------------------------------------------------------------------------------------------------
+
 
 def test_health(stack):
     r = httpx.get(stack["gw"].url + "/health")
@@ -324,8 +428,11 @@ def test_health(stack):
 
 def test_metrics(stack, client):
     client.chat.completions.create(model="tiny-mixtral", messages=MESSAGES, max_tokens=4, temperature=0)
-    list(client.chat.completions.create(model="tiny-mixtral", messages=MESSAGES, max_tokens=4, temperature=0,
-                                        stream=True))
+    list(
+        client.chat.completions.create(
+            model="tiny-mixtral", messages=MESSAGES, max_tokens=4, temperature=0, stream=True
+        )
+    )
     httpx.post(stack["gw"].url + CHAT, json=dict(BASE, temperature=-1))
     text = httpx.get(stack["gw"].url + "/metrics").text
 
@@ -339,13 +446,12 @@ def test_metrics(stack, client):
     assert value("expertmesh_gateway_time_to_first_token_seconds_count", 'endpoint="/v1/chat/completions"') >= 2
     assert value("expertmesh_gateway_prompt_tokens_total", 'endpoint="/v1/chat/completions"') >= 2
     assert value("expertmesh_gateway_completion_tokens_total", 'endpoint="/v1/chat/completions"') >= 2
-    assert value("expertmesh_gateway_errors_total",
-                 'endpoint="/v1/chat/completions",type="invalid_request_error"') >= 1
+    assert value("expertmesh_gateway_errors_total", 'endpoint="/v1/chat/completions",type="invalid_request_error"') >= 1
 
 
 def test_experts_json(stack):
     body = httpx.get(stack["gw"].url + "/experts").json()
-    assert body["experts"] == []                 # local experts: vLLM computes them, nothing is routed out
+    assert body["experts"] == []  # local experts: vLLM computes them, nothing is routed out
     assert body["replicas"] == {"total": 0, "missing": 0}
     assert body["plan"] is None and body["requests_running"] == 0 and body["uptime_seconds"] > 0
 
@@ -370,7 +476,9 @@ def test_client_disconnect_mid_stream_cancels_generation(stack):
         assert router.stub().Stats(pb.StatsRequest()).requests_running == 1
     # the connection is closed: the gateway cancels its Generate call, the router aborts the request in vLLM
     assert _wait_engine_idle(stack) == 0
-    assert router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled + 1) == cancelled + 1
+    assert (
+        router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled + 1) == cancelled + 1
+    )
 
 
 def test_client_disconnect_while_waiting_cancels_generation(stack):
@@ -378,11 +486,15 @@ def test_client_disconnect_while_waiting_cancels_generation(stack):
     cancelled = router.metric("expertmesh_router_requests_total", '{status="cancelled"}')
     body = json.dumps(dict(BASE, max_tokens=230, temperature=0, ignore_eos=True)).encode()
     sock = socket.create_connection(("127.0.0.1", stack["gw"].port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     deadline = time.monotonic() + 10
     while router.stub().Stats(pb.StatsRequest()).requests_running == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     sock.close()
     assert _wait_engine_idle(stack) == 0
-    assert router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled + 1) == cancelled + 1
+    assert (
+        router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled + 1) == cancelled + 1
+    )

@@ -21,10 +21,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from expertmesh.control.serve_config import build_serve_config
 from expertmesh.core import defaults
 from expertmesh.core.plan import PlacementPlan
 from expertmesh.core.protos import expert_pb2, router_pb2
-from expertmesh.control.serve_config import build_serve_config
 from expertmesh.core.settings import ENV_VARS, ReplicaSettings, replica_settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +114,15 @@ def rendered() -> dict[str, list[dict]]:
 
 # ---- tooling --------------------------------------------------------------------------------------------------
 
+
 def test_install_k8s_tools_is_idempotent():
     def install() -> str:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "install_k8s_tools.py"), str(BIN)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "install_k8s_tools.py"), str(BIN)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -146,17 +151,25 @@ def test_values_schema_is_generated_from_plan_py():
     finally:
         sys.path.pop(0)
     assert (CHART / "values.schema.json").read_text() == gen_values_schema.render(), (
-        "values.schema.json is stale: run .venv/bin/python deploy/k8s/gen_values_schema.py")
+        "values.schema.json is stale: run .venv/bin/python deploy/k8s/gen_values_schema.py"
+    )
 
 
 # ---- schemas --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_core_resources_validate(rendered, variant):
     docs = rendered[variant]
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-            "RayService"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "RayService",
+    } <= kinds
     checked = 0
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
@@ -185,13 +198,16 @@ def test_rayservice_matches_schema(rendered, variant):
     jsonschema.Draft202012Validator(RAYSERVICE_SCHEMA).validate(rs)
 
 
-@pytest.mark.parametrize("where", [
-    ("spec",),
-    ("spec", "rayClusterConfig"),
-    ("spec", "rayClusterConfig", "headGroupSpec"),
-    ("spec", "rayClusterConfig", "workerGroupSpecs", 0),
-    ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0),
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("spec",),
+        ("spec", "rayClusterConfig"),
+        ("spec", "rayClusterConfig", "headGroupSpec"),
+        ("spec", "rayClusterConfig", "workerGroupSpecs", 0),
+        ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0),
+    ],
+)
 def test_rayservice_schema_rejects_unknown_fields(rendered, where):
     rs = copy.deepcopy(one(rendered["default"], "RayService", "-experts"))
     node = rs
@@ -204,8 +220,13 @@ def test_rayservice_schema_rejects_unknown_fields(rendered, where):
 
 # ---- Serve config == local plan -------------------------------------------------------------------------------
 
-REPLICA_VALUES = {"maxWaitMs": "max_wait_ms", "maxBatchRows": "max_batch_rows", "inlineRows": "inline_rows",
-                  "computeThreads": "compute_threads", "leaseSeconds": "lease_seconds"}
+REPLICA_VALUES = {
+    "maxWaitMs": "max_wait_ms",
+    "maxBatchRows": "max_batch_rows",
+    "inlineRows": "inline_rows",
+    "computeThreads": "compute_threads",
+    "leaseSeconds": "lease_seconds",
+}
 
 
 def replica_of(values: dict) -> ReplicaSettings:
@@ -218,10 +239,15 @@ def expected_serve_config(values: dict) -> dict:
     plan = PlacementPlan.model_validate(values["experts"]["plan"])
     model_path = f"{values['model']['mountPath'].rstrip('/')}/{values['model']['dir']}"
     directory = f"{RELEASE}-expertmesh-directory:{defaults.DIRECTORY_PORT}"
-    return build_serve_config(plan, model_path, directory,
-                              num_cpus=values["experts"]["replica"]["numCpus"],
-                              num_gpus=values["experts"]["replica"]["numGpus"],
-                              directory_resource="expertmesh-directory", replica=replica_of(values))
+    return build_serve_config(
+        plan,
+        model_path,
+        directory,
+        num_cpus=values["experts"]["replica"]["numCpus"],
+        num_gpus=values["experts"]["replica"]["numGpus"],
+        directory_resource="expertmesh-directory",
+        replica=replica_of(values),
+    )
 
 
 def rendered_serve_config(docs: list[dict]) -> dict:
@@ -235,15 +261,23 @@ def test_serve_config_equals_local_plan(rendered, variant):
     assert got == expected_serve_config(values)
     groups = [g["name"] for g in values["experts"]["plan"]["groups"]]
     assert [a["name"] for a in got["applications"]] == ["expertmesh-directory"] + [f"experts-{g}" for g in groups]
-    assert [[d["name"] for d in a["deployments"]] for a in got["applications"]] == [["ExpertDirectory"]] + [[g] for g in groups]
+    assert [[d["name"] for d in a["deployments"]] for a in got["applications"]] == [["ExpertDirectory"]] + [
+        [g] for g in groups
+    ]
 
 
 def test_serve_config_defaults_and_overrides(tmp_path):
     """A sparse plan: the chart fills defaults exactly as plan.py does (incl. explicit zeros and nulls)."""
     plan = {
         "groups": [
-            {"name": "hot-e3", "keys": {0: [3]}, "min_replicas": 0, "max_replicas": 6, "initial_replicas": 2,
-             "autoscaling": {"upscale_delay_s": 0}},
+            {
+                "name": "hot-e3",
+                "keys": {0: [3]},
+                "min_replicas": 0,
+                "max_replicas": 6,
+                "initial_replicas": 2,
+                "autoscaling": {"upscale_delay_s": 0},
+            },
             {"name": "rest", "keys": {0: [7, 0, 1, 2, 4, 5, 6], 1: list(range(8)), 2: []}},  # sorted like plan.py
             {"name": "l10", "keys": {10: [0, 11]}, "min_replicas": 0, "initial_replicas": None},
         ],
@@ -260,8 +294,10 @@ def test_serve_config_defaults_and_overrides(tmp_path):
     replicas = {a["deployments"][0]["name"]: a["deployments"][0]["num_replicas"] for a in got["applications"]}
     assert replicas == {"ExpertDirectory": 1, "hot-e3": 2, "rest": 1, "l10": 1}  # l10: max(1, min_replicas)
     assert all("autoscaling_config" not in a["deployments"][0] for a in got["applications"])  # the controller scales
-    assert apps["experts-rest"]["args"]["group"] == {"name": "rest", "keys": {"0": [0, 1, 2, 4, 5, 6, 7],
-                                                                             "1": list(range(8)), "2": []}}
+    assert apps["experts-rest"]["args"]["group"] == {
+        "name": "rest",
+        "keys": {"0": [0, 1, 2, 4, 5, 6, 7], "1": list(range(8)), "2": []},
+    }
 
 
 def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
@@ -284,9 +320,18 @@ def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
     assert set(got["applications"][0]["args"]) == {"directory"}  # the directory takes none of them
     _, args, plan = controller_of(docs)
     assert replica_settings_from_args(args) == ReplicaSettings(**want)
-    target = ServeTarget(None, plan, {}, model=args.model, directory=args.directory, dashboard=args.dashboard,
-                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, directory_resource=args.directory_resource,
-                         replica=replica_settings_from_args(args))
+    target = ServeTarget(
+        None,
+        plan,
+        {},
+        model=args.model,
+        directory=args.directory,
+        dashboard=args.dashboard,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        directory_resource=args.directory_resource,
+        replica=replica_settings_from_args(args),
+    )
     assert target.serve_config(plan, {}) == got
     # every tunable is a parameter of the replica deployment (ray.serve's decorator keeps the class reachable)
     from expertmesh.experts.app import ExpertGroupReplica
@@ -306,15 +351,20 @@ def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
 def test_registered_settings_reach_every_process(tmp_path):
     """values `settings` (registered env vars) land in every expertmesh container; unknown or chart-owned names fail."""
     values_file = tmp_path / "settings.yaml"
-    values_file.write_text(yaml.safe_dump({"settings": {"EXPERTMESH_DISPATCH_DEADLINE_S": 3,
-                                                        "EXPERTMESH_EXPERT_KERNEL": "torch"}}))
+    values_file.write_text(
+        yaml.safe_dump({"settings": {"EXPERTMESH_DISPATCH_DEADLINE_S": 3, "EXPERTMESH_EXPERT_KERNEL": "torch"}})
+    )
     docs = template([values_file])
     templates = pod_templates(docs)
     for name in ("em-expertmesh-gateway", "em-expertmesh-router", "ray-head"):
         env = env_of(templates[name]["spec"]["containers"][0])
         assert env["EXPERTMESH_DISPATCH_DEADLINE_S"]["value"] == "3", name
-        assert ENV_VARS["EXPERTMESH_EXPERT_KERNEL"].value({"EXPERTMESH_EXPERT_KERNEL":
-                                                           env["EXPERTMESH_EXPERT_KERNEL"]["value"]}) == "torch"
+        assert (
+            ENV_VARS["EXPERTMESH_EXPERT_KERNEL"].value(
+                {"EXPERTMESH_EXPERT_KERNEL": env["EXPERTMESH_EXPERT_KERNEL"]["value"]}
+            )
+            == "torch"
+        )
     for bad in ("EXPERTMESH_DISPATCH_DEADLINE", "EXPERTMESH_DIRECTORY"):
         values_file.write_text(yaml.safe_dump({"settings": {bad: "1"}}))
         proc = helm("template", RELEASE, str(CHART), "-f", str(values_file), check=False)
@@ -328,13 +378,15 @@ def test_serve_config_is_valid_for_ray_serve(rendered):
     directory = parsed.applications[0]
     assert directory.route_prefix is None and directory.import_path == "expertmesh.experts.app:build_directory"
     groups = {a.deployments[0].name: a for a in parsed.applications[1:]}
-    assert all(a.import_path == "expertmesh.experts.app:build_group" and a.route_prefix is None
-               for a in groups.values())
+    assert all(
+        a.import_path == "expertmesh.experts.app:build_group" and a.route_prefix is None for a in groups.values()
+    )
     assert groups["l31"].args["group"]["name"] == "l31" and set(groups["l31"].args) == {"model", "group", "directory"}
     assert groups["l31"].deployments[0].ray_actor_options.num_gpus == 0.25
 
 
 # ---- the expert controller ------------------------------------------------------------------------------------
+
 
 def controller_of(docs: list[dict]) -> tuple[dict, argparse.Namespace, PlacementPlan]:
     """(container, its parsed flags, the plan it reads) of the controller Deployment."""
@@ -364,9 +416,18 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     values = values_for(variant)
     container, args, plan = controller_of(docs)
     assert plan == PlacementPlan.model_validate(values["experts"]["plan"])
-    target = ServeTarget(None, plan, {}, model=args.model, directory=args.directory, dashboard=args.dashboard,
-                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, directory_resource=args.directory_resource,
-                         replica=replica_settings_from_args(args))
+    target = ServeTarget(
+        None,
+        plan,
+        {},
+        model=args.model,
+        directory=args.directory,
+        dashboard=args.dashboard,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        directory_resource=args.directory_resource,
+        replica=replica_settings_from_args(args),
+    )
     assert target.serve_config(plan, {}) == rendered_serve_config(docs)
     # ... and its peers are the chart's router and directory Services and KubeRay's Service of the active head
     prefix = f"{RELEASE}-expertmesh"
@@ -375,7 +436,9 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     assert args.directory == f"{prefix}-directory:{defaults.DIRECTORY_PORT}" and f"{prefix}-directory" in services
     rayservice = one(docs, "RayService", "-experts")["metadata"]["name"]
     assert args.dashboard == f"http://{rayservice}-head-svc:8265"  # KubeRay: <rayservice>-head-svc
-    head_ports = {p["name"]: p["containerPort"] for p in pod_templates(docs)["ray-head"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        p["name"]: p["containerPort"] for p in pod_templates(docs)["ray-head"]["spec"]["containers"][0]["ports"]
+    }
     assert head_ports["dashboard"] == 8265
     assert args.port == defaults.CONTROLLER_PORT and args.host == "0.0.0.0"
     # CPU-only, probes on /health, requests, weights read-only (it reads config.json)
@@ -397,9 +460,13 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     policy = one(docs, "NetworkPolicy", "-experts")["spec"]
     lo, _ = defaults.REPLICA_PORT_RANGE
     labels = dep["spec"]["template"]["metadata"]["labels"]
-    open_to_it = {p["port"] for r in policy["ingress"] for peer in r["from"]
-                  if labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), labels)
-                  for p in r["ports"]}
+    open_to_it = {
+        p["port"]
+        for r in policy["ingress"]
+        for peer in r["from"]
+        if labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), labels)
+        for p in r["ports"]
+    }
     assert open_to_it == {8265, defaults.DIRECTORY_PORT} and lo not in open_to_it
 
 
@@ -420,19 +487,24 @@ def test_controller_settings_and_disabling(tmp_path):
     gateway = one(off, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert defaults.ENV_CONTROLLER_STATUS not in env_of(gateway)
     policy = one(off, "NetworkPolicy", "-experts")["spec"]
-    assert not [r for r in policy["ingress"] for p in r.get("ports", []) if p["port"] == 8265 and "podSelector" in r["from"][0]]
+    assert not [
+        r for r in policy["ingress"] for p in r.get("ports", []) if p["port"] == 8265 and "podSelector" in r["from"][0]
+    ]
 
 
-@pytest.mark.parametrize("plan_groups, message", [
-    ([{"name": "a", "keys": {0: [2, 1, 2]}}], "duplicate expert ids"),
-    ([{"name": "a", "keys": {0: [-1]}}], "non-negative"),
-    ([{"name": "a", "keys": {0: []}}], "at least one"),
-    ([{"name": "a", "keys": {0: [0]}, "min_replicas": 3, "max_replicas": 2}], "min_replicas 3 > max_replicas 2"),
-    ([{"name": "a", "keys": {0: [0]}, "max_replicas": 2, "initial_replicas": 5}], "initial_replicas outside"),
-    ([{"name": "a", "keys": {0: [0]}}, {"name": "a", "keys": {1: [0]}}], "unique"),
-    ([{"name": "Bad_Name", "keys": {0: [0]}}], "Bad_Name"),
-    ([{"name": "a", "keys": {0: [0]}, "max_replica": 2}], "max_replica"),
-])
+@pytest.mark.parametrize(
+    "plan_groups, message",
+    [
+        ([{"name": "a", "keys": {0: [2, 1, 2]}}], "duplicate expert ids"),
+        ([{"name": "a", "keys": {0: [-1]}}], "non-negative"),
+        ([{"name": "a", "keys": {0: []}}], "at least one"),
+        ([{"name": "a", "keys": {0: [0]}, "min_replicas": 3, "max_replicas": 2}], "min_replicas 3 > max_replicas 2"),
+        ([{"name": "a", "keys": {0: [0]}, "max_replicas": 2, "initial_replicas": 5}], "initial_replicas outside"),
+        ([{"name": "a", "keys": {0: [0]}}, {"name": "a", "keys": {1: [0]}}], "unique"),
+        ([{"name": "Bad_Name", "keys": {0: [0]}}], "Bad_Name"),
+        ([{"name": "a", "keys": {0: [0]}, "max_replica": 2}], "max_replica"),
+    ],
+)
 def test_bad_plan_is_rejected_before_deploying(tmp_path, plan_groups, message):
     values_file = tmp_path / "bad.yaml"
     values_file.write_text(yaml.safe_dump({"experts": {"plan": {"groups": plan_groups}}}))
@@ -445,6 +517,7 @@ def test_bad_plan_is_rejected_before_deploying(tmp_path, plan_groups, message):
 
 
 # ---- content --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_ports_agree_with_defaults_and_protos(rendered, variant):
@@ -461,8 +534,10 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
     # gRPC Services name the proto service they carry; each must exist in the protos, on the right port.
     proto_services = {s.full_name for pb in (expert_pb2, router_pb2) for s in pb.DESCRIPTOR.services_by_name.values()}
     assert proto_services == {"expertmesh.v1.Router", "expertmesh.v1.ExpertDirectory", "expertmesh.v1.ExpertService"}
-    expected_port = {"expertmesh.v1.Router": defaults.ROUTER_PORT,
-                     "expertmesh.v1.ExpertDirectory": defaults.DIRECTORY_PORT}
+    expected_port = {
+        "expertmesh.v1.Router": defaults.ROUTER_PORT,
+        "expertmesh.v1.ExpertDirectory": defaults.DIRECTORY_PORT,
+    }
     annotated = {}
     for svc in by_kind(docs, "Service"):
         name = svc["metadata"].get("annotations", {}).get("expertmesh.io/grpc-services")
@@ -489,7 +564,9 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
 
     # Service targetPorts resolve to container ports with the same numbers.
     assert {p["name"]: p["containerPort"] for p in router["ports"]} == {
-        "grpc": defaults.ROUTER_PORT, "metrics": defaults.ROUTER_METRICS_PORT}
+        "grpc": defaults.ROUTER_PORT,
+        "metrics": defaults.ROUTER_METRICS_PORT,
+    }
     head = templates["ray-head"]["spec"]["containers"][0]
     assert {p["name"]: p["containerPort"] for p in head["ports"]}["grpc-directory"] == defaults.DIRECTORY_PORT
 
@@ -561,9 +638,12 @@ def test_network_policy_admits_expert_grpc_only_from_router(rendered, variant):
                 from_controller = port == defaults.DIRECTORY_PORT and labels_match(sel, controller_labels)
                 assert from_router or from_pool or from_controller, f"port {port} open to {sel}"
                 assert not labels_match(sel, gateway_labels), f"port {port} open to the gateway"
-                assert from_controller or not labels_match(sel, controller_labels), f"port {port} open to the controller"
-    router_rule = next(r for r in policy["ingress"] if labels_match(r["from"][0]["podSelector"]["matchLabels"],
-                                                                    router_labels))
+                assert from_controller or not labels_match(sel, controller_labels), (
+                    f"port {port} open to the controller"
+                )
+    router_rule = next(
+        r for r in policy["ingress"] if labels_match(r["from"][0]["podSelector"]["matchLabels"], router_labels)
+    )
     assert {"protocol": "TCP", "port": lo, "endPort": hi} in router_rule["ports"]
 
 
@@ -589,7 +669,10 @@ def test_gpu_placement_and_autoscaling(rendered):
     cluster = one(gpu, "RayService", "-experts")["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     (workers,) = cluster["workerGroupSpecs"]
-    assert workers["groupName"] == "gpu-experts" and workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    assert (
+        workers["groupName"] == "gpu-experts"
+        and workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    )
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert workers["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     # The directory runs on the head: the head offers the custom resource the ExpertDirectory asks for.
@@ -688,8 +771,12 @@ def test_cpu_trial_serves_the_shipped_demo_model(rendered, tmp_path):
     model_dir = f"{values['model']['mountPath']}/{values['model']['dir']}"
     router = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]
     assert arg_value(router["containers"][0]["args"], "--model") == model_dir
-    assert one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["args"].count(
-        f"--model-name={values['model']['name']}") == 1
+    assert (
+        one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["args"].count(
+            f"--model-name={values['model']['name']}"
+        )
+        == 1
+    )
     inits = {name: t["spec"].get("initContainers", []) for name, t in pod_templates(docs).items()}
     commands = {json.dumps(c["command"]) for cs in inits.values() for c in cs if c["name"] == "fetch-model"}
     assert len(commands) == 1 and sum(len(cs) > 0 for cs in inits.values()) >= 3  # router, head, workers
@@ -708,7 +795,8 @@ def test_cpu_trial_serves_the_shipped_demo_model(rendered, tmp_path):
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     plan = PlacementPlan.model_validate(values["experts"]["plan"])
     assert {key: len(groups) for key, groups in plan.holders().items()} == {
-        (layer, e): 1 for layer in range(config["num_hidden_layers"]) for e in range(config["num_local_experts"])}
+        (layer, e): 1 for layer in range(config["num_hidden_layers"]) for e in range(config["num_local_experts"])
+    }
 
 
 def test_build_serve_config_locally_and_cli(tmp_path, capsys):
@@ -718,19 +806,36 @@ def test_build_serve_config_locally_and_cli(tmp_path, capsys):
     plan = PlacementPlan.model_validate({"groups": [{"name": "l0", "keys": {0: [1, 0]}, "max_replicas": 3}]})
     config = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5)
     directory_app, group_app = config["applications"]
-    assert directory_app["deployments"] == [{"name": "ExpertDirectory", "num_replicas": 1,
-                                             "ray_actor_options": {"num_cpus": 0.5}}]
+    assert directory_app["deployments"] == [
+        {"name": "ExpertDirectory", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    ]
     assert directory_app["args"] == {"directory": "127.0.0.1:50071"}
     (group,) = group_app["deployments"]
     assert group == {"name": "l0", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     assert group_app["name"] == "experts-l0"
-    assert group_app["args"] == {"model": "/ckpt", "directory": "127.0.0.1:50071",
-                                 "group": {"name": "l0", "keys": {"0": [0, 1]}}}
+    assert group_app["args"] == {
+        "model": "/ckpt",
+        "directory": "127.0.0.1:50071",
+        "group": {"name": "l0", "keys": {"0": [0, 1]}},
+    }
     # replica counts from the controller change only num_replicas, never the args (no restart)
     scaled = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5, replicas={"l0": 3})
     assert scaled["applications"][1]["deployments"][0]["num_replicas"] == 3
     assert scaled["applications"][1]["args"] == group_app["args"]
     plan.save(tmp_path / "plan.yaml")
-    assert serve_config.main(["--plan", str(tmp_path / "plan.yaml"), "--model", "/ckpt",
-                              "--directory", "127.0.0.1:50071", "--num-cpus", "0.5"]) == 0
+    assert (
+        serve_config.main(
+            [
+                "--plan",
+                str(tmp_path / "plan.yaml"),
+                "--model",
+                "/ckpt",
+                "--directory",
+                "127.0.0.1:50071",
+                "--num-cpus",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert yaml.safe_load(capsys.readouterr().out) == config

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from conftest import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -31,8 +32,6 @@ from expertmesh.loadgen import (
     synthesize_prompts,
 )
 
-from conftest import free_port
-
 MODEL = "test-model"
 FIRST_TOKEN_DELAY_S = 0.05
 TOKEN_DELAY_S = 0.01
@@ -44,9 +43,9 @@ class Behaviour:
 
     def reset(self, fail_500=(), drop_after=None, error_chunk=(), stall=(), no_usage=False):
         self.fail_500 = set(fail_500)
-        self.drop_after = dict(drop_after or {})   # arrival index -> text chunks sent before the connection drops
-        self.error_chunk = set(error_chunk)        # an in-stream {"error": ...} after one token, then [DONE]
-        self.stall = set(stall)                    # never sends a token
+        self.drop_after = dict(drop_after or {})  # arrival index -> text chunks sent before the connection drops
+        self.error_chunk = set(error_chunk)  # an in-stream {"error": ...} after one token, then [DONE]
+        self.stall = set(stall)  # never sends a token
         self.no_usage = no_usage
         self.arrivals = 0
         self.in_flight = 0
@@ -63,13 +62,24 @@ def build_app(behaviour: Behaviour) -> FastAPI:
     async def generate(request: Request, chat: bool):
         body = await request.json()
         if body.get("model") != MODEL:
-            return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist.",
-                                           "type": "NotFoundError", "param": "model", "code": 404}}, 404)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError",
+                        "param": "model",
+                        "code": 404,
+                    }
+                },
+                404,
+            )
         index = behaviour.arrivals
         behaviour.arrivals += 1
         if index in behaviour.fail_500:
-            return JSONResponse({"error": {"message": "injected failure", "type": "InternalServerError",
-                                           "param": None, "code": 500}}, 500)
+            return JSONResponse(
+                {"error": {"message": "injected failure", "type": "InternalServerError", "param": None, "code": 500}},
+                500,
+            )
         text = " ".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
         prompt_tokens = len(text.split())
         n_out = int(body["max_tokens"])
@@ -81,16 +91,31 @@ def build_app(behaviour: Behaviour) -> FastAPI:
                 choice = {"index": 0, "delta": {} if piece is None else {"content": piece}, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": piece or "", "finish_reason": finish}
-            return "data: " + json.dumps({"id": f"req-{index}", "object": obj, "model": MODEL,
-                                          "choices": [choice]}) + "\n\n"
+            return (
+                "data: "
+                + json.dumps({"id": f"req-{index}", "object": obj, "model": MODEL, "choices": [choice]})
+                + "\n\n"
+            )
 
         async def stream():
             behaviour.in_flight += 1
             behaviour.peak_in_flight = max(behaviour.peak_in_flight, behaviour.in_flight)
             try:
                 if chat:  # the role-only first chunk carries no text: it must not count as the first token
-                    yield "data: " + json.dumps({"id": f"req-{index}", "object": obj, "model": MODEL, "choices": [
-                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}) + "\n\n"
+                    yield (
+                        "data: "
+                        + json.dumps(
+                            {
+                                "id": f"req-{index}",
+                                "object": obj,
+                                "model": MODEL,
+                                "choices": [
+                                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                                ],
+                            }
+                        )
+                        + "\n\n"
+                    )
                 await asyncio.sleep(3600 if index in behaviour.stall else FIRST_TOKEN_DELAY_S)
                 for t in range(n_out):
                     if t:
@@ -98,16 +123,41 @@ def build_app(behaviour: Behaviour) -> FastAPI:
                     if behaviour.drop_after.get(index) == t:
                         raise ConnectionAbortedError("injected drop")  # uvicorn closes mid-chunked-body
                     if index in behaviour.error_chunk and t == 1:
-                        yield "data: " + json.dumps({"error": {"message": "injected stream error",
-                                                               "type": "InternalServerError", "code": 500}}) + "\n\n"
+                        yield (
+                            "data: "
+                            + json.dumps(
+                                {
+                                    "error": {
+                                        "message": "injected stream error",
+                                        "type": "InternalServerError",
+                                        "code": 500,
+                                    }
+                                }
+                            )
+                            + "\n\n"
+                        )
                         yield "data: [DONE]\n\n"
                         return
                     yield chunk(f" w{t}")
                 yield chunk(None if chat else "", finish="length")
                 if include_usage:
-                    yield "data: " + json.dumps({"id": f"req-{index}", "object": obj, "model": MODEL, "choices": [],
-                                                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_out,
-                                                           "total_tokens": prompt_tokens + n_out}}) + "\n\n"
+                    yield (
+                        "data: "
+                        + json.dumps(
+                            {
+                                "id": f"req-{index}",
+                                "object": obj,
+                                "model": MODEL,
+                                "choices": [],
+                                "usage": {
+                                    "prompt_tokens": prompt_tokens,
+                                    "completion_tokens": n_out,
+                                    "total_tokens": prompt_tokens + n_out,
+                                },
+                            }
+                        )
+                        + "\n\n"
+                    )
                 yield "data: [DONE]\n\n"
             finally:
                 behaviour.in_flight -= 1
@@ -131,8 +181,9 @@ def server():
     behaviour = Behaviour()
     behaviour.reset()
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(behaviour), host="127.0.0.1", port=port, log_level="critical",
-                                       lifespan="off"))
+    srv = uvicorn.Server(
+        uvicorn.Config(build_app(behaviour), host="127.0.0.1", port=port, log_level="critical", lifespan="off")
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -183,8 +234,15 @@ def test_counts_tokens_and_latencies(server, endpoint):
     url, behaviour = server
     behaviour.reset()
     requests, concurrency, input_len, output_len = 12, 4, 16, 8
-    result = bench(url, endpoint=endpoint, num_requests=requests, concurrency=concurrency, input_len=input_len,
-                   output_len=output_len, warmup=1)
+    result = bench(
+        url,
+        endpoint=endpoint,
+        num_requests=requests,
+        concurrency=concurrency,
+        input_len=input_len,
+        output_len=output_len,
+        warmup=1,
+    )
     s = result.summary
     assert behaviour.arrivals == requests + 1  # + the warm-up
     assert behaviour.peak_in_flight == concurrency  # the limit is reached and never exceeded
@@ -224,8 +282,9 @@ def test_errors_are_counted_by_kind_and_never_crash(server):
     url, behaviour = server
     behaviour.reset(fail_500={2, 9}, drop_after={5: 3}, error_chunk={7}, stall={11})
     requests, output_len = 20, 6
-    result = bench(url, num_requests=requests, concurrency=4, input_len=8, output_len=output_len, warmup=0,
-                   timeout_s=1.0)
+    result = bench(
+        url, num_requests=requests, concurrency=4, input_len=8, output_len=output_len, warmup=0, timeout_s=1.0
+    )
     s = result.summary
     assert behaviour.arrivals == requests
     assert s["errors"] == {"http_500": 2, "stream_error": 2, "timeout": 1}
@@ -257,8 +316,9 @@ def test_rate_spreads_arrivals(server):
     url, behaviour = server
     behaviour.reset()
     rate, requests, seed = 40.0, 8, 3
-    result = bench(url, num_requests=requests, concurrency=requests, rate=rate, seed=seed, input_len=4,
-                   output_len=2, warmup=0)
+    result = bench(
+        url, num_requests=requests, concurrency=requests, rate=rate, seed=seed, input_len=4, output_len=2, warmup=0
+    )
     offsets = arrival_offsets(requests, rate, seed)
     assert offsets[-1] > 0.05
     assert result.summary["completed"] == requests
@@ -271,9 +331,34 @@ def test_cli_writes_table_json_and_plots(server, tmp_path, capsys):
     url, behaviour = server
     behaviour.reset(fail_500={1})
     out_json, plot_dir = tmp_path / "r" / "bench.json", tmp_path / "plots"
-    rc = cli.main(["bench", "--url", url + "/v1/", "--model", MODEL, "--concurrency", "2", "--requests", "6",
-                   "--input-len", "8", "--output-len", "5", "--warmup", "0", "--slo-ttft-ms", "60000",
-                   "--slo-tpot-ms", "60000", "--json", str(out_json), "--plot", str(plot_dir), "--no-progress"])
+    rc = cli.main(
+        [
+            "bench",
+            "--url",
+            url + "/v1/",
+            "--model",
+            MODEL,
+            "--concurrency",
+            "2",
+            "--requests",
+            "6",
+            "--input-len",
+            "8",
+            "--output-len",
+            "5",
+            "--warmup",
+            "0",
+            "--slo-ttft-ms",
+            "60000",
+            "--slo-tpot-ms",
+            "60000",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(plot_dir),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "Successful requests:" in out and "http_500:" in out and "Request goodput" in out
@@ -319,18 +404,21 @@ def test_unreachable_url_is_a_clear_error(capsys):
     assert "cannot connect to" in err and "is the server running?" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--url", "http://x:1", "--model", "m", "--concurrency", "0"], "--concurrency: must be a positive integer"),
-    (["--url", "http://x:1", "--model", "m", "--requests", "-3"], "--requests: must be a positive integer"),
-    (["--url", "http://x:1", "--model", "m", "--input-len", "ten"], "--input-len: must be a positive integer"),
-    (["--url", "http://x:1", "--model", "m", "--rate", "0"], "--rate: must be a positive number"),
-    (["--url", "http://x:1", "--model", "m", "--slo-ttft-ms", "nan"], "--slo-ttft-ms: must be a positive number"),
-    (["--url", "http://x:1", "--model", "m", "--endpoint", "embeddings"], "--endpoint: invalid choice"),
-    (["--url", "localhost:8000", "--model", "m"], "--url: must look like http://HOST:PORT"),
-    (["--url", "http://x:99999", "--model", "m"], "--url: has a bad port"),
-    (["--url", "http://x:1", "--model", "m", "--extra-body", "[1]"], "--extra-body: must be a JSON object"),
-    (["--url", "http://x:1"], "the following arguments are required: --model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--url", "http://x:1", "--model", "m", "--concurrency", "0"], "--concurrency: must be a positive integer"),
+        (["--url", "http://x:1", "--model", "m", "--requests", "-3"], "--requests: must be a positive integer"),
+        (["--url", "http://x:1", "--model", "m", "--input-len", "ten"], "--input-len: must be a positive integer"),
+        (["--url", "http://x:1", "--model", "m", "--rate", "0"], "--rate: must be a positive number"),
+        (["--url", "http://x:1", "--model", "m", "--slo-ttft-ms", "nan"], "--slo-ttft-ms: must be a positive number"),
+        (["--url", "http://x:1", "--model", "m", "--endpoint", "embeddings"], "--endpoint: invalid choice"),
+        (["--url", "localhost:8000", "--model", "m"], "--url: must look like http://HOST:PORT"),
+        (["--url", "http://x:99999", "--model", "m"], "--url: has a bad port"),
+        (["--url", "http://x:1", "--model", "m", "--extra-body", "[1]"], "--extra-body: must be a JSON object"),
+        (["--url", "http://x:1"], "the following arguments are required: --model"),
+    ],
+)
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", *argv])
@@ -363,11 +451,23 @@ def _write_mixtral(path: Path, layers=2, experts=4, hidden=8, inter=4, vocab=16,
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "mixtral", "num_hidden_layers": layers, "num_local_experts": experts,
-        "num_experts_per_tok": 2, "hidden_size": hidden, "intermediate_size": inter, "torch_dtype": "float32"}))
-    t = {"model.embed_tokens.weight": np.zeros((vocab, hidden), np.float32),
-         "model.norm.weight": np.zeros(hidden, np.float32)}
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "mixtral",
+                "num_hidden_layers": layers,
+                "num_local_experts": experts,
+                "num_experts_per_tok": 2,
+                "hidden_size": hidden,
+                "intermediate_size": inter,
+                "torch_dtype": "float32",
+            }
+        )
+    )
+    t = {
+        "model.embed_tokens.weight": np.zeros((vocab, hidden), np.float32),
+        "model.norm.weight": np.zeros(hidden, np.float32),
+    }
     if not tied:
         t["lm_head.weight"] = np.zeros((vocab, hidden), np.float32)
     for layer in range(layers):
@@ -404,13 +504,26 @@ def test_compare_weight_bytes_and_decode_bound(compare, tmp_path, tied):
 
 def _summary(tok_s: float, completed: int = 16) -> dict:
     d = {"mean": 1.0, "p50": 1.0, "p90": 2.0, "p99": 3.0, "min": 0.5, "max": 3.0, "count": completed}
-    return {"output_throughput": tok_s, "request_throughput": tok_s / 64, "completed": completed, "failed": 0,
-            "mean_output_tokens": 64.0, "ttft_ms": d, "tpot_ms": d, "e2el_ms": d}
+    return {
+        "output_throughput": tok_s,
+        "request_throughput": tok_s / 64,
+        "completed": completed,
+        "failed": 0,
+        "mean_output_tokens": 64.0,
+        "ttft_ms": d,
+        "tpot_ms": d,
+        "e2el_ms": d,
+    }
 
 
 def test_compare_rows_ratios_and_markdown(compare):
-    weights = {"num_experts": 8, "top_k": 2, "dense_bytes": 1_000_000, "expert_bytes": {0: 100_000, 1: 100_000},
-               "total_bytes": 2_600_000}
+    weights = {
+        "num_experts": 8,
+        "top_k": 2,
+        "dense_bytes": 1_000_000,
+        "expert_bytes": {0: 100_000, 1: 100_000},
+        "total_bytes": 2_600_000,
+    }
     results = {
         "full": {"1": _summary(80.0), "8": {"error": "did not start: boom"}},
         "local": {"1": _summary(100.0), "8": _summary(400.0)},
@@ -424,12 +537,29 @@ def test_compare_rows_ratios_and_markdown(compare):
     assert by[(8, "local")]["vs_hf"] == pytest.approx(2.0)
     assert by[(1, "local")]["of_bound"] == pytest.approx(100.0 / compare.decode_bound(weights, 1.0, 1))
     assert by[(8, "full")]["error"] == "did not start: boom"
-    report = {"started_at": "t", "model": {"name": "m"}, "rows": rows, "weights": weights,
-              "bandwidth": {"read_gbs": 1.0, "read_1t_gbs": 0.5, "numpy_copy_gbs": 0.7},
-              "machine": {"cpu": "cpu", "cores": 2, "usable_cores": 2, "memory_gib": 24, "versions": {"torch": "x"},
-                          "last_level_cache_mib": 32.0},
-              "settings": {"input_len": 64, "output_len": 64, "requests": {"1": 16, "8": 16}, "seed": 0,
-                           "hf_threads": 1, "concurrency": [1, 8]}}
+    report = {
+        "started_at": "t",
+        "model": {"name": "m"},
+        "rows": rows,
+        "weights": weights,
+        "bandwidth": {"read_gbs": 1.0, "read_1t_gbs": 0.5, "numpy_copy_gbs": 0.7},
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "usable_cores": 2,
+            "memory_gib": 24,
+            "versions": {"torch": "x"},
+            "last_level_cache_mib": 32.0,
+        },
+        "settings": {
+            "input_len": 64,
+            "output_len": 64,
+            "requests": {"1": 16, "8": 16},
+            "seed": 0,
+            "hf_threads": 1,
+            "concurrency": [1, 8],
+        },
+    }
     md = compare.render_markdown(report)
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 6 and all(line.count("|") == 14 for line in table)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -39,8 +38,9 @@ GENERATED = ("__init__", "expert_pb2", "expert_pb2_grpc", "router_pb2", "router_
 
 def _run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
-    assert proc.returncode == 0, (f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -102,8 +102,9 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
 
 def _env(venv: Path, home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update({"PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", "VIRTUAL_ENV": str(venv),
-                "HOME": str(home)})  # HOME: the stack's logs and pool state files land in the test's directory
+    env.update(
+        {"PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", "VIRTUAL_ENV": str(venv), "HOME": str(home)}
+    )  # HOME: the stack's logs and pool state files land in the test's directory
     return env
 
 
@@ -140,8 +141,11 @@ def test_installed_wheel_resolves_inside_the_fresh_venv(fresh_venv, tmp_path):
         "  'pb2_grpc': protos.router_pb2_grpc.__file__, 'demo': str(DEMO_MODEL),\n"
         "  'editable_finder': any('__editable__' in m for m in sys.modules), 'prefix': sys.prefix}))\n"
     )
-    out = json.loads(_run([str(fresh_venv / "bin" / "python"), "-c", probe], 120, cwd=tmp_path,
-                          env=_env(fresh_venv, tmp_path)).stdout.strip().splitlines()[-1])
+    out = json.loads(
+        _run([str(fresh_venv / "bin" / "python"), "-c", probe], 120, cwd=tmp_path, env=_env(fresh_venv, tmp_path))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     venv = fresh_venv.resolve()
     assert Path(out["prefix"]).resolve() == venv
     for key in ("package", "pb2", "pb2_grpc", "demo"):
@@ -157,9 +161,12 @@ def test_editable_install_generates_into_the_checkout(tmp_path):
     python = _make_venv(tmp_path / "venv")
     _run(_pip(python, "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(src)), 300)
     assert sorted(p.name for p in (src / "services" / "core" / "_generated").iterdir()) == sorted(
-        [f"{m}.py" for m in GENERATED] + ["STAMP"])
-    probe = ("import json, expertmesh; from expertmesh.core import protos; from expertmesh.stack import DEMO_MODEL\n"
-             "print(json.dumps([expertmesh.__file__, protos.expert_pb2_grpc.__file__, str(DEMO_MODEL)]))")
+        [f"{m}.py" for m in GENERATED] + ["STAMP"]
+    )
+    probe = (
+        "import json, expertmesh; from expertmesh.core import protos; from expertmesh.stack import DEMO_MODEL\n"
+        "print(json.dumps([expertmesh.__file__, protos.expert_pb2_grpc.__file__, str(DEMO_MODEL)]))"
+    )
     env = _env(tmp_path / "venv", tmp_path)
     package, generated, demo = json.loads(_run([str(python), "-c", probe], 120, cwd=tmp_path, env=env).stdout)
     assert Path(package) == src / "services" / "__init__.py"
@@ -167,8 +174,15 @@ def test_editable_install_generates_into_the_checkout(tmp_path):
     assert Path(demo) == src / "models" / "demo"
     with open(src / "protos" / "router.proto", "a") as f:
         f.write("// edited\n")
-    stale = subprocess.run([str(python), "-c", "from expertmesh.core.protos import router_pb2"], check=False,
-                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    stale = subprocess.run(
+        [str(python), "-c", "from expertmesh.core.protos import router_pb2"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert stale.returncode != 0 and "python -m expertmesh.core.protos" in stale.stderr, stale.stderr
     _run([str(python), "-m", "expertmesh.core.protos"], 120, cwd=tmp_path, env=env)
     _run([str(python), "-c", "from expertmesh.core.protos import router_pb2"], 120, cwd=tmp_path, env=env)
@@ -179,7 +193,7 @@ def _stat(pid: int) -> list[str] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rfind(")") + 2:].split()  # state ppid pgrp session ... (field 22 of stat = index 19: start)
+    return stat[stat.rfind(")") + 2 :].split()  # state ppid pgrp session ... (field 22 of stat = index 19: start)
 
 
 def _tree(pid: int) -> set[tuple[int, str]]:
@@ -227,14 +241,27 @@ def test_serve_from_the_wheel_answers_and_stops_cleanly(fresh_venv, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     port = free_port()
-    cmd = [str(fresh_venv / "bin" / "expertmesh"), "serve", "--port", str(port), "--router-port", str(free_port()),
-           "--ray-port", str(free_port()), "--directory-port", str(free_port()), "--metrics-port", "0"]
+    cmd = [
+        str(fresh_venv / "bin" / "expertmesh"),
+        "serve",
+        "--port",
+        str(port),
+        "--router-port",
+        str(free_port()),
+        "--ray-port",
+        str(free_port()),
+        "--directory-port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+    ]
     serve_out, serve_log = tmp_path / "serve.out", tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     seen: set[tuple[int, str]] = set()
     with open(serve_out, "w") as out, open(serve_log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tmp_path, env=_env(fresh_venv, home),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, cwd=tmp_path, env=_env(fresh_venv, home), start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 600  # Ray + expert replicas + vLLM on 2 shared cores
         while not any(line.startswith("curl ") for line in serve_out.read_text().splitlines()):
@@ -246,8 +273,12 @@ def test_serve_from_the_wheel_answers_and_stops_cleanly(fresh_venv, tmp_path):
 
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == ["demo"], models
-        body = {"model": "demo", "messages": [{"role": "user", "content": "Speak, my lord."}], "max_tokens": 24,
-                "temperature": 0}
+        body = {
+            "model": "demo",
+            "messages": [{"role": "user", "content": "Speak, my lord."}],
+            "max_tokens": 24,
+            "temperature": 0,
+        }
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=180)
         assert reply.status_code == 200, f"{reply.status_code} {reply.text}\n{_logs(home, serve_log)}"
         content = reply.json()["choices"][0]["message"]["content"]
@@ -261,10 +292,13 @@ def test_serve_from_the_wheel_answers_and_stops_cleanly(fresh_venv, tmp_path):
         assert not [c for c in cmdlines.values() if str(ROOT / ".venv" / "bin") in c], cmdlines
         for component in ("expertmesh.router.server", "expertmesh.gateway.app", "/ray start"):
             assert any(c.startswith(fresh_python + " ") and component in c for c in cmdlines.values()), (
-                component, cmdlines)
+                component,
+                cmdlines,
+            )
         # The expert replicas' process titles hide their interpreter; the raylet's worker command names it.
         assert any("/raylet " in c and f"--python_worker_command={fresh_python} " in c for c in cmdlines.values()), [
-            c for c in cmdlines.values() if "/raylet " in c]
+            c for c in cmdlines.values() if "/raylet " in c
+        ]
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=180) == 0, _logs(home, serve_log)

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from expertmesh.cli import main as cli_main
-from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.plan import default_plan
-from expertmesh.core.plan import load_plan
 from expertmesh.control import planner
+from expertmesh.core.checkpoint import read_moe_info
+from expertmesh.core.plan import default_plan, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
 # benchmarks/ is not a package: load DeepSeek's EPLB re-implementation by path (no sys.path change).
 _spec = importlib.util.spec_from_file_location("reference_eplb", REPO / "benchmarks" / "reference_eplb.py")
 reference_eplb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reference_eplb)
+
 
 def zipf_load(layers: int, experts: int, s: float, seed: int, total: float = 65536.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -35,19 +35,19 @@ def zipf_load(layers: int, experts: int, s: float, seed: int, total: float = 655
 def check_slot_plan(plan: planner.SlotPlan, load: np.ndarray, D: int, S: int) -> None:
     L, E = load.shape
     assert plan.slots.shape == (L, D, S)
-    assert (plan.slots >= 0).all() and (plan.slots < E).all()            # every slot used
+    assert (plan.slots >= 0).all() and (plan.slots < E).all()  # every slot used
     assert (plan.counts >= 1).all() and (plan.counts.sum(1) == D * S).all()  # the budget, exactly
     holds = planner._holds(plan.slots, E)
-    assert (holds <= 1).all()                                             # no expert twice on a device
+    assert (holds <= 1).all()  # no expert twice on a device
     assert (holds.sum(1) == plan.counts).all()
     expected = planner._device_load(plan.slots, load / plan.counts)
     assert np.allclose(plan.device_load, expected)
-    assert np.allclose(plan.device_load.sum(1), load.sum(1))              # every token lands somewhere
+    assert np.allclose(plan.device_load.sum(1), load.sum(1))  # every token lands somewhere
 
 
 def test_uniform_load_gives_an_even_plan():
     load = np.full((3, 8), 100.0)
-    plan = planner.plan_slots(load, num_devices=4, slots_per_device=4)   # 16 slots: 2 per expert
+    plan = planner.plan_slots(load, num_devices=4, slots_per_device=4)  # 16 slots: 2 per expert
     check_slot_plan(plan, load, 4, 4)
     assert (plan.counts == 2).all()
     assert np.allclose(plan.device_load, 200.0) and np.allclose(plan.imbalance, 1.0)
@@ -58,7 +58,7 @@ def test_uniform_load_gives_an_even_plan():
 def test_one_hot_expert_gets_the_extra_replicas():
     load = np.full((2, 8), 100.0)
     load[1, 5] = 1000.0
-    plan = planner.plan_slots(load, num_devices=6, slots_per_device=2)   # 4 extra slots
+    plan = planner.plan_slots(load, num_devices=6, slots_per_device=2)  # 4 extra slots
     check_slot_plan(plan, load, 6, 2)
     assert plan.counts[1, 5] == 5 and (np.delete(plan.counts[1], 5) == 1).all()
     # Layer 0 is uniform: its 4 extras spread over 4 experts, one each.
@@ -80,8 +80,8 @@ def test_one_hot_expert_gets_the_extra_replicas():
 @pytest.mark.parametrize("D,S", [(8, 9), (16, 5), (70, 1)])
 def test_budget_and_layout_respected(D, S):
     load = zipf_load(4, 64, 1.1, seed=D)
-    load[2] = 0.0                                                         # an idle layer
-    load[3, :60] = 0.0                                                    # a layer with 4 busy experts
+    load[2] = 0.0  # an idle layer
+    load[3, :60] = 0.0  # a layer with 4 busy experts
     plan = planner.plan_slots(load, D, S)
     check_slot_plan(plan, load, D, S)
     assert (plan.counts <= D).all()
@@ -95,7 +95,7 @@ def test_autoscale_meets_ratio_with_few_replicas():
     assert (free.imbalance <= 1.10 + 1e-9).all()
     keys_per_group = np.stack([np.bincount(g, minlength=64) for g in free.group_of])
     assert (keys_per_group <= S).all()
-    assert ((keys_per_group > 0) == (free.group_replicas > 0)).all()       # every group holds experts
+    assert ((keys_per_group > 0) == (free.group_replicas > 0)).all()  # every group holds experts
     assert np.allclose(free.group_load.sum(1), load.sum(1))
     assert (free.replicas >= -(-64 // S)).all()
     # Fewest at this grouping rule: packing for one replica less than the count found needs more.
@@ -159,11 +159,24 @@ def test_bad_input_is_rejected_clearly():
 def write_mixtral_config(path: Path, layers: int = 2, experts: int = 8) -> Path:
     """A config-only Mixtral checkpoint directory: all `expertmesh plan` reads."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": layers,
-        "num_local_experts": experts, "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "hidden_act": "silu",
-        "torch_dtype": "float32"}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "num_hidden_layers": layers,
+                "num_local_experts": experts,
+                "num_experts_per_tok": 2,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 256,
+                "hidden_act": "silu",
+                "torch_dtype": "float32",
+            }
+        )
+    )
     return path
 
 
@@ -201,13 +214,14 @@ def test_plan_cli_on_a_config_only_checkpoint(tmp_path, capsys):
     ckpt = write_mixtral_config(tmp_path / "mixtral")
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json"]
     rows = [{"layer": layer, "expert": e, "routed_tokens": 100, "replicas": 1} for layer in (0, 1) for e in range(8)]
-    rows[8 + 3]["routed_tokens"] = 1500                                   # layer 1, expert 3 is hot
+    rows[8 + 3]["routed_tokens"] = 1500  # layer 1, expert 3 is hot
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps(rows))
 
     out = tmp_path / "plan.yaml"
-    rc, _, err = run_cli("--model", str(ckpt), "--stats", str(stats), "--replicas", "12", "--out", str(out),
-                         capsys=capsys)
+    rc, _, err = run_cli(
+        "--model", str(ckpt), "--stats", str(stats), "--replicas", "12", "--out", str(out), capsys=capsys
+    )
     assert rc == 0, err
     plan = load_plan(out)
     plan.check_covers(read_moe_info(ckpt))
@@ -216,17 +230,25 @@ def test_plan_cli_on_a_config_only_checkpoint(tmp_path, capsys):
     assert "extra replicas for experts [3]" in err
 
     # Re-planning from that plan with the same stats moves nothing and prints the same plan.
-    rc, again, err = run_cli("--model", str(ckpt), "--stats", str(stats), "--replicas", "12", "--current", str(out),
-                             capsys=capsys)
+    rc, again, err = run_cli(
+        "--model", str(ckpt), "--stats", str(stats), "--replicas", "12", "--current", str(out), capsys=capsys
+    )
     assert rc == 0, err
     assert err.count(", 0 experts moved") == 2 and again == out.read_text()
 
     # Free budget, stats in protobuf's JSON form of StatsResponse (camelCase, uint64 as strings, zeros omitted).
-    proto_json = {"experts": [{"layer": r["layer"], "expert": r["expert"], "routedTokens": str(r["routed_tokens"])}
-                              for r in rows if r["layer"] or r["expert"]], "uptimeSeconds": 3.5}
+    proto_json = {
+        "experts": [
+            {"layer": r["layer"], "expert": r["expert"], "routedTokens": str(r["routed_tokens"])}
+            for r in rows
+            if r["layer"] or r["expert"]
+        ],
+        "uptimeSeconds": 3.5,
+    }
     stats.write_text(json.dumps(proto_json))
-    rc, text, err = run_cli("--model", str(ckpt), "--stats", str(stats), "--target-load", "400",
-                            "--exclusive-hot", capsys=capsys)
+    rc, text, err = run_cli(
+        "--model", str(ckpt), "--stats", str(stats), "--target-load", "400", "--exclusive-hot", capsys=capsys
+    )
     assert rc == 0, err
     free = load_plan_text(tmp_path, text)
     free.check_covers(read_moe_info(ckpt))
@@ -263,11 +285,21 @@ def test_plan_cli_errors_are_clear(tmp_path, capsys):
     assert rc == 2 and "cannot hold 8 experts" in err
     two_per_device = planner.to_placement_plan(planner.plan_slots(np.ones((2, 8)), 4, 2), [0, 1])
     two_per_device.save(tmp_path / "current.yaml")
-    rc, _, err = run_cli("--model", str(ckpt), "--replicas", "8", "--current", str(tmp_path / "current.yaml"),
-                         capsys=capsys)
+    rc, _, err = run_cli(
+        "--model", str(ckpt), "--replicas", "8", "--current", str(tmp_path / "current.yaml"), capsys=capsys
+    )
     assert rc == 2 and "more than 1 slots per device" in err and "--slots-per-device" in err
-    rc, _, err = run_cli("--model", str(ckpt), "--replicas", "8", "--slots-per-device", "2",
-                         "--current", str(tmp_path / "current.yaml"), capsys=capsys)
+    rc, _, err = run_cli(
+        "--model",
+        str(ckpt),
+        "--replicas",
+        "8",
+        "--slots-per-device",
+        "2",
+        "--current",
+        str(tmp_path / "current.yaml"),
+        capsys=capsys,
+    )
     assert rc == 0 and err.count(", 0 experts moved") == 2, err
 
 
@@ -279,6 +311,6 @@ def test_plan_entry_point_prints_the_default_plan(tmp_path):
     assert proc.returncode == 0, proc.stderr
     plan = load_plan_text(tmp_path, proc.stdout)
     info = read_moe_info(ckpt)
-    assert plan == default_plan(info)          # exactly the shared default (both layers fit one group here)
+    assert plan == default_plan(info)  # exactly the shared default (both layers fit one group here)
     assert [g.name for g in plan.groups] == ["l0-1"]
     plan.check_covers(info)

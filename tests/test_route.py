@@ -14,9 +14,14 @@ def _snapshot(*replicas, version: int = 1) -> expert_pb2.DirectorySnapshot:
     """replicas: (replica_id, {layer: experts}[, draining])."""
     entries = []
     for rid, keys, *rest in replicas:
-        entries.append(expert_pb2.ReplicaEntry(
-            replica_id=rid, endpoint=f"{rid}:1", draining=bool(rest and rest[0]),
-            keys=[expert_pb2.ExpertKeys(layer=l, experts=sorted(e)) for l, e in keys.items()]))
+        entries.append(
+            expert_pb2.ReplicaEntry(
+                replica_id=rid,
+                endpoint=f"{rid}:1",
+                draining=bool(rest and rest[0]),
+                keys=[expert_pb2.ExpertKeys(layer=l, experts=sorted(e)) for l, e in keys.items()],
+            )
+        )
     return expert_pb2.DirectorySnapshot(version=version, replicas=entries)
 
 
@@ -33,14 +38,14 @@ def test_table_from_snapshot_skips_draining_and_orders_by_id():
 
 def test_whole_layer_detection_and_sole_owners():
     one = _table(("a", {0: range(4)}))
-    assert one.sole_owners(0, 4).only == "a:1"                     # one replica holds the layer: whole-layer form
+    assert one.sole_owners(0, 4).only == "a:1"  # one replica holds the layer: whole-layer form
     split = _table(("a", {0: [0, 1]}), ("b", {0: [2, 3]}))
     sole = split.sole_owners(0, 4)
     assert sole.only is None and sole.owner.tolist() == [0, 0, 1, 1]
-    assert split.sole_owners(0, 4) is sole                         # cached per snapshot
+    assert split.sole_owners(0, 4) is sole  # cached per snapshot
     shared = _table(("a", {0: range(4)}), ("b", {0: [3]}))
-    assert shared.sole_owners(0, 4) is None                        # expert 3 has two replicas
-    assert one.sole_owners(0, 5) is None                           # expert 4 has none
+    assert shared.sole_owners(0, 4) is None  # expert 3 has two replicas
+    assert one.sole_owners(0, 5) is None  # expert 4 has none
 
 
 def test_sole_owner_fast_path_groups_by_one_lookup():
@@ -76,15 +81,18 @@ def test_missing_expert_reporting():
         route.assign(t, 0, np.array([0, 2]), np.arange(2))
 
 
-@pytest.mark.parametrize("n, loads, want", [
-    (6, [0, 0, 0], [2, 2, 2]),          # balanced
-    (7, [0, 0, 0], [3, 2, 2]),          # remainder to the first in load order (ties: the earlier bin)
-    (5, [4, 0], [0, 5]),                # the empty bin first, until it reaches the other
-    (10, [4, 0], [3, 7]),               # level 7 each
-    (3, [5, 1, 1], [0, 2, 1]),          # ties at the bottom share; the full one gets none
-    (0, [1, 2], [0, 0]),
-    (4, [3], [4]),
-])
+@pytest.mark.parametrize(
+    "n, loads, want",
+    [
+        (6, [0, 0, 0], [2, 2, 2]),  # balanced
+        (7, [0, 0, 0], [3, 2, 2]),  # remainder to the first in load order (ties: the earlier bin)
+        (5, [4, 0], [0, 5]),  # the empty bin first, until it reaches the other
+        (10, [4, 0], [3, 7]),  # level 7 each
+        (3, [5, 1, 1], [0, 2, 1]),  # ties at the bottom share; the full one gets none
+        (0, [1, 2], [0, 0]),
+        (4, [3], [4]),
+    ],
+)
 def test_water_fill(n, loads, want):
     got = route.water_fill(n, loads)
     assert got == want and sum(got) == n
@@ -107,15 +115,15 @@ def test_water_fill_ends_level_and_exact_on_random_loads():
 def test_multi_owner_split_balances_by_inflight_and_given_rows():
     # expert 0 on a and b; expert 1 only on a: a already gets expert 1's 4 rows in this call
     t = _table(("a", {0: [0, 1]}), ("b", {0: [0]}))
-    ids = np.array([0, 1] * 4 + [0] * 4, dtype=np.int64)               # expert 0: 8 assignments, expert 1: 4
+    ids = np.array([0, 1] * 4 + [0] * 4, dtype=np.int64)  # expert 0: 8 assignments, expert 1: 4
     pending = np.arange(ids.shape[0])
     groups = route.assign(t, 0, ids, pending, counts=np.bincount(ids, minlength=2))
     # loads a=4 (sole-owned), b=0: of expert 0's 8, b gets 6 and a 2 (both end at 6)
     assert sorted(groups) == ["a:1", "b:1"]
     a, b = groups["a:1"], groups["b:1"]
     assert (ids[b] == 0).all() and b.shape[0] == 6 and a.shape[0] == 6
-    assert np.array_equal(np.sort(np.concatenate([a, b])), pending)   # each position exactly once
-    assert (np.diff(a) > 0).all() and (np.diff(b) > 0).all()            # ascending
+    assert np.array_equal(np.sort(np.concatenate([a, b])), pending)  # each position exactly once
+    assert (np.diff(a) > 0).all() and (np.diff(b) > 0).all()  # ascending
     # rows already in flight count: b busy -> a takes most of expert 0
     busy = route.assign(t, 0, ids, pending, inflight={"b:1": 10})
     # loads a=4, b=10: a takes 6 to reach 10, the last 2 are shared -> a 4 + 7, b 1

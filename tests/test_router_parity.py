@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import free_port
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -45,19 +44,53 @@ MAX_TOKENS = 32
 LOGPROB_TOL = 1e-5
 ORACLE_EXACT = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ORACLE_MLA = ("deepseek_v3",)
-GATING_PARAMS = {"e_score_correction_bias", "hash_indices_table"}   # routing state vLLM keeps on RoutedExperts
+GATING_PARAMS = {"e_score_correction_bias", "hash_indices_table"}  # routing state vLLM keeps on RoutedExperts
 PROMPTS = [
-    f"{subject} {verb} {n}" for subject, verb, n in zip(
-        ["The quick brown fox", "A mixture of experts", "Each expert", "Serving systems", "Numbers like",
-         "The gate", "Tokens", "The lazy dog", "Cache keys", "Stream tokens", "A small network", "Punctuation",
-         "Experts weigh", "The user", "Batch requests", "Routes every token"],
-        ["jumps over", "routes", "is a", "batch", "appear", "picks", "stream", "sleeps", "hold", "back to",
-         "computes", "commas", "outputs", "reads", "cache", "to a few"],
-        range(NUM_PROMPTS))
+    f"{subject} {verb} {n}"
+    for subject, verb, n in zip(
+        [
+            "The quick brown fox",
+            "A mixture of experts",
+            "Each expert",
+            "Serving systems",
+            "Numbers like",
+            "The gate",
+            "Tokens",
+            "The lazy dog",
+            "Cache keys",
+            "Stream tokens",
+            "A small network",
+            "Punctuation",
+            "Experts weigh",
+            "The user",
+            "Batch requests",
+            "Routes every token",
+        ],
+        [
+            "jumps over",
+            "routes",
+            "is a",
+            "batch",
+            "appear",
+            "picks",
+            "stream",
+            "sleeps",
+            "hold",
+            "back to",
+            "computes",
+            "commas",
+            "outputs",
+            "reads",
+            "cache",
+            "to a few",
+        ],
+        range(NUM_PROMPTS),
+    )
 ]
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
+
 
 class InProcessPool:
     """A real directory + real ExpertServers in this process, registered with long leases."""
@@ -74,8 +107,9 @@ class InProcessPool:
     def add(self, replica_id: str, keys: dict[int, list[int]]) -> ExpertServer:
         server = ExpertServer(self.path, keys, replica_id=replica_id, group=replica_id)
         port = server.start()
-        entry = expert_pb2.ReplicaEntry(replica_id=replica_id, group=replica_id, endpoint=f"127.0.0.1:{port}",
-                                        keys=keys_to_proto(keys))
+        entry = expert_pb2.ReplicaEntry(
+            replica_id=replica_id, group=replica_id, endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)
+        )
         self.client.register(entry, lease_seconds=3600)
         self.servers[replica_id] = server
         return server
@@ -107,8 +141,10 @@ class InProcessPool:
 def halves(info) -> dict[str, dict[int, list[int]]]:
     """Two replicas: experts [0, E/2) and [E/2, E) of every MoE layer."""
     half = info.num_experts // 2
-    return {"low": {layer: list(range(half)) for layer in info.moe_layers},
-            "high": {layer: list(range(half, info.num_experts)) for layer in info.moe_layers}}
+    return {
+        "low": {layer: list(range(half)) for layer in info.moe_layers},
+        "high": {layer: list(range(half, info.num_experts)) for layer in info.moe_layers},
+    }
 
 
 def rss_bytes() -> int:
@@ -123,31 +159,45 @@ def rss_bytes() -> int:
 class Run:
     prompt_ids: list[list[int]]
     tokens: list[list[int]]
-    logprobs: list[list[float]]      # logprob of each generated token
-    routed_param_bytes: int          # bytes of parameters of vLLM's RoutedExperts modules
+    logprobs: list[list[float]]  # logprob of each generated token
+    routed_param_bytes: int  # bytes of parameters of vLLM's RoutedExperts modules
     routed_modules: int
     methods: set
-    rss_delta: int                   # RSS after generation minus before engine creation
+    rss_delta: int  # RSS after generation minus before engine creation
 
 
 def _routed_params(model: torch.nn.Module):
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
     modules = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    nbytes = sum(p.numel() * p.element_size() for m in modules for name, p in m.named_parameters(recurse=False)
-                 if name not in GATING_PARAMS)
+    nbytes = sum(
+        p.numel() * p.element_size()
+        for m in modules
+        for name, p in m.named_parameters(recurse=False)
+        if name not in GATING_PARAMS
+    )
     return nbytes, len(modules), {type(m.quant_method).__name__ for m in modules}
 
 
 def make_llm(path, mode: str, directory: str | None = None, enforce_eager: bool = True, **kwargs):
     from vllm import LLM
 
+    from expertmesh.router.vllm_args import engine_kwargs
+
     if mode == "remote":
         plugin.configure_remote(directory)
     else:
         plugin.configure_local()
-    return LLM(str(path), dtype="float32", enforce_eager=enforce_eager, max_model_len=256,
-               max_num_seqs=NUM_PROMPTS, seed=0, **kwargs)
+    # The checkpoint's dtype (fp32) and the attention backend the router's engine uses (vllm_args.engine_kwargs).
+    return LLM(
+        str(path),
+        enforce_eager=enforce_eager,
+        max_model_len=256,
+        max_num_seqs=NUM_PROMPTS,
+        seed=0,
+        **engine_kwargs(path),
+        **kwargs,
+    )
 
 
 def generate(llm, prompts=PROMPTS) -> tuple[list[list[int]], list[list[int]], list[list[float]]]:
@@ -188,7 +238,7 @@ def transformers_logprobs(path, run: Run) -> list[torch.Tensor]:
     with torch.inference_mode():
         for prompt, tokens in zip(run.prompt_ids, run.tokens):
             ids = torch.tensor([prompt + tokens[:-1]])
-            logits = model(ids).logits[0, len(prompt) - 1:]                    # [MAX_TOKENS, V]
+            logits = model(ids).logits[0, len(prompt) - 1 :]  # [MAX_TOKENS, V]
             out.append(torch.log_softmax(logits.float(), dim=-1))
     del model
     gc.collect()
@@ -206,23 +256,30 @@ def check_against_transformers(family: str, path, mono: Run, remote: Run) -> Non
     # 0.26, max ~1.9 in logprob — a vLLM-vs-transformers modelling difference, not the router's). Require the
     # remote router to be, position by position, no further from transformers than monolithic vLLM is, and the
     # same argmax wherever transformers' top-2 margin exceeds the largest monolithic difference.
-    mono_diff = [[abs(lp[j, t].item() - x) for j, (t, x) in enumerate(zip(tokens, lps))]
-                 for lp, tokens, lps in zip(hf, mono.tokens, mono.logprobs)]
-    remote_diff = [[abs(lp[j, t].item() - x) for j, (t, x) in enumerate(zip(tokens, lps))]
-                   for lp, tokens, lps in zip(hf, remote.tokens, remote.logprobs)]
+    mono_diff = [
+        [abs(lp[j, t].item() - x) for j, (t, x) in enumerate(zip(tokens, lps))]
+        for lp, tokens, lps in zip(hf, mono.tokens, mono.logprobs)
+    ]
+    remote_diff = [
+        [abs(lp[j, t].item() - x) for j, (t, x) in enumerate(zip(tokens, lps))]
+        for lp, tokens, lps in zip(hf, remote.tokens, remote.logprobs)
+    ]
     for i, (dm, dr) in enumerate(zip(mono_diff, remote_diff)):
         for j, (a, b) in enumerate(zip(dm, dr)):
             assert b <= a + LOGPROB_TOL, f"prompt {i} position {j}: remote {b:.3g} vs monolithic {a:.3g} from HF"
     threshold = max(max(d) for d in mono_diff)
     for i, (lp, tokens) in enumerate(zip(hf, remote.tokens)):
         top2 = lp.topk(2, dim=-1)
-        margin = top2.values[:, 0] - top2.values[:, 1]                            # [MAX_TOKENS]
+        margin = top2.values[:, 0] - top2.values[:, 1]  # [MAX_TOKENS]
         for j, t in enumerate(tokens):
             if margin[j].item() > threshold:
-                assert top2.indices[j, 0].item() == t, f"prompt {i} position {j}: argmax differs (margin {margin[j]:.3g})"
+                assert top2.indices[j, 0].item() == t, (
+                    f"prompt {i} position {j}: argmax differs (margin {margin[j]:.3g})"
+                )
 
 
 # ---- parity per family ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
 def test_remote_experts_match_monolithic_and_transformers(family, tiny_checkpoint):
@@ -252,17 +309,23 @@ def test_mixtral_through_ray_serve_pool_and_router_memory(tiny_checkpoint):
     # The first engine in a process also pays one-time memory (imports, allocator pools): run monolithic once
     # before measuring, then compare the remote engine with a monolithic engine started after it.
     first_mono = run_engine(path, "local")
-    lo = random.randrange(30000, 32000)   # below the ephemeral ports, apart from free_port()'s
+    lo = random.randrange(30000, 32000)  # below the ephemeral ports, apart from free_port()'s
     # A port range with room for every replica (each binds the first free port of it); Ray's logical CPUs are
     # left to LocalPool (one per replica the plan may scale to, plus the directory).
-    with LocalPool(path, gcs_port=free_port(), dashboard_port=free_port(), directory_port=free_port(),
-                   metrics_port=free_port(), replica_ports=(lo, lo + 200)) as pool:
+    with LocalPool(
+        path,
+        gcs_port=free_port(),
+        dashboard_port=free_port(),
+        directory_port=free_port(),
+        metrics_port=free_port(),
+        replica_ports=(lo, lo + 200),
+    ) as pool:
         remote = run_engine(path, "remote", pool.directory_address)
         stats = dispatch.get_dispatcher(pool.directory_address).stats()
     dispatch.reset_dispatcher()
     mono = run_engine(path, "local")
     assert_same(first_mono, mono)
-    assert len(stats["rpcs"]) == len(pool.plan.groups)   # every Serve replica served this router
+    assert len(stats["rpcs"]) == len(pool.plan.groups)  # every Serve replica served this router
     assert remote.methods == {"RemoteExpertsMethod"} and remote.routed_modules == len(info.moe_layers)
     assert remote.routed_param_bytes == 0
     assert mono.routed_param_bytes >= routed_bytes
@@ -273,6 +336,7 @@ def test_mixtral_through_ray_serve_pool_and_router_memory(tiny_checkpoint):
 
 
 # ---- one engine: replicas split, killed, missing --------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mixtral_pool(tiny_checkpoint):
@@ -287,19 +351,19 @@ def mixtral_pool(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def remote_llm(mixtral_pool):
     path, _, _, pool = mixtral_pool
-    os.environ[dispatch.ENV_METRICS_PORT] = str(free_port())
+    os.environ["EXPERTMESH_ROUTER_METRICS_PORT"] = str(free_port())
     dispatch.reset_dispatcher()
     llm = make_llm(path, "remote", pool.address)
     yield llm
     del llm
     gc.collect()
-    os.environ[dispatch.ENV_METRICS_PORT] = "0"
+    os.environ["EXPERTMESH_ROUTER_METRICS_PORT"] = "0"
 
 
 def wait_for_endpoints(d: dispatch.Dispatcher, present: set[str], absent: set[str] = frozenset()) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        table = d._table
+        table = d.table
         endpoints = {r.endpoint for r in table.replicas} if table else set()
         if present <= endpoints and not (absent & endpoints):
             return
@@ -324,7 +388,7 @@ def test_compiled_mode_matches_monolithic(mixtral_pool):
     finally:
         del llm
         gc.collect()
-    assert d.layer_calls >= MAX_TOKENS * len(info.moe_layers)   # the experts really ran remotely
+    assert d.layer_calls >= MAX_TOKENS * len(info.moe_layers)  # the experts really ran remotely
     assert_same(reference, Run(reference.prompt_ids, tokens, logprobs, 0, 0, set(), 0))
 
 
@@ -335,14 +399,14 @@ def test_experts_with_two_replicas_split_tokens(mixtral_pool, remote_llm):
     d = dispatch.get_dispatcher(pool.address)
     layer = info.moe_layers[0]
     low = list(range(info.num_experts // 2))
-    pool.add("extra", {layer: low})               # a second replica of the first MoE layer's experts 0..E/2-1
+    pool.add("extra", {layer: low})  # a second replica of the first MoE layer's experts 0..E/2-1
     wait_for_endpoints(d, {pool.endpoint("extra")})
     counters = RoutedTokenCounters.open(plugin.counters_file())
     before = counters.snapshot()
     d.reset_stats()
     _, tokens, logprobs = generate(remote_llm)
     assert_same(reference, Run(reference.prompt_ids, tokens, logprobs, 0, 0, set(), 0))
-    routed = counters.snapshot() - before                       # [L, E] assignments of this run
+    routed = counters.snapshot() - before  # [L, E] assignments of this run
     stats = d.stats()
     to_extra = stats["assignments"].get(pool.endpoint("extra"), 0)
     duplicated = int(routed[counters.row(layer), low].sum())
@@ -354,8 +418,10 @@ def test_experts_with_two_replicas_split_tokens(mixtral_pool, remote_llm):
     port = dispatch.serve_metrics()
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     line = f'expertmesh_routed_tokens_total{{expert="2",layer="{layer}"}}'
-    assert any(l.startswith(line) and float(l.split()[-1]) == float(counters.snapshot()[counters.row(layer), 2])
-               for l in text.splitlines()), line
+    assert any(
+        l.startswith(line) and float(l.split()[-1]) == float(counters.snapshot()[counters.row(layer), 2])
+        for l in text.splitlines()
+    ), line
     assert "expertmesh_dispatch_seconds_bucket" in text
     extra = pool.endpoint("extra")
     pool.remove("extra")
@@ -366,13 +432,13 @@ def test_replica_killed_mid_generation_fails_over(mixtral_pool, remote_llm):
     path, info, reference, pool = mixtral_pool
     d = dispatch.get_dispatcher(pool.address)
     full = {layer: list(range(info.num_experts)) for layer in info.moe_layers}
-    pool.add("full", full)                                    # every expert now has two replicas
+    pool.add("full", full)  # every expert now has two replicas
     wait_for_endpoints(d, {pool.endpoint("full")})
     d.reset_stats()
     killed = threading.Event()
 
     def kill_when_running():
-        while d.layer_calls < 20:   # a few decode steps in
+        while d.layer_calls < 20:  # a few decode steps in
             time.sleep(0.001)
         pool.kill("low")
         killed.set()

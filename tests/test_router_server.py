@@ -23,8 +23,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from conftest import free_port
+
 from expertmesh.core.protos import router_pb2 as pb
 from expertmesh.core.protos import router_pb2_grpc as pbg
 
@@ -35,6 +35,7 @@ PROMPT = "The quick brown fox jumps over"
 
 
 # ---- router subprocess (also used by tests/test_gateway.py) ---------------------------------------------------
+
 
 @dataclass
 class RouterProc:
@@ -74,9 +75,23 @@ class RouterProc:
 
 def spawn_router(model: Path, log_path: Path, *extra: str, env: dict | None = None) -> RouterProc:
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "expertmesh.router.server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--max-model-len", str(MAX_MODEL_LEN),
-           "--enforce-eager", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "expertmesh.router.server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enforce-eager",
+        *extra,
+    ]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
@@ -114,6 +129,7 @@ def tokens_of(messages) -> list[int]:
 
 # ---- fixtures --------------------------------------------------------------------------------------------------
 
+
 class Pool:
     """A real expert directory and one real ExpertServer holding every (layer, expert), in this process."""
 
@@ -136,9 +152,12 @@ class Pool:
 
         self.server = ExpertServer(self.model, self.keys, replica_id=replica_id, group="all")
         port = self.server.start()
-        self.client.register(expert_pb2.ReplicaEntry(replica_id=replica_id, group="all",
-                                                     endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(self.keys)),
-                             lease_seconds=3600)
+        self.client.register(
+            expert_pb2.ReplicaEntry(
+                replica_id=replica_id, group="all", endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(self.keys)
+            ),
+            lease_seconds=3600,
+        )
         self.replica_id = replica_id
 
     def remove_replica(self) -> None:
@@ -169,8 +188,13 @@ def routers(tiny_checkpoint, tmp_path_factory):
     pool.add_replica()
     # Both engines start at once (start-up is mostly waiting on imports and warm-up).
     local = spawn_router(model, logs / "local.log", "--local-experts")
-    remote = spawn_router(model, logs / "remote.log", "--directory", pool.address,
-                          env={"EXPERTMESH_MISSING_EXPERT_WAIT_S": "1", "EXPERTMESH_DISPATCH_DEADLINE_S": "3"})
+    remote = spawn_router(
+        model,
+        logs / "remote.log",
+        "--directory",
+        pool.address,
+        env={"EXPERTMESH_MISSING_EXPERT_WAIT_S": "1", "EXPERTMESH_DISPATCH_DEADLINE_S": "3"},
+    )
     try:
         wait_ready(local)
         wait_ready(remote)
@@ -189,7 +213,7 @@ def oracle(routers):
     tokenizer = AutoTokenizer.from_pretrained(routers.model)
     model = AutoModelForCausalLM.from_pretrained(routers.model, dtype=torch.float32).eval()
 
-    def logprobs(ids: list[int]) -> torch.Tensor:   # [len(ids), V] log-softmax of the next-token logits
+    def logprobs(ids: list[int]) -> torch.Tensor:  # [len(ids), V] log-softmax of the next-token logits
         with torch.no_grad():
             return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
@@ -197,12 +221,13 @@ def oracle(routers):
         ids = list(prompt_ids)
         for _ in range(n):
             ids.append(int(logprobs(ids)[-1].argmax()))
-        return ids[len(prompt_ids):]
+        return ids[len(prompt_ids) :]
 
     return tokenizer, greedy, logprobs
 
 
 # ---- local experts ---------------------------------------------------------------------------------------------
+
 
 def test_greedy_stream_matches_transformers(routers, oracle):
     tokenizer, greedy, logprobs = oracle
@@ -214,13 +239,14 @@ def test_greedy_stream_matches_transformers(routers, oracle):
     out = tokens_of(messages)
     assert out == greedy(prompt_ids, 24)
     # per-token logprobs equal transformers' (teacher-forced on the generated sequence)
-    reference = logprobs(prompt_ids + out)[len(prompt_ids) - 1:-1]                       # [24, V]
+    reference = logprobs(prompt_ids + out)[len(prompt_ids) - 1 : -1]  # [24, V]
     got = torch.tensor([lp.logprob for m in messages for lp in m.logprobs])
     want = reference[torch.arange(24), torch.tensor(out)]
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     # streaming bookkeeping: counts accumulate, only the last message finishes, text deltas add up
-    assert [m.completion_tokens for m in messages] == list(torch.cumsum(torch.tensor(
-        [len(m.token_ids) for m in messages]), 0).tolist())
+    assert [m.completion_tokens for m in messages] == list(
+        torch.cumsum(torch.tensor([len(m.token_ids) for m in messages]), 0).tolist()
+    )
     assert all(m.prompt_tokens == len(prompt_ids) for m in messages)
     assert [m.finish_reason for m in messages] == [""] * (len(messages) - 1) + ["length"]
     assert "".join(m.text for m in messages) == tokenizer.decode(out, skip_special_tokens=True)
@@ -239,12 +265,12 @@ def test_logprobs_and_prompt_logprobs(routers, oracle):
         assert len(entry.top) == 3
         tops = [t.logprob for t in entry.top]
         assert tops == sorted(tops, reverse=True)
-        assert entry.top[0].token_id == token_id and entry.top[0].logprob == entry.logprob   # greedy
+        assert entry.top[0].token_id == token_id and entry.top[0].logprob == entry.logprob  # greedy
     prompt_ids = list(messages[0].prompt_token_ids)
     prompt_lps = list(messages[0].prompt_logprobs)
     assert len(prompt_lps) == len(prompt_ids)
-    assert prompt_lps[0] == pb.TokenLogprob()           # no logprob for the first prompt token
-    reference = logprobs(prompt_ids)                     # [P, V]
+    assert prompt_lps[0] == pb.TokenLogprob()  # no logprob for the first prompt token
+    reference = logprobs(prompt_ids)  # [P, V]
     for i in range(1, len(prompt_ids)):
         assert prompt_lps[i].token_id == prompt_ids[i]
         assert abs(prompt_lps[i].logprob - float(reference[i - 1, prompt_ids[i]])) < 1e-4
@@ -277,24 +303,80 @@ def test_min_tokens_and_ignore_eos_run_to_max_tokens(routers):
     assert len(tokens_of(messages)) == 40 and messages[-1].finish_reason == "length"
 
 
+def test_min_tokens_holds_back_an_early_stop(routers):
+    """A stop string that ends the greedy continuation at its 2nd token is not honoured before min_tokens tokens."""
+    stub = routers.local.stub()
+    greedy = generate(stub, max_tokens=16, temperature=0, ignore_eos=True)
+    full = tokens_of(greedy)
+    assert len(full) == 16
+    one = "".join(m.text for m in generate(stub, max_tokens=1, temperature=0, ignore_eos=True))
+    two = "".join(m.text for m in generate(stub, max_tokens=2, temperature=0, ignore_eos=True))
+    stop = two[len(one) :]  # the 2nd token's text
+    assert stop, (one, two)
+    early = generate(stub, max_tokens=16, temperature=0, ignore_eos=True, stop=[stop])
+    assert early[-1].finish_reason == "stop" and len(tokens_of(early)) <= 2
+    held = generate(stub, max_tokens=16, temperature=0, ignore_eos=True, stop=[stop], min_tokens=8)
+    assert len(tokens_of(held)) >= 8, (tokens_of(held), held[-1].finish_reason)
+    assert tokens_of(held)[:8] == full[:8]
+
+
 def test_client_disconnect_aborts_the_request(routers):
     router = routers.local
     stub = router.stub()
     cancelled_before = router.metric("expertmesh_router_requests_total", '{status="cancelled"}')
-    max_tokens = MAX_MODEL_LEN - 16   # the prompt is 12 tokens: as long as the context allows
-    call = stub.Generate(pb.GenerateRequest(text=PROMPT, params=pb.SamplingParams(
-        max_tokens=max_tokens, temperature=0, ignore_eos=True)))
+    max_tokens = MAX_MODEL_LEN - 16  # the prompt is 12 tokens: as long as the context allows
+    call = stub.Generate(
+        pb.GenerateRequest(text=PROMPT, params=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    )
     first = next(call)
     assert first.prompt_token_ids
-    assert stub.Stats(pb.StatsRequest()).requests_running == 1     # it is in the engine now
+    assert stub.Stats(pb.StatsRequest()).requests_running == 1  # it is in the engine now
     call.cancel()
     deadline = time.monotonic() + 10
     while stub.Stats(pb.StatsRequest()).requests_running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert stub.Stats(pb.StatsRequest()).requests_running == 0      # aborted in vLLM, not run to the end
-    assert router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}',
-                              cancelled_before + 1) == cancelled_before + 1
-    assert tokens_of(generate(stub, max_tokens=4, temperature=0))   # and the router carries on
+    assert stub.Stats(pb.StatsRequest()).requests_running == 0  # aborted in vLLM, not run to the end
+    assert (
+        router.wait_metric("expertmesh_router_requests_total", '{status="cancelled"}', cancelled_before + 1)
+        == cancelled_before + 1
+    )
+    assert tokens_of(generate(stub, max_tokens=4, temperature=0))  # and the router carries on
+
+
+def test_cancelled_big_request_leaves_router_serving(routers):
+    """One /v1/completions with 100 prompts and n=16 reaches the router as 1,600 concurrent Generate calls (the
+    gateway's fan-out). The client goes away mid-way (the first tokens are out, most adds are still queued behind
+    them): every call is cancelled at once, and the router carries on: healthy, nothing left in the engine, the
+    same greedy tokens as before."""
+    router = routers.local
+    stub = router.stub()
+    want = tokens_of(generate(stub, max_tokens=8, temperature=0))
+    prompts = [[5 + p % 50, 60 + p, 7, 23 + p % 17, 11] for p in range(100)]  # token ids, as from the gateway
+    calls = [
+        stub.Generate(
+            pb.GenerateRequest(
+                request_id=f"gw{p * 16 + i}",
+                token_ids=pb.TokenIds(ids=ids),
+                params=pb.SamplingParams(max_tokens=64, temperature=1.0, seed=i, ignore_eos=True),
+            ),
+            timeout=120,
+        )
+        for p, ids in enumerate(prompts)
+        for i in range(16)
+    ]
+    try:
+        assert next(calls[0]).token_ids  # generation is under way
+    finally:
+        for call in calls:
+            call.cancel()
+    deadline = time.monotonic() + 60
+    while stub.Stats(pb.StatsRequest()).requests_running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stub.Stats(pb.StatsRequest()).requests_running == 0, router.log()
+    health = stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.ok, health.detail
+    assert tokens_of(generate(stub, max_tokens=8, temperature=0)) == want
+    assert router.proc.poll() is None
 
 
 BAD_REQUESTS = [
@@ -302,27 +384,55 @@ BAD_REQUESTS = [
     ("whitespace text", dict(text="   "), dict(max_tokens=4), "prompt is empty"),
     ("no prompt", dict(), dict(max_tokens=4), "prompt is empty"),
     ("empty token ids", dict(token_ids=pb.TokenIds(ids=[])), dict(max_tokens=4), "prompt is empty"),
-    ("token id out of vocabulary", dict(token_ids=pb.TokenIds(ids=[5, 100000])), dict(max_tokens=4),
-     "token id 100000 is out of vocabulary"),
+    (
+        "token id out of vocabulary",
+        dict(token_ids=pb.TokenIds(ids=[5, 100000])),
+        dict(max_tokens=4),
+        "token id 100000 is out of vocabulary",
+    ),
     ("negative token id", dict(token_ids=pb.TokenIds(ids=[-1])), dict(max_tokens=4), "out of vocabulary"),
     ("max_tokens 0", dict(text="hi"), dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
-    ("beyond the context", dict(token_ids=pb.TokenIds(ids=[5] * 200)), dict(max_tokens=100),
-     "This model's maximum context length is 256 tokens. However, you requested 300 tokens "
-     "(200 in the messages, 100 in the completion)."),
-    ("prompt alone beyond the context", dict(token_ids=pb.TokenIds(ids=[5] * 300)), dict(max_tokens=1),
-     "This model's maximum context length is 256 tokens. However, you requested 301 tokens"),
+    (
+        "beyond the context",
+        dict(token_ids=pb.TokenIds(ids=[5] * 200)),
+        dict(max_tokens=100),
+        "This model's maximum context length is 256 tokens. However, you requested 300 tokens "
+        "(200 in the messages, 100 in the completion).",
+    ),
+    (
+        "prompt alone beyond the context",
+        dict(token_ids=pb.TokenIds(ids=[5] * 300)),
+        dict(max_tokens=1),
+        "This model's maximum context length is 256 tokens. However, you requested 301 tokens",
+    ),
     ("negative temperature", dict(text="hi"), dict(max_tokens=4, temperature=-0.5), "temperature must be"),
     ("temperature above 2", dict(text="hi"), dict(max_tokens=4, temperature=2.5), "temperature must be in [0, 2]"),
-    ("nan temperature", dict(text="hi"), dict(max_tokens=4, temperature=float("nan")),
-     "temperature must be a finite number"),
+    (
+        "nan temperature",
+        dict(text="hi"),
+        dict(max_tokens=4, temperature=float("nan")),
+        "temperature must be a finite number",
+    ),
     ("top_p above 1", dict(text="hi"), dict(max_tokens=4, top_p=1.5), "top_p must be in (0, 1]"),
     ("top_k below -1", dict(text="hi"), dict(max_tokens=4, top_k=-2), "top_k must be"),
-    ("presence_penalty", dict(text="hi"), dict(max_tokens=4, presence_penalty=2.5),
-     "presence_penalty must be in [-2, 2]"),
-    ("frequency_penalty", dict(text="hi"), dict(max_tokens=4, frequency_penalty=-3),
-     "frequency_penalty must be in [-2, 2]"),
-    ("repetition_penalty", dict(text="hi"), dict(max_tokens=4, repetition_penalty=-1),
-     "repetition_penalty must be greater than zero"),
+    (
+        "presence_penalty",
+        dict(text="hi"),
+        dict(max_tokens=4, presence_penalty=2.5),
+        "presence_penalty must be in [-2, 2]",
+    ),
+    (
+        "frequency_penalty",
+        dict(text="hi"),
+        dict(max_tokens=4, frequency_penalty=-3),
+        "frequency_penalty must be in [-2, 2]",
+    ),
+    (
+        "repetition_penalty",
+        dict(text="hi"),
+        dict(max_tokens=4, repetition_penalty=-1),
+        "repetition_penalty must be greater than zero",
+    ),
     ("too many logprobs", dict(text="hi"), dict(max_tokens=4, logprobs=50), "logprobs of 50"),
     ("min_tokens above max_tokens", dict(text="hi"), dict(max_tokens=4, min_tokens=5), "min_tokens"),
     ("empty stop string", dict(text="hi"), dict(max_tokens=4, stop=[""]), "stop strings must not be empty"),
@@ -348,12 +458,13 @@ def test_health_and_stats_local(routers):
     assert health.local_experts and health.missing_experts == 0
     stats = stub.Stats(pb.StatsRequest())
     assert stats.uptime_seconds > 0
-    assert list(stats.experts) == []        # vLLM computes the experts: no dispatcher, no counters
+    assert list(stats.experts) == []  # vLLM computes the experts: no dispatcher, no counters
     assert stats.requests_running == 0
     assert routers.local.metric("expertmesh_router_generated_tokens_total") > 0
 
 
 # ---- remote experts --------------------------------------------------------------------------------------------
+
 
 def test_remote_router_matches_local_and_counts_routed_tokens(routers):
     local, remote = routers.local.stub(), routers.remote.stub()
@@ -361,12 +472,14 @@ def test_remote_router_matches_local_and_counts_routed_tokens(routers):
     assert health.ok and not health.local_experts and health.missing_experts == 0
     before = {(e.layer, e.expert): e.routed_tokens for e in remote.Stats(pb.StatsRequest()).experts}
     assert len(before) == routers.pool.num_keys
-    prompt = "Each expert is a small feed-forward network"   # not seen before by this router: no prefix-cache hit
+    prompt = "Each expert is a small feed-forward network"  # not seen before by this router: no prefix-cache hit
     want = generate(local, prompt, max_tokens=12, temperature=0, logprobs=0)
     got = generate(remote, prompt, max_tokens=12, temperature=0, logprobs=0)
     assert tokens_of(got) == tokens_of(want)
-    diff = max(abs(a.logprob - b.logprob) for a, b in zip([lp for m in got for lp in m.logprobs],
-                                                           [lp for m in want for lp in m.logprobs]))
+    diff = max(
+        abs(a.logprob - b.logprob)
+        for a, b in zip([lp for m in got for lp in m.logprobs], [lp for m in want for lp in m.logprobs])
+    )
     assert diff <= 1e-5
     stats = remote.Stats(pb.StatsRequest())
     assert all(e.replicas == 1 for e in stats.experts)

@@ -22,9 +22,15 @@ DOC = ROOT / "docs" / "configuration.md"
 def test_configuration_doc_is_generated_from_the_registry():
     assert DOC.read_text() == settings.markdown(), (
         "docs/configuration.md is stale: run .venv/bin/python -m expertmesh.core.settings --markdown "
-        "> docs/configuration.md")
-    out = subprocess.run([sys.executable, "-m", "expertmesh.core.settings", "--markdown"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+        "> docs/configuration.md"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "expertmesh.core.settings", "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert out == DOC.read_text()
     for name in settings.ENV_VARS:
         assert f"`{name}`" in out
@@ -63,9 +69,11 @@ def test_no_environment_access_outside_settings():
 
 def test_the_grep_sees_every_form(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom os import environ, getenv\n"
-                     "a = os.environ.get('X')\nb = os.getenv('Y')\nc = environ['Z']\nos.environ['W'] = '1'\n"
-                     "d = dict(os.environ)\n'''os.environ in a docstring is fine'''\n")
+    probe.write_text(
+        "import os\nfrom os import environ, getenv\n"
+        "a = os.environ.get('X')\nb = os.getenv('Y')\nc = environ['Z']\nos.environ['W'] = '1'\n"
+        "d = dict(os.environ)\n'''os.environ in a docstring is fine'''\n"
+    )
     assert [int(u.split(":")[1]) for u in _env_uses(probe)] == [2, 3, 4, 5, 6, 7]  # not the docstring (8)
 
 
@@ -88,11 +96,13 @@ def test_typed_values_defaults_and_errors(monkeypatch):
     assert settings.expert_mode() == "remote" and settings.controller_settings() == {"interval_s": 1}
     monkeypatch.setenv("EXPERTMESH_REPLICA_PORTS", "")  # empty = unset
     assert settings.replica_port_range() == settings.REPLICA_PORT_RANGE
-    for name, raw, message in [("EXPERTMESH_EXPERT_KERNEL", "fastest", "expected auto, fused or torch"),
-                               ("EXPERTMESH_EXPERT_MODE", "both", "expected local or remote"),
-                               ("EXPERTMESH_TRACE_STEP_EVERY", "many", "EXPERTMESH_TRACE_STEP_EVERY='many'"),
-                               ("EXPERTMESH_REPLICA_PORTS", "50100", "START-END"),
-                               ("EXPERTMESH_CONTROLLER_SETTINGS", "[1]", "JSON object")]:
+    for name, raw, message in [
+        ("EXPERTMESH_EXPERT_KERNEL", "fastest", "expected auto, fused or torch"),
+        ("EXPERTMESH_EXPERT_MODE", "both", "expected local or remote"),
+        ("EXPERTMESH_TRACE_STEP_EVERY", "many", "EXPERTMESH_TRACE_STEP_EVERY='many'"),
+        ("EXPERTMESH_REPLICA_PORTS", "50100", "START-END"),
+        ("EXPERTMESH_CONTROLLER_SETTINGS", "[1]", "JSON object"),
+    ]:
         monkeypatch.setenv(name, raw)
         with pytest.raises(ValueError, match=message):
             settings.get(name)
@@ -119,18 +129,25 @@ def test_export_child_env_and_process_defaults(monkeypatch):
     assert settings.child_env(forced=settings.RAY_HEAD_ENV)["OMP_NUM_THREADS"] == "1"  # ... not over a forced one
     with pytest.raises(ValueError):
         settings.child_env({"EXPERTMESH_EXPERT_KERNEL": "fastest"})
-    code = ("import os; from expertmesh.core import settings; settings.apply_process_defaults(router=True); "
-            "print(os.environ['OMP_NUM_THREADS'], os.environ['VLLM_CPU_KVCACHE_SPACE'], "
-            "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'])")
-    clean = {k: v for k, v in settings.child_env(process_defaults=False).items()
-             if k not in settings.PROCESS_DEFAULTS and k not in settings.ROUTER_PROCESS_ENV}
+    code = (
+        "import os; from expertmesh.core import settings; settings.apply_process_defaults(router=True); "
+        "print(os.environ['OMP_NUM_THREADS'], os.environ['VLLM_CPU_KVCACHE_SPACE'], "
+        "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'])"
+    )
+    clean = {
+        k: v
+        for k, v in settings.child_env(process_defaults=False).items()
+        if k not in settings.PROCESS_DEFAULTS and k not in settings.ROUTER_PROCESS_ENV
+    }
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "1", "0"]
 
 
 def test_grpc_message_options():
-    assert settings.grpc_message_options() == [("grpc.max_send_message_length", 64 << 20),
-                                               ("grpc.max_receive_message_length", 64 << 20)]
+    assert settings.grpc_message_options() == [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
 
 
 def test_replica_settings_agree_with_the_replica():
@@ -139,10 +156,13 @@ def test_replica_settings_agree_with_the_replica():
     from expertmesh.experts import replica
     from expertmesh.experts.app import ExpertGroupReplica
 
-    assert settings.REPLICA_DEFAULTS == {"lease_seconds": DEFAULT_LEASE_SECONDS,
-                                         "max_wait_ms": replica.DEFAULT_MAX_WAIT_MS,
-                                         "max_batch_rows": replica.DEFAULT_MAX_BATCH_ROWS,
-                                         "inline_rows": replica.DEFAULT_INLINE_ROWS, "compute_threads": 0}
+    assert settings.REPLICA_DEFAULTS == {
+        "lease_seconds": DEFAULT_LEASE_SECONDS,
+        "max_wait_ms": replica.DEFAULT_MAX_WAIT_MS,
+        "max_batch_rows": replica.DEFAULT_MAX_BATCH_ROWS,
+        "inline_rows": replica.DEFAULT_INLINE_ROWS,
+        "compute_threads": 0,
+    }
     cls = getattr(ExpertGroupReplica, "func_or_class", ExpertGroupReplica)
     params = inspect.signature(cls.__init__).parameters
     for f in fields(settings.ReplicaSettings):
@@ -160,10 +180,14 @@ def test_serve_config_carries_set_replica_settings_only(tmp_path):
     plan = PlacementPlan.model_validate({"groups": [{"name": "l0", "keys": {0: [0, 1]}}]})
     plain = serve_config.build_serve_config(plan, "/ckpt", "127.0.0.1:1")
     assert set(plain["applications"][1]["args"]) == {"model", "group", "directory"}
-    tuned = serve_config.build_serve_config(plan, "/ckpt", "127.0.0.1:1",
-                                            replica=settings.ReplicaSettings(max_wait_ms=0.5, compute_threads=1))
-    assert tuned["applications"][1]["args"] == {**plain["applications"][1]["args"], "max_wait_ms": 0.5,
-                                                "compute_threads": 1}
+    tuned = serve_config.build_serve_config(
+        plan, "/ckpt", "127.0.0.1:1", replica=settings.ReplicaSettings(max_wait_ms=0.5, compute_threads=1)
+    )
+    assert tuned["applications"][1]["args"] == {
+        **plain["applications"][1]["args"],
+        "max_wait_ms": 0.5,
+        "compute_threads": 1,
+    }
     plan.save(tmp_path / "plan.yaml")
     import contextlib
     import io
@@ -172,8 +196,20 @@ def test_serve_config_carries_set_replica_settings_only(tmp_path):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        serve_config.main(["--plan", str(tmp_path / "plan.yaml"), "--model", "/ckpt", "--directory", "127.0.0.1:1",
-                           "--max-wait-ms", "0.5", "--compute-threads", "1"])
+        serve_config.main(
+            [
+                "--plan",
+                str(tmp_path / "plan.yaml"),
+                "--model",
+                "/ckpt",
+                "--directory",
+                "127.0.0.1:1",
+                "--max-wait-ms",
+                "0.5",
+                "--compute-threads",
+                "1",
+            ]
+        )
     assert yaml.safe_load(out.getvalue()) == tuned
 
 
@@ -185,11 +221,29 @@ def test_serve_cli_reaches_every_tunable():
 
     parser = argparse.ArgumentParser()
     stack.configure(parser)
-    args = parser.parse_args(["--max-wait-ms", "2", "--max-batch-rows", "512", "--inline-rows", "8",
-                              "--compute-threads", "1", "--lease-seconds", "4", "--dispatch-deadline-s", "3",
-                              "--env", "EXPERTMESH_EXPERT_KERNEL=torch", "--controller-settings", '{"interval_s": 1}'])
+    args = parser.parse_args(
+        [
+            "--max-wait-ms",
+            "2",
+            "--max-batch-rows",
+            "512",
+            "--inline-rows",
+            "8",
+            "--compute-threads",
+            "1",
+            "--lease-seconds",
+            "4",
+            "--dispatch-deadline-s",
+            "3",
+            "--env",
+            "EXPERTMESH_EXPERT_KERNEL=torch",
+            "--controller-settings",
+            '{"interval_s": 1}',
+        ]
+    )
     assert settings.replica_settings_from_args(args) == settings.ReplicaSettings(
-        lease_seconds=4, max_wait_ms=2, max_batch_rows=512, inline_rows=8, compute_threads=1)
+        lease_seconds=4, max_wait_ms=2, max_batch_rows=512, inline_rows=8, compute_threads=1
+    )
     assert stack.env_from_args(args) == {"EXPERTMESH_EXPERT_KERNEL": "torch", "EXPERTMESH_DISPATCH_DEADLINE_S": "3.0"}
     for bad in (["--env", "EXPERTMESH_NOPE=1"], ["--env", "EXPERTMESH_EXPERT_KERNEL=fastest"]):
         with pytest.raises(SystemExit):
@@ -199,8 +253,15 @@ def test_serve_cli_reaches_every_tunable():
 def test_pool_serve_config_uses_replica_settings(tiny_checkpoint):
     from expertmesh.experts.pool import LocalPool
 
-    pool = LocalPool(tiny_checkpoint("mixtral"), gcs_port=1, dashboard_port=1, directory_port=1, metrics_port=1,
-                     replica=settings.ReplicaSettings(max_wait_ms=3.0), inline_rows=16)
+    pool = LocalPool(
+        tiny_checkpoint("mixtral"),
+        gcs_port=1,
+        dashboard_port=1,
+        directory_port=1,
+        metrics_port=1,
+        replica=settings.ReplicaSettings(max_wait_ms=3.0),
+        inline_rows=16,
+    )
     groups = [a for a in pool.serve_config()["applications"] if a["name"].startswith("experts-")]
     assert groups and all(a["args"]["max_wait_ms"] == 3.0 and a["args"]["inline_rows"] == 16 for a in groups)
     assert all("max_batch_rows" not in a["args"] for a in groups)

@@ -25,12 +25,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-import torch
+from conftest import free_port
 from safetensors.torch import load_file, save_file
 
-from conftest import free_port
-from expertmesh.core.plan import Autoscaling, default_plan
 from expertmesh.core.checkpoint import read_moe_info
+from expertmesh.core.plan import Autoscaling, default_plan
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +50,9 @@ class _Collector:
             def Export(self, request, context):
                 with collector.lock:
                     for rs in request.resource_spans:
-                        service = next((a.value.string_value for a in rs.resource.attributes
-                                        if a.key == "service.name"), "?")
+                        service = next(
+                            (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "?"
+                        )
                         for ss in rs.scope_spans:
                             collector.spans.extend((service, s) for s in ss.spans)
                 return trace_service_pb2.ExportTraceServiceResponse()
@@ -89,21 +89,48 @@ def stack(hot_model, tmp_path_factory):
     collector = _Collector()
     info = read_moe_info(hot_model)
     assert info.moe_layers == [HOT_LAYER]
-    plan = default_plan(info).model_copy(update={"autoscaling": Autoscaling(
-        target_tokens_per_second=1.0, upscale_delay_s=2, downscale_delay_s=10)})
+    plan = default_plan(info).model_copy(
+        update={"autoscaling": Autoscaling(target_tokens_per_second=1.0, upscale_delay_s=2, downscale_delay_s=10)}
+    )
     plan.save(work / "plan.yaml")
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"127.0.0.1:{collector.port}",
-        "EXPERTMESH_CONTROLLER_SETTINGS": json.dumps({
-            "interval_s": 1.0, "window_s": 4.0, "rebalance_cooldown_s": 5.0, "max_replicas_per_group": 2,
-            "min_tokens_per_s_to_rebalance": 1.0, "drain_grace_s": 1.0}),
-        "HOME": str(work),  # logs and pool state files land in the test's own directory
-    })
-    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(hot_model), "--port", str(port),
-           "--router-port", str(free_port()), "--ray-port", str(free_port()),
-           "--directory-port", str(free_port()), "--metrics-port", "0", "--plan", str(work / "plan.yaml")]
+    env.update(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"127.0.0.1:{collector.port}",
+            "EXPERTMESH_CONTROLLER_SETTINGS": json.dumps(
+                {
+                    "interval_s": 1.0,
+                    "window_s": 4.0,
+                    "rebalance_cooldown_s": 5.0,
+                    "max_replicas_per_group": 2,
+                    "min_tokens_per_s_to_rebalance": 1.0,
+                    "drain_grace_s": 1.0,
+                }
+            ),
+            "HOME": str(work),  # logs and pool state files land in the test's own directory
+        }
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "expertmesh.cli",
+        "serve",
+        "--model",
+        str(hot_model),
+        "--port",
+        str(port),
+        "--router-port",
+        str(free_port()),
+        "--ray-port",
+        str(free_port()),
+        "--directory-port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+        "--plan",
+        str(work / "plan.yaml"),
+    ]
     log = open(work / "serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -147,8 +174,9 @@ def test_openai_sdk_against_the_stack(stack):
     assert chat.usage.prompt_tokens == len(tok(prompt_text, add_special_tokens=False)["input_ids"])
     assert 1 <= chat.usage.completion_tokens <= 12
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
-    streamed = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0,
-                                              stream=True, stream_options={"include_usage": True})
+    streamed = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(streamed)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
@@ -174,8 +202,7 @@ def test_one_connected_trace_from_gateway_to_expert_replica(stack):
         time.sleep(0.5)
     spans = stack["collector"].snapshot()
     by_id = {s.span_id: (svc, s) for svc, s in spans}
-    roots = [s for svc, s in spans if svc == "expertmesh-gateway" and not s.parent_span_id
-             and "completions" in s.name]
+    roots = [s for svc, s in spans if svc == "expertmesh-gateway" and not s.parent_span_id and "completions" in s.name]
     assert roots, f"no gateway root span among {sorted({s.name for _, s in spans})}"
     # walk up from every replica span: some chain must reach a gateway root through router, step and dispatch
     chains = []
@@ -208,8 +235,9 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
     client = _client(stack)
     name = client.models.list().data[0].id
     prompts = [f"request {i}: the quick brown fox" for i in range(6)]
-    before = [client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text
-              for p in prompts]
+    before = [
+        client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text for p in prompts
+    ]
     start = _replicas_of(stack)
     assert set(start.values()) == {1}, start
     stop = threading.Event()
@@ -219,8 +247,7 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
     def drive(i):
         while not stop.is_set():
             try:
-                r = client.completions.create(model=name, prompt=prompts[i % len(prompts)], max_tokens=8,
-                                              temperature=0)
+                r = client.completions.create(model=name, prompt=prompts[i % len(prompts)], max_tokens=8, temperature=0)
                 outputs.append((i % len(prompts), r.choices[0].text))
             except BaseException as exc:  # noqa: BLE001 - every failure is a test failure, collected
                 errors.append(exc)
@@ -233,10 +260,16 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
     try:
         while time.monotonic() < deadline:
             now = _replicas_of(stack)
-            hot_group = [g for g in httpx.get(stack["url"] + "/experts", timeout=10).json()["plan"]["groups"]
-                         if g["keys"] in ({str(HOT_LAYER): [HOT_EXPERT]}, {HOT_LAYER: [HOT_EXPERT]})]
-            if hot_group and now.get((HOT_LAYER, HOT_EXPERT), 0) >= 2 and all(
-                    v == 1 for k, v in now.items() if k != (HOT_LAYER, HOT_EXPERT)):
+            hot_group = [
+                g
+                for g in httpx.get(stack["url"] + "/experts", timeout=10).json()["plan"]["groups"]
+                if g["keys"] in ({str(HOT_LAYER): [HOT_EXPERT]}, {HOT_LAYER: [HOT_EXPERT]})
+            ]
+            if (
+                hot_group
+                and now.get((HOT_LAYER, HOT_EXPERT), 0) >= 2
+                and all(v == 1 for k, v in now.items() if k != (HOT_LAYER, HOT_EXPERT))
+            ):
                 scaled = now
                 break
             time.sleep(1)
@@ -249,8 +282,9 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
     assert len(outputs) >= 8
     # Same prompts, one at a time (as `before` ran: greedy output depends on batch composition in fp32), now with
     # the hot expert split over its two replicas: unchanged. The load window keeps the replicas up meanwhile.
-    after = [client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text
-             for p in prompts]
+    after = [
+        client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text for p in prompts
+    ]
     assert _replicas_of(stack)[(HOT_LAYER, HOT_EXPERT)] >= 2
     assert after == before
     # load gone: the hot group scales back to its minimum of one replica
@@ -260,8 +294,9 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
             break
         time.sleep(1)
     assert _replicas_of(stack).get((HOT_LAYER, HOT_EXPERT)) == 1
-    assert [client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text
-            for p in prompts] == before
+    assert [
+        client.completions.create(model=name, prompt=p, max_tokens=8, temperature=0).choices[0].text for p in prompts
+    ] == before
 
 
 def test_bench_against_the_stack_writes_latency_and_expert_plots(stack, tmp_path):
@@ -269,9 +304,28 @@ def test_bench_against_the_stack_writes_latency_and_expert_plots(stack, tmp_path
     from expertmesh.cli import main
 
     name = _client(stack).models.list().data[0].id
-    code = main(["bench", "--url", stack["url"], "--model", name, "--concurrency", "2", "--requests", "4",
-                 "--input-len", "8", "--output-len", "4", "--json", str(tmp_path / "r.json"),
-                 "--plot", str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "bench",
+            "--url",
+            stack["url"],
+            "--model",
+            name,
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["summary"]["completed"] == 4 and result["summary"]["failed"] == 0
@@ -301,8 +355,11 @@ def test_ctrl_c_stops_everything(stack):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0
     time.sleep(1)
-    alive = [p for p in before if Path(f"/proc/{p}").exists() and "zombie" not in
-             Path(f"/proc/{p}/status").read_text().lower()]
+    alive = [
+        p
+        for p in before
+        if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
+    ]
     assert not alive, f"left behind: {alive}"
     with pytest.raises(httpx.HTTPError):
         httpx.get(stack["url"] + "/health", timeout=2)

@@ -15,14 +15,24 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from expertmesh.core.plan import PlacementPlan
 from expertmesh.control.controller import ControllerSettings
+from expertmesh.core.plan import PlacementPlan
 from expertmesh.core.settings import ENV_VARS, ReplicaSettings
 
 # Variables the chart sets itself (addresses, ports, the API-key Secret, the controller's URL): not in `settings`.
-CHART_OWNED = {"EXPERTMESH_BIND_HOST", "EXPERTMESH_ADVERTISE_HOST", "EXPERTMESH_DIRECTORY", "EXPERTMESH_ROUTER",
-               "EXPERTMESH_REPLICA_PORTS", "EXPERTMESH_API_KEYS", "EXPERTMESH_CONTROLLER_STATUS",
-               "EXPERTMESH_CONTROLLER_SETTINGS", "OTEL_EXPORTER_OTLP_ENDPOINT", "OPENAI_API_KEY", "XDG_CACHE_HOME"}
+CHART_OWNED = {
+    "EXPERTMESH_BIND_HOST",
+    "EXPERTMESH_ADVERTISE_HOST",
+    "EXPERTMESH_DIRECTORY",
+    "EXPERTMESH_ROUTER",
+    "EXPERTMESH_REPLICA_PORTS",
+    "EXPERTMESH_API_KEYS",
+    "EXPERTMESH_CONTROLLER_STATUS",
+    "EXPERTMESH_CONTROLLER_SETTINGS",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OPENAI_API_KEY",
+    "XDG_CACHE_HOME",
+}
 
 SCHEMA_PATH = Path(__file__).parent / "expertmesh" / "values.schema.json"
 
@@ -30,9 +40,14 @@ SCHEMA_PATH = Path(__file__).parent / "expertmesh" / "values.schema.json"
 def controller_settings_schema() -> dict:
     """controller.settings: ControllerSettings fields (services/control/controller.py), non-negative numbers."""
     number = {"type": "number", "minimum": 0}
-    return {"type": "object", "additionalProperties": False,
-            "properties": {f.name: dict(number, type="integer" if f.type in (int, "int") else "number")
-                           for f in fields(ControllerSettings)}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            f.name: dict(number, type="integer" if f.type in (int, "int") else "number")
+            for f in fields(ControllerSettings)
+        },
+    }
 
 
 def camel(name: str) -> str:
@@ -52,8 +67,11 @@ def replica_schema() -> dict:
 def settings_schema() -> dict:
     """settings: registered environment variables the chart does not set itself."""
     value = {"type": ["string", "number", "boolean"]}
-    return {"type": "object", "additionalProperties": False,
-            "properties": {name: value for name in ENV_VARS if name not in CHART_OWNED}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {name: value for name in ENV_VARS if name not in CHART_OWNED},
+    }
 
 
 def values_schema() -> dict:
@@ -69,8 +87,18 @@ def values_schema() -> dict:
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    **{k: port for k in ("gateway", "router", "routerMetrics", "directory", "poolMetrics",
-                                         "rayMetrics", "controller")},
+                    **{
+                        k: port
+                        for k in (
+                            "gateway",
+                            "router",
+                            "routerMetrics",
+                            "directory",
+                            "poolMetrics",
+                            "rayMetrics",
+                            "controller",
+                        )
+                    },
                     "replicaRange": {"type": "string", "pattern": r"^[0-9]{1,5}-[0-9]{1,5}$"},
                 },
             },

@@ -32,9 +32,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -48,16 +48,16 @@ ENV_CONTROLLER_SETTINGS = "EXPERTMESH_CONTROLLER_SETTINGS"  # JSON object of Con
 @dataclass
 class ControllerSettings:
     interval_s: float = 2.0
-    window_s: float = 10.0                 # moving window of the load estimate
-    imbalance_threshold: float = 1.5       # max/mean per-replica load that triggers a rebalance
-    hot_expert_skew: float = 3.0           # an expert with this x its layer's mean load is "hot"
+    window_s: float = 10.0  # moving window of the load estimate
+    imbalance_threshold: float = 1.5  # max/mean per-replica load that triggers a rebalance
+    hot_expert_skew: float = 3.0  # an expert with this x its layer's mean load is "hot"
     rebalance_cooldown_s: float = 30.0
     min_tokens_per_s_to_rebalance: float = 50.0  # do not regroup on noise
     max_experts_per_replica: int = 64
-    max_total_replicas: int = 64           # safety cap on the whole pool
-    max_replicas_per_group: int = 8        # cap on what the planner gives one group (memory: a replica each)
-    drain_grace_s: float = 3.0             # after draining, before removing (in-flight RPCs finish)
-    register_timeout_s: float = 180.0      # new groups must register within this
+    max_total_replicas: int = 64  # safety cap on the whole pool
+    max_replicas_per_group: int = 8  # cap on what the planner gives one group (memory: a replica each)
+    drain_grace_s: float = 3.0  # after draining, before removing (in-flight RPCs finish)
+    register_timeout_s: float = 180.0  # new groups must register within this
 
 
 class LoadWindow:
@@ -82,8 +82,9 @@ class LoadWindow:
         return np.maximum(c1 - c0, 0.0) / (t1 - t0)
 
 
-def group_loads(plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray,
-                layer_row: dict[int, int]) -> dict[str, float]:
+def group_loads(
+    plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray, layer_row: dict[int, int]
+) -> dict[str, float]:
     """Tokens/s carried by each group: a key's rate split over its holders in proportion to their replicas."""
     holders: dict[tuple[int, int], list[str]] = plan.holders()
     out = {g.name: 0.0 for g in plan.groups}
@@ -96,8 +97,9 @@ def group_loads(plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray,
     return out
 
 
-def layer_imbalance(plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray,
-                    layer_row: dict[int, int]) -> dict[int, float]:
+def layer_imbalance(
+    plan: PlacementPlan, replicas: dict[str, int], rate: np.ndarray, layer_row: dict[int, int]
+) -> dict[int, float]:
     """Per layer: max over replicas of per-replica load / mean per-replica load (1.0 = balanced)."""
     loads = group_loads(plan, replicas, rate, layer_row)
     per_layer: dict[int, list[tuple[float, int]]] = {}
@@ -121,7 +123,9 @@ class Autoscaler:
     def __init__(self) -> None:
         self.pending: dict[str, tuple[int, float]] = {}  # group -> (desired, since)
 
-    def decide(self, plan: PlacementPlan, current: dict[str, int], loads: dict[str, float], now: float) -> dict[str, int]:
+    def decide(
+        self, plan: PlacementPlan, current: dict[str, int], loads: dict[str, float], now: float
+    ) -> dict[str, int]:
         out = dict(current)
         for g in plan.groups:
             scaling = plan.autoscaling_for(g)
@@ -159,9 +163,14 @@ def merge_plan(current: PlacementPlan, proposed: PlacementPlan) -> tuple[Placeme
         same = by_keys.get(json.dumps(g.keys, sort_keys=True))
         if same is not None and same.name not in kept:
             kept.add(same.name)
-            groups.append(same.model_copy(update={
-                "max_replicas": max(same.max_replicas, g.max_replicas),
-                "initial_replicas": g.initial_replicas}))
+            groups.append(
+                same.model_copy(
+                    update={
+                        "max_replicas": max(same.max_replicas, g.max_replicas),
+                        "initial_replicas": g.initial_replicas,
+                    }
+                )
+            )
             continue
         name, i = g.name, 1
         while name in used:
@@ -191,10 +200,17 @@ class Controller:
     order `layers`); `apply(plan, replicas)` deploys declaratively; `registered() -> dict[group, n ready]` and
     `drain(group)` talk to the directory."""
 
-    def __init__(self, plan: PlacementPlan, layers: list[int], read_counts: Callable[[], np.ndarray],
-                 apply: Callable[[PlacementPlan, dict[str, int]], None],
-                 registered: Callable[[], dict[str, int]], drain: Callable[[str], None],
-                 settings: ControllerSettings | None = None, status_file: str | Path | None = None):
+    def __init__(
+        self,
+        plan: PlacementPlan,
+        layers: list[int],
+        read_counts: Callable[[], np.ndarray],
+        apply: Callable[[PlacementPlan, dict[str, int]], None],
+        registered: Callable[[], dict[str, int]],
+        drain: Callable[[str], None],
+        settings: ControllerSettings | None = None,
+        status_file: str | Path | None = None,
+    ):
         self.settings = settings or ControllerSettings()
         self.layers = list(layers)
         self.layer_row = {layer: i for i, layer in enumerate(self.layers)}
@@ -227,25 +243,32 @@ class Controller:
         mean_per_expert = rate.mean(axis=1, keepdims=True)
         skew = np.where(mean_per_expert > 0, rate / np.maximum(mean_per_expert, 1e-12), 0.0).max(axis=1)  # [L]
         hot_layers = (skew > s.hot_expert_skew) & (rate.sum(axis=1) > target)
-        if ((worst > s.imbalance_threshold or hot_layers.any()) and total_rate >= s.min_tokens_per_s_to_rebalance
-                and now - self._last_rebalance >= s.rebalance_cooldown_s):
+        if (
+            (worst > s.imbalance_threshold or hot_layers.any())
+            and total_rate >= s.min_tokens_per_s_to_rebalance
+            and now - self._last_rebalance >= s.rebalance_cooldown_s
+        ):
             self._rebalance(rate, max(worst, float(skew.max())), now)
         loads = group_loads(st.plan, st.replicas, rate, self.layer_row)
         target = self.autoscaler.decide(st.plan, st.replicas, loads, now)
         total = sum(target.values())
         if total > s.max_total_replicas:
-            log.warning("autoscaler wants %d replicas, over the cap of %d: keeping current counts", total,
-                        s.max_total_replicas)
+            log.warning(
+                "autoscaler wants %d replicas, over the cap of %d: keeping current counts", total, s.max_total_replicas
+            )
             target = st.replicas
         if target != st.replicas:
-            log.info("autoscaling: %s", {k: (st.replicas.get(k), v) for k, v in target.items() if st.replicas.get(k) != v})
+            log.info(
+                "autoscaling: %s", {k: (st.replicas.get(k), v) for k, v in target.items() if st.replicas.get(k) != v}
+            )
             self._apply(st.plan, target)
             with self._lock:
                 st.replicas = target
         with self._lock:
             st.rate = rate.tolist()
-            st.history.append({"t": time.time(), "replicas": dict(st.replicas), "tokens_per_s": total_rate,
-                               "imbalance": worst})
+            st.history.append(
+                {"t": time.time(), "replicas": dict(st.replicas), "tokens_per_s": total_rate, "imbalance": worst}
+            )
             del st.history[:-2000]
         self._write_status()
 
@@ -257,10 +280,21 @@ class Controller:
         result = plan_autoscale(rate, s.max_experts_per_replica, target_load=target, exclusive_hot=True)
         proposed = to_placement_plan(result, self.layers, model=st.plan.model)
         cap = s.max_replicas_per_group
-        proposed = proposed.model_copy(update={"autoscaling": st.plan.autoscaling, "groups": [
-            g.model_copy(update={"initial_replicas": min(g.start_replicas, cap), "max_replicas": min(g.max_replicas, cap),
-                                 "min_replicas": min(g.min_replicas, cap)})
-            for g in proposed.groups]})
+        proposed = proposed.model_copy(
+            update={
+                "autoscaling": st.plan.autoscaling,
+                "groups": [
+                    g.model_copy(
+                        update={
+                            "initial_replicas": min(g.start_replicas, cap),
+                            "max_replicas": min(g.max_replicas, cap),
+                            "min_replicas": min(g.min_replicas, cap),
+                        }
+                    )
+                    for g in proposed.groups
+                ],
+            }
+        )
         merged, added, removed = merge_plan(st.plan, proposed)
         self._last_rebalance = now
         if not added and not removed:
@@ -268,8 +302,11 @@ class Controller:
         log.info("rebalancing (max/mean %.2f): +%s -%s", worst, added, removed)
         replicas = {g.name: st.replicas.get(g.name, g.start_replicas) for g in merged.groups}
         # 1) new groups up next to the old ones; wait until they registered in the directory
-        transitional = PlacementPlan(model=merged.model, autoscaling=merged.autoscaling,
-                                     groups=merged.groups + [g for g in st.plan.groups if g.name in removed])
+        transitional = PlacementPlan(
+            model=merged.model,
+            autoscaling=merged.autoscaling,
+            groups=merged.groups + [g for g in st.plan.groups if g.name in removed],
+        )
         both = dict(replicas, **{n: st.replicas[n] for n in removed})
         self._apply(transitional, both)
         deadline = time.monotonic() + s.register_timeout_s
@@ -295,8 +332,13 @@ class Controller:
 
     # -- wiring to a running pool ------------------------------------------------------------------------------
     @classmethod
-    def for_pool(cls, pool, router_address: str, settings: ControllerSettings | None = None,
-                 status_file: str | Path | None = None) -> "Controller":
+    def for_pool(
+        cls,
+        pool,
+        router_address: str,
+        settings: ControllerSettings | None = None,
+        status_file: str | Path | None = None,
+    ) -> Controller:
         """A controller for a `LocalPool`: counters from the router's Stats RPC, the directory for readiness and
         draining, `pool.apply(plan, replicas)` to deploy."""
         import grpc
@@ -310,7 +352,7 @@ class Controller:
 
         def read_counts() -> np.ndarray:
             reply = stub.Stats(router_pb2.StatsRequest(), timeout=5)
-            counts = np.zeros((len(layers), num_experts))              # [L, E]
+            counts = np.zeros((len(layers), num_experts))  # [L, E]
             for e in reply.experts:
                 if e.layer in row and e.expert < num_experts:
                     counts[row[e.layer], e.expert] = e.routed_tokens
@@ -331,7 +373,7 @@ class Controller:
         return cls(pool.plan, layers, read_counts, pool.apply, registered, drain, settings, status_file)
 
     # -- thread -----------------------------------------------------------------------------------------------
-    def start(self) -> "Controller":
+    def start(self) -> Controller:
         self._thread = threading.Thread(target=self._run, name="expertmesh-controller", daemon=True)
         self._thread.start()
         return self

@@ -36,15 +36,15 @@ import time
 from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from expertmesh.core import defaults
-from expertmesh.core import settings as core_settings
-from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
-from expertmesh.core.checkpoint import MoEInfo, read_moe_info
-from expertmesh.core.plan import ExpertGroup, PlacementPlan, default_plan, load_plan
 from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
-from expertmesh.discovery.directory import DirectoryClient
 from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
 from expertmesh.control.serve_config import DIRECTORY_APP, GROUP_APP_PREFIX, build_serve_config
+from expertmesh.core import defaults
+from expertmesh.core import settings as core_settings
+from expertmesh.core.checkpoint import MoEInfo, read_moe_info
+from expertmesh.core.plan import ExpertGroup, PlacementPlan, default_plan, load_plan
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
+from expertmesh.discovery.directory import DirectoryClient
 
 log = logging.getLogger("expertmesh.controller_service")
 
@@ -53,26 +53,43 @@ Layout = dict[str, tuple[str, int]]
 
 
 def _keys_json(keys: dict) -> str:
-    return json.dumps({str(layer): sorted(int(e) for e in experts) for layer, experts in keys.items()},
-                      sort_keys=True)
+    return json.dumps({str(layer): sorted(int(e) for e in experts) for layer, experts in keys.items()}, sort_keys=True)
 
 
 class ServeTarget:
     """What `Controller.for_pool` needs (`info`, `plan`, `client()`, `apply(plan, replicas)`) for a Ray cluster
     reached only through its dashboard: every apply PUTs the whole Serve config, built exactly as the chart does."""
 
-    def __init__(self, info: MoEInfo, plan: PlacementPlan, replicas: dict[str, int], *, model: str,
-                 directory: str, dashboard: str, num_cpus: float = 1, num_gpus: float = 0,
-                 directory_resource: str | None = None, replica: ReplicaSettings | None = None):
+    def __init__(
+        self,
+        info: MoEInfo,
+        plan: PlacementPlan,
+        replicas: dict[str, int],
+        *,
+        model: str,
+        directory: str,
+        dashboard: str,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        directory_resource: str | None = None,
+        replica: ReplicaSettings | None = None,
+    ):
         self.info, self.plan, self.replicas = info, plan, dict(replicas)
         self.model, self.directory, self.dashboard = model, directory, dashboard
         self.num_cpus, self.num_gpus, self.directory_resource = num_cpus, num_gpus, directory_resource
         self.replica = replica or ReplicaSettings()
 
     def serve_config(self, plan: PlacementPlan, replicas: dict[str, int]) -> dict:
-        return build_serve_config(plan, self.model, self.directory, replicas=replicas, num_cpus=self.num_cpus,
-                                  num_gpus=self.num_gpus, directory_resource=self.directory_resource,
-                                  replica=self.replica)
+        return build_serve_config(
+            plan,
+            self.model,
+            self.directory,
+            replicas=replicas,
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            directory_resource=self.directory_resource,
+            replica=self.replica,
+        )
 
     def apply(self, plan: PlacementPlan, replicas: dict[str, int]) -> None:
         check_apply(plan, replicas, self.info)
@@ -116,12 +133,25 @@ def adopt_plan(base: PlacementPlan, layout: Layout, settings: ControllerSettings
         keys = {int(layer): experts for layer, experts in json.loads(keys_json).items()}
         same = known.get(name)
         if same is not None and _keys_json(same.keys) == keys_json:
-            groups.append(same.model_copy(update={"min_replicas": min(same.min_replicas, n),
-                                                  "max_replicas": max(same.max_replicas, n),
-                                                  "initial_replicas": n}))
+            groups.append(
+                same.model_copy(
+                    update={
+                        "min_replicas": min(same.min_replicas, n),
+                        "max_replicas": max(same.max_replicas, n),
+                        "initial_replicas": n,
+                    }
+                )
+            )
         else:
-            groups.append(ExpertGroup(name=name, keys=keys, min_replicas=min(1, n), initial_replicas=n,
-                                      max_replicas=max(settings.max_replicas_per_group, n)))
+            groups.append(
+                ExpertGroup(
+                    name=name,
+                    keys=keys,
+                    min_replicas=min(1, n),
+                    initial_replicas=n,
+                    max_replicas=max(settings.max_replicas_per_group, n),
+                )
+            )
     if not groups:
         raise ValueError("no expert group is deployed")
     return PlacementPlan(model=base.model, autoscaling=base.autoscaling, groups=groups)
@@ -130,15 +160,16 @@ def adopt_plan(base: PlacementPlan, layout: Layout, settings: ControllerSettings
 class ControllerService:
     """Runs one step per `settings.interval_s` (read Serve, adopt if needed, Controller.tick) in a thread."""
 
-    def __init__(self, *, info: MoEInfo, plan: PlacementPlan, router: str, target_options: dict,
-                 settings: ControllerSettings):
+    def __init__(
+        self, *, info: MoEInfo, plan: PlacementPlan, router: str, target_options: dict, settings: ControllerSettings
+    ):
         self.info, self.base_plan, self.router = info, plan, router
         self.target_options, self.settings = target_options, settings
         self.target: ServeTarget | None = None
         self.controller: Controller | None = None
         self.adoptions = 0
-        self.last_ok: float | None = None           # monotonic end of the last successful step
-        self.step_started: float | None = None      # monotonic start of the step running now
+        self.last_ok: float | None = None  # monotonic end of the last successful step
+        self.step_started: float | None = None  # monotonic start of the step running now
         self.last_error: str | None = "not started"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -149,8 +180,10 @@ class ControllerService:
         try:
             layout = deployed_layout(get_serve_status(self.target_options["dashboard"]))
             if layout is None:
-                raise RuntimeError("the expert pool's Serve config is not deployed yet (KubeRay submits "
-                                   "serveConfigV2 once the Ray head is ready)")
+                raise RuntimeError(
+                    "the expert pool's Serve config is not deployed yet (KubeRay submits "
+                    "serveConfigV2 once the Ray head is ready)"
+                )
             if self.target is None or layout != self.target.layout():
                 self._adopt(layout)
             self.controller.tick()
@@ -174,8 +207,10 @@ class ControllerService:
             plan, repair = self.base_plan, True
         replicas = {g.name: g.start_replicas for g in plan.groups}
         if not first:
-            log.warning("Serve's expert groups changed under the controller (KubeRay re-submitted serveConfigV2?): "
-                        "adopting %s", {name: n for name, (_, n) in layout.items()})
+            log.warning(
+                "Serve's expert groups changed under the controller (KubeRay re-submitted serveConfigV2?): adopting %s",
+                {name: n for name, (_, n) in layout.items()},
+            )
             self.adoptions += 1
         if self.controller is not None:
             self.controller.stop()
@@ -199,8 +234,12 @@ class ControllerService:
 
     def health(self) -> dict:
         ago = None if self.last_ok is None else round(time.monotonic() - self.last_ok, 3)
-        return {"healthy": self.healthy(), "last_error": self.last_error, "last_success_seconds_ago": ago,
-                "adoptions": self.adoptions}
+        return {
+            "healthy": self.healthy(),
+            "last_error": self.last_error,
+            "last_success_seconds_ago": ago,
+            "adoptions": self.adoptions,
+        }
 
     def status(self) -> dict | None:
         if self.controller is None:
@@ -208,7 +247,7 @@ class ControllerService:
         return dict(self.controller.status(), service=self.health())
 
     # -- thread -----------------------------------------------------------------------------------------------
-    def start(self) -> "ControllerService":
+    def start(self) -> ControllerService:
         self._thread = threading.Thread(target=self._run, name="expertmesh-controller-service", daemon=True)
         self._thread.start()
         return self
@@ -270,6 +309,7 @@ def _host_port(flag: str):
         if not m or not 1 <= int(m.group(1)) <= 65535:
             raise argparse.ArgumentTypeError(f"{flag} must be HOST:PORT (port 1-65535), got {value!r}")
         return value
+
     return parse
 
 
@@ -288,11 +328,12 @@ def _non_negative(flag: str):
         if not x >= 0:
             raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {value!r}")
         return x
+
     return parse
 
 
 def parse_settings(raw: str | dict | None) -> ControllerSettings:
-    """ControllerSettings from a JSON object (text or parsed); unknown fields and non-numbers are errors (ValueError)."""
+    """ControllerSettings from a JSON object (text or parsed); unknown fields and non-numbers raise ValueError."""
     if not raw:
         return ControllerSettings()
     try:
@@ -313,19 +354,31 @@ def parse_settings(raw: str | dict | None) -> ControllerSettings:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", required=True, type=_host_port("--router"), help="router gRPC host:port (Stats)")
-    parser.add_argument("--directory", required=True, type=_host_port("--directory"),
-                        help="expert directory gRPC host:port (as the replicas see it: it goes into the Serve config)")
+    parser.add_argument(
+        "--directory",
+        required=True,
+        type=_host_port("--directory"),
+        help="expert directory gRPC host:port (as the replicas see it: it goes into the Serve config)",
+    )
     parser.add_argument("--dashboard", required=True, type=_url, help="Ray dashboard URL, e.g. http://HEAD:8265")
     parser.add_argument("--model", required=True, help="checkpoint directory as the replicas see it (config.json)")
-    parser.add_argument("--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)")
+    parser.add_argument(
+        "--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)"
+    )
     parser.add_argument("--num-cpus", type=_non_negative("--num-cpus"), default=1.0, help="per expert replica")
     parser.add_argument("--num-gpus", type=_non_negative("--num-gpus"), default=0.0, help="per expert replica")
-    parser.add_argument("--directory-resource", default=None,
-                        help="custom Ray resource the ExpertDirectory asks for (the chart's head offers it)")
+    parser.add_argument(
+        "--directory-resource",
+        default=None,
+        help="custom Ray resource the ExpertDirectory asks for (the chart's head offers it)",
+    )
     parser.add_argument("--host", default="0.0.0.0", help="address of the /health and /status server")
     parser.add_argument("--port", type=int, default=defaults.CONTROLLER_PORT, help="0 = any free port")
-    parser.add_argument("--settings", default=None,
-                        help=f"JSON object of ControllerSettings fields (default: env {ENV_CONTROLLER_SETTINGS})")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help=f"JSON object of ControllerSettings fields (default: env {ENV_CONTROLLER_SETTINGS})",
+    )
     add_replica_flags(parser)  # the replicas' tunables, rendered into every group's args as the chart does
 
 
@@ -343,30 +396,39 @@ def build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Controll
     except (OSError, ValueError) as exc:
         parser.error(f"--plan {args.plan}: {exc}")
     try:
-        settings = parse_settings(args.settings if args.settings is not None
-                                  else core_settings.controller_settings())
+        settings = parse_settings(args.settings if args.settings is not None else core_settings.controller_settings())
     except (TypeError, ValueError) as exc:
         parser.error(f"--settings: {exc}")
     if settings.interval_s <= 0:
         parser.error("--settings: interval_s must be > 0")
-    target_options = {"model": args.model, "directory": args.directory, "dashboard": args.dashboard,
-                      "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
-                      "directory_resource": args.directory_resource or None,
-                      "replica": replica_settings_from_args(args)}
-    return ControllerService(info=info, plan=plan, router=args.router, target_options=target_options,
-                             settings=settings)
+    target_options = {
+        "model": args.model,
+        "directory": args.directory,
+        "dashboard": args.dashboard,
+        "num_cpus": args.num_cpus,
+        "num_gpus": args.num_gpus,
+        "directory_resource": args.directory_resource or None,
+        "replica": replica_settings_from_args(args),
+    }
+    return ControllerService(info=info, plan=plan, router=args.router, target_options=target_options, settings=settings)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m expertmesh.control.controller_service",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m expertmesh.control.controller_service", description=__doc__.splitlines()[0]
+    )
     configure(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build(args, parser)
     server = serve_http(service, args.host, args.port)
-    log.info("expert controller: router %s, directory %s, dashboard %s; /health and /status on %s:%d",
-             args.router, args.directory, args.dashboard, *server.server_address[:2])
+    log.info(
+        "expert controller: router %s, directory %s, dashboard %s; /health and /status on %s:%d",
+        args.router,
+        args.directory,
+        args.dashboard,
+        *server.server_address[:2],
+    )
     service.start()
 
     def shutdown(*_):

@@ -45,18 +45,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face MoE checkpoint directory (config.json is read)")
     parser.add_argument("--stats", help="JSON routed-token counts per (layer, expert): see `expertmesh plan` docs")
     parser.add_argument("--replicas", type=int, help="fixed budget: expert slots per MoE layer (>= experts)")
-    parser.add_argument("--slots-per-device", type=int,
-                        help="experts one replica holds (fixed budget: default 1; free budget: default "
-                             "as in the default plan)")
+    parser.add_argument(
+        "--slots-per-device",
+        type=int,
+        help="experts one replica holds (fixed budget: default 1; free budget: default as in the default plan)",
+    )
     parser.add_argument("--current", help="placement plan YAML now serving; the new plan moves few experts from it")
-    parser.add_argument("--target-load", type=float,
-                        help="free budget: routed tokens (over the stats window) one replica may carry")
-    parser.add_argument("--max-ratio", type=float, default=1.10,
-                        help="free budget: max/mean per-replica load to reach (default 1.10)")
-    parser.add_argument("--exclusive-hot", action="store_true",
-                        help="free budget: a hot expert's group holds it alone (scales alone; costs replicas)")
-    parser.add_argument("--move-cost", type=float, default=0.1,
-                        help="fixed budget: imbalance (max/mean) worth moving every slot's expert (default 0.1)")
+    parser.add_argument(
+        "--target-load", type=float, help="free budget: routed tokens (over the stats window) one replica may carry"
+    )
+    parser.add_argument(
+        "--max-ratio", type=float, default=1.10, help="free budget: max/mean per-replica load to reach (default 1.10)"
+    )
+    parser.add_argument(
+        "--exclusive-hot",
+        action="store_true",
+        help="free budget: a hot expert's group holds it alone (scales alone; costs replicas)",
+    )
+    parser.add_argument(
+        "--move-cost",
+        type=float,
+        default=0.1,
+        help="fixed budget: imbalance (max/mean) worth moving every slot's expert (default 0.1)",
+    )
     parser.add_argument("--out", help="write the plan YAML here instead of stdout")
 
 
@@ -81,8 +92,10 @@ def load_from_rows(rows, layers: list[int], num_experts: int) -> np.ndarray:
         except (TypeError, ValueError):
             raise ValueError(f"stats row {i}: layer, expert and routed_tokens must be numbers: {row}") from None
         if layer not in row_of:
-            raise ValueError(f"stats row {i}: layer {layer} is not an MoE layer of the model (MoE layers: "
-                             f"{layers[:8]}{'...' if len(layers) > 8 else ''})")
+            raise ValueError(
+                f"stats row {i}: layer {layer} is not an MoE layer of the model (MoE layers: "
+                f"{layers[:8]}{'...' if len(layers) > 8 else ''})"
+            )
         if not 0 <= expert < num_experts:
             raise ValueError(f"stats row {i}: expert {expert} outside [0, {num_experts})")
         if not math.isfinite(tokens) or tokens < 0:
@@ -121,9 +134,9 @@ def _plan_devices(plan, layers: list[int], num_experts: int) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    from expertmesh.control import planner
     from expertmesh.core.checkpoint import read_moe_info
     from expertmesh.core.plan import default_plan, load_plan
-    from expertmesh.control import planner
 
     try:
         info = read_moe_info(args.model)
@@ -148,34 +161,46 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     cur_slots = planner.slots_from_plan(current, layers, E, D, S)
                 except ValueError as exc:
-                    raise ValueError(f"--current {args.current}: {exc} (--replicas and --slots-per-device "
-                                     f"describe the layout it must fit)") from None
+                    raise ValueError(
+                        f"--current {args.current}: {exc} (--replicas and --slots-per-device "
+                        f"describe the layout it must fit)"
+                    ) from None
             result = planner.plan_slots(load, D, S, current=cur_slots, move_cost=args.move_cost)
             plan = planner.to_placement_plan(result, layers, model=str(info.path))
             for row, layer in enumerate(layers):
                 hot = np.flatnonzero(result.counts[row] > 1)
-                summary.append(f"layer {layer}: max/mean device load {result.imbalance[row]:.3f}, "
-                               f"{D} devices x {S} slots, extra replicas for experts {hot.tolist()}"
-                               + (f", {int(result.moved[row])} experts moved" if current is not None else ""))
+                summary.append(
+                    f"layer {layer}: max/mean device load {result.imbalance[row]:.3f}, "
+                    f"{D} devices x {S} slots, extra replicas for experts {hot.tolist()}"
+                    + (f", {int(result.moved[row])} experts moved" if current is not None else "")
+                )
         else:
             S = args.slots_per_device or max(1, min(E, (2 << 30) // max(1, info.expert_bytes)))
-            result = planner.plan_autoscale(load, S, target_load=args.target_load, max_ratio=args.max_ratio,
-                                            exclusive_hot=args.exclusive_hot)
+            result = planner.plan_autoscale(
+                load, S, target_load=args.target_load, max_ratio=args.max_ratio, exclusive_hot=args.exclusive_hot
+            )
             plan = planner.to_placement_plan(result, layers, model=str(info.path))
             moved = None
             if current is not None:
                 old, new = _plan_devices(current, layers, E), _plan_devices(plan, layers, E)
                 D, S2 = max(old.shape[1], new.shape[1]), max(old.shape[2], new.shape[2])
-                pad = lambda x: np.pad(x, ((0, 0), (0, D - x.shape[1]), (0, S2 - x.shape[2])), constant_values=-1)
-                old, new = pad(old), pad(new)
+                old, new = (
+                    np.pad(x, ((0, 0), (0, D - x.shape[1]), (0, S2 - x.shape[2])), constant_values=-1)
+                    for x in (old, new)
+                )
                 moved = planner.moved_experts(planner.match_devices(new, old, E), old, E)
             for row, layer in enumerate(layers):
-                scaled = [f"{g.name} {g.keys[layer]} x{g.start_replicas}" for g in plan.groups
-                          if layer in g.keys and g.start_replicas > 1]
-                summary.append(f"layer {layer}: max/mean per-replica load {result.imbalance[row]:.3f}, "
-                               f"{int(result.replicas[row])} replicas, groups with more than one: "
-                               f"{', '.join(scaled) or 'none'}"
-                               + (f", {int(moved[row])} experts moved" if moved is not None else ""))
+                scaled = [
+                    f"{g.name} {g.keys[layer]} x{g.start_replicas}"
+                    for g in plan.groups
+                    if layer in g.keys and g.start_replicas > 1
+                ]
+                summary.append(
+                    f"layer {layer}: max/mean per-replica load {result.imbalance[row]:.3f}, "
+                    f"{int(result.replicas[row])} replicas, groups with more than one: "
+                    f"{', '.join(scaled) or 'none'}"
+                    + (f", {int(moved[row])} experts moved" if moved is not None else "")
+                )
         plan.check_covers(info)
     except (ValueError, OSError) as exc:  # CheckpointError and pydantic's ValidationError are ValueErrors
         print(f"expertmesh plan: error: {exc}", file=sys.stderr)

@@ -51,10 +51,10 @@ _EMPTY = -1  # expert id of an empty slot
 
 @dataclass
 class SlotPlan:
-    counts: np.ndarray       # [L, E] replicas per expert
-    slots: np.ndarray        # [L, D, S] expert id in each slot
+    counts: np.ndarray  # [L, E] replicas per expert
+    slots: np.ndarray  # [L, D, S] expert id in each slot
     device_load: np.ndarray  # [L, D] routed tokens per device, expert load split evenly over its replicas
-    moved: np.ndarray        # [L] expert weights newly loaded onto a device vs the current plan
+    moved: np.ndarray  # [L] expert weights newly loaded onto a device vs the current plan
 
     @property
     def imbalance(self) -> np.ndarray:
@@ -64,9 +64,9 @@ class SlotPlan:
 
 @dataclass
 class GroupPlan:
-    group_of: np.ndarray        # [L, E] group index of each expert
+    group_of: np.ndarray  # [L, E] group index of each expert
     group_replicas: np.ndarray  # [L, G] replicas of each group, 0 where a layer has fewer groups
-    group_load: np.ndarray      # [L, G] routed tokens per group (all replicas together)
+    group_load: np.ndarray  # [L, G] routed tokens per group (all replicas together)
 
     @property
     def replicas(self) -> np.ndarray:
@@ -103,6 +103,7 @@ def _check_load(load) -> np.ndarray:
 
 # ---------------------------------------------------------------- slot mode (fixed budget)
 
+
 def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.ndarray:
     """[L, E] replicas per expert: >= 1 each, sum = num_slots, greedy on the highest load per replica.
 
@@ -115,22 +116,22 @@ def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.
     extra = num_slots - E
     if extra == 0:
         return np.ones((L, E), dtype=np.int64)
-    K = min(extra, max_per_expert - 1)                      # more replicas than devices would share one
+    K = min(extra, max_per_expert - 1)  # more replicas than devices would share one
 
-    def at_least(tau: np.ndarray) -> np.ndarray:            # [L, E] priorities >= tau per expert
+    def at_least(tau: np.ndarray) -> np.ndarray:  # [L, E] priorities >= tau per expert
         with np.errstate(divide="ignore", invalid="ignore"):
             n = np.floor(load / tau[:, None])
         return np.where(tau[:, None] > 0, np.minimum(K, np.nan_to_num(n, nan=0.0, posinf=K)), K).astype(np.int64)
 
-    lo = np.zeros(L)                                         # at_least(lo).sum() >= extra
-    hi = load.max(1) * (1 + 1e-9) + 1e-300                   # at_least(hi).sum() < extra
+    lo = np.zeros(L)  # at_least(lo).sum() >= extra
+    hi = load.max(1) * (1 + 1e-9) + 1e-300  # at_least(hi).sum() < extra
     for _ in range(64):
         mid = (lo + hi) / 2
         enough = at_least(mid).sum(1) >= extra
         lo, hi = np.where(enough, mid, lo), np.where(enough, hi, mid)
-    base = at_least(hi)                                      # [L, E] surely chosen
-    tied = at_least(lo) - base                               # [L, E] chosen round-robin up to `extra`
-    left = extra - base.sum(1)                               # [L]
+    base = at_least(hi)  # [L, E] surely chosen
+    tied = at_least(lo) - base  # [L, E] chosen round-robin up to `extra`
+    left = extra - base.sum(1)  # [L]
     for r in range(K):
         want = tied > r
         give = want & (np.cumsum(want, 1) <= left[:, None])
@@ -144,7 +145,7 @@ def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.
 def _holds(slots: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, D, E] replicas of each expert per device (empty slots ignored)."""
     L, D, S = slots.shape
-    flat = (np.arange(L * D)[:, None] * (num_experts + 1) + np.where(slots < 0, num_experts, slots).reshape(L * D, S))
+    flat = np.arange(L * D)[:, None] * (num_experts + 1) + np.where(slots < 0, num_experts, slots).reshape(L * D, S)
     counts = np.bincount(flat.ravel(), minlength=L * D * (num_experts + 1))
     return counts.reshape(L, D, num_experts + 1)[:, :, :num_experts]
 
@@ -159,7 +160,7 @@ def _pack_lpt(counts: np.ndarray, replica_load: np.ndarray, D: int, S: int) -> n
     L, E = counts.shape
     rows = np.arange(L)
     experts = np.repeat(np.tile(np.arange(E), L), counts.ravel()).reshape(L, -1)  # [L, P] expert per replica
-    item = np.take_along_axis(replica_load, experts, 1)                      # [L, P]
+    item = np.take_along_axis(replica_load, experts, 1)  # [L, P]
     order = np.argsort(-item, axis=1, kind="stable")
     experts = np.take_along_axis(experts, order, 1)
     item = np.take_along_axis(item, order, 1)
@@ -170,7 +171,7 @@ def _pack_lpt(counts: np.ndarray, replica_load: np.ndarray, D: int, S: int) -> n
     for i in range(experts.shape[1]):
         e = experts[:, i]
         full = fill >= S
-        cost = np.where(full | holds[rows, :, e], np.inf, dev_load)          # [L, D]
+        cost = np.where(full | holds[rows, :, e], np.inf, dev_load)  # [L, D]
         # Only if every free device already holds e (counts <= D makes that rare) share a device.
         cost = np.where(np.isinf(cost).all(1, keepdims=True), np.where(full, np.inf, dev_load), cost)
         d = cost.argmin(1)
@@ -197,8 +198,9 @@ def _apply_swaps(slots, holds, t, dev_a, sa, dev_b, sb) -> None:
         holds[t[came >= 0], dev[came >= 0], came[came >= 0]] = True
 
 
-def _refine_swaps(slots: np.ndarray, replica_load: np.ndarray, pair_rounds: int = 8,
-                  max_rounds: int = 40, min_gain: float = 1e-4) -> np.ndarray:
+def _refine_swaps(
+    slots: np.ndarray, replica_load: np.ndarray, pair_rounds: int = 8, max_rounds: int = 40, min_gain: float = 1e-4
+) -> np.ndarray:
     """Swap replicas between devices while that lowers the busiest device; never two replicas of one
     expert on a device. Each round is one array expression over all layers still improving.
 
@@ -211,26 +213,26 @@ def _refine_swaps(slots: np.ndarray, replica_load: np.ndarray, pair_rounds: int 
     slots = slots.copy()
     L, D, S = slots.shape
     E = replica_load.shape[1]
-    holds = _holds(slots, E) > 0                                              # [L, D, E]
+    holds = _holds(slots, E) > 0  # [L, D, E]
     # A swap must lower the busiest device by min_gain x the mean device load (default 0.01%: less is
     # noise next to the load's own drift; plan_slots raises it to the cost of the two weights it moves).
     tol = min_gain * np.maximum(_device_load(slots, replica_load).mean(1), 1e-12)  # [L]
     h = D // 2
     active = np.arange(L)
-    stall = np.zeros(L, dtype=np.int64)     # rounds without a swap; also shifts the pairing
+    stall = np.zeros(L, dtype=np.int64)  # rounds without a swap; also shifts the pairing
     for _ in range(pair_rounds if h else 0):
         sl = slots[active]
-        item = _item_load(sl, replica_load[active])                          # [A, D, S]
-        dev = item.sum(-1)                                                    # [A, D]
+        item = _item_load(sl, replica_load[active])  # [A, D, S]
+        dev = item.sum(-1)  # [A, D]
         order = np.argsort(dev, 1, kind="stable")
-        heavy = order[:, ::-1][:, :h]                                         # [A, h] busiest first
+        heavy = order[:, ::-1][:, :h]  # [A, h] busiest first
         shifted = (np.arange(h)[None, :] + stall[active][:, None]) % h
-        light = np.take_along_axis(order[:, :h], shifted, 1)                  # [A, h] partner of each
+        light = np.take_along_axis(order[:, :h], shifted, 1)  # [A, h] partner of each
         r = np.arange(active.size)[:, None]
-        a, b = item[r, heavy], item[r, light]                                 # [A, h, S]
+        a, b = item[r, heavy], item[r, light]  # [A, h, S]
         ea, eb = sl[r, heavy], sl[r, light]
-        top = dev[r, heavy]                                                   # [A, h]
-        new_hi = top[..., None, None] - a[..., :, None] + b[..., None, :]     # [A, h, S, S]
+        top = dev[r, heavy]  # [A, h]
+        new_hi = top[..., None, None] - a[..., :, None] + b[..., None, :]  # [A, h, S, S]
         new_lo = dev[r, light][..., None, None] + a[..., :, None] - b[..., None, :]
         worst = np.maximum(new_hi, new_lo)
         t3 = active[:, None, None]
@@ -238,15 +240,15 @@ def _refine_swaps(slots: np.ndarray, replica_load: np.ndarray, pair_rounds: int 
         b_on_hi = holds[t3, heavy[..., None], np.maximum(eb, 0)] & (eb >= 0)
         bad = a_on_lo[..., :, None] | b_on_hi[..., None, :] | (ea[..., :, None] == eb[..., None, :])
         worst = np.where(bad, np.inf, worst).reshape(active.size, h, S * S)
-        best = worst.argmin(-1)                                               # [A, h]
+        best = worst.argmin(-1)  # [A, h]
         gain = top - np.take_along_axis(worst, best[..., None], -1)[..., 0]
-        take = gain > tol[active][:, None]                                    # [A, h]
+        take = gain > tol[active][:, None]  # [A, h]
         li, pi = np.nonzero(take)
         sa, sb = np.divmod(best[li, pi], S)
         _apply_swaps(slots, holds, active[li], heavy[li, pi], sa, light[li, pi], sb)
         moved_any = take.any(1)
         stall[active] = np.where(moved_any, 0, stall[active] + 1)
-        active = active[stall[active] < h]    # a full cycle of pairings without a swap: done
+        active = active[stall[active] < h]  # a full cycle of pairings without a swap: done
         if not active.size:
             break
 
@@ -255,19 +257,23 @@ def _refine_swaps(slots: np.ndarray, replica_load: np.ndarray, pair_rounds: int 
         sl = slots[active]
         A = active.size
         rows = np.arange(A)
-        item = _item_load(sl, replica_load[active])                          # [A, D, S]
-        dev = item.sum(-1)                                                    # [A, D]
+        item = _item_load(sl, replica_load[active])  # [A, D, S]
+        dev = item.sum(-1)  # [A, D]
         m = dev.argmax(1)
-        top = dev[rows, m]                                                    # [A]
-        a, ea = item[rows, m], sl[rows, m]                                    # [A, S] leaving m
-        new_m = top[:, None, None, None] - a[:, :, None, None] + item[:, None, :, :]   # [A, S, D, S]
-        new_d = dev[:, None, :, None] + a[:, :, None, None] - item[:, None, :, :]      # [A, S, D, S]
+        top = dev[rows, m]  # [A]
+        a, ea = item[rows, m], sl[rows, m]  # [A, S] leaving m
+        new_m = top[:, None, None, None] - a[:, :, None, None] + item[:, None, :, :]  # [A, S, D, S]
+        new_d = dev[:, None, :, None] + a[:, :, None, None] - item[:, None, :, :]  # [A, S, D, S]
         worst = np.maximum(new_m, new_d)
         t3 = active[:, None, None]
         a_on_d = holds[t3, np.arange(D)[None, None, :], np.maximum(ea, 0)[:, :, None]] & (ea >= 0)[:, :, None]
-        b_on_m = holds[t3, m[:, None, None], np.maximum(sl, 0)] & (sl >= 0)                  # [A, D, S]
-        bad = (a_on_d[:, :, :, None] | b_on_m[:, None, :, :] | (ea[:, :, None, None] == sl[:, None, :, :])
-               | (np.arange(D) == m[:, None])[:, None, :, None])
+        b_on_m = holds[t3, m[:, None, None], np.maximum(sl, 0)] & (sl >= 0)  # [A, D, S]
+        bad = (
+            a_on_d[:, :, :, None]
+            | b_on_m[:, None, :, :]
+            | (ea[:, :, None, None] == sl[:, None, :, :])
+            | (np.arange(D) == m[:, None])[:, None, :, None]
+        )
         worst = np.where(bad, np.inf, worst).reshape(A, -1)
         best = worst.argmin(1)
         gain = top - worst[rows, best]
@@ -291,7 +297,7 @@ def match_devices(new_slots: np.ndarray, old_slots: np.ndarray, num_experts: int
     L, D, S = new_slots.shape
     new_h = (_holds(new_slots, num_experts) > 0).astype(np.float32)
     old_h = (_holds(old_slots, num_experts) > 0).astype(np.float32)
-    overlap = np.einsum("lie,lje->lij", new_h, old_h)                        # [L, Dnew, Dold]
+    overlap = np.einsum("lie,lje->lij", new_h, old_h)  # [L, Dnew, Dold]
     rows = np.arange(L)
     target = np.empty((L, D), dtype=np.int64)
     for _ in range(D):
@@ -312,9 +318,9 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
     E = counts.shape[1]
     rows = np.arange(L)
     slots = current.copy()
-    have = _holds(current, E).sum(1)                                         # [L, E]
-    surplus = have - counts                                                  # >0 drop, <0 add
-    dev_load = _device_load(current, replica_load)                           # [L, D]
+    have = _holds(current, E).sum(1)  # [L, E]
+    surplus = have - counts  # >0 drop, <0 add
+    dev_load = _device_load(current, replica_load)  # [L, D]
     # Rank each expert's replicas by device load, busiest first; free the first `surplus` of them.
     flat = slots.reshape(L, D * S)
     layer_of = np.repeat(rows, D * S)
@@ -331,24 +337,24 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
     flat = np.where(free, _EMPTY, e_flat).reshape(L, D * S)
     slots = flat.reshape(L, D, S)
     # Deficit replicas, heaviest first.
-    need = np.maximum(-surplus, 0)                                            # [L, E]
+    need = np.maximum(-surplus, 0)  # [L, E]
     n_need = need.sum(1)
     if n_need.max(initial=0) == 0:
         return slots
     width = int(n_need.max())
-    layer_of = np.repeat(np.repeat(rows, E), need.ravel())                   # every needed replica
+    layer_of = np.repeat(np.repeat(rows, E), need.ravel())  # every needed replica
     expert_of = np.repeat(np.tile(np.arange(E), L), need.ravel())
-    order = np.lexsort((-replica_load[layer_of, expert_of], layer_of))       # per layer, heaviest first
+    order = np.lexsort((-replica_load[layer_of, expert_of], layer_of))  # per layer, heaviest first
     layer_of, expert_of = layer_of[order], expert_of[order]
     position = np.arange(layer_of.size) - np.repeat(np.cumsum(n_need) - n_need, n_need)
-    add = np.full((L, width), _EMPTY, dtype=np.int64)                       # [L, width] padded with -1
+    add = np.full((L, width), _EMPTY, dtype=np.int64)  # [L, width] padded with -1
     add[layer_of, position] = expert_of
     dev_load = _device_load(slots, replica_load)
     holds = _holds(slots, E) > 0
     for i in range(width):
         e = add[:, i]
         go = e >= 0
-        has_free = (slots == _EMPTY).any(-1)                                  # [L, D]
+        has_free = (slots == _EMPTY).any(-1)  # [L, D]
         cost = np.where(has_free & ~holds[rows, :, np.maximum(e, 0)], dev_load, np.inf)
         cost = np.where(np.isinf(cost).all(1, keepdims=True), np.where(has_free, dev_load, np.inf), cost)
         d = cost.argmin(1)
@@ -360,8 +366,7 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
     return slots
 
 
-def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None,
-               move_cost: float = 0.1) -> SlotPlan:
+def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None, move_cost: float = 0.1) -> SlotPlan:
     """Replica counts and device placement for a fixed slot budget; see the module docstring."""
     load = _check_load(load)
     L, E = load.shape
@@ -373,8 +378,8 @@ def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None,
         raise ValueError(f"{D} devices x {S} slots = {P} slots cannot hold {E} experts (need >= {E})")
     if P > E * D:
         raise ValueError(f"{P} slots > {E} experts x {D} devices: some device would hold an expert twice")
-    counts = replica_counts(load, P, D)                                       # [L, E]
-    replica_load = load / counts                                              # [L, E]
+    counts = replica_counts(load, P, D)  # [L, E]
+    replica_load = load / counts  # [L, E]
     fresh = _refine_swaps(_pack_lpt(counts, replica_load, D, S), replica_load)
     if current is None:
         return SlotPlan(counts, fresh, _device_load(fresh, replica_load), np.zeros(L, dtype=np.int64))
@@ -384,20 +389,21 @@ def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None,
         raise ValueError(f"current placement has shape {list(current.shape)}, expected {[L, D, S]}")
     if ((current < _EMPTY) | (current >= E)).any():
         raise ValueError(f"current placement has expert ids outside [0, {E}) (or -1 for an empty slot)")
-    cur_counts = _holds(current, E).sum(1)                                    # [L, E]
-    keep_valid = (cur_counts >= 1).all(1)                                     # every expert still served
+    cur_counts = _holds(current, E).sum(1)  # [L, E]
+    keep_valid = (cur_counts >= 1).all(1)  # every expert still served
     cur_replica_load = load / np.maximum(cur_counts, 1)
 
-    candidates = [current,
-                  # Swaps away from `current` move two weights each: only those worth their move cost.
-                  _refine_swaps(_repair(current, counts, replica_load), replica_load,
-                                min_gain=max(1e-4, 2 * move_cost / P)),
-                  match_devices(fresh, current, E)]
+    candidates = [
+        current,
+        # Swaps away from `current` move two weights each: only those worth their move cost.
+        _refine_swaps(_repair(current, counts, replica_load), replica_load, min_gain=max(1e-4, 2 * move_cost / P)),
+        match_devices(fresh, current, E),
+    ]
     loads = [_device_load(current, cur_replica_load)] + [_device_load(c, replica_load) for c in candidates[1:]]
-    moved = np.stack([moved_experts(c, current, E) for c in candidates])      # [3, L]
-    score = np.stack([_ratio(dl) for dl in loads]) + move_cost * moved / P    # [3, L]
+    moved = np.stack([moved_experts(c, current, E) for c in candidates])  # [3, L]
+    score = np.stack([_ratio(dl) for dl in loads]) + move_cost * moved / P  # [3, L]
     score[0, ~keep_valid] = np.inf
-    pick = np.lexsort((moved, score), axis=0)[0]                              # [L] ties -> fewer moves
+    pick = np.lexsort((moved, score), axis=0)[0]  # [L] ties -> fewer moves
     rows = np.arange(L)
     slots = np.stack(candidates)[pick, rows]
     chosen_counts = np.where((pick == 0)[:, None], cur_counts, counts)
@@ -406,18 +412,19 @@ def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None,
 
 # ---------------------------------------------------------------- autoscale mode (free budget)
 
+
 def _group_ffd(load: np.ndarray, capacity: np.ndarray, max_keys: int, exclusive_hot: bool = False) -> GroupPlan:
     """Hot experts (load > capacity) open a group with ceil(load / capacity) replicas; every other expert,
     heaviest first, joins the first group with room (load and key count) -- a hot group too, unless
     `exclusive_hot` -- else opens a one-replica group."""
     L, E = load.shape
     rows = np.arange(L)
-    order = np.argsort(-load, axis=1, kind="stable")                         # [L, E]
+    order = np.argsort(-load, axis=1, kind="stable")  # [L, E]
     w = np.take_along_axis(load, order, 1)
-    cap = capacity[:, None]                                                   # [L, 1]
-    hot = w > cap                                                             # [L, E]
-    reps = np.where(hot, np.ceil(w / cap), 1.0).astype(np.int64)              # [L, E]
-    room = np.full((L, E), -1.0)         # spare tokens per group; -1 = unopened or out of key slots
+    cap = capacity[:, None]  # [L, 1]
+    hot = w > cap  # [L, E]
+    reps = np.where(hot, np.ceil(w / cap), 1.0).astype(np.int64)  # [L, E]
+    room = np.full((L, E), -1.0)  # spare tokens per group; -1 = unopened or out of key slots
     g_keys = np.zeros((L, E), dtype=np.int64)
     g_reps = np.zeros((L, E), dtype=np.int64)
     n_groups = np.zeros(L, dtype=np.int64)
@@ -442,8 +449,13 @@ def _group_ffd(load: np.ndarray, capacity: np.ndarray, max_keys: int, exclusive_
     return GroupPlan(group_of, g_reps, g_load)
 
 
-def plan_autoscale(load, max_experts_per_replica: int, target_load: float | None = None,
-                   max_ratio: float = 1.10, exclusive_hot: bool = False) -> GroupPlan:
+def plan_autoscale(
+    load,
+    max_experts_per_replica: int,
+    target_load: float | None = None,
+    max_ratio: float = 1.10,
+    exclusive_hot: bool = False,
+) -> GroupPlan:
     """Fewest replicas per layer with max/mean per-replica load <= max_ratio; see the module docstring.
 
     For a candidate replica count N the per-replica capacity is min(max_ratio * W / N, target_load)
@@ -464,8 +476,8 @@ def plan_autoscale(load, max_experts_per_replica: int, target_load: float | None
         raise ValueError("max_ratio must be > 1.0")
     if target_load is not None and target_load <= 0:
         raise ValueError("target_load must be > 0")
-    total = load.sum(1)                                                       # [L]
-    lo = np.full(L, -(-E // S), dtype=np.int64)                               # key limit
+    total = load.sum(1)  # [L]
+    lo = np.full(L, -(-E // S), dtype=np.int64)  # key limit
     if target_load is not None:
         lo = np.maximum(lo, np.ceil(total / target_load).astype(np.int64))
     hi = lo + int(np.ceil(E * max_ratio / (max_ratio - 1.0))) + 1
@@ -519,8 +531,10 @@ def plan_autoscale(load, max_experts_per_replica: int, target_load: float | None
 
 # ---------------------------------------------------------------- conversion to the shared plan schema
 
-def to_placement_plan(result: SlotPlan | GroupPlan, layers: list[int], model: str | None = None,
-                      max_replicas_factor: float = 2.0) -> PlacementPlan:
+
+def to_placement_plan(
+    result: SlotPlan | GroupPlan, layers: list[int], model: str | None = None, max_replicas_factor: float = 2.0
+) -> PlacementPlan:
     """The planner's result as a PlacementPlan; `layers[i]` is the model layer id of row i of the load.
 
     Slot mode: one group per set of devices holding the same experts in a layer (min = max = initial =
@@ -541,8 +555,9 @@ def to_placement_plan(result: SlotPlan | GroupPlan, layers: list[int], model: st
             for key, devices in seen.items():
                 name = f"l{layer}-e{key[0]}" if len(key) == 1 else f"l{layer}-d{devices[0]}"
                 n = len(devices)
-                groups.append(ExpertGroup(name=name, keys={layer: list(key)}, min_replicas=n, max_replicas=n,
-                                          initial_replicas=n))
+                groups.append(
+                    ExpertGroup(name=name, keys={layer: list(key)}, min_replicas=n, max_replicas=n, initial_replicas=n)
+                )
     elif isinstance(result, GroupPlan):
         if len(layers) != result.group_of.shape[0]:
             raise ValueError(f"{len(layers)} layer ids for a plan of {result.group_of.shape[0]} layers")
@@ -554,16 +569,23 @@ def to_placement_plan(result: SlotPlan | GroupPlan, layers: list[int], model: st
                 experts = members[g]
                 n = int(result.group_replicas[row, g])
                 name = f"l{layer}-e{experts[0]}" if len(experts) == 1 else f"l{layer}-g{g}"
-                groups.append(ExpertGroup(name=name, keys={layer: experts}, min_replicas=1,
-                                          max_replicas=max(n, int(np.ceil(n * max_replicas_factor))),
-                                          initial_replicas=n))
+                groups.append(
+                    ExpertGroup(
+                        name=name,
+                        keys={layer: experts},
+                        min_replicas=1,
+                        max_replicas=max(n, int(np.ceil(n * max_replicas_factor))),
+                        initial_replicas=n,
+                    )
+                )
     else:
         raise TypeError(f"expected a SlotPlan or GroupPlan, got {type(result).__name__}")
     return PlacementPlan(model=model, groups=groups)
 
 
-def slots_from_plan(plan: PlacementPlan, layers: list[int], num_experts: int, num_devices: int,
-                    slots_per_device: int) -> np.ndarray:
+def slots_from_plan(
+    plan: PlacementPlan, layers: list[int], num_experts: int, num_devices: int, slots_per_device: int
+) -> np.ndarray:
     """[L, D, S] slots of a PlacementPlan read as a device layout: each replica of a group is a device
     holding the group's experts of that layer (padded with -1); raises ValueError if it does not fit."""
     L, D, S = len(layers), num_devices, slots_per_device
@@ -577,13 +599,14 @@ def slots_from_plan(plan: PlacementPlan, layers: list[int], num_experts: int, nu
             if bad:
                 raise ValueError(f"group {g.name}: expert ids {bad} >= {num_experts} in layer {layer}")
             if len(experts) > S:
-                raise ValueError(f"group {g.name} holds {len(experts)} experts of layer {layer}, more than "
-                                 f"{S} slots per device")
+                raise ValueError(
+                    f"group {g.name} holds {len(experts)} experts of layer {layer}, more than {S} slots per device"
+                )
             devices[row_of[layer]].extend([list(experts)] * g.start_replicas)
     slots = np.full((L, D, S), _EMPTY, dtype=np.int64)
     for row, devs in enumerate(devices):
         if len(devs) > D:
             raise ValueError(f"layer {layers[row]}: the plan has {len(devs)} replicas, the layout {D} devices")
         for d, experts in enumerate(devs):
-            slots[row, d, :len(experts)] = experts
+            slots[row, d, : len(experts)] = experts
     return slots

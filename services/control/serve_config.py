@@ -51,11 +51,15 @@ def group_app_name(group: str) -> str:
     return f"{GROUP_APP_PREFIX}{group}"
 
 
-def group_args(group: ExpertGroup, model_path: str, directory: str | None,
-               replica: ReplicaSettings | None = None) -> dict:
+def group_args(
+    group: ExpertGroup, model_path: str, directory: str | None, replica: ReplicaSettings | None = None
+) -> dict:
     """The args of a group's application: what its replicas need, nothing that may change while it serves."""
-    args = {"model": model_path, "group": group.model_dump(mode="json", include={"name", "keys"}),
-            "directory": directory}
+    args = {
+        "model": model_path,
+        "group": group.model_dump(mode="json", include={"name", "keys"}),
+        "directory": directory,
+    }
     args.update((replica or ReplicaSettings()).serve_args())
     return args
 
@@ -81,25 +85,31 @@ def build_serve_config(
         directory_options: dict = {"num_cpus": 0, "resources": {directory_resource: 1}}
     else:
         directory_options = {"num_cpus": num_cpus}
-    applications = [{
-        "name": DIRECTORY_APP,
-        "route_prefix": None,
-        "import_path": DIRECTORY_IMPORT_PATH,
-        "args": {"directory": directory},
-        "deployments": [{"name": DIRECTORY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": directory_options}],
-    }]
-    for group in plan.groups:
-        applications.append({
-            "name": group_app_name(group.name),
+    applications = [
+        {
+            "name": DIRECTORY_APP,
             "route_prefix": None,
-            "import_path": GROUP_IMPORT_PATH,
-            "args": group_args(group, model_path, directory, replica),
-            "deployments": [{
-                "name": group.name,
-                "num_replicas": int(replicas.get(group.name, group.start_replicas)),
-                "ray_actor_options": dict(replica_options),
-            }],
-        })
+            "import_path": DIRECTORY_IMPORT_PATH,
+            "args": {"directory": directory},
+            "deployments": [{"name": DIRECTORY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": directory_options}],
+        }
+    ]
+    for group in plan.groups:
+        applications.append(
+            {
+                "name": group_app_name(group.name),
+                "route_prefix": None,
+                "import_path": GROUP_IMPORT_PATH,
+                "args": group_args(group, model_path, directory, replica),
+                "deployments": [
+                    {
+                        "name": group.name,
+                        "num_replicas": int(replicas.get(group.name, group.start_replicas)),
+                        "ray_actor_options": dict(replica_options),
+                    }
+                ],
+            }
+        )
     return {"applications": applications}
 
 
@@ -112,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=0)
     add_replica_flags(parser)
     args = parser.parse_args(argv)
-    config = build_serve_config(load_plan(args.plan), args.model, args.directory,
-                                num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                                replica=replica_settings_from_args(args))
+    config = build_serve_config(
+        load_plan(args.plan),
+        args.model,
+        args.directory,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        replica=replica_settings_from_args(args),
+    )
     yaml.safe_dump(config, sys.stdout, sort_keys=False)
     return 0
 

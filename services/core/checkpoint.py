@@ -27,26 +27,45 @@ class FamilySpec:
     """How one model family names its MoE config fields and tensors."""
 
     model_types: tuple[str, ...]
-    experts_field: str              # config field with the number of routed experts (see _EXPERT_FIELDS)
+    experts_field: str  # config field with the number of routed experts (see _EXPERT_FIELDS)
     intermediate_field: str
-    moe_prefix: str                 # module holding the routed experts, under model.layers.{l}.
+    moe_prefix: str  # module holding the routed experts, under model.layers.{l}.
     per_expert: tuple[str, str, str]  # (gate, up, down) tensor names under experts.{e}.
     shared_field: str | None = None  # config field giving shared-expert size / count
 
 
 FAMILIES = {
-    "mixtral": FamilySpec(("mixtral",), "num_local_experts", "intermediate_size", "block_sparse_moe",
-                          ("w1", "w3", "w2")),
-    "qwen2_moe": FamilySpec(("qwen2_moe",), "num_experts", "moe_intermediate_size", "mlp",
-                            ("gate_proj", "up_proj", "down_proj"), "shared_expert_intermediate_size"),
-    "qwen3_moe": FamilySpec(("qwen3_moe",), "num_experts", "moe_intermediate_size", "mlp",
-                            ("gate_proj", "up_proj", "down_proj")),
-    "olmoe": FamilySpec(("olmoe",), "num_experts", "intermediate_size", "mlp",
-                        ("gate_proj", "up_proj", "down_proj")),
-    "deepseek_v2": FamilySpec(("deepseek_v2",), "n_routed_experts", "moe_intermediate_size", "mlp",
-                              ("gate_proj", "up_proj", "down_proj"), "n_shared_experts"),
-    "deepseek_v3": FamilySpec(("deepseek_v3",), "n_routed_experts", "moe_intermediate_size", "mlp",
-                              ("gate_proj", "up_proj", "down_proj"), "n_shared_experts"),
+    "mixtral": FamilySpec(
+        ("mixtral",), "num_local_experts", "intermediate_size", "block_sparse_moe", ("w1", "w3", "w2")
+    ),
+    "qwen2_moe": FamilySpec(
+        ("qwen2_moe",),
+        "num_experts",
+        "moe_intermediate_size",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "shared_expert_intermediate_size",
+    ),
+    "qwen3_moe": FamilySpec(
+        ("qwen3_moe",), "num_experts", "moe_intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj")
+    ),
+    "olmoe": FamilySpec(("olmoe",), "num_experts", "intermediate_size", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v2": FamilySpec(
+        ("deepseek_v2",),
+        "n_routed_experts",
+        "moe_intermediate_size",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "n_shared_experts",
+    ),
+    "deepseek_v3": FamilySpec(
+        ("deepseek_v3",),
+        "n_routed_experts",
+        "moe_intermediate_size",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "n_shared_experts",
+    ),
 }
 SUPPORTED = sorted(FAMILIES)
 
@@ -60,14 +79,14 @@ class MoEInfo:
     path: Path
     model_type: str
     num_layers: int
-    moe_layers: list[int]       # indices of layers whose MLP is a routed MoE block
+    moe_layers: list[int]  # indices of layers whose MLP is a routed MoE block
     num_experts: int
     top_k: int
     hidden_size: int
-    intermediate_size: int      # per routed expert
+    intermediate_size: int  # per routed expert
     hidden_act: str
     dtype: torch.dtype
-    shared_experts: int = 0     # count (DeepSeek) or 1 (Qwen2-MoE); computed in the router, never remote
+    shared_experts: int = 0  # count (DeepSeek) or 1 (Qwen2-MoE); computed in the router, never remote
     shared_intermediate_size: int = 0
     config: dict = field(default_factory=dict, repr=False)
 
@@ -197,7 +216,7 @@ class CheckpointReader:
         fused = self._find_fused(layer)
         if fused is not None:
             gate_up = self._get(fused[0], expert)  # [2I, H]
-            down = self._get(fused[1], expert)     # [H, I]
+            down = self._get(fused[1], expert)  # [H, I]
             gate, up = gate_up[:I], gate_up[I:]
         else:
             names = [f"{self._prefix(layer)}.{expert}.{n}.weight" for n in self._spec.per_expert]

@@ -1,10 +1,11 @@
 """The one wire codec: tensors <-> `expertmesh.v1.Tensor` (raw little-endian bytes + dtype + shape).
 
 Decoding is zero-copy (numpy / torch views over the protobuf bytes) and every check on an incoming
-ForwardRequest lives here (in `decode_forward`, the one place that reads the request's `whole_layer` flag), each with its own message, raised as `WireError` (the servers map it to
-gRPC INVALID_ARGUMENT; `ExpertNotHeld` maps to NOT_FOUND). No pickle. The request decoder and the encoders run once
-per MoE layer per step on the latency path, where every torch or numpy call costs tens of microseconds in situ
-(docs/benchmarks.md): they use views, `tobytes` and Python builtins rather than array operations.
+ForwardRequest lives here (in `decode_forward`, the one place that reads the request's `whole_layer` flag), each
+with its own message, raised as `WireError` (the servers map it to gRPC INVALID_ARGUMENT; `ExpertNotHeld` maps to
+NOT_FOUND). No pickle. The request decoder and the encoders run once per MoE layer per step on the latency path,
+where every cold torch or numpy call is costly (measured in docs/benchmarks.md): they use views, `tobytes` and
+Python builtins rather than array operations.
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
 
     Parameters: tensor, any CPU or device tensor. Returns: bytes in C order."""
     t = tensor
-    if t.requires_grad or not t.is_cpu or not t.is_contiguous():   # a kernel's output is none of these: no copy
+    if t.requires_grad or not t.is_cpu or not t.is_contiguous():  # a kernel's output is none of these: no copy
         t = t.detach().contiguous().cpu()
-    return (t.numpy() if t.dtype in _NUMPY else t.view(torch.int16 if t.element_size() == 2 else torch.uint8)
-            .numpy()).tobytes()
+    return (
+        t.numpy() if t.dtype in _NUMPY else t.view(torch.int16 if t.element_size() == 2 else torch.uint8).numpy()
+    ).tobytes()
 
 
 def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
@@ -142,12 +144,12 @@ class ForwardBatch:
     nothing (docs/benchmarks.md, "dispatch round trip"), so torch is touched only by the kernel's one op call."""
 
     layer: int
-    hidden_data: np.ndarray         # [T, H] float32, or the raw uint16 words of bf16/fp16 (numpy has no bf16)
-    dtype: torch.dtype              # hidden's dtype
+    hidden_data: np.ndarray  # [T, H] float32, or the raw uint16 words of bf16/fp16 (numpy has no bf16)
+    dtype: torch.dtype  # hidden's dtype
     token_index: np.ndarray | None  # [N] int32 or int64, as sent; None for a whole-layer call
-    expert: np.ndarray              # [N] int32 or int64, as sent
-    weight: np.ndarray              # [N] float32
-    whole_layer: bool = False       # all K assignments of each row, in row order: assignment n is row n // K
+    expert: np.ndarray  # [N] int32 or int64, as sent
+    weight: np.ndarray  # [N] float32
+    whole_layer: bool = False  # all K assignments of each row, in row order: assignment n is row n // K
 
     @property
     def rows(self) -> int:
@@ -172,8 +174,13 @@ class ForwardBatch:
         return t if self.dtype == torch.float32 else t.view(self.dtype)
 
 
-def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor | np.ndarray | None,
-                   expert: torch.Tensor | np.ndarray, weight: torch.Tensor | np.ndarray) -> expert_pb2.ForwardRequest:
+def encode_forward(
+    layer: int,
+    hidden: torch.Tensor,
+    token_index: torch.Tensor | np.ndarray | None,
+    expert: torch.Tensor | np.ndarray,
+    weight: torch.Tensor | np.ndarray,
+) -> expert_pb2.ForwardRequest:
     """One layer's assignments for one replica -> a ForwardRequest.
 
     The router's latency path: numpy views and `tobytes`, no casts or torch calls beyond the one `numpy()` per
@@ -198,7 +205,7 @@ def encode_forward(layer: int, hidden: torch.Tensor, token_index: torch.Tensor |
     if token_index is None:
         req.whole_layer = True
     else:
-        _encode_array_into(req.token_index, token_index, _WIRE_INT32)   # rows < 2^31
+        _encode_array_into(req.token_index, token_index, _WIRE_INT32)  # rows < 2^31
     _encode_array_into(req.expert, expert, _WIRE_INTS)
     _encode_array_into(req.weight, weight, _WIRE_FLOATS)
     return req
@@ -225,7 +232,7 @@ def _encode_array_into(msg: expert_pb2.Tensor, values: torch.Tensor | np.ndarray
     msg.dtype = _NUMPY_TO_WIRE[values.dtype]
     msg.shape.append(values.size)
     if values.size:
-        msg.data = values.tobytes()   # C order whatever the strides
+        msg.data = values.tobytes()  # C order whatever the strides
 
 
 def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> tuple[np.ndarray, bytes]:
@@ -237,11 +244,11 @@ def _decode_small(msg: expert_pb2.Tensor, name: str, allowed: tuple[torch.dtype,
         raise WireError(f"{name}: expected 1 dim [assignments], got shape {list(shape)}")
     if dtype in _NUMPY:
         return np.frombuffer(data, dtype=_NUMPY[dtype]), data
-    return as_numpy(decode(msg, name)), data   # bf16/fp16 gate weights as float32: numpy has no bf16
+    return as_numpy(decode(msg, name)), data  # bf16/fp16 gate weights as float32: numpy has no bf16
 
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_FORWARD_FIELDS = ("hidden", "expert", "weight")   # and token_index, unless whole_layer
+_FORWARD_FIELDS = ("hidden", "expert", "weight")  # and token_index, unless whole_layer
 
 
 def decode_forward(
@@ -289,8 +296,9 @@ def decode_forward(
     whole = req.whole_layer
     if whole:
         if req.HasField("token_index"):
-            raise WireError("whole_layer call with a token_index: the whole-layer form implies row n // K, "
-                            "send one or the other")
+            raise WireError(
+                "whole_layer call with a token_index: the whole-layer form implies row n // K, send one or the other"
+            )
     elif not req.HasField("token_index"):
         raise WireError("missing field 'token_index'")
     dtype, shape, data = _checked(req.hidden, "hidden")
@@ -303,7 +311,7 @@ def decode_forward(
         raise WireError(f"hidden: hidden size {shape[1]} does not match the model's {hidden_size}")
     if rows > max_rows:
         raise WireError(f"hidden: {rows} rows exceed the limit of {max_rows}")
-    hidden = np.frombuffer(data, dtype=_HIDDEN_WORDS[dtype]).reshape(shape)            # [T, H] view
+    hidden = np.frombuffer(data, dtype=_HIDDEN_WORDS[dtype]).reshape(shape)  # [T, H] view
     expert, expert_data = _decode_small(req.expert, "expert", _INDEX_DTYPES)
     weight, _ = _decode_small(req.weight, "weight", FLOAT_DTYPES)
     n = expert.shape[0]
@@ -316,8 +324,9 @@ def decode_forward(
     else:
         token_index, ti_data = _decode_small(req.token_index, "token_index", _INDEX_DTYPES)
         if token_index.shape[0] != n or weight.shape[0] != n:
-            raise WireError(f"assignment lengths differ: token_index {token_index.shape[0]}, expert {n}, "
-                            f"weight {weight.shape[0]}")
+            raise WireError(
+                f"assignment lengths differ: token_index {token_index.shape[0]}, expert {n}, weight {weight.shape[0]}"
+            )
     top = 0
     if n:
         # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a numpy
@@ -347,7 +356,7 @@ _NUMPY_TO_WIRE = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
 _WIRE_INTS = (np.dtype(np.int32), np.dtype(np.int64))
 _WIRE_INT32 = (np.dtype(np.int32),)
 _WIRE_FLOATS = (np.dtype(np.float32),)
-_UNSIGNED_CODE = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}   # memoryview formats of the unsigned views
+_UNSIGNED_CODE = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}  # memoryview formats of the unsigned views
 # numpy words viewing hidden's bytes: float32 as is, bf16/fp16 as their raw 16-bit words
 _HIDDEN_WORDS = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}
 _HELD_TABLES: dict[tuple[frozenset, int], tuple[np.ndarray, bool]] = {}
@@ -359,7 +368,7 @@ def _held_table(held: frozenset[int] | set[int], size: int) -> tuple[np.ndarray,
     key = (held if isinstance(held, frozenset) else frozenset(held), size)
     entry = _HELD_TABLES.get(key)
     if entry is None:
-        if len(_HELD_TABLES) > 1024:   # bounded: held sets only change with a replica's plan
+        if len(_HELD_TABLES) > 1024:  # bounded: held sets only change with a replica's plan
             _HELD_TABLES.clear()
         table = np.zeros(size, dtype=bool)
         table[[e for e in key[0] if 0 <= e < size]] = True

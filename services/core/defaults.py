@@ -10,10 +10,22 @@ from __future__ import annotations
 import random
 import socket
 
-from expertmesh.core.settings import (CONTROLLER_PORT, DIRECTORY_PORT, GATEWAY_PORT, RAY_DASHBOARD_PORT,  # noqa: F401
-                                      RAY_GCS_PORT, REPLICA_METRICS_PORT, REPLICA_PORT_RANGE, ROUTER_METRICS_PORT,
-                                      ROUTER_PORT, advertise_host, bind_host, directory_address, replica_port_range,
-                                      router_address)
+from expertmesh.core.settings import (  # noqa: F401
+    CONTROLLER_PORT,
+    DIRECTORY_PORT,
+    GATEWAY_PORT,
+    RAY_DASHBOARD_PORT,
+    RAY_GCS_PORT,
+    REPLICA_METRICS_PORT,
+    REPLICA_PORT_RANGE,
+    ROUTER_METRICS_PORT,
+    ROUTER_PORT,
+    advertise_host,
+    bind_host,
+    directory_address,
+    replica_port_range,
+    router_address,
+)
 
 # Environment variable names (registered, with type/default/meaning, in core/settings.py; the Helm chart sets them).
 ENV_BIND_HOST = "EXPERTMESH_BIND_HOST"

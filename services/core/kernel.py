@@ -34,7 +34,12 @@ from expertmesh.core.codec import ForwardBatch, as_numpy, raw_bytes
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 class ExpertWeights:
@@ -62,8 +67,13 @@ class ExpertWeights:
     held[layer]: the expert ids held.
     """
 
-    def __init__(self, reader: CheckpointReader, keys: dict[int, list[int]], dtype: torch.dtype | None = None,
-                 kernel: str | None = None):
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        keys: dict[int, list[int]],
+        dtype: torch.dtype | None = None,
+        kernel: str | None = None,
+    ):
         info = reader.info
         self.hidden_size = info.hidden_size
         self.num_experts = info.num_experts
@@ -83,10 +93,10 @@ class ExpertWeights:
             for e in experts:
                 gate, up, down = reader.load_expert(layer, e)
                 gates.append(torch.cat([gate, up], dim=0).to(self.dtype))  # [2I, H]
-                downs.append(down.to(self.dtype))                          # [H, I]
+                downs.append(down.to(self.dtype))  # [H, I]
                 intermediate = down.shape[1]
             self.w13[layer] = torch.stack(gates)  # [E_held, 2I, H]
-            self.w2[layer] = torch.stack(downs)   # [E_held, H, I]
+            self.w2[layer] = torch.stack(downs)  # [E_held, H, I]
             slot = np.full(info.num_experts, -1, dtype=np.int32)
             slot[experts] = np.arange(len(experts), dtype=np.int32)
             self.slot[layer] = slot
@@ -95,7 +105,7 @@ class ExpertWeights:
         # expert id == row in the stacks (no lookup).
         self._holds_all = frozenset(layer for layer, slot in self.slot.items() if slot.min() >= 0)
         self.kernel = choose_kernel(kernel, act, self.dtype, self.hidden_size, intermediate)
-        if self.kernel == "fused":   # the fused op reads its own blocked layout; nothing keeps the plain copy
+        if self.kernel == "fused":  # the fused op reads its own blocked layout; nothing keeps the plain copy
             isa = _FUSED.isa
             self.w13 = {layer: _fused_prepack(w, isa) for layer, w in self.w13.items()}
             self.w2 = {layer: _fused_prepack(w, isa) for layer, w in self.w2.items()}
@@ -104,8 +114,14 @@ class ExpertWeights:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
 
-    def forward(self, layer: int, hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor | None,
-                expert: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        token_index: np.ndarray | torch.Tensor | None,
+        expert: np.ndarray | torch.Tensor,
+        weight: np.ndarray | torch.Tensor,
+    ) -> torch.Tensor:
         """The routed-expert output of one layer for a batch of assignments.
 
         Parameters
@@ -124,7 +140,7 @@ class ExpertWeights:
         """
         weight = as_numpy(weight)
         table = self.slot[layer]
-        slot = table[as_numpy(expert)]                 # [N] row in the stacks (IndexError for ids >= num_experts)
+        slot = table[as_numpy(expert)]  # [N] row in the stacks (IndexError for ids >= num_experts)
         if layer not in self._holds_all and slot.shape[0] and slot.min() < 0:
             raise ValueError("assignment to an expert that is not held")
         if token_index is not None:
@@ -133,7 +149,7 @@ class ExpertWeights:
             return _fused_forward(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer])
         if token_index is None:
             T, N = hidden.shape[0], slot.shape[0]
-            token_index = np.repeat(np.arange(T, dtype=np.int64), N // T if T else 0)     # [N] = n // K
+            token_index = np.repeat(np.arange(T, dtype=np.int64), N // T if T else 0)  # [N] = n // K
         return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
 
     def forward_batch(self, batch: ForwardBatch) -> bytes:
@@ -152,10 +168,9 @@ class ExpertWeights:
         The output [T, H] as raw little-endian bytes, in the batch's dtype.
         """
         T, N = batch.rows, batch.expert.shape[0]
-        if (self.kernel == "fused" and batch.whole_layer and N and batch.dtype == self.dtype
-                and T <= _STAGING_MAX_ROWS):
+        if self.kernel == "fused" and batch.whole_layer and N and batch.dtype == self.dtype and T <= _STAGING_MAX_ROWS:
             layer = batch.layer
-            slot = batch.expert if layer in self._holds_all else self.slot[layer][batch.expert]   # [N]
+            slot = batch.expert if layer in self._holds_all else self.slot[layer][batch.expert]  # [N]
             return _fused_staged(batch.hidden_data, slot, batch.weight, N // T, self.w13[layer], self.w2[layer])
         token_index = None if batch.whole_layer else batch.token_index
         return raw_bytes(self.forward(batch.layer, batch.hidden, token_index, batch.expert, batch.weight))
@@ -163,12 +178,13 @@ class ExpertWeights:
 
 # ---- fused: vLLM's CPU fused-MoE op ---------------------------------------------------------------------------
 
+
 class _FusedOp:
     """vLLM's `_C` extension, loaded on first use: the variant vLLM itself picks for this CPU
     (vllm/platforms/cpu.py: `_C` with AVX512-BF16, `_C_AVX512` with AVX512, `_C_AVX2` otherwise)."""
 
-    isa = "vec"           # the portable vectorised path (fp32 and bf16); "amx" needs bf16 weights and AMX tiles
-    alignment = 32        # hidden and intermediate sizes must be multiples of this (vLLM's output_alignment)
+    isa = "vec"  # the portable vectorised path (fp32 and bf16); "amx" needs bf16 weights and AMX tiles
+    alignment = 32  # hidden and intermediate sizes must be multiples of this (vLLM's output_alignment)
 
     def __init__(self):
         self._loaded: bool | None = None
@@ -216,8 +232,14 @@ def _fused_prepack(w: torch.Tensor, isa: str) -> torch.Tensor:
     return out
 
 
-def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray | None, slot: np.ndarray, weight: np.ndarray,
-                   w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _fused_forward(
+    hidden: torch.Tensor,
+    token_index: np.ndarray | None,
+    slot: np.ndarray,
+    weight: np.ndarray,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
     """Assignments -> the fused op's [T, K] (ids, weights) form; K = the most assignments any token has here.
     `slot` [N] int32, every entry a held row (the caller checked); token_index None = the whole-layer form.
 
@@ -230,28 +252,29 @@ def _fused_forward(hidden: torch.Tensor, token_index: np.ndarray | None, slot: n
     N = slot.shape[0]
     if N == 0:
         return torch.zeros((T, H), dtype=hidden.dtype)
-    x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()   # [T, H]
+    x = hidden.contiguous() if hidden.dtype == w13.dtype else hidden.to(w13.dtype).contiguous()  # [T, H]
     ti = token_index
     w = weight if weight.dtype == np.float32 else weight.astype(np.float32)
-    if ti is None:                                                            # whole-layer: row n // K
-        ids, gates = slot.reshape(T, N // T), w.reshape(T, N // T)            # [T, K] views, contiguous
+    if ti is None:  # whole-layer: row n // K
+        ids, gates = slot.reshape(T, N // T), w.reshape(T, N // T)  # [T, K] views, contiguous
     else:
-        per_token = np.bincount(ti, minlength=T)                              # [T]
+        per_token = np.bincount(ti, minlength=T)  # [T]
         K = int(per_token.max())
-        order = np.argsort(ti, kind="stable")                                 # [N] assignments grouped by token
+        order = np.argsort(ti, kind="stable")  # [N] assignments grouped by token
         starts = np.zeros(T, dtype=np.int64)
         np.cumsum(per_token[:-1], out=starts[1:])
         sorted_ti = ti[order]
-        col = np.arange(N) - starts[sorted_ti]                                # [N] column within its token
+        col = np.arange(N) - starts[sorted_ti]  # [N] column within its token
         ids = np.zeros((T, K), dtype=np.int32)
-        ids[:, :] = slot[order][np.minimum(starts, N - 1)][:, None]           # pad: the token's first expert
+        ids[:, :] = slot[order][np.minimum(starts, N - 1)][:, None]  # pad: the token's first expert
         ids[sorted_ti, col] = slot[order]
         gates = np.zeros((T, K), dtype=np.float32)
         gates[sorted_ti, col] = w[order]
-    out = torch.empty((T, H), dtype=x.dtype)                                  # [T, H]
+    out = torch.empty((T, H), dtype=x.dtype)  # [T, H]
     with _FUSED_LOCK:
-        torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, torch.from_numpy(gates), torch.from_numpy(ids),
-                                   False, "silu", _FUSED.isa)
+        torch.ops._C.cpu_fused_moe(
+            out, x, w13, w2, None, None, torch.from_numpy(gates), torch.from_numpy(ids), False, "silu", _FUSED.isa
+        )
     return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
 
@@ -266,9 +289,9 @@ _STAGING_MAX_ROWS = 256
 class _Staging:
     def __init__(self, K: int, H: int, dtype: torch.dtype):
         R = _STAGING_MAX_ROWS
-        self.x = torch.empty((R, H), dtype=dtype)         # [R, H]
-        self.out = torch.empty((R, H), dtype=dtype)       # [R, H]
-        self.ids = torch.empty((R, K), dtype=torch.int32)    # [R, K]
+        self.x = torch.empty((R, H), dtype=dtype)  # [R, H]
+        self.out = torch.empty((R, H), dtype=dtype)  # [R, H]
+        self.ids = torch.empty((R, K), dtype=torch.int32)  # [R, K]
         self.gates = torch.empty((R, K), dtype=torch.float32)  # [R, K]
         self._views: dict[int, tuple] = {}
 
@@ -279,16 +302,25 @@ class _Staging:
         if v is None:
             x, ids, gates, out = self.x[:T], self.ids[:T], self.gates[:T], self.out[:T]
             words = (lambda t: t.numpy()) if x.dtype == torch.float32 else (lambda t: t.view(torch.int16).numpy())
-            v = self._views[T] = (x, ids, gates, out, words(x), ids.numpy().reshape(-1), gates.numpy().reshape(-1),
-                                  words(out))
+            v = self._views[T] = (
+                x,
+                ids,
+                gates,
+                out,
+                words(x),
+                ids.numpy().reshape(-1),
+                gates.numpy().reshape(-1),
+                words(out),
+            )
         return v
 
 
 _STAGING: dict[tuple[int, int, torch.dtype], _Staging] = {}
 
 
-def _fused_staged(hidden_words: np.ndarray, slot: np.ndarray, weight: np.ndarray, K: int, w13: torch.Tensor,
-                  w2: torch.Tensor) -> bytes:
+def _fused_staged(
+    hidden_words: np.ndarray, slot: np.ndarray, weight: np.ndarray, K: int, w13: torch.Tensor, w2: torch.Tensor
+) -> bytes:
     """hidden_words [T, H] (float32, or bf16 as int16 words), slot/weight [T*K] in token order (every entry a held
     row) -> the op's output [T, H] as bytes."""
     T, H = hidden_words.shape
@@ -297,15 +329,14 @@ def _fused_staged(hidden_words: np.ndarray, slot: np.ndarray, weight: np.ndarray
         if staging is None:
             staging = _STAGING[(K, H, w13.dtype)] = _Staging(K, H, w13.dtype)
         x, ids, gates, out, x_words, ids_flat, gates_flat, out_words = staging.views(T)
-        x_words[...] = hidden_words          # [T, H]
-        ids_flat[...] = slot                 # [T*K] int32
-        gates_flat[...] = weight             # [T*K] float32
+        x_words[...] = hidden_words  # [T, H]
+        ids_flat[...] = slot  # [T*K] int32
+        gates_flat[...] = weight  # [T*K] float32
         torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, gates, ids, False, "silu", _FUSED.isa)
         return out_words.tobytes()
 
 
-def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: int,
-                  intermediate: int | None) -> str:
+def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: int, intermediate: int | None) -> str:
     """Which implementation serves these weights.
 
     Parameters
@@ -345,7 +376,7 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
     if not _FUSED.available():
         return _FUSED.error
     ok = _fused_ok.get(dtype)
-    if ok is None:   # probe once per dtype against the torch path: a library that loads but computes wrong is out
+    if ok is None:  # probe once per dtype against the torch path: a library that loads but computes wrong is out
         g = torch.Generator().manual_seed(0)
         E, I, T, K = 3, _FUSED.alignment, 5, 2
         w13 = (torch.randn(E, 2 * I, _FUSED.alignment, generator=g) * 0.1).to(dtype)
@@ -355,8 +386,14 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
         slot = torch.randint(E, (T * K,), generator=g)
         weight = torch.rand(T * K, generator=g)
         try:
-            got = _fused_forward(x, token_index.numpy(), slot.numpy().astype(np.int32), weight.numpy(),
-                                 _fused_prepack(w13, _FUSED.isa), _fused_prepack(w2, _FUSED.isa))
+            got = _fused_forward(
+                x,
+                token_index.numpy(),
+                slot.numpy().astype(np.int32),
+                weight.numpy(),
+                _fused_prepack(w13, _FUSED.isa),
+                _fused_prepack(w2, _FUSED.isa),
+            )
             want = moe_combine(x, token_index, slot, weight, w13, w2)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             ok = bool(torch.allclose(got.float(), want.float(), atol=tol, rtol=tol))
@@ -395,8 +432,15 @@ def _grouped_mm_works(dtype: torch.dtype) -> bool:
     return ok
 
 
-def moe_combine(hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor, slot: np.ndarray | torch.Tensor,
-                weight: np.ndarray | torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act=F.silu) -> torch.Tensor:
+def moe_combine(
+    hidden: torch.Tensor,
+    token_index: np.ndarray | torch.Tensor,
+    slot: np.ndarray | torch.Tensor,
+    weight: np.ndarray | torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    act=F.silu,
+) -> torch.Tensor:
     """Grouped SwiGLU over assignments (the `torch` implementation, and the fused op's reference).
 
     Parameters
@@ -417,9 +461,9 @@ def moe_combine(hidden: torch.Tensor, token_index: np.ndarray | torch.Tensor, sl
 
 def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     T, H = hidden.shape
-    s, token_index, weight = as_numpy(slot), as_numpy(token_index), as_numpy(weight)   # [N] each
+    s, token_index, weight = as_numpy(slot), as_numpy(token_index), as_numpy(weight)  # [N] each
     N = s.shape[0]
-    out = torch.zeros((T, H), dtype=torch.float32)                             # [T, H] fp32 accumulator
+    out = torch.zeros((T, H), dtype=torch.float32)  # [T, H] fp32 accumulator
     if N == 0:
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
     # Index bookkeeping on [N] ints in numpy: an op there costs ~1 us, a torch op ~5 us, and a decode step's
@@ -428,17 +472,17 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     # replica holds or the call uses: any placement gives the same bits.
     if s.min() < 0:
         raise ValueError("assignment to an expert that is not held")
-    counts = np.bincount(s, minlength=w13.shape[0])                            # [E]
-    order = np.argsort(s, kind="stable")                                       # [N] assignments grouped by expert
-    rows = torch.from_numpy(token_index[order].astype(np.int64))              # [N] token of each sorted assignment
-    gate = torch.from_numpy(weight[order].astype(np.float32, copy=False))      # [N]
-    x = hidden.index_select(0, rows)                                           # [N, H]
+    counts = np.bincount(s, minlength=w13.shape[0])  # [E]
+    order = np.argsort(s, kind="stable")  # [N] assignments grouped by expert
+    rows = torch.from_numpy(token_index[order].astype(np.int64))  # [N] token of each sorted assignment
+    gate = torch.from_numpy(weight[order].astype(np.float32, copy=False))  # [N]
+    x = hidden.index_select(0, rows)  # [N, H]
     if x.dtype != w13.dtype:
         x = x.to(w13.dtype)
-    y = _grouped_ffn(x, torch.from_numpy(counts), w13, w2, act)                # [N, H]
+    y = _grouped_ffn(x, torch.from_numpy(counts), w13, w2, act)  # [N, H]
     if y.dtype != torch.float32:
         y = y.float()
-    y.mul_(gate.unsqueeze(1))                                                  # gate-weighted, in place
+    y.mul_(gate.unsqueeze(1))  # gate-weighted, in place
     out.index_add_(0, rows, y)
     return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
 
@@ -447,15 +491,15 @@ def _grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: t
     """x [N, H] sorted by expert, counts [E] -> [N, H]: each expert's FFN over its own rows, exactly N rows."""
     I = w2.shape[2]
     if _grouped_mm_works(w13.dtype):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)                     # [E] group ends
-        gu = _GROUPED_MM(x, w13.transpose(1, 2), offs=offs)                     # [N, 2I]
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends
+        gu = _GROUPED_MM(x, w13.transpose(1, 2), offs=offs)  # [N, 2I]
         return _GROUPED_MM(act(gu[:, :I]) * gu[:, I:], w2.transpose(1, 2), offs=offs)  # [N, H]
-    y = torch.empty((x.shape[0], w2.shape[1]), dtype=w13.dtype)               # [N, H]
+    y = torch.empty((x.shape[0], w2.shape[1]), dtype=w13.dtype)  # [N, H]
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        gu = x[start:start + n] @ w13[e].t()                                  # [n, 2I]
-        y[start:start + n] = (act(gu[:, :I]) * gu[:, I:]) @ w2[e].t()         # [n, H]
+        gu = x[start : start + n] @ w13[e].t()  # [n, 2I]
+        y[start : start + n] = (act(gu[:, :I]) * gu[:, I:]) @ w2[e].t()  # [n, H]
         start += n
     return y

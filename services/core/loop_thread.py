@@ -1,4 +1,4 @@
-"""An asyncio event loop on a daemon thread, so sync code (Ray Serve replicas, tests, the CLI) can host grpc.aio servers.
+"""An asyncio event loop on a daemon thread, so sync code (Serve replicas, tests, the CLI) can host grpc.aio servers.
 
 Serve runs user code on its own loop(s) and may block it; the data plane gets a loop of its own so a slow Serve
 call never stalls a Forward. `run(coro)` runs a coroutine on the loop and waits for its result.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 
 class LoopThread:

@@ -65,7 +65,7 @@ class ExpertGroup(BaseModel):
         return {int(layer): sorted(int(e) for e in experts) for layer, experts in sorted(keys.items())}
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ExpertGroup":
+    def _bounds(self) -> ExpertGroup:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"group {self.name}: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
@@ -88,7 +88,7 @@ class PlacementPlan(BaseModel):
     groups: list[ExpertGroup]
 
     @model_validator(mode="after")
-    def _unique(self) -> "PlacementPlan":
+    def _unique(self) -> PlacementPlan:
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique: {names}")
@@ -134,8 +134,9 @@ def load_plan(path: str | Path) -> PlacementPlan:
     return PlacementPlan.model_validate(data)
 
 
-def default_plan(info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: int = 2,
-                 layers_per_group: int | None = None) -> PlacementPlan:
+def default_plan(
+    info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: int = 2, layers_per_group: int | None = None
+) -> PlacementPlan:
     """The default placement: whole MoE layers packed into groups of at most `max_group_bytes` of expert weights
     (a layer bigger than that is split into expert chunks that fit). `layers_per_group` caps how many layers one
     group takes (1 = one group per layer)."""
@@ -146,8 +147,14 @@ def default_plan(info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: in
         for layer in info.moe_layers:
             for start in range(0, info.num_experts, per_group):
                 experts = list(range(start, min(info.num_experts, start + per_group)))
-                groups.append(ExpertGroup(name=f"l{layer}-e{experts[0]}-{experts[-1]}", keys={layer: experts},
-                                          min_replicas=1, max_replicas=max_replicas))
+                groups.append(
+                    ExpertGroup(
+                        name=f"l{layer}-e{experts[0]}-{experts[-1]}",
+                        keys={layer: experts},
+                        min_replicas=1,
+                        max_replicas=max_replicas,
+                    )
+                )
         return PlacementPlan(model=str(info.path), groups=groups)
     take = max(1, max_group_bytes // per_layer)
     if layers_per_group is not None:
@@ -155,8 +162,11 @@ def default_plan(info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: in
     groups = []
     all_experts = list(range(info.num_experts))
     for i in range(0, len(info.moe_layers), take):
-        layers = info.moe_layers[i:i + take]
+        layers = info.moe_layers[i : i + take]
         name = f"l{layers[0]}" if len(layers) == 1 else f"l{layers[0]}-{layers[-1]}"
-        groups.append(ExpertGroup(name=name, keys={layer: all_experts for layer in layers}, min_replicas=1,
-                                  max_replicas=max_replicas))
+        groups.append(
+            ExpertGroup(
+                name=name, keys={layer: all_experts for layer in layers}, min_replicas=1, max_replicas=max_replicas
+            )
+        )
     return PlacementPlan(model=str(info.path), groups=groups)

@@ -85,8 +85,10 @@ def _check_current() -> None:
         return
     stamp_file = GEN_DIR / "STAMP"
     if not stamp_file.is_file() or stamp_file.read_text() != stamp():
-        raise ImportError(f"{GEN_DIR} is missing or older than {PROTO_DIR}: regenerate with "
-                          "`python -m expertmesh.core.protos` (= `make protos`) or reinstall the package")
+        raise ImportError(
+            f"{GEN_DIR} is missing or older than {PROTO_DIR}: regenerate with "
+            "`python -m expertmesh.core.protos` (= `make protos`) or reinstall the package"
+        )
 
 
 def __getattr__(name: str):

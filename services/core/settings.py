@@ -19,20 +19,21 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 # Ports (the Helm chart's values.yaml `ports:` must agree; tests/test_k8s.py checks it).
-GATEWAY_PORT = 8000              # HTTP, OpenAI-compatible API, /health, /metrics, /experts
-ROUTER_PORT = 50061              # gRPC expertmesh.v1.Router
-ROUTER_METRICS_PORT = 9461       # HTTP Prometheus metrics of the router process
-DIRECTORY_PORT = 50071           # gRPC expertmesh.v1.ExpertDirectory
+GATEWAY_PORT = 8000  # HTTP, OpenAI-compatible API, /health, /metrics, /experts
+ROUTER_PORT = 50061  # gRPC expertmesh.v1.Router
+ROUTER_METRICS_PORT = 9461  # HTTP Prometheus metrics of the router process
+DIRECTORY_PORT = 50071  # gRPC expertmesh.v1.ExpertDirectory
 REPLICA_PORT_RANGE = (50100, 50999)  # gRPC ExpertService of the replicas (one port each)
-REPLICA_METRICS_PORT = 9471      # HTTP Prometheus metrics served by the expert pool
-RAY_GCS_PORT = 6391              # local Ray cluster of `expertmesh experts up` / `serve`
+REPLICA_METRICS_PORT = 9471  # HTTP Prometheus metrics served by the expert pool
+RAY_GCS_PORT = 6391  # local Ray cluster of `expertmesh experts up` / `serve`
 RAY_DASHBOARD_PORT = 8271
-CONTROLLER_PORT = 9481           # HTTP /health and /status of the expert controller service
+CONTROLLER_PORT = 9481  # HTTP /health and /status of the expert controller service
 
 # ---- gRPC message size (one constant for every channel and server) -----------------------------------------------
 
@@ -47,6 +48,7 @@ def grpc_message_options(max_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> list[tuple[
 
 
 # ---- the registry ------------------------------------------------------------------------------------------------
+
 
 def _str(raw: str) -> str:
     return raw
@@ -100,13 +102,14 @@ class _ChoiceError(ValueError):
 @dataclass(frozen=True)
 class EnvVar:
     """One environment variable: how to parse it, its default (None = unset), what it means, who reads it."""
+
     name: str
-    type: str                       # as documented: str, int, float, host:port, START-END, csv, JSON object, choice
+    type: str  # as documented: str, int, float, host:port, START-END, csv, JSON object, choice
     default: Any
     meaning: str
     read_by: str
     parse: Callable[[str], Any] = _str
-    empty_is_unset: bool = True     # an empty value counts as unset (the default applies)
+    empty_is_unset: bool = True  # an empty value counts as unset (the default applies)
 
     def value(self, env: Mapping[str, str] | None = None) -> Any:
         raw = (os.environ if env is None else env).get(self.name)
@@ -124,59 +127,156 @@ def _var(name, type_, default, meaning, read_by, parse=_str, **kw) -> EnvVar:
     return EnvVar(name, type_, default, meaning, read_by, parse, **kw)
 
 
-ENV_VARS: dict[str, EnvVar] = {v.name: v for v in [
-    _var("EXPERTMESH_BIND_HOST", "str", "127.0.0.1",
-         "address every server binds (0.0.0.0 in pods)", "gateway, router, replica, directory"),
-    _var("EXPERTMESH_ADVERTISE_HOST", "str", None,
-         "address a replica publishes in the directory (the pod IP); unset = the bind host", "replica"),
-    _var("EXPERTMESH_DIRECTORY", "host:port", f"127.0.0.1:{DIRECTORY_PORT}",
-         "the expert directory", "router, replica, directory"),
-    _var("EXPERTMESH_ROUTER", "host:port", f"127.0.0.1:{ROUTER_PORT}", "the router", "gateway"),
-    _var("EXPERTMESH_API_KEYS", "csv", [],
-         "API keys the gateway accepts (Bearer), comma-separated; unset or empty = open", "gateway", _csv),
-    _var("EXPERTMESH_REPLICA_PORTS", "START-END", REPLICA_PORT_RANGE,
-         "port range expert replicas bind their gRPC servers in", "replica", _port_range),
-    _var("EXPERTMESH_CONTROLLER_STATUS", "str", None,
-         "where the gateway's /experts reads the controller's status: a JSON file (local stack) or "
-         "http(s)://controller:9481/status; unset = no controller section", "gateway"),
-    _var("EXPERTMESH_CONTROLLER_SETTINGS", "JSON object", {},
-         "ControllerSettings fields (services/control/controller.py) when --settings is not given",
-         "controller, expertmesh serve", _json_object),
-    _var("EXPERTMESH_EXPERT_KERNEL", "choice", "auto",
-         "expert-MLP kernel: auto (fused when it can serve the weights), fused or torch", "replica",
-         _choice("auto", "fused", "torch")),
-    _var("EXPERTMESH_TRACE_STEP_EVERY", "int", 16,
-         "trace every N-th decode step when no newly traced request arrived", "router", _int),
-    _var("EXPERTMESH_COUNTERS_FILE", "path", None,
-         "routed-token counters file; unset = /dev/shm/expertmesh-routed-tokens-<pid>.npy (pinned by the router "
-         "so an engine-core subprocess writes where the server reads)", "router"),
-    _var("EXPERTMESH_DISPATCH_DEADLINE_S", "float", 5.0,
-         "seconds a replica has to answer one layer's Forward before the router fails over", "router", _float),
-    _var("EXPERTMESH_MISSING_EXPERT_WAIT_S", "float", 10.0,
-         "seconds the router waits for the directory to list an expert nobody serves before failing the step",
-         "router", _float),
-    _var("EXPERTMESH_ROUTER_METRICS_PORT", "int", ROUTER_METRICS_PORT,
-         "Prometheus port of the router process (0 = off)", "router", _int),
-    _var("EXPERTMESH_EXPERT_MODE", "choice", "local",
-         "vLLM plugin mode: remote (routed experts go to the pool) or local (vLLM computes them)", "router",
-         _choice("local", "remote")),
-    _var("OTEL_EXPORTER_OTLP_ENDPOINT", "str", None,
-         "OTLP/gRPC endpoint for traces; unset = tracing off (no-op tracer)", "every process"),
-    _var("OPENAI_API_KEY", "str", None, "Bearer key of `expertmesh bench` when --api-key is not given",
-         "expertmesh bench"),
-    _var("XDG_CACHE_HOME", "path", None, "cache root for pool state files and logs; unset = ~/.cache",
-         "expertmesh experts / serve"),
-]}
+ENV_VARS: dict[str, EnvVar] = {
+    v.name: v
+    for v in [
+        _var(
+            "EXPERTMESH_BIND_HOST",
+            "str",
+            "127.0.0.1",
+            "address every server binds (0.0.0.0 in pods)",
+            "gateway, router, replica, directory",
+        ),
+        _var(
+            "EXPERTMESH_ADVERTISE_HOST",
+            "str",
+            None,
+            "address a replica publishes in the directory (the pod IP); unset = the bind host",
+            "replica",
+        ),
+        _var(
+            "EXPERTMESH_DIRECTORY",
+            "host:port",
+            f"127.0.0.1:{DIRECTORY_PORT}",
+            "the expert directory",
+            "router, replica, directory",
+        ),
+        _var("EXPERTMESH_ROUTER", "host:port", f"127.0.0.1:{ROUTER_PORT}", "the router", "gateway"),
+        _var(
+            "EXPERTMESH_API_KEYS",
+            "csv",
+            [],
+            "API keys the gateway accepts (Bearer), comma-separated; unset or empty = open",
+            "gateway",
+            _csv,
+        ),
+        _var(
+            "EXPERTMESH_REPLICA_PORTS",
+            "START-END",
+            REPLICA_PORT_RANGE,
+            "port range expert replicas bind their gRPC servers in",
+            "replica",
+            _port_range,
+        ),
+        _var(
+            "EXPERTMESH_CONTROLLER_STATUS",
+            "str",
+            None,
+            "where the gateway's /experts reads the controller's status: a JSON file (local stack) or "
+            "http(s)://controller:9481/status; unset = no controller section",
+            "gateway",
+        ),
+        _var(
+            "EXPERTMESH_CONTROLLER_SETTINGS",
+            "JSON object",
+            {},
+            "ControllerSettings fields (services/control/controller.py) when --settings is not given",
+            "controller, expertmesh serve",
+            _json_object,
+        ),
+        _var(
+            "EXPERTMESH_EXPERT_KERNEL",
+            "choice",
+            "auto",
+            "expert-MLP kernel: auto (fused when it can serve the weights), fused or torch",
+            "replica",
+            _choice("auto", "fused", "torch"),
+        ),
+        _var(
+            "EXPERTMESH_TRACE_STEP_EVERY",
+            "int",
+            16,
+            "trace every N-th decode step when no newly traced request arrived",
+            "router",
+            _int,
+        ),
+        _var(
+            "EXPERTMESH_COUNTERS_FILE",
+            "path",
+            None,
+            "routed-token counters file; unset = /dev/shm/expertmesh-routed-tokens-<pid>.npy (pinned by the router "
+            "so an engine-core subprocess writes where the server reads)",
+            "router",
+        ),
+        _var(
+            "EXPERTMESH_DISPATCH_DEADLINE_S",
+            "float",
+            5.0,
+            "seconds a replica has to answer one layer's Forward before the router fails over",
+            "router",
+            _float,
+        ),
+        _var(
+            "EXPERTMESH_MISSING_EXPERT_WAIT_S",
+            "float",
+            10.0,
+            "seconds the router waits for the directory to list an expert nobody serves before failing the step",
+            "router",
+            _float,
+        ),
+        _var(
+            "EXPERTMESH_ROUTER_METRICS_PORT",
+            "int",
+            ROUTER_METRICS_PORT,
+            "Prometheus port of the router process (0 = off)",
+            "router",
+            _int,
+        ),
+        _var(
+            "EXPERTMESH_EXPERT_MODE",
+            "choice",
+            "local",
+            "vLLM plugin mode: remote (routed experts go to the pool) or local (vLLM computes them)",
+            "router",
+            _choice("local", "remote"),
+        ),
+        _var(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "str",
+            None,
+            "OTLP/gRPC endpoint for traces; unset = tracing off (no-op tracer)",
+            "every process",
+        ),
+        _var(
+            "OPENAI_API_KEY",
+            "str",
+            None,
+            "Bearer key of `expertmesh bench` when --api-key is not given",
+            "expertmesh bench",
+        ),
+        _var(
+            "XDG_CACHE_HOME",
+            "path",
+            None,
+            "cache root for pool state files and logs; unset = ~/.cache",
+            "expertmesh experts / serve",
+        ),
+    ]
+}
 
 # Set by expertmesh when unset (never overriding what the user exported), in every process it starts and in the
 # processes that import torch or vLLM themselves. Name -> (value, why).
 PROCESS_DEFAULTS: dict[str, tuple[str, str]] = {
-    "OMP_NUM_THREADS": ("1", "vLLM pins its worker to one core and replicas do small matmuls: two OpenMP "
-                             "threads per core fight and run many times slower"),
-    "VLLM_CPU_KVCACHE_SPACE": ("1", "GiB of KV cache for vLLM on CPU; otherwise it reserves most of RAM and may "
-                                    "refuse to start"),
-    "TOKENIZERS_PARALLELISM": ("false", "no tokenizer thread pool fighting the model's threads (and no fork "
-                                        "warning)"),
+    "OMP_NUM_THREADS": (
+        "1",
+        "vLLM pins its worker to one core and replicas do small matmuls: two OpenMP "
+        "threads per core fight and run many times slower",
+    ),
+    "VLLM_CPU_KVCACHE_SPACE": (
+        "1",
+        "GiB of KV cache for vLLM on CPU; otherwise it reserves most of RAM and may refuse to start",
+    ),
+    "TOKENIZERS_PARALLELISM": ("false", "no tokenizer thread pool fighting the model's threads (and no fork warning)"),
 }
 # Forced in the router process: the model (and with it the expert plugin) runs in the server's own process.
 ROUTER_PROCESS_ENV: dict[str, tuple[str, str]] = {
@@ -187,8 +287,11 @@ RAY_HEAD_ENV: dict[str, tuple[str, str]] = {
     "OMP_NUM_THREADS": ("1", "replicas do small matmuls; forced, whatever the parent says"),
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": ("0", "keeps Ray on loopback"),
     "RAY_USAGE_STATS_ENABLED": ("0", "no usage reporting from a private cluster"),
-    "RAY_AUTH_MODE": ("disabled", "Ray 2.60 turns on token auth once ~/.ray/auth_token exists; the pool is "
-                                  "loopback-only and its REST calls carry no token"),
+    "RAY_AUTH_MODE": (
+        "disabled",
+        "Ray 2.60 turns on token auth once ~/.ray/auth_token exists; the pool is "
+        "loopback-only and its REST calls carry no token",
+    ),
 }
 
 
@@ -214,6 +317,7 @@ def __getattr__(name: str) -> Any:
 
 
 # ---- typed accessors (one per variable) ------------------------------------------------------------------------
+
 
 def bind_host() -> str:
     return get("EXPERTMESH_BIND_HOST")
@@ -291,14 +395,18 @@ def cache_dir() -> Path:
 
 # ---- writes: this process, and the environment of a child ------------------------------------------------------
 
+
 def export(name: str, value: object) -> None:
     """Set registered variable `name` in this process (inherited by every child it starts, e.g. vLLM's engine core).
     The value is checked by the registry's parser first."""
     var = ENV_VARS.get(name)
     if var is None:
         raise KeyError(f"{name} is not in the settings registry")
-    text = ",".join(value) if isinstance(value, (list, tuple)) and var.parse is _csv else (
-        json.dumps(value) if isinstance(value, dict) else str(value))
+    text = (
+        ",".join(value)
+        if isinstance(value, (list, tuple)) and var.parse is _csv
+        else (json.dumps(value) if isinstance(value, dict) else str(value))
+    )
     var.value({name: text})  # raises ValueError on a bad value, naming the variable
     os.environ[name] = text
 
@@ -313,8 +421,12 @@ def apply_process_defaults(*, router: bool = False) -> None:
             os.environ[name] = value
 
 
-def child_env(overrides: Mapping[str, object] | None = None, *, process_defaults: bool = True,
-              forced: Mapping[str, tuple[str, str]] | None = None) -> dict[str, str]:
+def child_env(
+    overrides: Mapping[str, object] | None = None,
+    *,
+    process_defaults: bool = True,
+    forced: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, str]:
     """The environment for a subprocess: this process's, plus the process defaults where unset, plus `forced`
     (name -> (value, why), e.g. RAY_HEAD_ENV), plus `overrides` (registered names are checked)."""
     env = dict(os.environ)
@@ -340,23 +452,25 @@ def inherited(name: str, default: str | None = None) -> str | None:
 
 # ---- typed settings per process --------------------------------------------------------------------------------
 
+
 @dataclass
 class ReplicaSettings:
     """Tunables of one expert replica (args of experts/app.py ExpertGroupReplica / build_group). None = the
     replica's own default (REPLICA_DEFAULTS); only set fields go into the Serve config, so the Helm chart (nulls
     in values.yaml) and build_serve_config render the same config."""
-    lease_seconds: float | None = None    # directory lease; renewed every lease/3
-    max_wait_ms: float | None = None      # coalescing: how long a replica waits to merge Forward calls
-    max_batch_rows: int | None = None     # coalescing: rows merged into one kernel call at most
-    inline_rows: int | None = None        # a request of at most this many rows is computed on the event loop
-    compute_threads: int | None = None    # torch threads of the replica (0 = leave torch's setting)
+
+    lease_seconds: float | None = None  # directory lease; renewed every lease/3
+    max_wait_ms: float | None = None  # coalescing: how long a replica waits to merge Forward calls
+    max_batch_rows: int | None = None  # coalescing: rows merged into one kernel call at most
+    inline_rows: int | None = None  # a request of at most this many rows is computed on the event loop
+    compute_threads: int | None = None  # torch threads of the replica (0 = leave torch's setting)
 
     def serve_args(self) -> dict:
         """The set fields, as Serve application args."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None) -> "ReplicaSettings":
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> ReplicaSettings:
         data = dict(data or {})
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
@@ -366,8 +480,13 @@ class ReplicaSettings:
 
 # Effective defaults of the replica (services/experts/replica.py DEFAULT_*, discovery/directory.py
 # DEFAULT_LEASE_SECONDS); tests/test_settings.py checks they agree.
-REPLICA_DEFAULTS = {"lease_seconds": 10.0, "max_wait_ms": 1.0, "max_batch_rows": 4096, "inline_rows": 256,
-                    "compute_threads": 0}
+REPLICA_DEFAULTS = {
+    "lease_seconds": 10.0,
+    "max_wait_ms": 1.0,
+    "max_batch_rows": 4096,
+    "inline_rows": 256,
+    "compute_threads": 0,
+}
 REPLICA_MEANINGS = {
     "lease_seconds": "directory lease of a replica; renewed every lease/3, dropped when it runs out",
     "max_wait_ms": "coalescing: how long a replica waits to merge concurrent Forward calls into one kernel call",
@@ -381,8 +500,12 @@ def add_replica_flags(parser: argparse.ArgumentParser) -> None:
     """--lease-seconds, --max-wait-ms, --max-batch-rows, --inline-rows, --compute-threads (default: the replica's)."""
     for f in fields(ReplicaSettings):
         kind = float if f.name in ("lease_seconds", "max_wait_ms") else int
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            help=f"expert replicas: {REPLICA_MEANINGS[f.name]} (default {REPLICA_DEFAULTS[f.name]})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"expert replicas: {REPLICA_MEANINGS[f.name]} (default {REPLICA_DEFAULTS[f.name]})",
+        )
 
 
 def replica_settings_from_args(args: argparse.Namespace) -> ReplicaSettings:
@@ -392,6 +515,7 @@ def replica_settings_from_args(args: argparse.Namespace) -> ReplicaSettings:
 @dataclass
 class GatewaySettings:
     """The gateway process: CLI flags over the registry."""
+
     router: str = field(default_factory=router_address)
     host: str = field(default_factory=bind_host)
     port: int = GATEWAY_PORT
@@ -399,7 +523,7 @@ class GatewaySettings:
     tokenizer: str | None = None
     api_keys: list[str] = field(default_factory=api_keys)
     controller_status: str | None = field(default_factory=controller_status)
-    router_timeout_s: float = 5.0             # Health / Stats calls
+    router_timeout_s: float = 5.0  # Health / Stats calls
     controller_status_timeout_s: float = 1.0  # /experts must not hang on a controller that is down
 
     @staticmethod
@@ -408,11 +532,14 @@ class GatewaySettings:
         parser.add_argument("--host", default=None, help="bind address (default $EXPERTMESH_BIND_HOST)")
         parser.add_argument("--port", type=int, default=GATEWAY_PORT)
         parser.add_argument("--model-name", default=None, help="model id clients use (default: the router's)")
-        parser.add_argument("--tokenizer", default=None,
-                            help="tokenizer directory (default: the router's model, if it is a local directory)")
+        parser.add_argument(
+            "--tokenizer",
+            default=None,
+            help="tokenizer directory (default: the router's model, if it is a local directory)",
+        )
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "GatewaySettings":
+    def from_args(cls, args: argparse.Namespace) -> GatewaySettings:
         s = cls(port=args.port, model_name=args.model_name, tokenizer=args.tokenizer)
         s.router = args.router or s.router
         s.host = args.host or s.host
@@ -422,6 +549,7 @@ class GatewaySettings:
 @dataclass
 class DispatchSettings:
     """The router's expert dispatch (read in the router process and its engine core)."""
+
     directory: str = field(default_factory=directory_address)
     deadline_s: float = field(default_factory=dispatch_deadline_s)
     missing_wait_s: float = field(default_factory=missing_expert_wait_s)
@@ -434,6 +562,7 @@ class DispatchSettings:
 @dataclass
 class DirectorySettings:
     """The expert directory process (experts/app.py ExpertDirectory)."""
+
     address: str = field(default_factory=directory_address)
     bind_host: str = field(default_factory=bind_host)
 
@@ -447,6 +576,7 @@ class DirectorySettings:
 
 # ---- docs/configuration.md -------------------------------------------------------------------------------------
 
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "unset"
@@ -459,43 +589,85 @@ def _fmt(value: Any) -> str:
 
 def markdown() -> str:
     """docs/configuration.md: every variable, process default, replica tunable and where to set it."""
-    out = ["# Configuration", "",
-           "Generated from `services/core/settings.py` by `python -m expertmesh.core.settings --markdown`; "
-           "tests/test_settings.py fails when this file is stale. Do not edit by hand.", "",
-           "## Environment variables", "",
-           "Read when used (not cached at import). An empty value counts as unset.", "",
-           "| variable | type | default | read by | meaning |", "|---|---|---|---|---|"]
+    out = [
+        "# Configuration",
+        "",
+        "Generated from `services/core/settings.py` by `python -m expertmesh.core.settings --markdown`; "
+        "tests/test_settings.py fails when this file is stale. Do not edit by hand.",
+        "",
+        "## Environment variables",
+        "",
+        "Read when used (not cached at import). An empty value counts as unset.",
+        "",
+        "| variable | type | default | read by | meaning |",
+        "|---|---|---|---|---|",
+    ]
     for v in ENV_VARS.values():
         kind = v.type
         choices = getattr(v.parse, "choices", None)
         if choices:
             kind = " \\| ".join(choices)
         out.append(f"| `{v.name}` | {kind} | {_fmt(v.default)} | {v.read_by} | {v.meaning} |")
-    out += ["", "## Process defaults", "",
-            "Set by expertmesh where unset (never over a value you exported): in every process `expertmesh serve` "
-            "starts, in the test session, and by `apply_process_defaults()` before torch/vLLM are imported.", "",
-            "| variable | value | why |", "|---|---|---|"]
+    out += [
+        "",
+        "## Process defaults",
+        "",
+        "Set by expertmesh where unset (never over a value you exported): in every process `expertmesh serve` "
+        "starts, in the test session, and by `apply_process_defaults()` before torch/vLLM are imported.",
+        "",
+        "| variable | value | why |",
+        "|---|---|---|",
+    ]
     out += [f"| `{k}` | `{v}` | {why} |" for k, (v, why) in PROCESS_DEFAULTS.items()]
     out += ["", "Forced in the router process:", "", "| variable | value | why |", "|---|---|---|"]
     out += [f"| `{k}` | `{v}` | {why} |" for k, (v, why) in ROUTER_PROCESS_ENV.items()]
-    out += ["", "Given to the local pool's `ray start` (and so to every replica):", "",
-            "| variable | value | why |", "|---|---|---|"]
+    out += [
+        "",
+        "Given to the local pool's `ray start` (and so to every replica):",
+        "",
+        "| variable | value | why |",
+        "|---|---|---|",
+    ]
     out += [f"| `{k}` | `{v}` | {why} |" for k, (v, why) in RAY_HEAD_ENV.items()]
-    out += ["", "## Expert replica tunables", "",
-            "Arguments of each group's Serve application (`build_serve_config(..., replica=ReplicaSettings(...))`); "
-            "unset = the replica's default. `expertmesh serve` / `expertmesh experts up` flag, Helm value under "
-            "`experts.replica`:", "",
-            "| setting | flag | Helm value | default | meaning |", "|---|---|---|---|---|"]
+    out += [
+        "",
+        "## Expert replica tunables",
+        "",
+        "Arguments of each group's Serve application (`build_serve_config(..., replica=ReplicaSettings(...))`); "
+        "unset = the replica's default. `expertmesh serve` / `expertmesh experts up` flag, Helm value under "
+        "`experts.replica`:",
+        "",
+        "| setting | flag | Helm value | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
     for f in fields(ReplicaSettings):
         camel = f.name.split("_")[0] + "".join(p.title() for p in f.name.split("_")[1:])
-        out.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `experts.replica.{camel}` | "
-                   f"`{REPLICA_DEFAULTS[f.name]}` | {REPLICA_MEANINGS[f.name]} |")
-    out += ["", "## gRPC", "",
-            f"Every channel and server raises both message-size limits to {GRPC_MAX_MESSAGE_BYTES >> 20} MiB "
-            "(`grpc_message_options()`).", "",
-            "## Ports", "", "| port | default |", "|---|---|"]
-    for name in ("GATEWAY_PORT", "ROUTER_PORT", "ROUTER_METRICS_PORT", "DIRECTORY_PORT", "REPLICA_METRICS_PORT",
-                 "RAY_GCS_PORT", "RAY_DASHBOARD_PORT", "CONTROLLER_PORT"):
+        out.append(
+            f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `experts.replica.{camel}` | "
+            f"`{REPLICA_DEFAULTS[f.name]}` | {REPLICA_MEANINGS[f.name]} |"
+        )
+    out += [
+        "",
+        "## gRPC",
+        "",
+        f"Every channel and server raises both message-size limits to {GRPC_MAX_MESSAGE_BYTES >> 20} MiB "
+        "(`grpc_message_options()`).",
+        "",
+        "## Ports",
+        "",
+        "| port | default |",
+        "|---|---|",
+    ]
+    for name in (
+        "GATEWAY_PORT",
+        "ROUTER_PORT",
+        "ROUTER_METRICS_PORT",
+        "DIRECTORY_PORT",
+        "REPLICA_METRICS_PORT",
+        "RAY_GCS_PORT",
+        "RAY_DASHBOARD_PORT",
+        "CONTROLLER_PORT",
+    ):
         out.append(f"| `{name}` | {globals()[name]} |")
     out.append(f"| `REPLICA_PORT_RANGE` | {REPLICA_PORT_RANGE[0]}-{REPLICA_PORT_RANGE[1]} |")
     return "\n".join(out) + "\n"

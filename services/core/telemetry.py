@@ -46,8 +46,9 @@ def init_tracing(service_name: str) -> None:
 
         provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         endpoint = settings.otlp_endpoint()
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True),
-                                                       schedule_delay_millis=200))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True), schedule_delay_millis=200)
+        )
         trace.set_tracer_provider(provider)
         _initialised = True
 

@@ -17,12 +17,12 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 
-from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.core.loop_thread import LoopThread
+from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,9 @@ class DirectoryServer:
         self._loop = None
 
 
-def endpoints_by_key(snapshot: expert_pb2.DirectorySnapshot,
-                     include_draining: bool = False) -> dict[tuple[int, int], list[str]]:
+def endpoints_by_key(
+    snapshot: expert_pb2.DirectorySnapshot, include_draining: bool = False
+) -> dict[tuple[int, int], list[str]]:
     """(layer, expert) -> endpoints serving it (sorted), skipping draining replicas unless asked."""
     out: dict[tuple[int, int], list[str]] = {}
     for entry in snapshot.replicas:
@@ -231,8 +232,9 @@ class DirectoryClient:
         if callback is not None and latest is not None:
             callback(latest)
 
-    def wait_for(self, predicate: Callable[[expert_pb2.DirectorySnapshot], bool],
-                 timeout: float) -> expert_pb2.DirectorySnapshot:
+    def wait_for(
+        self, predicate: Callable[[expert_pb2.DirectorySnapshot], bool], timeout: float
+    ) -> expert_pb2.DirectorySnapshot:
         """Block until a watched snapshot satisfies `predicate` (starts the watch); TimeoutError otherwise."""
         self.watch()
         deadline = time.monotonic() + timeout
@@ -280,7 +282,7 @@ class DirectoryClient:
             self._watch_thread.join(timeout=5)
         self._channel.close()
 
-    def __enter__(self) -> "DirectoryClient":
+    def __enter__(self) -> DirectoryClient:
         return self
 
     def __exit__(self, *exc) -> None:

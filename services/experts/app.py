@@ -24,13 +24,18 @@ import os
 import grpc
 from ray import serve
 
+from expertmesh.control.serve_config import DIRECTORY_DEPLOYMENT
 from expertmesh.core import defaults
 from expertmesh.core.plan import ExpertGroup
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
-from expertmesh.experts.replica import (DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, ExpertServer,
-                                        keys_to_proto)
-from expertmesh.control.serve_config import DIRECTORY_DEPLOYMENT
+from expertmesh.experts.replica import (
+    DEFAULT_INLINE_ROWS,
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_WAIT_MS,
+    ExpertServer,
+    keys_to_proto,
+)
 
 log = logging.getLogger("expertmesh.experts")
 
@@ -46,24 +51,50 @@ def _port_of(address: str) -> int:
 class ExpertGroupReplica:
     """One replica of one expert group: its weights, its grpc.aio server, its directory lease."""
 
-    def __init__(self, model: str, group: dict, directory: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
-                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
-                 inline_rows: int = DEFAULT_INLINE_ROWS, compute_threads: int = 0):
+    def __init__(
+        self,
+        model: str,
+        group: dict,
+        directory: str,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        inline_rows: int = DEFAULT_INLINE_ROWS,
+        compute_threads: int = 0,
+    ):
         spec = ExpertGroup.model_validate(group)
         ctx = serve.get_replica_context()
         self.replica_id = f"{ctx.deployment}#{ctx.replica_id.unique_id}"
         self.directory = directory
         self.lease_seconds = lease_seconds
-        self.server = ExpertServer(model, spec.keys, replica_id=self.replica_id, group=spec.name,
-                                   max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, inline_rows=inline_rows,
-                                   metrics_backend="ray", compute_threads=compute_threads)
+        self.server = ExpertServer(
+            model,
+            spec.keys,
+            replica_id=self.replica_id,
+            group=spec.name,
+            max_wait_ms=max_wait_ms,
+            max_batch_rows=max_batch_rows,
+            inline_rows=inline_rows,
+            metrics_backend="ray",
+            compute_threads=compute_threads,
+        )
         port = self.server.start(defaults.bind_host(), defaults.replica_port_range())
         self.endpoint = f"{defaults.advertise_host()}:{port}"
-        self.entry = expert_pb2.ReplicaEntry(replica_id=self.replica_id, group=spec.name, endpoint=self.endpoint,
-                                             keys=keys_to_proto(self.server.weights.held))
+        self.entry = expert_pb2.ReplicaEntry(
+            replica_id=self.replica_id,
+            group=spec.name,
+            endpoint=self.endpoint,
+            keys=keys_to_proto(self.server.weights.held),
+        )
         self._lease = self.server.submit_coroutine(self._keep_registered())
-        log.info("replica %s of %s serving %s (%d weight bytes, pid %d)", self.replica_id, spec.name,
-                 self.endpoint, self.server.weights.weight_bytes, os.getpid())
+        log.info(
+            "replica %s of %s serving %s (%d weight bytes, pid %d)",
+            self.replica_id,
+            spec.name,
+            self.endpoint,
+            self.server.weights.weight_bytes,
+            os.getpid(),
+        )
 
     async def _keep_registered(self) -> None:
         """Register at once, retrying until the directory answers, then renew every lease/3."""
@@ -79,8 +110,12 @@ class ExpertGroupReplica:
                     await asyncio.sleep(0.5)
 
     def info(self) -> dict:
-        return {"replica_id": self.replica_id, "endpoint": self.endpoint, "pid": os.getpid(),
-                "weight_bytes": self.server.weights.weight_bytes}
+        return {
+            "replica_id": self.replica_id,
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "weight_bytes": self.server.weights.weight_bytes,
+        }
 
     async def check_health(self) -> None:
         if not self.server.running:
@@ -114,7 +149,8 @@ class ExpertGroupReplica:
     async def _deregister(self) -> None:
         async with grpc.aio.insecure_channel(self.directory) as channel:
             await expert_pb2_grpc.ExpertDirectoryStub(channel).Deregister(
-                expert_pb2.DeregisterRequest(replica_id=self.replica_id), timeout=2)
+                expert_pb2.DeregisterRequest(replica_id=self.replica_id), timeout=2
+            )
 
 
 @serve.deployment
@@ -158,4 +194,5 @@ def build_group(args: dict):
     group = ExpertGroup.model_validate(args["group"])
     replica_args = {k: args[k] for k in REPLICA_ARGS if args.get(k) is not None}
     return ExpertGroupReplica.options(name=group.name).bind(
-        str(args["model"]), group.model_dump(mode="json"), _directory_of(args), **replica_args)
+        str(args["model"]), group.model_dump(mode="json"), _directory_of(args), **replica_args
+    )

@@ -44,7 +44,7 @@ class _Call:
     future: asyncio.Future
     deadline: float | None  # loop time
     rows: int
-    queued: float = 0.0     # perf_counter when submitted (for the queue-wait timer)
+    queued: float = 0.0  # perf_counter when submitted (for the queue-wait timer)
 
 
 class DataPlaneTimers:
@@ -63,8 +63,11 @@ class DataPlaneTimers:
 
     def snapshot(self) -> dict:
         calls = max(1, self.calls)
-        return {"calls": self.calls, "batches": self.batches,
-                "us_per_call": {k: round(v / calls * 1e6, 1) for k, v in self.seconds.items()}}
+        return {
+            "calls": self.calls,
+            "batches": self.batches,
+            "us_per_call": {k: round(v / calls * 1e6, 1) for k, v in self.seconds.items()},
+        }
 
 
 @dataclass
@@ -78,8 +81,14 @@ class _LayerQueue:
 class Coalescer:
     """Per-(layer, dtype) queues of validated calls, computed as one batch each on a single compute thread."""
 
-    def __init__(self, weights: ExpertWeights, metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int,
-                 inline_rows: int = DEFAULT_INLINE_ROWS):
+    def __init__(
+        self,
+        weights: ExpertWeights,
+        metrics: ReplicaMetrics,
+        max_wait_ms: float,
+        max_batch_rows: int,
+        inline_rows: int = DEFAULT_INLINE_ROWS,
+    ):
         self.weights = weights
         self.inline_rows = inline_rows
         self.metrics = metrics
@@ -99,12 +108,12 @@ class Coalescer:
         self.in_flight -= 1
         self._changed.set()
 
-    async def submit(self, batch: ForwardBatch, context: grpc.aio.ServicerContext | None = None
-                     ) -> tuple[bytes, int]:
+    async def submit(self, batch: ForwardBatch, context: grpc.aio.ServicerContext | None = None) -> tuple[bytes, int]:
         """The call's output [T, H] as raw bytes (the batch's dtype) and the rows of the batch it was computed in.
         `context` gives the deadline of a call that has to queue (a lone call is computed at once, never reads it)."""
         key = (batch.layer, batch.dtype)
         q = self._queues.get(key)
+
         def alone() -> bool:
             return self.in_flight == 1 and (q is None or not q.calls) and batch.rows <= self.inline_rows
 
@@ -136,9 +145,11 @@ class Coalescer:
         return await call.future
 
     def _should_wait(self, q: _LayerQueue, now: float) -> bool:
-        return (q.rows < self.max_batch_rows
-                and self.in_flight > len(q.calls)           # someone else may still join this layer's batch
-                and now < q.first_arrival + self.max_wait_s)
+        return (
+            q.rows < self.max_batch_rows
+            and self.in_flight > len(q.calls)  # someone else may still join this layer's batch
+            and now < q.first_arrival + self.max_wait_s
+        )
 
     def _take(self, q: _LayerQueue, now: float) -> list[_Call]:
         taken, rows, keep = [], 0, []
@@ -206,19 +217,20 @@ class Coalescer:
             whole = all(b.whole_layer for b in batches) and len({b.top_k for b in batches}) == 1
             batch = ForwardBatch(
                 layer,
-                np.concatenate([b.hidden_data for b in batches]),                                   # [sum T, H]
+                np.concatenate([b.hidden_data for b in batches]),  # [sum T, H]
                 batches[0].dtype,
                 None if whole else np.concatenate([b.row_index() + off for b, off in zip(batches, offsets)]),
-                np.concatenate([b.expert for b in batches]),                                         # [sum N]
-                np.concatenate([b.weight for b in batches]),                                         # [sum N]
-                whole_layer=whole)
-        out = self.weights.forward_batch(batch)                                                 # [sum T, H] bytes
+                np.concatenate([b.expert for b in batches]),  # [sum N]
+                np.concatenate([b.weight for b in batches]),  # [sum N]
+                whole_layer=whole,
+            )
+        out = self.weights.forward_batch(batch)  # [sum T, H] bytes
         rows = batch.rows
         self.metrics.batch(layer, rows, batch.expert, self.weights.num_experts)
         if len(batches) == 1:
             return [out], rows
         row_bytes = len(out) // max(1, rows)
-        return [out[off * row_bytes:(off + b.rows) * row_bytes] for b, off in zip(batches, offsets.tolist())], rows
+        return [out[off * row_bytes : (off + b.rows) * row_bytes] for b, off in zip(batches, offsets.tolist())], rows
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)

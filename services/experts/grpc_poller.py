@@ -32,19 +32,20 @@ def claim_grpc_poller() -> list[tuple[asyncio.AbstractEventLoop, int, object]]:
     fd = handle_events = None
     for key in loop._selector.get_map().values():
         callback = getattr(key.data[0], "_callback", None) if key.data and key.data[0] is not None else None
-        if isinstance(callback, functools.partial) and isinstance(getattr(callback.func, "__self__", None),
-                                                                   cygrpc.PollerCompletionQueue):
+        if isinstance(callback, functools.partial) and isinstance(
+            getattr(callback.func, "__self__", None), cygrpc.PollerCompletionQueue
+        ):
             fd, handle_events = key.fd, callback.func
     if fd is None:
         return []
     taken: list[tuple[asyncio.AbstractEventLoop, int, object]] = []
 
-    def take(other: asyncio.AbstractEventLoop) -> None:   # runs on `other`'s own thread
+    def take(other: asyncio.AbstractEventLoop) -> None:  # runs on `other`'s own thread
         # False: it had no reader there. uvloop returns None either way: give such a loop the reader back too.
         if other.remove_reader(fd) is not False:
             taken.append((other, fd, functools.partial(handle_events, other)))
 
-    for obj in gc.get_objects():   # event loops register nowhere; a one-off scan per replica
+    for obj in gc.get_objects():  # event loops register nowhere; a one-off scan per replica
         # type(), not isinstance(): some module proxies warn or raise when their __class__ is read. Ray's own
         # loop is a uvloop Loop, not a selector loop: both are AbstractEventLoops.
         if issubclass(type(obj), asyncio.AbstractEventLoop) and obj is not loop and not obj.is_closed():

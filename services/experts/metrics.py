@@ -27,28 +27,53 @@ class ReplicaMetrics:
         # as much as the matmuls.
         self._pending_batches: deque[tuple[int, int, np.ndarray, int]] = deque()
         self._pending_calls: deque[tuple[float, str]] = deque()
-        self._lock = threading.Lock()   # one flush at a time
+        self._lock = threading.Lock()  # one flush at a time
         self._children: dict[tuple, object] = {}
         if backend == "ray":
             from ray.util import metrics as rm
 
-            self._tokens = rm.Counter("expertmesh_replica_expert_tokens", "routed tokens computed per (layer, expert)",
-                                      tag_keys=("group", "layer", "expert"))
-            self._rows = rm.Histogram("expertmesh_replica_batch_rows", "rows per coalesced batch",
-                                      boundaries=list(BATCH_ROWS_BUCKETS), tag_keys=("group", "layer"))
-            self._calls = rm.Histogram("expertmesh_replica_forward_seconds", "Forward latency inside the replica",
-                                       boundaries=list(LATENCY_BUCKETS), tag_keys=("group", "code"))
+            self._tokens = rm.Counter(
+                "expertmesh_replica_expert_tokens",
+                "routed tokens computed per (layer, expert)",
+                tag_keys=("group", "layer", "expert"),
+            )
+            self._rows = rm.Histogram(
+                "expertmesh_replica_batch_rows",
+                "rows per coalesced batch",
+                boundaries=list(BATCH_ROWS_BUCKETS),
+                tag_keys=("group", "layer"),
+            )
+            self._calls = rm.Histogram(
+                "expertmesh_replica_forward_seconds",
+                "Forward latency inside the replica",
+                boundaries=list(LATENCY_BUCKETS),
+                tag_keys=("group", "code"),
+            )
             self.registry = None
         else:
             import prometheus_client as pc
 
             self.registry = pc.CollectorRegistry()
-            self._tokens = pc.Counter("expertmesh_replica_expert_tokens", "routed tokens computed per (layer, expert)",
-                                      ("group", "layer", "expert"), registry=self.registry)
-            self._rows = pc.Histogram("expertmesh_replica_batch_rows", "rows per coalesced batch", ("group", "layer"),
-                                      buckets=BATCH_ROWS_BUCKETS, registry=self.registry)
-            self._calls = pc.Histogram("expertmesh_replica_forward_seconds", "Forward latency inside the replica",
-                                       ("group", "code"), buckets=LATENCY_BUCKETS, registry=self.registry)
+            self._tokens = pc.Counter(
+                "expertmesh_replica_expert_tokens",
+                "routed tokens computed per (layer, expert)",
+                ("group", "layer", "expert"),
+                registry=self.registry,
+            )
+            self._rows = pc.Histogram(
+                "expertmesh_replica_batch_rows",
+                "rows per coalesced batch",
+                ("group", "layer"),
+                buckets=BATCH_ROWS_BUCKETS,
+                registry=self.registry,
+            )
+            self._calls = pc.Histogram(
+                "expertmesh_replica_forward_seconds",
+                "Forward latency inside the replica",
+                ("group", "code"),
+                buckets=LATENCY_BUCKETS,
+                registry=self.registry,
+            )
 
     def _inc(self, metric, value: float, tags: dict) -> None:
         if self.backend == "ray":
@@ -60,7 +85,7 @@ class ReplicaMetrics:
         if self.backend == "ray":
             metric.observe(value, tags=tags)
             return
-        key = (id(metric), *tags.values())     # a labels() lookup per call costs more than the observation
+        key = (id(metric), *tags.values())  # a labels() lookup per call costs more than the observation
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(**tags)
@@ -89,10 +114,13 @@ class ReplicaMetrics:
             for seconds, code in calls:
                 self._observe(self._calls, seconds, {"group": self.group, "code": code})
             for layer, experts in per_layer.items():
-                counts = np.bincount(np.concatenate(experts), minlength=sizes[layer])   # [E]
+                counts = np.bincount(np.concatenate(experts), minlength=sizes[layer])  # [E]
                 for expert in np.flatnonzero(counts).tolist():
-                    self._inc(self._tokens, int(counts[expert]), {"group": self.group, "layer": str(layer),
-                                                                  "expert": str(expert)})
+                    self._inc(
+                        self._tokens,
+                        int(counts[expert]),
+                        {"group": self.group, "layer": str(layer), "expert": str(expert)},
+                    )
 
     def text(self) -> str:
         """Prometheus exposition text (prometheus backend only; Ray's agent serves the ray backend)."""

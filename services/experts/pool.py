@@ -28,15 +28,15 @@ from pathlib import Path
 
 import httpx
 
-from expertmesh.core import defaults, settings
-from expertmesh.core.defaults import free_port
-from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
-from expertmesh.core.protos import expert_pb2
-from expertmesh.discovery.directory import DirectoryClient, endpoints_by_key
 from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
 from expertmesh.control.serve_config import build_serve_config
+from expertmesh.core import defaults, settings
+from expertmesh.core.checkpoint import read_moe_info
+from expertmesh.core.defaults import free_port
+from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
+from expertmesh.core.protos import expert_pb2
 from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
+from expertmesh.discovery.directory import DirectoryClient, endpoints_by_key
 
 STATE_DIR = settings.cache_dir()
 REPLICA_LOGICAL_CPUS = 0.25  # per replica; the head offers `num_cpus` logical CPUs in all
@@ -58,7 +58,7 @@ def _session_pids(sid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":  # zombies are gone already
             pids.append(int(entry))
     return pids
@@ -104,14 +104,27 @@ def format_directory(snapshot: expert_pb2.DirectorySnapshot) -> str:
 class LocalPool:
     """The expert pool on a private single-node Ray cluster bound to loopback."""
 
-    def __init__(self, model: str | Path, plan: PlacementPlan | None = None, *,
-                 gcs_port: int = defaults.RAY_GCS_PORT, dashboard_port: int = defaults.RAY_DASHBOARD_PORT,
-                 directory_port: int = defaults.DIRECTORY_PORT, metrics_port: int = defaults.REPLICA_METRICS_PORT,
-                 replica_ports: tuple[int, int] | None = None, num_cpus: int | None = None,
-                 lease_seconds: float | None = None, max_wait_ms: float | None = None,
-                 max_batch_rows: int | None = None, compute_threads: int | None = None,
-                 inline_rows: int | None = None, replica: ReplicaSettings | None = None, ready_timeout: float = 240.0,
-                 state_file: Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        plan: PlacementPlan | None = None,
+        *,
+        gcs_port: int = defaults.RAY_GCS_PORT,
+        dashboard_port: int = defaults.RAY_DASHBOARD_PORT,
+        directory_port: int = defaults.DIRECTORY_PORT,
+        metrics_port: int = defaults.REPLICA_METRICS_PORT,
+        replica_ports: tuple[int, int] | None = None,
+        num_cpus: int | None = None,
+        lease_seconds: float | None = None,
+        max_wait_ms: float | None = None,
+        max_batch_rows: int | None = None,
+        compute_threads: int | None = None,
+        inline_rows: int | None = None,
+        replica: ReplicaSettings | None = None,
+        ready_timeout: float = 240.0,
+        state_file: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.model = str(Path(model).resolve())
         self.info = read_moe_info(self.model)
         self.plan = plan or default_plan(self.info)
@@ -129,10 +142,22 @@ class LocalPool:
         # controller to grow the pool well past the plan's start; physical cores are shared by the OS.
         self.num_cpus = num_cpus or 64
         # The replicas' tunables: `replica`, with any keyword given here on top (None = the replica's default).
-        self.replica = ReplicaSettings(**{**(replica or ReplicaSettings()).serve_args(), **{
-            k: v for k, v in (("lease_seconds", lease_seconds), ("max_wait_ms", max_wait_ms),
-                              ("max_batch_rows", max_batch_rows), ("inline_rows", inline_rows),
-                              ("compute_threads", compute_threads)) if v is not None}})
+        self.replica = ReplicaSettings(
+            **{
+                **(replica or ReplicaSettings()).serve_args(),
+                **{
+                    k: v
+                    for k, v in (
+                        ("lease_seconds", lease_seconds),
+                        ("max_wait_ms", max_wait_ms),
+                        ("max_batch_rows", max_batch_rows),
+                        ("inline_rows", inline_rows),
+                        ("compute_threads", compute_threads),
+                    )
+                    if v is not None
+                },
+            }
+        )
         self.env = dict(env or {})  # registered variables for the Ray head and so for every replica
         self.ready_timeout = ready_timeout
         # Serve's own autoscaler sees none of the traffic (it bypasses Serve), so it would only ever shrink groups
@@ -157,14 +182,14 @@ class LocalPool:
         return f"http://{self.host}:{self.dashboard_port}"
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
-    def __enter__(self) -> "LocalPool":
+    def __enter__(self) -> LocalPool:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "LocalPool":
+    def start(self) -> LocalPool:
         try:
             self.start_ray()
             self.deploy()
@@ -176,8 +201,14 @@ class LocalPool:
 
     def serve_config(self) -> dict:
         # Logical CPUs: a replica mostly waits on gRPC; physical cores are shared by the OS scheduler.
-        config = build_serve_config(self.plan, self.model, self.directory_address, replicas=self.replica_counts,
-                                    num_cpus=REPLICA_LOGICAL_CPUS, replica=self.replica)
+        config = build_serve_config(
+            self.plan,
+            self.model,
+            self.directory_address,
+            replicas=self.replica_counts,
+            num_cpus=REPLICA_LOGICAL_CPUS,
+            replica=self.replica,
+        )
         # The data plane is each replica's own gRPC server: no Serve HTTP/gRPC proxy at all.
         config["proxy_location"] = "Disabled"
         config["http_options"] = {"host": self.host, "port": free_port()}
@@ -185,42 +216,83 @@ class LocalPool:
 
     def start_ray(self) -> None:
         if _port_in_use(self.host, self.gcs_port):
-            raise RuntimeError(f"port {self.gcs_port} is taken: is a pool already up? (expertmesh experts down "
-                               f"--address {self.gcs_address}) or choose another --address")
+            raise RuntimeError(
+                f"port {self.gcs_port} is taken: is a pool already up? (expertmesh experts down "
+                f"--address {self.gcs_address}) or choose another --address"
+            )
         # Short: Ray puts unix sockets under the temp dir and those paths are limited to 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix=f"em-ray-{self.gcs_port}-")
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         # OMP_NUM_THREADS=1, Ray on loopback, no usage stats, no token auth: settings.RAY_HEAD_ENV says why.
-        env = settings.child_env({
-            **self.env,
-            defaults.ENV_BIND_HOST: settings.inherited(defaults.ENV_BIND_HOST) or self.host,
-            defaults.ENV_REPLICA_PORTS: f"{self.replica_ports[0]}-{self.replica_ports[1]}",
-            defaults.ENV_DIRECTORY: self.directory_address,
-        }, forced=settings.RAY_HEAD_ENV)
+        env = settings.child_env(
+            {
+                **self.env,
+                defaults.ENV_BIND_HOST: settings.inherited(defaults.ENV_BIND_HOST) or self.host,
+                defaults.ENV_REPLICA_PORTS: f"{self.replica_ports[0]}-{self.replica_ports[1]}",
+                defaults.ENV_DIRECTORY: self.directory_address,
+            },
+            forced=settings.RAY_HEAD_ENV,
+        )
         cmd = [
-            _ray_bin(), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", self.host, "--port", str(self.gcs_port),
-            "--include-dashboard", "true", "--dashboard-host", self.host, "--dashboard-port", str(self.dashboard_port),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(self.metrics_port),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()),
-            "--num-cpus", str(self.num_cpus), "--object-store-memory", str(OBJECT_STORE_BYTES),
-            "--temp-dir", self.temp_dir,
+            _ray_bin(),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            self.host,
+            "--port",
+            str(self.gcs_port),
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            self.host,
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(self.metrics_port),
+            "--node-manager-port",
+            str(free_port()),
+            "--object-manager-port",
+            str(free_port()),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--object-store-memory",
+            str(OBJECT_STORE_BYTES),
+            "--temp-dir",
+            self.temp_dir,
         ]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self._write_state()
         self._wait_http(f"{self.dashboard_url}/api/version", timeout=120)
 
     def _write_state(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps({
-            "session_id": self.process.pid, "gcs_address": self.gcs_address, "dashboard": self.dashboard_url,
-            "directory": self.directory_address, "temp_dir": self.temp_dir, "model": self.model,
-            "started_unix": time.time(),
-        }, indent=2))
+        self.state_file.write_text(
+            json.dumps(
+                {
+                    "session_id": self.process.pid,
+                    "gcs_address": self.gcs_address,
+                    "dashboard": self.dashboard_url,
+                    "directory": self.directory_address,
+                    "temp_dir": self.temp_dir,
+                    "model": self.model,
+                    "started_unix": time.time(),
+                },
+                indent=2,
+            )
+        )
 
     def _wait_http(self, url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -274,10 +346,15 @@ class LocalPool:
                 for name, app in apps.items():
                     if app.get("status") == "DEPLOY_FAILED":
                         # The application's message only names the deployments; theirs says why (the replica's error).
-                        why = "; ".join(f"{d}: {info.get('message', '')}" for d, info in
-                                        app.get("deployments", {}).items() if info.get("message"))
-                        raise RuntimeError(f"Serve could not deploy {name}: {app.get('message', '')} "
-                                           f"{why}"[:3000] + f"\nlog:\n{self._log_tail()}")
+                        why = "; ".join(
+                            f"{d}: {info.get('message', '')}"
+                            for d, info in app.get("deployments", {}).items()
+                            if info.get("message")
+                        )
+                        raise RuntimeError(
+                            f"Serve could not deploy {name}: {app.get('message', '')} {why}"[:3000]
+                            + f"\nlog:\n{self._log_tail()}"
+                        )
                 try:
                     snapshot = client.snapshot(timeout=2)
                     served, wanted = coverage(snapshot, self.plan)
@@ -319,13 +396,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start a local Ray cluster with the expert pool and print the directory")
     up.add_argument("--model", required=True, help="checkpoint directory (Hugging Face MoE, safetensors)")
-    up.add_argument("--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)")
-    up.add_argument("--address", default=f"127.0.0.1:{defaults.RAY_GCS_PORT}",
-                    help="GCS address of the local Ray cluster to start (loopback only)")
+    up.add_argument(
+        "--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)"
+    )
+    up.add_argument(
+        "--address",
+        default=f"127.0.0.1:{defaults.RAY_GCS_PORT}",
+        help="GCS address of the local Ray cluster to start (loopback only)",
+    )
     up.add_argument("--dashboard-port", type=int, default=defaults.RAY_DASHBOARD_PORT, help="0 = any free port")
     up.add_argument("--directory-port", type=int, default=defaults.DIRECTORY_PORT, help="0 = any free port")
-    up.add_argument("--metrics-port", type=int, default=defaults.REPLICA_METRICS_PORT,
-                    help="Prometheus metrics of the pool (Ray's metrics export port)")
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=defaults.REPLICA_METRICS_PORT,
+        help="Prometheus metrics of the pool (Ray's metrics export port)",
+    )
     up.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every expert to register")
     add_replica_flags(up)
     down = sub.add_parser("down", help="stop the local Ray cluster started by `experts up`")
@@ -343,14 +429,23 @@ def run(args: argparse.Namespace) -> int:
     gcs_port = _gcs_port(args.address)
     if args.action == "up":
         plan = load_plan(args.plan) if args.plan else None
-        pool = LocalPool(args.model, plan, gcs_port=gcs_port, dashboard_port=args.dashboard_port,
-                         directory_port=args.directory_port, metrics_port=args.metrics_port,
-                         ready_timeout=args.timeout, replica=replica_settings_from_args(args))
+        pool = LocalPool(
+            args.model,
+            plan,
+            gcs_port=gcs_port,
+            dashboard_port=args.dashboard_port,
+            directory_port=args.directory_port,
+            metrics_port=args.metrics_port,
+            ready_timeout=args.timeout,
+            replica=replica_settings_from_args(args),
+        )
         pool.start()
         with pool.client() as client:
             print(format_directory(client.snapshot()))
-        print(f"\nRay: {pool.gcs_address}  dashboard: {pool.dashboard_url}  directory: {pool.directory_address}  "
-              f"metrics: http://127.0.0.1:{pool.metrics_port}/metrics")
+        print(
+            f"\nRay: {pool.gcs_address}  dashboard: {pool.dashboard_url}  directory: {pool.directory_address}  "
+            f"metrics: http://127.0.0.1:{pool.metrics_port}/metrics"
+        )
         print(f"stop with: expertmesh experts down --address {pool.gcs_address}")
         return 0
     state_file = STATE_DIR / f"pool-{gcs_port}.json"

@@ -32,21 +32,37 @@ from google.protobuf.message import DecodeError
 
 from expertmesh.core import settings, telemetry
 from expertmesh.core.checkpoint import CheckpointReader
-from expertmesh.core.codec import (ExpertNotHeld, WireError, decode_forward,
-                                   encode, encode_raw_into)
+from expertmesh.core.codec import ExpertNotHeld, WireError, decode_forward, encode, encode_raw_into
 from expertmesh.core.kernel import ExpertWeights
-from expertmesh.core.protos import expert_pb2
 from expertmesh.core.loop_thread import LoopThread
-from expertmesh.experts.coalescer import (DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS, Coalescer,
-                                          DataPlaneTimers, DeadlineExpired)
+from expertmesh.core.protos import expert_pb2
+from expertmesh.experts.coalescer import (
+    DEFAULT_INLINE_ROWS,
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_WAIT_MS,
+    Coalescer,
+    DataPlaneTimers,
+    DeadlineExpired,
+)
 from expertmesh.experts.grpc_poller import claim_grpc_poller, return_grpc_poller
 from expertmesh.experts.metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
 
 SERVICE = "expertmesh.v1.ExpertService"
-__all__ = ["CHANNEL_OPTIONS", "DEFAULT_INLINE_ROWS", "DEFAULT_MAX_BATCH_ROWS", "DEFAULT_MAX_WAIT_MS", "SERVER_OPTIONS",
-           "DataPlaneTimers", "ExpertServer", "ExpertServicer", "bind_port", "keys_from_proto", "keys_to_proto"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "DEFAULT_INLINE_ROWS",
+    "DEFAULT_MAX_BATCH_ROWS",
+    "DEFAULT_MAX_WAIT_MS",
+    "SERVER_OPTIONS",
+    "DataPlaneTimers",
+    "ExpertServer",
+    "ExpertServicer",
+    "bind_port",
+    "keys_from_proto",
+    "keys_to_proto",
+]
 METRICS_FLUSH_SECONDS = 1.0
 
 # SO_REUSEPORT is on by default in gRPC on Linux: two replicas could then "bind" the same port and split its
@@ -82,9 +98,17 @@ def bind_port(server: grpc.aio.Server, host: str, port: int | tuple[int, int]) -
 class ExpertServicer:
     """`ExpertService` over the weights of one replica's keys."""
 
-    def __init__(self, weights: ExpertWeights, num_layers: int, replica_id: str, group: str,
-                 metrics: ReplicaMetrics, max_wait_ms: float, max_batch_rows: int,
-                 inline_rows: int = DEFAULT_INLINE_ROWS):
+    def __init__(
+        self,
+        weights: ExpertWeights,
+        num_layers: int,
+        replica_id: str,
+        group: str,
+        metrics: ReplicaMetrics,
+        max_wait_ms: float,
+        max_batch_rows: int,
+        inline_rows: int = DEFAULT_INLINE_ROWS,
+    ):
         self.weights = weights
         self.num_layers = num_layers
         self.replica_id = replica_id
@@ -92,21 +116,31 @@ class ExpertServicer:
         self.metrics = metrics
         self.coalescer = Coalescer(weights, metrics, max_wait_ms, max_batch_rows, inline_rows)
         self._info = expert_pb2.InfoResponse(
-            replica_id=replica_id, group=group, keys=keys_to_proto(weights.held),
-            hidden_size=weights.hidden_size, dtype=encode(torch.empty(0, dtype=weights.dtype)).dtype,
-            weight_bytes=weights.weight_bytes, compute_threads=torch.get_num_threads(),
+            replica_id=replica_id,
+            group=group,
+            keys=keys_to_proto(weights.held),
+            hidden_size=weights.hidden_size,
+            dtype=encode(torch.empty(0, dtype=weights.dtype)).dtype,
+            weight_bytes=weights.weight_bytes,
+            compute_threads=torch.get_num_threads(),
         )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         # Forward takes raw bytes (no request_deserializer) so an unparseable message is INVALID_ARGUMENT, not
         # the INTERNAL a failing generated deserializer would give.
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Forward": grpc.unary_unary_rpc_method_handler(
-                self.forward, response_serializer=expert_pb2.ForwardResponse.SerializeToString),
-            "Info": grpc.unary_unary_rpc_method_handler(
-                self.info, request_deserializer=expert_pb2.InfoRequest.FromString,
-                response_serializer=expert_pb2.InfoResponse.SerializeToString),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Forward": grpc.unary_unary_rpc_method_handler(
+                    self.forward, response_serializer=expert_pb2.ForwardResponse.SerializeToString
+                ),
+                "Info": grpc.unary_unary_rpc_method_handler(
+                    self.info,
+                    request_deserializer=expert_pb2.InfoRequest.FromString,
+                    response_serializer=expert_pb2.InfoResponse.SerializeToString,
+                ),
+            },
+        )
 
     async def info(self, request, context) -> expert_pb2.InfoResponse:
         return self._info
@@ -115,8 +149,10 @@ class ExpertServicer:
         metadata = context.invocation_metadata()
         if metadata and any(k == "traceparent" for k, _ in metadata):  # a traced request: one span per call
             with telemetry.tracer().start_as_current_span(
-                    "expert forward", context=telemetry.extract_metadata(metadata),
-                    attributes={"expertmesh.replica": self.replica_id, "expertmesh.group": self.group}):
+                "expert forward",
+                context=telemetry.extract_metadata(metadata),
+                attributes={"expertmesh.replica": self.replica_id, "expertmesh.group": self.group},
+            ):
                 return await self._forward(raw, context)
         return await self._forward(raw, context)
 
@@ -128,8 +164,13 @@ class ExpertServicer:
         try:
             try:
                 request = expert_pb2.ForwardRequest.FromString(raw)
-                batch = decode_forward(request, held=self.weights.held, hidden_size=self.weights.hidden_size,
-                                       num_layers=self.num_layers, num_experts=self.weights.num_experts)
+                batch = decode_forward(
+                    request,
+                    held=self.weights.held,
+                    hidden_size=self.weights.hidden_size,
+                    num_layers=self.num_layers,
+                    num_experts=self.weights.num_experts,
+                )
                 seconds["validate"] += time.perf_counter() - start
             except (WireError, DecodeError) as exc:
                 code = "INVALID_ARGUMENT"
@@ -162,10 +203,20 @@ class ExpertServicer:
 class ExpertServer:
     """One ExpertService grpc.aio server on its own event-loop thread (no Ray needed)."""
 
-    def __init__(self, checkpoint: str | Path | CheckpointReader, keys: dict[int, list[int]], *,
-                 replica_id: str = "", group: str = "", max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, inline_rows: int = DEFAULT_INLINE_ROWS,
-                 metrics_backend: str = "prometheus", dtype: torch.dtype | None = None, compute_threads: int = 0):
+    def __init__(
+        self,
+        checkpoint: str | Path | CheckpointReader,
+        keys: dict[int, list[int]],
+        *,
+        replica_id: str = "",
+        group: str = "",
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        inline_rows: int = DEFAULT_INLINE_ROWS,
+        metrics_backend: str = "prometheus",
+        dtype: torch.dtype | None = None,
+        compute_threads: int = 0,
+    ):
         telemetry.init_tracing("expertmesh-experts")  # exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set
         if compute_threads > 0:
             # torch's intra-op threads for the expert kernel (process-wide: meant for a replica's own process).
@@ -205,8 +256,16 @@ class ExpertServer:
         return self.port
 
     async def _start(self, host: str, port) -> int:
-        self.servicer = ExpertServicer(self.weights, self.reader.info.num_layers, self.replica_id, self.group,
-                                       self.metrics, self._max_wait_ms, self._max_batch_rows, self._inline_rows)
+        self.servicer = ExpertServicer(
+            self.weights,
+            self.reader.info.num_layers,
+            self.replica_id,
+            self.group,
+            self.metrics,
+            self._max_wait_ms,
+            self._max_batch_rows,
+            self._inline_rows,
+        )
         self._server = grpc.aio.server(options=SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         bound = bind_port(self._server, host, port)

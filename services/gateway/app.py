@@ -74,13 +74,21 @@ def _install_error_handlers(app: FastAPI, state: GatewayState) -> None:
         return response
 
 
-def create_app(router: str | None = None, model_name: str | None = None, tokenizer: str | None = None,
-               api_keys: list[str] | None = None, settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    router: str | None = None,
+    model_name: str | None = None,
+    tokenizer: str | None = None,
+    api_keys: list[str] | None = None,
+    settings: GatewaySettings | None = None,
+) -> FastAPI:
     """The gateway app. Arguments given override `settings` (default: GatewaySettings() from the registry;
     api_keys None -> EXPERTMESH_API_KEYS, comma-separated; unset/empty = open)."""
     settings = settings or GatewaySettings()
-    overrides = {k: v for k, v in (("router", router), ("model_name", model_name), ("tokenizer", tokenizer),
-                                   ("api_keys", api_keys)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("router", router), ("model_name", model_name), ("tokenizer", tokenizer), ("api_keys", api_keys))
+        if v is not None
+    }
     settings = replace(settings, **overrides)
     settings.api_keys = list(settings.api_keys)
     state = GatewayState.from_settings(settings)
@@ -101,6 +109,7 @@ def create_app(router: str | None = None, model_name: str | None = None, tokeniz
 
 # ---- command line ----------------------------------------------------------------------------------------------
 
+
 def configure(parser: argparse.ArgumentParser) -> None:
     GatewaySettings.configure(parser)
 
@@ -111,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m expertmesh.gateway.app", description=__doc__.splitlines()[0])
     configure(parser)
     settings = GatewaySettings.from_args(parser.parse_args(argv))
-    uvicorn.run(create_app(settings=settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        create_app(settings=settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
     telemetry.shutdown_tracing()
     return 0
 

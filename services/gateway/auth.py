@@ -17,7 +17,12 @@ def check_auth(request: Request, api_keys: frozenset[str] | list[str]) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
-        raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.",
-                       "authentication_error", None, "missing_api_key")
+        raise APIError(
+            401,
+            "Missing API key: send it as 'Authorization: Bearer <key>'.",
+            "authentication_error",
+            None,
+            "missing_api_key",
+        )
     if not any(secrets.compare_digest(key.strip(), k) for k in api_keys):
         raise APIError(401, "Incorrect API key provided.", "authentication_error", None, "invalid_api_key")

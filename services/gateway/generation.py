@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import grpc
 from fastapi import Request
@@ -21,11 +21,12 @@ from expertmesh.gateway.router_client import RouterClient, RouterInfo, router_er
 @dataclass
 class Choice:
     """What one Generate call produced so far."""
+
     index: int
     prompt_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)         # router_pb2.TokenLogprob per generated token
+    logprobs: list = field(default_factory=list)  # router_pb2.TokenLogprob per generated token
     prompt_logprobs: list = field(default_factory=list)  # router_pb2.TokenLogprob per prompt token (first empty)
     finish_reason: str | None = None
 
@@ -37,8 +38,17 @@ def finish_reason(reason: str) -> str | None:
 class Generation:
     """n Generate calls for one prompt (or several prompts) of one HTTP request, run concurrently."""
 
-    def __init__(self, router: RouterClient, metrics: GatewayMetrics, endpoint: str, prompts: list[list[int]],
-                 n: int, params_for: list, metadata, started: float):
+    def __init__(
+        self,
+        router: RouterClient,
+        metrics: GatewayMetrics,
+        endpoint: str,
+        prompts: list[list[int]],
+        n: int,
+        params_for: list,
+        metadata,
+        started: float,
+    ):
         """params_for[p](i) -> router SamplingParams of choice i of prompt p (max_tokens may differ per prompt)."""
         self.metrics = metrics
         self.endpoint = endpoint
@@ -51,8 +61,9 @@ class Generation:
             for i in range(n):
                 index = p_index * n + i
                 self.choices.append(Choice(index=index, prompt_ids=ids))
-                request = router_pb2.GenerateRequest(request_id=f"gw{index}", token_ids=router_pb2.TokenIds(ids=ids),
-                                                     params=params_for[p_index](i))
+                request = router_pb2.GenerateRequest(
+                    request_id=f"gw{index}", token_ids=router_pb2.TokenIds(ids=ids), params=params_for[p_index](i)
+                )
                 self.calls.append(stub.Generate(request, metadata=metadata))
 
     def cancel(self) -> None:
@@ -105,12 +116,16 @@ class Generation:
     def usage(self, prompts: list[list[int]]) -> dict:
         prompt_tokens = sum(len(p) for p in prompts)
         completion_tokens = sum(len(c.token_ids) for c in self.choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
 
-def sampling_for(body, prompt_len: int, info: RouterInfo, defaults: dict, logprobs: int | None,
-                 prompt_logprobs: int | None) -> Callable[[int], router_pb2.SamplingParams]:
+def sampling_for(
+    body, prompt_len: int, info: RouterInfo, defaults: dict, logprobs: int | None, prompt_logprobs: int | None
+) -> Callable[[int], router_pb2.SamplingParams]:
     """params(i) for choice i of one prompt; `defaults` are the checkpoint's sampling defaults (generation_config)."""
     max_tokens = body.requested_max_tokens()
     if max_tokens is None:
@@ -127,11 +142,15 @@ def sampling_for(body, prompt_len: int, info: RouterInfo, defaults: dict, logpro
             temperature=body.temperature if body.temperature is not None else d.get("temperature", 1.0),
             top_p=body.top_p if body.top_p is not None else d.get("top_p", 1.0),
             top_k=body.top_k if body.top_k is not None else d.get("top_k", 0),
-            stop=body.stop_list(), presence_penalty=body.presence_penalty,
+            stop=body.stop_list(),
+            presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
-            repetition_penalty=(body.repetition_penalty if body.repetition_penalty is not None
-                                else d.get("repetition_penalty", 1.0)),
-            ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
+            repetition_penalty=(
+                body.repetition_penalty if body.repetition_penalty is not None else d.get("repetition_penalty", 1.0)
+            ),
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+        )
         if body.seed is not None:
             p.seed = body.seed + i
         if logprobs is not None:
@@ -145,6 +164,7 @@ def sampling_for(body, prompt_len: int, info: RouterInfo, defaults: dict, logpro
 
 async def run_to_end(request: Request, generation: Generation) -> None:
     """Drain every call; if the client disconnects first, cancel them (the router aborts in vLLM)."""
+
     async def drain():
         async for _ in generation.events():
             pass

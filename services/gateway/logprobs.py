@@ -9,10 +9,19 @@ def _bytes(token: str) -> list[int]:
 
 
 def chat_logprobs(entries, top: int) -> dict:
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": _bytes(e.token),
-                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
-                                          for t in list(e.top)[:top]]}
-                        for e in entries]}
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": _bytes(e.token),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)} for t in list(e.top)[:top]
+                ],
+            }
+            for e in entries
+        ]
+    }
 
 
 def completion_logprobs(entries, offset: int, tokenizer=None, prompt_ids=None) -> dict:
@@ -31,8 +40,12 @@ def completion_logprobs(entries, offset: int, tokenizer=None, prompt_ids=None) -
             top_logprobs.append({t.token: t.logprob for t in e.top})
         text_offset.append(offset)
         offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 def merge_completion_logprobs(a: dict | None, b: dict) -> dict:

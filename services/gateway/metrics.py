@@ -11,19 +11,31 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("expertmesh_gateway_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.in_progress = Gauge("expertmesh_gateway_requests_in_progress", "Generation requests being served",
-                                 ["endpoint"], registry=r)
-        self.ttft = Histogram("expertmesh_gateway_time_to_first_token_seconds",
-                              "Time from request arrival to the first generated token", ["endpoint"],
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("expertmesh_gateway_prompt_tokens", "Prompt tokens of served requests",
-                                     ["endpoint"], registry=r)
-        self.completion_tokens = Counter("expertmesh_gateway_completion_tokens", "Tokens generated",
-                                         ["endpoint"], registry=r)
-        self.errors = Counter("expertmesh_gateway_errors", "Errors returned, by endpoint and error type",
-                              ["endpoint", "type"], registry=r)
+        self.requests = Counter(
+            "expertmesh_gateway_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "expertmesh_gateway_requests_in_progress", "Generation requests being served", ["endpoint"], registry=r
+        )
+        self.ttft = Histogram(
+            "expertmesh_gateway_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token",
+            ["endpoint"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "expertmesh_gateway_prompt_tokens", "Prompt tokens of served requests", ["endpoint"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "expertmesh_gateway_completion_tokens", "Tokens generated", ["endpoint"], registry=r
+        )
+        self.errors = Counter(
+            "expertmesh_gateway_errors", "Errors returned, by endpoint and error type", ["endpoint", "type"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

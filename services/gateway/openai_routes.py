@@ -18,8 +18,13 @@ from expertmesh.core import telemetry
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.generation import Choice, Generation, finish_reason, run_unary, sampling_for
 from expertmesh.gateway.logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs
-from expertmesh.gateway.openai_schema import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
-                                              validate_sampling)
+from expertmesh.gateway.openai_schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad_request,
+    validate_sampling,
+)
 from expertmesh.gateway.router_client import RouterInfo
 from expertmesh.gateway.sse import chunker, stream_response
 from expertmesh.gateway.state import GatewayState, gateway_state
@@ -47,9 +52,19 @@ async def list_models(request: Request):
     gw = gateway_state(request)
     check_auth(request, gw.settings.api_keys)
     info = await gw.router.info()
-    return {"object": "list", "data": [{"id": gw.router.served_name(), "object": "model", "created": gw.created,
-                                        "owned_by": "expertmesh", "root": info.model,
-                                        "max_model_len": info.max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": gw.router.served_name(),
+                "object": "model",
+                "created": gw.created,
+                "owned_by": "expertmesh",
+                "root": info.model,
+                "max_model_len": info.max_model_len,
+            }
+        ],
+    }
 
 
 @routes.post("/v1/chat/completions")
@@ -62,11 +77,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     metrics = gw.metrics
     started = time.monotonic()
     tokenizer = gw.router.tokenizer
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=body.add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
     except Exception as exc:  # jinja errors raised by the template (e.g. role order it refuses)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from exc
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
@@ -94,9 +107,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
                 if not msg.token_ids and not msg.finish_reason:
                     continue
                 metrics.completion_tokens.labels(endpoint).inc(len(msg.token_ids))
-                entry = {"index": choice.index, "delta": {"content": msg.text} if msg.text or msg.token_ids else {},
-                         "logprobs": chat_logprobs(msg.logprobs, top) if top is not None else None,
-                         "finish_reason": finish_reason(msg.finish_reason)}
+                entry = {
+                    "index": choice.index,
+                    "delta": {"content": msg.text} if msg.text or msg.token_ids else {},
+                    "logprobs": chat_logprobs(msg.logprobs, top) if top is not None else None,
+                    "finish_reason": finish_reason(msg.finish_reason),
+                }
                 yield chunk([entry])
             if chunk.include_usage:
                 yield chunk([], generation.usage([prompt_ids]))
@@ -104,11 +120,22 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         return stream_response(metrics, span, endpoint, generation, chunks())
 
     usage = await run_unary(request, span, endpoint, generation, [prompt_ids])
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
-                         "logprobs": chat_logprobs(c.logprobs, top) if top is not None else None,
-                         "finish_reason": finish_reason(c.finish_reason)} for c in generation.choices],
-            "usage": usage}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": echo + c.text},
+                "logprobs": chat_logprobs(c.logprobs, top) if top is not None else None,
+                "finish_reason": finish_reason(c.finish_reason),
+            }
+            for c in generation.choices
+        ],
+        "usage": usage,
+    }
 
 
 def _prompts(tok, raw) -> tuple[list[str], list[list[int]]]:
@@ -144,9 +171,17 @@ async def completions(request: Request, body: CompletionRequest):
     started = time.monotonic()
     tok = gw.router.tokenizer
     prompt_texts, prompts = _prompts(tok, body.prompt)
-    param_sets = [sampling_for(body, len(p), info, gw.router.generation_defaults, body.logprobs,
-                               body.logprobs if body.echo and body.logprobs is not None else None)
-                  for p in prompts]
+    param_sets = [
+        sampling_for(
+            body,
+            len(p),
+            info,
+            gw.router.generation_defaults,
+            body.logprobs,
+            body.logprobs if body.echo and body.logprobs is not None else None,
+        )
+        for p in prompts
+    ]
     span, metadata = start_span(request, "POST /v1/completions")
     span.set_attribute("prompt_tokens", sum(len(p) for p in prompts))
     generation = Generation(gw.router, metrics, endpoint, prompts, body.n, param_sets, metadata, started)
@@ -183,8 +218,16 @@ async def completions(request: Request, body: CompletionRequest):
                     gen_lp = completion_logprobs(msg.logprobs, offsets[choice.index])
                     logprobs = merge_completion_logprobs(logprobs, gen_lp)
                 offsets[choice.index] += len(msg.text)
-                yield chunk([{"index": choice.index, "text": text + msg.text, "logprobs": logprobs,
-                              "finish_reason": finish_reason(msg.finish_reason)}])
+                yield chunk(
+                    [
+                        {
+                            "index": choice.index,
+                            "text": text + msg.text,
+                            "logprobs": logprobs,
+                            "finish_reason": finish_reason(msg.finish_reason),
+                        }
+                    ]
+                )
             if chunk.include_usage:
                 yield chunk([], generation.usage(prompts))
 
@@ -196,7 +239,19 @@ async def completions(request: Request, body: CompletionRequest):
         text, logprobs = prompt_part(c)
         if body.logprobs is not None:
             logprobs = merge_completion_logprobs(logprobs, completion_logprobs(c.logprobs, len(text)))
-        out.append({"index": c.index, "text": text + c.text, "logprobs": logprobs,
-                    "finish_reason": finish_reason(c.finish_reason)})
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": out, "usage": usage}
+        out.append(
+            {
+                "index": c.index,
+                "text": text + c.text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason(c.finish_reason),
+            }
+        )
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": out,
+        "usage": usage,
+    }

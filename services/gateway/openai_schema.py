@@ -12,19 +12,25 @@ service_unavailable_error (503), internal_error (500). Unknown request fields ar
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_LOGPROBS = 20   # vLLM's default max_logprobs
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_N = 16
 
 
 class APIError(Exception):
     """An error returned to the client in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -43,12 +49,16 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None) -> APIError:
     """vLLM's wording (the router's is the same), so clients that parse it keep working."""
     if max_tokens is None:
-        message = (f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-                   f"{prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        message = (
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input messages."
+        )
     else:
-        message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-                   f"completion). Please reduce the length of the messages or completion.")
+        message = (
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            f"completion). Please reduce the length of the messages or completion."
+        )
     return bad_request(message, "messages" if max_tokens is None else "max_tokens", "context_length_exceeded")
 
 
@@ -67,7 +77,7 @@ class ContentPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -78,8 +88,9 @@ class ChatMessage(_Body):
         parts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise bad_request(f"Unsupported content part type {part.type!r}: this model takes text only.",
-                                  "messages")
+                raise bad_request(
+                    f"Unsupported content part type {part.type!r}: this model takes text only.", "messages"
+                )
             parts.append(part.text)
         return "\n".join(parts)
 
@@ -89,15 +100,15 @@ class _SamplingBody(_Body):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None                  # vLLM extension
-    min_tokens: int = 0                       # vLLM extension
+    top_k: int | None = None  # vLLM extension
+    min_tokens: int = 0  # vLLM extension
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None   # vLLM extension
-    ignore_eos: bool = False                  # vLLM extension
+    repetition_penalty: float | None = None  # vLLM extension
+    ignore_eos: bool = False  # vLLM extension
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
@@ -114,14 +125,14 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True        # vLLM extension
+    add_generation_prompt: bool = True  # vLLM extension
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(_SamplingBody):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     suffix: str | None = None
 
@@ -151,17 +162,20 @@ def validate_sampling(body: _SamplingBody) -> None:
     _check_range("top_p", body.top_p, 0.0, 1.0, lo_open=True)
     _check_range("presence_penalty", body.presence_penalty, -2.0, 2.0)
     _check_range("frequency_penalty", body.frequency_penalty, -2.0, 2.0)
-    if body.repetition_penalty is not None and not (math.isfinite(body.repetition_penalty)
-                                                    and body.repetition_penalty > 0):
-        raise bad_request(f"repetition_penalty must be greater than zero, got {body.repetition_penalty}.",
-                          "repetition_penalty")
+    if body.repetition_penalty is not None and not (
+        math.isfinite(body.repetition_penalty) and body.repetition_penalty > 0
+    ):
+        raise bad_request(
+            f"repetition_penalty must be greater than zero, got {body.repetition_penalty}.", "repetition_penalty"
+        )
     if body.top_k is not None and body.top_k < -1:
         raise bad_request(f"top_k must be -1 or 0 (disabled), or at least 1, got {body.top_k}.", "top_k")
     if body.min_tokens < 0:
         raise bad_request(f"min_tokens must be greater than or equal to 0, got {body.min_tokens}.", "min_tokens")
     if max_tokens is not None and body.min_tokens > max_tokens:
-        raise bad_request(f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
-                          f"got {body.min_tokens}.", "min_tokens")
+        raise bad_request(
+            f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {body.min_tokens}.", "min_tokens"
+        )
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}.", "n")
     if body.stream_options is not None and not body.stream:
@@ -175,8 +189,9 @@ def validate_sampling(body: _SamplingBody) -> None:
             if not body.logprobs:
                 raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
             if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-                raise bad_request(f"`top_logprobs` must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}.",
-                                  "top_logprobs")
+                raise bad_request(
+                    f"`top_logprobs` must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}.", "top_logprobs"
+                )
     else:
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"`logprobs` must be in [0, {MAX_LOGPROBS}], got {body.logprobs}.", "logprobs")

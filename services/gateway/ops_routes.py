@@ -50,11 +50,22 @@ async def health(request: Request):
     try:
         h = await gw.router.health()
     except grpc.aio.AioRpcError as exc:
-        return JSONResponse({"status": "unavailable", "router": address,
-                             "detail": f"router unreachable: {exc.details() or exc.code().name}"}, status_code=503)
-    body = {"status": "ok" if h.ok and h.missing_experts == 0 else "unavailable", "router": address,
-            "model": h.model, "local_experts": h.local_experts, "missing_experts": h.missing_experts,
-            "max_model_len": h.max_model_len}
+        return JSONResponse(
+            {
+                "status": "unavailable",
+                "router": address,
+                "detail": f"router unreachable: {exc.details() or exc.code().name}",
+            },
+            status_code=503,
+        )
+    body = {
+        "status": "ok" if h.ok and h.missing_experts == 0 else "unavailable",
+        "router": address,
+        "model": h.model,
+        "local_experts": h.local_experts,
+        "missing_experts": h.missing_experts,
+        "max_model_len": h.max_model_len,
+    }
     if body["status"] != "ok":
         body["detail"] = h.detail or f"{h.missing_experts} (layer, expert) keys have no live replica"
         return JSONResponse(body, status_code=503)
@@ -73,16 +84,19 @@ async def experts(request: Request):
     try:
         stats = await gw.router.stats()
     except grpc.aio.AioRpcError as exc:
-        raise APIError(503, f"router unavailable: {exc.details() or exc.code().name}",
-                       "service_unavailable_error") from exc
-    rows = [{"layer": e.layer, "expert": e.expert, "routed_tokens": e.routed_tokens, "replicas": e.replicas}
-            for e in stats.experts]
-    controller = await controller_status(gw.settings.controller_status or "",
-                                         gw.settings.controller_status_timeout_s)
-    return {"experts": rows,
-            "replicas": {"total": sum(r["replicas"] for r in rows),
-                         "missing": sum(1 for r in rows if r["replicas"] == 0)},
-            "requests_running": stats.requests_running,
-            "uptime_seconds": stats.uptime_seconds,
-            "plan": controller.get("plan"),
-            "controller": {k: v for k, v in controller.items() if k != "plan"} or None}
+        raise APIError(
+            503, f"router unavailable: {exc.details() or exc.code().name}", "service_unavailable_error"
+        ) from exc
+    rows = [
+        {"layer": e.layer, "expert": e.expert, "routed_tokens": e.routed_tokens, "replicas": e.replicas}
+        for e in stats.experts
+    ]
+    controller = await controller_status(gw.settings.controller_status or "", gw.settings.controller_status_timeout_s)
+    return {
+        "experts": rows,
+        "replicas": {"total": sum(r["replicas"] for r in rows), "missing": sum(1 for r in rows if r["replicas"] == 0)},
+        "requests_running": stats.requests_running,
+        "uptime_seconds": stats.uptime_seconds,
+        "plan": controller.get("plan"),
+        "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
+    }

@@ -25,10 +25,11 @@ class RouterInfo:
 @dataclass
 class RouterClient:
     """Lazily connected; `info()` caches the router's Health answer and loads the tokenizer with it."""
+
     address: str
-    model_name: str | None = None      # the id clients use; None = the router's
-    tokenizer_dir: str | None = None   # None = the router's model directory
-    timeout_s: float = 5.0             # Health / Stats calls
+    model_name: str | None = None  # the id clients use; None = the router's
+    tokenizer_dir: str | None = None  # None = the router's model directory
+    timeout_s: float = 5.0  # Health / Stats calls
     channel: grpc.aio.Channel | None = None
     _stub: router_pb2_grpc.RouterStub | None = None
     cached: RouterInfo | None = None
@@ -61,8 +62,11 @@ class RouterClient:
                 try:
                     h = await self.health()
                 except grpc.aio.AioRpcError as exc:
-                    raise APIError(503, f"router {self.address} unavailable: {exc.details() or exc.code().name}",
-                                   "service_unavailable_error") from exc
+                    raise APIError(
+                        503,
+                        f"router {self.address} unavailable: {exc.details() or exc.code().name}",
+                        "service_unavailable_error",
+                    ) from exc
                 self.cached = RouterInfo(h.model, int(h.max_model_len), h.local_experts)
                 self._load_tokenizer(h.model)
         return self.cached
@@ -72,14 +76,19 @@ class RouterClient:
 
         source = self.tokenizer_dir or router_model
         if not Path(source).is_dir():
-            raise APIError(503, f"no tokenizer: the router serves {router_model!r}, which is not a local "
-                                f"directory; start the gateway with --tokenizer DIR", "service_unavailable_error")
+            raise APIError(
+                503,
+                f"no tokenizer: the router serves {router_model!r}, which is not a local "
+                f"directory; start the gateway with --tokenizer DIR",
+                "service_unavailable_error",
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         gen = Path(source) / "generation_config.json"
-        if gen.exists():   # sampling defaults of the checkpoint, as vLLM applies them (--generation-config auto)
+        if gen.exists():  # sampling defaults of the checkpoint, as vLLM applies them (--generation-config auto)
             data = json.loads(gen.read_text())
-            self.generation_defaults = {k: data[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")
-                                        if data.get(k) is not None}
+            self.generation_defaults = {
+                k: data[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if data.get(k) is not None
+            }
 
     def served_name(self) -> str:
         return self.model_name or (self.cached.model if self.cached else "")
@@ -90,8 +99,7 @@ def router_error(exc: grpc.aio.AioRpcError) -> APIError:
     code, details = exc.code(), exc.details() or exc.code().name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         param = "max_tokens" if "maximum context length" in details else None
-        return APIError(400, details, "invalid_request_error", param,
-                        "context_length_exceeded" if param else None)
+        return APIError(400, details, "invalid_request_error", param, "context_length_exceeded" if param else None)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return APIError(503, f"router: {details}", "service_unavailable_error")
     return APIError(500, f"router: {details}", "internal_error")

@@ -34,8 +34,7 @@ def chunker(request_id: str, obj: str, created: int, model: str, body):
     return chunk
 
 
-def stream_response(metrics: GatewayMetrics, span, endpoint: str, generation: Generation,
-                    chunks) -> StreamingResponse:
+def stream_response(metrics: GatewayMetrics, span, endpoint: str, generation: Generation, chunks) -> StreamingResponse:
     """Wrap an async iterator of SSE bytes: errors become an error event, the span ends with the stream."""
     metrics.in_progress.labels(endpoint).inc()
 
@@ -54,5 +53,6 @@ def stream_response(metrics: GatewayMetrics, span, endpoint: str, generation: Ge
             metrics.in_progress.labels(endpoint).dec()
             span.end()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

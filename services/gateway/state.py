@@ -21,10 +21,16 @@ class GatewayState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def from_settings(cls, settings: GatewaySettings) -> "GatewayState":
-        return cls(settings=settings, router=RouterClient(settings.router, model_name=settings.model_name,
-                                                          tokenizer_dir=settings.tokenizer,
-                                                          timeout_s=settings.router_timeout_s))
+    def from_settings(cls, settings: GatewaySettings) -> GatewayState:
+        return cls(
+            settings=settings,
+            router=RouterClient(
+                settings.router,
+                model_name=settings.model_name,
+                tokenizer_dir=settings.tokenizer,
+                timeout_s=settings.router_timeout_s,
+            ),
+        )
 
 
 def gateway_state(request: Request) -> GatewayState:

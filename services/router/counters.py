@@ -47,8 +47,8 @@ class RoutedTokenCounters:
 
     def __init__(self, path: str | Path, array: np.memmap, layers: list[int], num_experts: int, writable: bool):
         self.path = Path(path)
-        self._array = array                      # [L, E] uint64, memory-mapped
-        self.layers = list(layers)               # model layer index of each row
+        self._array = array  # [L, E] uint64, memory-mapped
+        self.layers = list(layers)  # model layer index of each row
         self.num_experts = num_experts
         self.writable = writable
         self._row = {layer: i for i, layer in enumerate(self.layers)}
@@ -57,7 +57,7 @@ class RoutedTokenCounters:
         self._rows = {layer: np.asarray(array)[i] for i, layer in enumerate(self.layers)}
 
     @classmethod
-    def create(cls, path: str | Path, layers: list[int], num_experts: int) -> "RoutedTokenCounters":
+    def create(cls, path: str | Path, layers: list[int], num_experts: int) -> RoutedTokenCounters:
         """(Re)create the file with zero counts; the writer side (the process that runs the model)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ class RoutedTokenCounters:
         return cls(path, array, layers, int(num_experts), writable=True)
 
     @classmethod
-    def open(cls, path: str | Path) -> "RoutedTokenCounters":
+    def open(cls, path: str | Path) -> RoutedTokenCounters:
         """Open read-only (controller, gateway, tests)."""
         path = Path(path)
         meta_path = Path(str(path) + ".json")
@@ -94,7 +94,7 @@ class RoutedTokenCounters:
         if isinstance(counts, torch.Tensor):
             counts = counts.numpy()
         row = self._rows[layer]
-        np.add(row, counts, out=row, casting="unsafe")   # int64 counts into the uint64 row, no temporary
+        np.add(row, counts, out=row, casting="unsafe")  # int64 counts into the uint64 row, no temporary
 
     def snapshot(self) -> np.ndarray:
         """A copy of the counts: uint64 [num_moe_layers, num_experts] (row i = layer `layers[i]`)."""
@@ -114,8 +114,11 @@ class _CountersCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
 
-        family = CounterMetricFamily("expertmesh_routed_tokens", "Tokens routed to each (layer, expert) by this router",
-                                     labels=["layer", "expert"])
+        family = CounterMetricFamily(
+            "expertmesh_routed_tokens",
+            "Tokens routed to each (layer, expert) by this router",
+            labels=["layer", "expert"],
+        )
         counters = self._get()
         if counters is not None:
             snap = counters.snapshot()

@@ -46,7 +46,7 @@ from expertmesh.core.protos import expert_pb2
 from expertmesh.discovery.directory import DirectoryClient
 from expertmesh.router import route
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
-from expertmesh.router.route import Replica, RoutingTable, SoleOwners, water_fill  # noqa: F401  (re-exported)
+from expertmesh.router.route import RoutingTable, SoleOwners
 from expertmesh.router.transport import ReplicaFailed, Transport, TransportMetrics, serve_metrics
 
 log = logging.getLogger("expertmesh.router.dispatch")
@@ -60,11 +60,13 @@ class RemoteExpertError(RuntimeError):
 
 # ---- the custom op ------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("expertmesh::remote_experts", mutates_args=())
-def remote_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                   layer: int) -> torch.Tensor:
+def remote_experts(
+    hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int
+) -> torch.Tensor:
     """hidden [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H] routed-expert output of `layer`."""
-    if hidden.device.type != "cpu":   # a GPU router: the wire codec works on host memory
+    if hidden.device.type != "cpu":  # a GPU router: the wire codec works on host memory
         out = get_dispatcher().forward(layer, hidden.cpu(), topk_weights.cpu(), topk_ids.cpu())
         return out.to(hidden.device, non_blocking=True)
     return get_dispatcher().forward(layer, hidden, topk_weights, topk_ids)
@@ -92,27 +94,37 @@ def _export_counters(counters: RoutedTokenCounters | None = None, *, install_onl
 
 # ---- the dispatcher ------------------------------------------------------------------------------------------
 
+
 class Dispatcher:
     """Sends one MoE layer's (token, expert) assignments to the expert replicas and combines the results."""
 
-    def __init__(self, directory: str, *, deadline_s: float | None = None, missing_wait_s: float | None = None,
-                 counters_path: str | None = None, metrics: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        deadline_s: float | None = None,
+        missing_wait_s: float | None = None,
+        counters_path: str | None = None,
+        metrics: bool = True,
+    ):
         self.directory = directory
         self.missing_wait_s = float(missing_wait_s if missing_wait_s is not None else settings.missing_expert_wait_s())
         self.counters_path = counters_path or default_counters_path()
         self._metrics = metrics
-        self._transport = Transport(float(deadline_s if deadline_s is not None else settings.dispatch_deadline_s()),
-                                    TransportMetrics.get() if metrics else None)
-        self._table: RoutingTable | None = None     # from the latest directory snapshot
+        self._transport = Transport(
+            float(deadline_s if deadline_s is not None else settings.dispatch_deadline_s()),
+            TransportMetrics.get() if metrics else None,
+        )
+        self._table: RoutingTable | None = None  # from the latest directory snapshot
         self._table_changed = threading.Condition()
         self._suspect_until: dict[str, float] = {}  # endpoint -> monotonic time it stops being avoided
-        self._layers: dict[int, int] = {}          # model layer -> num experts (registered by the quant method)
+        self._layers: dict[int, int] = {}  # model layer -> num experts (registered by the quant method)
         self._model_key: object = None
         self._counters: RoutedTokenCounters | None = None
         self._closed = False
         self._stats_lock = threading.Lock()
-        self.rpcs: dict[str, int] = {}              # endpoint -> Forward RPCs sent
-        self.assignments: dict[str, int] = {}       # endpoint -> (token, expert) assignments sent
+        self.rpcs: dict[str, int] = {}  # endpoint -> Forward RPCs sent
+        self.assignments: dict[str, int] = {}  # endpoint -> (token, expert) assignments sent
         self.failovers = 0
         self.layer_calls = 0
         self.timers = {"prepare": 0.0, "encode": 0.0, "wait": 0.0, "combine": 0.0}
@@ -190,8 +202,10 @@ class Dispatcher:
                     return table
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RemoteExpertError(f"expert directory {self.directory}: no live replica for "
-                                            f"{route.describe_missing(table, layers)} after {timeout:.0f}s")
+                    raise RemoteExpertError(
+                        f"expert directory {self.directory}: no live replica for "
+                        f"{route.describe_missing(table, layers)} after {timeout:.0f}s"
+                    )
                 self._table_changed.wait(left)
 
     def _suspects(self) -> frozenset[str]:
@@ -217,13 +231,15 @@ class Dispatcher:
                     raise RemoteExpertError(
                         f"no live replica holds layer {layer} expert(s) {missing}"
                         + (f" (failed in this step: {sorted(excluded)})" if excluded else "")
-                        + "; the requests routed to them cannot be computed")
+                        + "; the requests routed to them cannot be computed"
+                    )
                 self._table_changed.wait(left)
 
     # -- one layer: count -> route -> encode -> transport -> combine, failover around it --
 
-    def forward(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         """hidden [T, H], topk_weights/topk_ids [T, K] -> [T, H] = sum_k w[t,k] * expert_{ids[t,k]}(hidden[t])."""
         t0 = time.perf_counter()
         T, H = hidden.shape
@@ -235,9 +251,9 @@ class Dispatcher:
             raise RemoteExpertError(f"layer {layer} was not registered by the expertmesh quant method")
         # This runs once per MoE layer per step on the latency path: [N]-sized bookkeeping in numpy, and as few
         # torch calls as can be (each costs tens of us in situ, docs/benchmarks.md).
-        ids = as_numpy(topk_ids).reshape(-1)                 # [N] expert of each assignment (N = T*K)
-        weights = as_numpy(topk_weights).reshape(-1)         # [N] (bf16/fp16 as fp32)
-        counts = np.bincount(ids, minlength=num_experts)     # [E]
+        ids = as_numpy(topk_ids).reshape(-1)  # [N] expert of each assignment (N = T*K)
+        weights = as_numpy(topk_weights).reshape(-1)  # [N] (bf16/fp16 as fp32)
+        counts = np.bincount(ids, minlength=num_experts)  # [E]
         self._ensure_counters().add(layer, counts)
         self.layer_calls += 1
         table = self._table
@@ -246,17 +262,17 @@ class Dispatcher:
 
         span_ctx, metadata = self._trace(layer)
         try:
-            excluded: set[str] = set()                       # replicas that failed in this call
-            if sole is not None and sole.only is not None:   # one replica holds the layer: the whole-layer form
+            excluded: set[str] = set()  # replicas that failed in this call
+            if sole is not None and sole.only is not None:  # one replica holds the layer: the whole-layer form
                 out = self._whole_layer(layer, sole.only, hidden, ids, weights, excluded, metadata)
                 if out is not None:
                     return out
             hidden = hidden.contiguous()
             weights = weights.astype(np.float32, copy=False)  # [N] fp32
-            out = torch.zeros((T, H), dtype=torch.float32)    # [T, H] fp32 accumulator
-            pending = np.arange(ids.shape[0])                 # [n] assignment positions still to compute
+            out = torch.zeros((T, H), dtype=torch.float32)  # [T, H] fp32 accumulator
+            pending = np.arange(ids.shape[0])  # [n] assignment positions still to compute
             first = True
-            while pending.shape[0]:                            # failover: re-route what a failed replica had
+            while pending.shape[0]:  # failover: re-route what a failed replica had
                 groups = self._route(table, sole, layer, ids, pending, counts if first else None, excluded)
                 first = False
                 pending = self._round(layer, hidden, ids, weights, K, groups, out, excluded, metadata)
@@ -265,29 +281,53 @@ class Dispatcher:
                 span_ctx.__exit__(None, None, None)
         return out.to(hidden.dtype)
 
-    def _route(self, table: RoutingTable | None, sole: SoleOwners | None, layer: int, ids: np.ndarray,
-               pending: np.ndarray, counts: np.ndarray | None, excluded: set[str]) -> dict[str, np.ndarray]:
+    def _route(
+        self,
+        table: RoutingTable | None,
+        sole: SoleOwners | None,
+        layer: int,
+        ids: np.ndarray,
+        pending: np.ndarray,
+        counts: np.ndarray | None,
+        excluded: set[str],
+    ) -> dict[str, np.ndarray]:
         """Route: pending positions -> {endpoint: [n_r] positions}. Waits for the directory if an expert has no
         replica left (then fails)."""
         t0 = time.perf_counter()
-        if sole is not None and not excluded and counts is not None:   # first round, one replica per expert
+        if sole is not None and not excluded and counts is not None:  # first round, one replica per expert
             groups = route.by_sole_owner(table, sole.owner, ids)
         else:
             if counts is None:
                 counts = np.bincount(ids[pending])
             table = self._table_for(layer, route.present_experts(ids, counts), excluded)
-            groups = route.assign(table, layer, ids, pending, counts=counts, excluded=excluded,
-                                  suspects=self._suspects(), inflight=self._transport.inflight_rows())
+            groups = route.assign(
+                table,
+                layer,
+                ids,
+                pending,
+                counts=counts,
+                excluded=excluded,
+                suspects=self._suspects(),
+                inflight=self._transport.inflight_rows(),
+            )
         self.timers["prepare"] += time.perf_counter() - t0
         return groups
 
-    def _whole_layer(self, layer: int, endpoint: str, hidden: torch.Tensor, ids: np.ndarray, weights: np.ndarray,
-                     excluded: set[str], metadata) -> torch.Tensor | None:
+    def _whole_layer(
+        self,
+        layer: int,
+        endpoint: str,
+        hidden: torch.Tensor,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        excluded: set[str],
+        metadata,
+    ) -> torch.Tensor | None:
         """Encode -> one blocking call -> the reply [T, H] is the output. None (endpoint added to `excluded`) if
         the call failed: the caller re-routes."""
         t0 = time.perf_counter()
         T = hidden.shape[0]
-        req = encode_forward(layer, hidden, None, ids, weights)     # whole-layer form: no token index on the wire
+        req = encode_forward(layer, hidden, None, ids, weights)  # whole-layer form: no token index on the wire
         self._count_sent(endpoint, ids.shape[0])
         sent = time.perf_counter()
         self.timers["encode"] += sent - t0
@@ -299,7 +339,7 @@ class Dispatcher:
             return None
         done = time.perf_counter()
         self.timers["wait"] += done - sent
-        result = decode_owned(resp.output, "output")                # [T, H], a copy we may write
+        result = decode_owned(resp.output, "output")  # [T, H], a copy we may write
         if result.shape != hidden.shape:
             self._on_failure(endpoint, f"bad output shape {list(result.shape)}", excluded)
             return None
@@ -308,16 +348,27 @@ class Dispatcher:
         self.timers["combine"] += time.perf_counter() - done
         return out
 
-    def _round(self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: np.ndarray, K: int,
-               groups: dict[str, np.ndarray], out: torch.Tensor, excluded: set[str], metadata) -> np.ndarray:
+    def _round(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        K: int,
+        groups: dict[str, np.ndarray],
+        out: torch.Tensor,
+        excluded: set[str],
+        metadata,
+    ) -> np.ndarray:
         """Encode one request per replica, send them all (in flight at once), combine the replies into `out`;
         return the positions that must be re-routed (ascending)."""
         t0 = time.perf_counter()
         calls = []
         for endpoint, pos in groups.items():
-            rows, token_index = np.unique(pos // K, return_inverse=True)   # [T_r] tokens (pos ascending), [n_r]
-            req = encode_forward(layer, hidden.index_select(0, torch.from_numpy(rows)), token_index, ids[pos],
-                                 weights[pos])
+            rows, token_index = np.unique(pos // K, return_inverse=True)  # [T_r] tokens (pos ascending), [n_r]
+            req = encode_forward(
+                layer, hidden.index_select(0, torch.from_numpy(rows)), token_index, ids[pos], weights[pos]
+            )
             calls.append((pos, rows, self._transport.start(endpoint, req, rows.shape[0], metadata)))
             self._count_sent(endpoint, pos.shape[0])
         self.timers["encode"] += time.perf_counter() - t0
@@ -334,7 +385,7 @@ class Dispatcher:
                 continue
             c0 = time.perf_counter()
             wait += c0 - w0
-            result = decode(resp.output, "output")                        # [T_r, H] read-only view
+            result = decode(resp.output, "output")  # [T_r, H] read-only view
             if result.shape != (rows.shape[0], out.shape[1]):
                 self._on_failure(call.endpoint, f"bad output shape {list(result.shape)}", excluded)
                 retry.append(pos)
@@ -378,8 +429,13 @@ class Dispatcher:
 
     def stats(self) -> dict:
         with self._stats_lock:
-            return {"rpcs": dict(self.rpcs), "assignments": dict(self.assignments), "failovers": self.failovers,
-                    "layer_calls": self.layer_calls, "timers": dict(self.timers)}
+            return {
+                "rpcs": dict(self.rpcs),
+                "assignments": dict(self.assignments),
+                "failovers": self.failovers,
+                "layer_calls": self.layer_calls,
+                "timers": dict(self.timers),
+            }
 
     def reset_stats(self) -> None:
         with self._stats_lock:

@@ -15,28 +15,32 @@ Every vLLM call happens on the engine thread (vLLM is not thread-safe); the engi
 vLLM's CPU thread binding pins that thread only, not the event loop.
 
 A step that raises (e.g. a routed expert with no live replica) fails every request in that step with the error
-and aborts them in the engine; the engine keeps serving the requests that come after.
+and aborts them in the engine; the engine keeps serving the requests that come after. A command that raises
+while being applied (e.g. vLLM refusing a request at add time) fails that request alone.
+
+The engine thread never touches state its callers own and may cancel: it answers only by scheduling deliveries
+into the request's stream queue on the event loop (`call_soon_threadsafe`), and a stream that is gone (the
+caller was cancelled or closed the iterator) simply receives nothing. A caller that goes away before its add is
+applied removes its stream first and queues an abort behind the add, so the add is either skipped (no stream)
+or applied and then aborted, in that order, on the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import queue
 import threading
-from concurrent.futures import Future
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import AsyncIterator
+
+from expertmesh.core import settings
 
 # Must be set before vLLM reads its environment: the model runs in this process (see module docstring).
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+settings.apply_process_defaults(router=True)
 
 from expertmesh.core import telemetry  # noqa: E402 - after the environment above
+from expertmesh.router.vllm_args import engine_kwargs  # noqa: E402
 
 log = logging.getLogger("expertmesh.router.engine")
 
@@ -49,28 +53,13 @@ class EngineStopped(RuntimeError):
     """The engine thread is not running (stopped or failed to start)."""
 
 
-def checkpoint_dtype(model_dir: str) -> str:
-    """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), "auto" if not recorded.
-
-    vLLM's "auto" picks bf16 on CPU even for an fp32 checkpoint; exactness tests need the checkpoint's own dtype.
-    """
-    config = Path(model_dir) / "config.json"
-    if not config.exists():
-        return "auto"
-    data = json.loads(config.read_text())
-    dtype = data.get("dtype") or data.get("torch_dtype")
-    if dtype is None and isinstance(data.get("text_config"), dict):
-        dtype = data["text_config"].get("dtype") or data["text_config"].get("torch_dtype")
-    return str(dtype) if dtype else "auto"
-
-
 @dataclass
 class EngineConfig:
     model: str
     max_model_len: int | None = None
     enforce_eager: bool = False
     served_model_name: str | None = None
-    dtype: str | None = None          # None: the checkpoint's own dtype
+    dtype: str | None = None  # None: the checkpoint's own dtype
     seed: int = 0
     hf_overrides: dict | None = None  # e.g. the remote-expert plugin's architecture override
 
@@ -81,17 +70,20 @@ class InprocAsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}   # request id -> queue of RequestOutput | Exception
+        self._streams: dict[str, asyncio.Queue] = {}  # request id -> queue of RequestOutput | Exception
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._stopping = False
-        self.engine = None            # vllm LLMEngine, touched only on the engine thread (except read-only config)
+        # Guards `_closed` against a generate() registering a stream while the exiting engine thread fails them all.
+        self._lock = threading.Lock()
+        self._closed = False
+        self.engine = None  # vllm LLMEngine, touched only on the engine thread (except read-only config)
         self.max_model_len = 0
         self.vocab_size = 0
         self._active: set[str] = set()  # request ids added to the engine and not finished (engine thread only)
-        self.num_unfinished = 0       # requests inside the engine, updated by the engine thread after every step
+        self.num_unfinished = 0  # requests inside the engine, updated by the engine thread after every step
         self.step_failures = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -130,23 +122,28 @@ class InprocAsyncEngine:
         """
         if not self.running:
             raise EngineStopped("the vLLM engine is not running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue = asyncio.Queue()  # RequestOutput | Exception, put only on this event loop
+        with self._lock:
+            if self._closed:
+                raise EngineStopped("the vLLM engine is not running")
+            self._streams[request_id] = stream
+            self._commands.put(("add", request_id, prompt_token_ids, params))
         finished = False
         try:
-            added: Future = Future()
-            self._commands.put(("add", request_id, prompt_token_ids, params, added))
-            await asyncio.wrap_future(added)
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
-                    finished = True      # the engine thread already aborted it
+                    finished = True  # the engine thread already took it out of vLLM (or never added it)
                     raise item
                 finished = item.finished
                 yield item
                 if finished:
                     return
         finally:
+            # Stream first, then the abort: the engine thread then either skips the add (no stream) or applies
+            # it and aborts it right after (commands run in order).
             self._streams.pop(request_id, None)
             if not finished:
                 self._commands.put(("abort", request_id))
@@ -161,12 +158,12 @@ class InprocAsyncEngine:
         args = EngineArgs(
             model=cfg.model,
             tokenizer=cfg.model,
-            dtype=cfg.dtype or checkpoint_dtype(cfg.model),
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
             served_model_name=cfg.served_model_name,
             seed=cfg.seed,
             disable_log_stats=True,
+            **engine_kwargs(cfg.model, dtype=cfg.dtype),  # dtype + attention backend, as the references use
             **extra,
         )
         return LLMEngine.from_engine_args(args, enable_multiprocessing=False)
@@ -183,16 +180,13 @@ class InprocAsyncEngine:
         self._ready.set()
         try:
             self._loop_steps()
+        except BaseException:
+            log.exception("the vLLM engine thread failed")
+            raise
         finally:
-            stopped = EngineStopped("the vLLM engine stopped")
-            while True:   # adds still queued will never run: release their callers
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if command[0] == "add" and not command[-1].done():
-                    command[-1].set_exception(stopped)
-            self._fail_all(stopped)
+            with self._lock:
+                self._closed = True  # no stream registers after this; adds still queued will never run
+            self._fail_all(EngineStopped("the vLLM engine stopped"))
             try:
                 self.engine.engine_core.shutdown()
             except Exception:  # best effort at exit
@@ -210,7 +204,7 @@ class InprocAsyncEngine:
             while command is not None:
                 if command[0] == "stop":
                     return
-                self._apply(command)
+                self._apply_safely(command)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -221,37 +215,56 @@ class InprocAsyncEngine:
             try:
                 with telemetry.step_span():
                     outputs = engine.step()
+                self.num_unfinished = engine.get_num_unfinished_requests()
+                for o in outputs:
+                    if o.finished:
+                        self._active.discard(o.request_id)
             except Exception as exc:  # one failed step fails its requests, not the server
                 self.step_failures += 1
                 log.error("engine step failed: %s", exc)
                 self._fail_active(EngineStepError(str(exc) or type(exc).__name__))
                 continue
-            self.num_unfinished = engine.get_num_unfinished_requests()
             if outputs:
-                for o in outputs:
-                    if o.finished:
-                        self._active.discard(o.request_id)
                 self._deliver([(o.request_id, o) for o in outputs])
+
+    def _apply_safely(self, command) -> None:
+        """Apply one command; if that raises, fail its request alone (the engine thread carries on)."""
+        try:
+            self._apply(command)
+        except Exception as exc:
+            request_id = command[1] if len(command) > 1 else None
+            if request_id is None:
+                log.exception("applying engine command %r failed", command[0])
+                return
+            if command[0] != "add":
+                log.exception("applying %s for request %s failed", command[0], request_id)
+            self._active.discard(request_id)
+            try:  # whatever part of it vLLM took in goes again
+                self.engine.abort_request([request_id], internal=False)
+            except Exception:
+                log.exception("abort of request %s after a failed %s failed", request_id, command[0])
+            try:
+                self.num_unfinished = self.engine.get_num_unfinished_requests()
+            except Exception:
+                log.exception("counting unfinished requests failed")
+            self._deliver([(request_id, exc)])
 
     def _apply(self, command) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt_token_ids, params, added = command
-            if request_id not in self._streams:   # cancelled before it reached the engine
-                added.set_result(None)
+            _, request_id, prompt_token_ids, params = command
+            if request_id not in self._streams:  # its caller went away before the add reached the engine
                 return
-            try:
-                self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
-            except Exception as exc:
-                added.set_exception(exc)
-                return
+            # A refusal (e.g. a token id outside the vocabulary) raises here: `_apply_safely` hands it to the caller.
+            self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
             self._active.add(request_id)
-            added.set_result(None)
             self.num_unfinished = self.engine.get_num_unfinished_requests()
         elif kind == "abort":
             self._active.discard(command[1])
             self.engine.abort_request([command[1]], internal=False)
             self.num_unfinished = self.engine.get_num_unfinished_requests()
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
 
     def _fail_active(self, exc: BaseException) -> None:
         """Abort every request in the engine and end its stream with `exc` (after a failed step)."""
@@ -262,12 +275,28 @@ class InprocAsyncEngine:
                 self.engine.abort_request(request_ids, internal=False)
             except Exception:
                 log.exception("abort after a failed step failed")
-        self.num_unfinished = self.engine.get_num_unfinished_requests()
+        try:
+            self.num_unfinished = self.engine.get_num_unfinished_requests()
+        except Exception:
+            log.exception("counting unfinished requests failed")
         self._deliver([(rid, exc) for rid in request_ids])
 
     def _fail_all(self, exc: BaseException) -> None:
-        """End every open stream with `exc` (the engine thread is exiting)."""
-        self._deliver([(rid, exc) for rid in list(self._streams)])
+        """End every open stream with `exc` (the engine thread is exiting). The set of streams is read on the event
+        loop, which owns it (reading it here could race with a caller registering or removing its own)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        streams = self._streams
+
+        def put_all() -> None:
+            for stream in list(streams.values()):
+                stream.put_nowait(exc)
+
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # loop closed while stopping
+            pass
 
     def _deliver(self, items: list) -> None:
         loop = self._loop

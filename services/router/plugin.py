@@ -54,8 +54,9 @@ def register() -> None:
     apply_mode()
 
 
-def configure_remote(directory: str | None = None, *, deadline_s: float | None = None,
-                     counters_file: str | None = None) -> None:
+def configure_remote(
+    directory: str | None = None, *, deadline_s: float | None = None, counters_file: str | None = None
+) -> None:
     """Route experts to the pool registered at `directory` (host:port; default env / core.defaults).
 
     Call before creating the vLLM engine. Sets EXPERTMESH_EXPERT_MODE/EXPERTMESH_DIRECTORY (and pins the
@@ -88,7 +89,7 @@ def apply_mode() -> None:
     """Install or remove the remote quant method in vLLM's out-of-tree op registry, per EXPERTMESH_EXPERT_MODE."""
     mode = expert_mode()
     if mode == "local" and "vllm" not in sys.modules:
-        return   # nothing installed, nothing to import
+        return  # nothing installed, nothing to import
     from vllm.model_executor.custom_op import op_registry_oot
 
     if mode == "remote":
@@ -126,17 +127,18 @@ def remote_method_class():
 
         @property
         def is_monolithic(self) -> bool:
-            return False   # vLLM's router selects experts; we get topk_weights/topk_ids
+            return False  # vLLM's router selects experts; we get topk_weights/topk_ids
 
         @property
         def supports_eplb(self) -> bool:
             return False
 
         def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
-            return hidden_size, intermediate_size_per_partition   # no local kernel to pad for
+            return hidden_size, intermediate_size_per_partition  # no local kernel to pad for
 
-        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                           **extra_weight_attrs):
+        def create_weights(
+            self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
+        ):
             names = ["w13_weight", "w2_weight"] + (["w13_bias", "w2_bias"] if self.moe.has_bias else [])
             for name in names:
                 param = torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
@@ -149,7 +151,7 @@ def remote_method_class():
             dispatch.get_dispatcher().register_layer(id(vllm_config), self.layer_index, self.num_experts)
 
         def process_weights_after_loading(self, layer) -> None:
-            return None   # nothing loaded, nothing to pack
+            return None  # nothing loaded, nothing to pack
 
         def get_fused_moe_quant_config(self, layer):
             return FusedMoEQuantConfig.make()

@@ -10,12 +10,13 @@ the flattened [T, K] `topk_ids`; a *position* is such an n; a replica is named b
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Collection, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:   # only the message type, for annotations
+if TYPE_CHECKING:  # only the message type, for annotations
     from expertmesh.core.protos.expert_pb2 import DirectorySnapshot
 
 _NO_SUSPECTS: frozenset[str] = frozenset()
@@ -25,7 +26,7 @@ _NO_SUSPECTS: frozenset[str] = frozenset()
 class Replica:
     replica_id: str
     endpoint: str
-    keys: dict = field(hash=False, compare=False)   # layer -> frozenset of experts
+    keys: dict = field(hash=False, compare=False)  # layer -> frozenset of experts
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,11 @@ class RoutingTable:
 
     version: int
     replicas: list[Replica]
-    holders: dict[int, dict[int, list[int]]]   # layer -> expert -> indices into `replicas`
-    _sole: dict = field(default_factory=dict, repr=False, compare=False)   # (layer, E) -> SoleOwners | None
+    holders: dict[int, dict[int, list[int]]]  # layer -> expert -> indices into `replicas`
+    _sole: dict = field(default_factory=dict, repr=False, compare=False)  # (layer, E) -> SoleOwners | None
 
     @classmethod
-    def from_snapshot(cls, snap: "DirectorySnapshot") -> "RoutingTable":
+    def from_snapshot(cls, snap: DirectorySnapshot) -> RoutingTable:
         """Build the table.
 
         Parameters
@@ -102,15 +103,21 @@ class RoutingTable:
             if all(len(o) == 1 for o in owners):
                 idx = [o[0] for o in owners]
                 distinct = set(idx)
-                self._sole[key] = SoleOwners(np.asarray(idx, dtype=np.int64),
-                                             self.replicas[idx[0]].endpoint if len(distinct) == 1 else None)
+                self._sole[key] = SoleOwners(
+                    np.asarray(idx, dtype=np.int64), self.replicas[idx[0]].endpoint if len(distinct) == 1 else None
+                )
             else:
                 self._sole[key] = None
         return self._sole[key]
 
 
-def candidates(table: RoutingTable, layer: int, expert: int, excluded: Collection[str] = (),
-               suspects: Collection[str] = _NO_SUSPECTS) -> list[int]:
+def candidates(
+    table: RoutingTable,
+    layer: int,
+    expert: int,
+    excluded: Collection[str] = (),
+    suspects: Collection[str] = _NO_SUSPECTS,
+) -> list[int]:
     """The replicas that may compute `expert` of `layer` now.
 
     Parameters
@@ -131,8 +138,13 @@ def candidates(table: RoutingTable, layer: int, expert: int, excluded: Collectio
     return live
 
 
-def missing_experts(table: RoutingTable | None, layer: int, experts: list[int], excluded: Collection[str] = (),
-                    suspects: Collection[str] = _NO_SUSPECTS) -> list[int]:
+def missing_experts(
+    table: RoutingTable | None,
+    layer: int,
+    experts: list[int],
+    excluded: Collection[str] = (),
+    suspects: Collection[str] = _NO_SUSPECTS,
+) -> list[int]:
     """Parameters: as `candidates`, for several experts (table None = no snapshot yet).
     Returns: the experts of `experts` without a candidate (all of them without a table)."""
     if table is None:
@@ -184,14 +196,21 @@ def by_sole_owner(table: RoutingTable, owner: np.ndarray, ids: np.ndarray) -> di
     -------
     {endpoint: [n_r] positions, ascending}, endpoints in replica order.
     """
-    replica_of = owner[ids]                                            # [N] replica index per assignment
+    replica_of = owner[ids]  # [N] replica index per assignment
     return {table.replicas[r].endpoint: np.flatnonzero(replica_of == r) for r in np.unique(replica_of).tolist()}
 
 
-def assign(table: RoutingTable, layer: int, ids: np.ndarray, pending: np.ndarray, *,
-           counts: np.ndarray | None = None, excluded: Collection[str] = (),
-           suspects: Collection[str] = _NO_SUSPECTS, inflight: Mapping[str, int] | None = None
-           ) -> dict[str, np.ndarray]:
+def assign(
+    table: RoutingTable,
+    layer: int,
+    ids: np.ndarray,
+    pending: np.ndarray,
+    *,
+    counts: np.ndarray | None = None,
+    excluded: Collection[str] = (),
+    suspects: Collection[str] = _NO_SUSPECTS,
+    inflight: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
     """Group the pending assignments by replica.
 
     An expert with one candidate sends all its assignments there; an expert with several splits its assignments
@@ -213,10 +232,10 @@ def assign(table: RoutingTable, layer: int, ids: np.ndarray, pending: np.ndarray
     {endpoint: [n_r] positions (a subset of `pending`, ascending)}, endpoints in replica order.
     Raises LookupError if an expert has no candidate.
     """
-    sub_ids = ids[pending]                                             # [n]
+    sub_ids = ids[pending]  # [n]
     if counts is None:
         counts = np.bincount(sub_ids)
-    owner = np.full(counts.shape[0], -1, dtype=np.int64)               # [E] sole replica, -1 = several
+    owner = np.full(counts.shape[0], -1, dtype=np.int64)  # [E] sole replica, -1 = several
     multi: list[tuple[int, list[int]]] = []
     for e in np.flatnonzero(counts).tolist():
         cands = candidates(table, layer, e, excluded, suspects)
@@ -226,7 +245,7 @@ def assign(table: RoutingTable, layer: int, ids: np.ndarray, pending: np.ndarray
             owner[e] = cands[0]
         else:
             multi.append((e, cands))
-    replica_of = owner[sub_ids]                                        # [n] replica index per assignment
+    replica_of = owner[sub_ids]  # [n] replica index per assignment
     if multi:
         inflight = inflight or {}
         load = {r: inflight.get(table.replicas[r].endpoint, 0) for _, c in multi for r in c}
@@ -234,11 +253,11 @@ def assign(table: RoutingTable, layer: int, ids: np.ndarray, pending: np.ndarray
         for r in load:
             load[r] += int(single[r])
         for e, cands in multi:
-            where = np.flatnonzero(sub_ids == e)                       # [n_e]
+            where = np.flatnonzero(sub_ids == e)  # [n_e]
             quota = water_fill(where.shape[0], [load[r] for r in cands])
             start = 0
             for r, q in zip(cands, quota):
-                replica_of[where[start:start + q]] = r
+                replica_of[where[start : start + q]] = r
                 load[r] += q
                 start += q
     return {table.replicas[r].endpoint: pending[replica_of == r] for r in np.unique(replica_of).tolist()}

@@ -35,7 +35,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
-from expertmesh.core import defaults, telemetry
+from expertmesh.core import defaults, settings, telemetry
 from expertmesh.core.protos import router_pb2, router_pb2_grpc
 from expertmesh.router.engine import EngineConfig, EngineStepError, EngineStopped, InprocAsyncEngine
 
@@ -51,8 +51,8 @@ class RouterConfig:
     model: str
     host: str = "127.0.0.1"
     port: int = defaults.ROUTER_PORT
-    metrics_port: int = defaults.ROUTER_METRICS_PORT   # 0 = no Prometheus endpoint
-    directory: str | None = None                        # remote mode: host:port of the expert directory
+    metrics_port: int = defaults.ROUTER_METRICS_PORT  # 0 = no Prometheus endpoint
+    directory: str | None = None  # remote mode: host:port of the expert directory
     local_experts: bool = False
     max_model_len: int | None = None
     enforce_eager: bool = False
@@ -65,9 +65,11 @@ class BadRequest(ValueError):
 
 def context_length_message(max_model_len: int, prompt_tokens: int, max_tokens: int) -> str:
     """vLLM's wording, so clients that parse it keep working."""
-    return (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-            f"completion). Please reduce the length of the messages or completion.")
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+        f"completion). Please reduce the length of the messages or completion."
+    )
 
 
 def sampling_params_from_proto(p: router_pb2.SamplingParams, prompt_tokens: int, max_model_len: int):
@@ -123,8 +125,10 @@ def _token_logprob(token_id: int, entry: dict, num_top: int) -> router_pb2.Token
         msg.logprob = chosen.logprob
         msg.token = chosen.decoded_token or ""
     top = sorted((lp.rank, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= num_top)
-    msg.top.extend(router_pb2.TopLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob)
-                   for _, tid, lp in top[:num_top])
+    msg.top.extend(
+        router_pb2.TopLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob)
+        for _, tid, lp in top[:num_top]
+    )
     return msg
 
 
@@ -167,10 +171,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return
         request_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
         parent = telemetry.extract_metadata(context.invocation_metadata())
-        span = telemetry.tracer().start_span("router.generate", context=parent,
-                                              attributes={"request_id": request_id,
-                                                          "prompt_tokens": len(prompt_ids),
-                                                          "max_tokens": params.max_tokens})
+        span = telemetry.tracer().start_span(
+            "router.generate",
+            context=parent,
+            attributes={"request_id": request_id, "prompt_tokens": len(prompt_ids), "max_tokens": params.max_tokens},
+        )
         span_ctx = trace.set_span_in_context(span, parent)
         telemetry.requests_in_flight.add(request_id, span_ctx)
         status = "ok"
@@ -181,19 +186,27 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 completion = out.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 msg = router_pb2.GenerateResponse(
-                    token_ids=completion.token_ids, text=completion.text,
+                    token_ids=completion.token_ids,
+                    text=completion.text,
                     finish_reason=completion.finish_reason or "",
-                    prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens)
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=completion_tokens,
+                )
                 if completion.logprobs:
-                    msg.logprobs.extend(_token_logprob(tid, entry, params.logprobs)
-                                        for tid, entry in zip(completion.token_ids, completion.logprobs))
+                    msg.logprobs.extend(
+                        _token_logprob(tid, entry, params.logprobs)
+                        for tid, entry in zip(completion.token_ids, completion.logprobs)
+                    )
                 if first:
                     first = False
                     msg.prompt_token_ids.extend(prompt_ids)
                     if out.prompt_logprobs:
-                        msg.prompt_logprobs.extend(router_pb2.TokenLogprob() if entry is None
-                                                   else _token_logprob(tid, entry, params.prompt_logprobs)
-                                                   for tid, entry in zip(prompt_ids, out.prompt_logprobs))
+                        msg.prompt_logprobs.extend(
+                            router_pb2.TokenLogprob()
+                            if entry is None
+                            else _token_logprob(tid, entry, params.prompt_logprobs)
+                            for tid, entry in zip(prompt_ids, out.prompt_logprobs)
+                        )
                 GENERATED.inc(len(completion.token_ids))
                 yield msg
         except BadRequest as exc:
@@ -231,18 +244,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return [], {}
         from expertmesh.router import dispatch
 
-        dispatcher = dispatch.get_dispatcher()
-        table = dispatcher._table            # latest directory snapshot (RoutingTable) or None
-        layers = dict(dispatcher._layers)    # model layer -> number of routed experts
-        replicas = {}
-        missing = []
-        for layer, num_experts in sorted(layers.items()):
-            per_layer = table.holders.get(layer, {}) if table is not None else {}
-            for e in range(num_experts):
-                n = len(per_layer.get(e, ()))
-                replicas[(layer, e)] = n
-                if n == 0:
-                    missing.append((layer, e))
+        replicas = dispatch.get_dispatcher().replica_counts()  # {(layer, expert): live replicas}
+        missing = [key for key, n in replicas.items() if n == 0]
         return missing, replicas
 
     async def Health(self, request, context):
@@ -257,18 +260,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 elif missing:
                     shown = ", ".join(f"({l}, {e})" for l, e in missing[:8])
                     ok = False
-                    detail = f"{len(missing)} (layer, expert) keys have no live replica: {shown}" + \
-                             (" ..." if len(missing) > 8 else "")
+                    detail = f"{len(missing)} (layer, expert) keys have no live replica: {shown}" + (
+                        " ..." if len(missing) > 8 else ""
+                    )
             except Exception as exc:  # a broken directory link makes the router unhealthy, not the RPC fail
                 ok, detail = False, f"expert directory: {exc}"
-        return router_pb2.HealthResponse(ok=ok, model=self.model_name, detail=detail,
-                                         max_model_len=self.engine.max_model_len,
-                                         local_experts=self.config.local_experts, missing_experts=len(missing))
+        return router_pb2.HealthResponse(
+            ok=ok,
+            model=self.model_name,
+            detail=detail,
+            max_model_len=self.engine.max_model_len,
+            local_experts=self.config.local_experts,
+            missing_experts=len(missing),
+        )
 
     async def Stats(self, request, context):
         RUNNING.set(self.engine.num_unfinished)
-        response = router_pb2.StatsResponse(uptime_seconds=time.monotonic() - self.started,
-                                            requests_running=self.engine.num_unfinished)
+        response = router_pb2.StatsResponse(
+            uptime_seconds=time.monotonic() - self.started, requests_running=self.engine.num_unfinished
+        )
         counts = {}
         counters = self._counters()
         if counters is not None:
@@ -282,8 +292,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except Exception:
                 log.exception("reading the routing table for Stats")
         for layer, e in sorted(set(counts) | set(replicas)):
-            response.experts.append(router_pb2.ExpertLoad(layer=layer, expert=e, routed_tokens=counts.get((layer, e), 0),
-                                                          replicas=replicas.get((layer, e), 0)))
+            response.experts.append(
+                router_pb2.ExpertLoad(
+                    layer=layer, expert=e, routed_tokens=counts.get((layer, e), 0), replicas=replicas.get((layer, e), 0)
+                )
+            )
         return response
 
     def _counters(self):
@@ -303,37 +316,47 @@ class RouterServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
 
-    async def start(self) -> "RouterServer":
+    async def start(self) -> RouterServer:
         cfg = self.config
         telemetry.init_tracing("expertmesh-router")
         if cfg.metrics_port:
             from expertmesh.router import dispatch
 
-            os.environ["EXPERTMESH_ROUTER_METRICS_PORT"] = str(cfg.metrics_port)
+            settings.export("EXPERTMESH_ROUTER_METRICS_PORT", cfg.metrics_port)
             dispatch.serve_metrics(cfg.metrics_port)
         from expertmesh.router import plugin
 
         if cfg.local_experts:
             plugin.configure_local()
-        else:   # the engine built below then dispatches routed experts to the pool (plugin.RemoteExpertsMethod)
+        else:  # the engine built below then dispatches routed experts to the pool (plugin.RemoteExpertsMethod)
             plugin.configure_remote(cfg.directory or defaults.directory_address())
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.engine = InprocAsyncEngine(EngineConfig(
-            model=cfg.model, max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
-            served_model_name=cfg.served_model_name))
+        self.engine = InprocAsyncEngine(
+            EngineConfig(
+                model=cfg.model,
+                max_model_len=cfg.max_model_len,
+                enforce_eager=cfg.enforce_eager,
+                served_model_name=cfg.served_model_name,
+            )
+        )
         await self.engine.start_async()
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                               ("grpc.max_send_message_length", 64 << 20)])
+        self.server = grpc.aio.server(options=settings.grpc_message_options())
         router_pb2_grpc.add_RouterServicer_to_server(
-            RouterService(cfg, self.engine, tokenizer, time.monotonic()), self.server)
+            RouterService(cfg, self.engine, tokenizer, time.monotonic()), self.server
+        )
         self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise OSError(f"router: cannot bind {cfg.host}:{cfg.port}")
         await self.server.start()
-        log.info("router serving %s on %s:%d (%s experts)", cfg.model, cfg.host, self.port,
-                 "local" if cfg.local_experts else "remote")
+        log.info(
+            "router serving %s on %s:%d (%s experts)",
+            cfg.model,
+            cfg.host,
+            self.port,
+            "local" if cfg.local_experts else "remote",
+        )
         return self
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -353,23 +376,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
     parser.add_argument("--host", default=defaults.bind_host())
     parser.add_argument("--port", type=int, default=defaults.ROUTER_PORT)
-    parser.add_argument("--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT,
-                        help="Prometheus HTTP port (0 = off)")
-    parser.add_argument("--directory", default=None,
-                        help=f"expert directory host:port (remote mode; default ${defaults.ENV_DIRECTORY} "
-                             f"or {defaults.directory_address()})")
-    parser.add_argument("--local-experts", action="store_true",
-                        help="compute routed experts in-process with vLLM (the monolithic baseline)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT, help="Prometheus HTTP port (0 = off)"
+    )
+    parser.add_argument(
+        "--directory",
+        default=None,
+        help=f"expert directory host:port (remote mode; default ${defaults.ENV_DIRECTORY} "
+        f"or {defaults.directory_address()})",
+    )
+    parser.add_argument(
+        "--local-experts",
+        action="store_true",
+        help="compute routed experts in-process with vLLM (the monolithic baseline)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
     parser.add_argument("--served-model-name", default=None, help="model name reported to clients")
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                        directory=args.directory, local_experts=args.local_experts,
-                        max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-                        served_model_name=args.served_model_name)
+    return RouterConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        directory=args.directory,
+        local_experts=args.local_experts,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        served_model_name=args.served_model_name,
+    )
 
 
 async def serve(config: RouterConfig) -> None:

@@ -38,21 +38,25 @@ class ReplicaFailed(Exception):
 class TransportMetrics:
     """Prometheus objects of the router's replica calls (created once per process: the default registry is global)."""
 
-    _instance: "TransportMetrics | None" = None
+    _instance: TransportMetrics | None = None
     _lock = threading.Lock()
 
     def __init__(self):
         from prometheus_client import Counter, Histogram
 
         self.dispatch_seconds = Histogram(
-            "expertmesh_dispatch_seconds", "Latency of one Forward RPC to an expert replica",
-            ["replica"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.failovers = Counter("expertmesh_dispatch_failovers", "Forward RPCs that failed and were resent",
-                                 ["replica"])
+            "expertmesh_dispatch_seconds",
+            "Latency of one Forward RPC to an expert replica",
+            ["replica"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.failovers = Counter(
+            "expertmesh_dispatch_failovers", "Forward RPCs that failed and were resent", ["replica"]
+        )
         self._children: dict = {}
 
     @classmethod
-    def get(cls) -> "TransportMetrics":
+    def get(cls) -> TransportMetrics:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = TransportMetrics()
@@ -60,7 +64,7 @@ class TransportMetrics:
 
     def observe(self, replica: str, seconds: float) -> None:
         child = self._children.get(replica)
-        if child is None:   # a labels() lookup per call costs more than the observation
+        if child is None:  # a labels() lookup per call costs more than the observation
             child = self._children[replica] = self.dispatch_seconds.labels(replica=replica)
         child.observe(seconds)
 
@@ -111,8 +115,9 @@ class Transport:
         """endpoint -> rows in flight from this process now."""
         return {endpoint: link.inflight_rows for endpoint, link in self._links.items()}
 
-    def call(self, endpoint: str, request: expert_pb2.ForwardRequest, rows: int,
-             metadata=None) -> expert_pb2.ForwardResponse:
+    def call(
+        self, endpoint: str, request: expert_pb2.ForwardRequest, rows: int, metadata=None
+    ) -> expert_pb2.ForwardResponse:
         """One blocking Forward of `rows` rows. Raises ReplicaFailed."""
         link = self._links[endpoint]
         link.inflight_rows += rows
