@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -307,7 +308,8 @@ def distribution(values_s: list[float]) -> dict:
     if not values_s:
         return {k: None for k in ("mean", "p50", "p90", "p99", "min", "max", "count")} | {"count": 0}
     ms = np.asarray(values_s, dtype=np.float64) * 1e3  # [n]
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    # [3]: a list of percentiles gives an array (mypy picks the scalar overload: numpy's typing aliases are skipped)
+    p50, p90, p99 = cast(np.ndarray, np.percentile(ms, [50, 90, 99]))
     return {
         "mean": float(ms.mean()),
         "p50": float(p50),
@@ -379,7 +381,7 @@ class BenchResult:
         prompts = config.pop("prompts")
         config["explicit_prompts"] = len(prompts) if prompts else 0
         config.pop("api_key")  # never write secrets to result files
-        out = {"started_at": self.started_at, "config": config, "summary": self.summary}
+        out: dict[str, object] = {"started_at": self.started_at, "config": config, "summary": self.summary}
         if with_requests:
             out["requests"] = [
                 {

@@ -21,11 +21,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from expertmesh.core import defaults, settings
 from expertmesh.core.defaults import free_port
 from expertmesh.core.plan import load_plan
 from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
+
+if TYPE_CHECKING:  # annotations only: both are imported when the stack starts them (Ray, gRPC)
+    from expertmesh.control.controller import Controller
+    from expertmesh.experts.pool import LocalPool
 
 
 def _demo_model() -> Path:
@@ -128,8 +133,8 @@ class Stack:
         self.replica = replica or ReplicaSettings()
         self.controller_settings = controller_settings
         self.use_controller = controller and not local_experts
-        self.pool = None
-        self.controller = None
+        self.pool: LocalPool | None = None
+        self.controller: Controller | None = None
         self.procs: list[subprocess.Popen] = []
         self.url = f"http://{host}:{port}"
 
@@ -168,7 +173,7 @@ class Stack:
 
             _say(f"[{step}/{steps}] starting Ray on loopback and the expert pool for {self.model.name} ...")
             t0 = time.monotonic()
-            kwargs = {}
+            kwargs: dict[str, Any] = {}  # LocalPool's keyword arguments
             if self.ray_port:
                 kwargs["gcs_port"] = self.ray_port
                 kwargs["dashboard_port"] = free_port()
@@ -199,7 +204,10 @@ class Stack:
             "--metrics-port",
             str(self.metrics_port),
         ]
-        cmd += ["--local-experts"] if self.local_experts else ["--directory", directory]
+        if directory is None:  # local experts
+            cmd += ["--local-experts"]
+        else:
+            cmd += ["--directory", directory]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
         proc, log = self._spawn("router", cmd, env)

@@ -38,3 +38,19 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def serve_flags(port: int) -> list[str]:
+    """`expertmesh serve` flags for a private stack: the gateway on `port`, every other server on a free port."""
+    return [
+        "--port",
+        str(port),
+        "--router-port",
+        str(free_port()),
+        "--ray-port",
+        str(free_port()),
+        "--directory-port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+    ]

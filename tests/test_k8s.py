@@ -305,8 +305,6 @@ def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
     the controller's flags carry the same (its PUTs change nothing), and ExpertGroupReplica accepts every name."""
     import inspect
 
-    from expertmesh.control.controller_service import ServeTarget
-
     tunables = {"maxWaitMs": 2.5, "maxBatchRows": 1024, "inlineRows": 0, "computeThreads": 2, "leaseSeconds": 6}
     values_file = tmp_path / "replica.yaml"
     values_file.write_text(yaml.safe_dump({"experts": {"replica": tunables}}))
@@ -320,18 +318,7 @@ def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
     assert set(got["applications"][0]["args"]) == {"directory"}  # the directory takes none of them
     _, args, plan = controller_of(docs)
     assert replica_settings_from_args(args) == ReplicaSettings(**want)
-    target = ServeTarget(
-        None,
-        plan,
-        {},
-        model=args.model,
-        directory=args.directory,
-        dashboard=args.dashboard,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        directory_resource=args.directory_resource,
-        replica=replica_settings_from_args(args),
-    )
+    target = serve_target_of(args, plan)
     assert target.serve_config(plan, {}) == got
     # every tunable is a parameter of the replica deployment (ray.serve's decorator keeps the class reachable)
     from expertmesh.experts.app import ExpertGroupReplica
@@ -388,6 +375,24 @@ def test_serve_config_is_valid_for_ray_serve(rendered):
 # ---- the expert controller ------------------------------------------------------------------------------------
 
 
+def serve_target_of(args: argparse.Namespace, plan: PlacementPlan):
+    """The ServeTarget the controller service builds from its parsed flags (what it PUTs to the dashboard)."""
+    from expertmesh.control.controller_service import ServeTarget
+
+    return ServeTarget(
+        None,
+        plan,
+        {},
+        model=args.model,
+        directory=args.directory,
+        dashboard=args.dashboard,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        directory_resource=args.directory_resource,
+        replica=replica_settings_from_args(args),
+    )
+
+
 def controller_of(docs: list[dict]) -> tuple[dict, argparse.Namespace, PlacementPlan]:
     """(container, its parsed flags, the plan it reads) of the controller Deployment."""
     from expertmesh.control.controller_service import configure
@@ -410,24 +415,12 @@ def controller_of(docs: list[dict]) -> tuple[dict, argparse.Namespace, Placement
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_controller_puts_what_the_chart_renders(rendered, variant):
     """The controller's flags and plan rebuild serveConfigV2 exactly: its first PUT changes nothing but counts."""
-    from expertmesh.control.controller_service import ServeTarget
 
     docs = rendered[variant]
     values = values_for(variant)
     container, args, plan = controller_of(docs)
     assert plan == PlacementPlan.model_validate(values["experts"]["plan"])
-    target = ServeTarget(
-        None,
-        plan,
-        {},
-        model=args.model,
-        directory=args.directory,
-        dashboard=args.dashboard,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        directory_resource=args.directory_resource,
-        replica=replica_settings_from_args(args),
-    )
+    target = serve_target_of(args, plan)
     assert target.serve_config(plan, {}) == rendered_serve_config(docs)
     # ... and its peers are the chart's router and directory Services and KubeRay's Service of the active head
     prefix = f"{RELEASE}-expertmesh"

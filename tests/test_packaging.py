@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, serve_flags
 
 pytestmark = pytest.mark.slow
 
@@ -244,16 +244,7 @@ def test_serve_from_the_wheel_answers_and_stops_cleanly(fresh_venv, tmp_path):
     cmd = [
         str(fresh_venv / "bin" / "expertmesh"),
         "serve",
-        "--port",
-        str(port),
-        "--router-port",
-        str(free_port()),
-        "--ray-port",
-        str(free_port()),
-        "--directory-port",
-        str(free_port()),
-        "--metrics-port",
-        "0",
+        *serve_flags(port),
     ]
     serve_out, serve_log = tmp_path / "serve.out", tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"

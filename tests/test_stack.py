@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, serve_flags
 from safetensors.torch import load_file, save_file
 
 from expertmesh.core.checkpoint import read_moe_info
@@ -118,16 +118,7 @@ def stack(hot_model, tmp_path_factory):
         "serve",
         "--model",
         str(hot_model),
-        "--port",
-        str(port),
-        "--router-port",
-        str(free_port()),
-        "--ray-port",
-        str(free_port()),
-        "--directory-port",
-        str(free_port()),
-        "--metrics-port",
-        "0",
+        *serve_flags(port),
         "--plan",
         str(work / "plan.yaml"),
     ]

@@ -239,10 +239,10 @@ class Controller:
         total_rate = float(rate.sum())
         # Regroup when replicas are unevenly loaded, or when a layer that needs more than one replica's worth
         # of capacity owes it to a few hot experts (scaling their whole group would copy cold experts too).
-        target = st.plan.autoscaling.target_tokens_per_second
+        target_rate = st.plan.autoscaling.target_tokens_per_second
         mean_per_expert = rate.mean(axis=1, keepdims=True)
         skew = np.where(mean_per_expert > 0, rate / np.maximum(mean_per_expert, 1e-12), 0.0).max(axis=1)  # [L]
-        hot_layers = (skew > s.hot_expert_skew) & (rate.sum(axis=1) > target)
+        hot_layers = (skew > s.hot_expert_skew) & (rate.sum(axis=1) > target_rate)
         if (
             (worst > s.imbalance_threshold or hot_layers.any())
             and total_rate >= s.min_tokens_per_s_to_rebalance

@@ -186,6 +186,8 @@ class ControllerService:
                 )
             if self.target is None or layout != self.target.layout():
                 self._adopt(layout)
+            if self.controller is None:  # only after a failed first adoption (retried next step)
+                raise RuntimeError("no controller: adopting the deployed layout failed")
             self.controller.tick()
             self.last_ok, self.last_error = time.monotonic(), None
         except Exception as exc:  # noqa: BLE001 - reported by /health, retried next step

@@ -37,6 +37,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,10 +86,11 @@ def load_from_rows(rows, layers: list[int], num_experts: int) -> np.ndarray:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"stats row {i}: expected an object, got {type(row).__name__}")
-        tokens = row.get("routed_tokens", row.get("routedTokens", 0))  # protobuf JSON omits zeros
+        # Any JSON value: float() below is the check (protobuf JSON omits zeros)
+        raw_tokens: Any = row.get("routed_tokens", row.get("routedTokens", 0))
         try:
             layer, expert = int(row.get("layer", 0)), int(row.get("expert", 0))
-            tokens = float(tokens)
+            tokens = float(raw_tokens)
         except (TypeError, ValueError):
             raise ValueError(f"stats row {i}: layer, expert and routed_tokens must be numbers: {row}") from None
         if layer not in row_of:
@@ -176,10 +178,10 @@ def run(args: argparse.Namespace) -> int:
                 )
         else:
             S = args.slots_per_device or max(1, min(E, (2 << 30) // max(1, info.expert_bytes)))
-            result = planner.plan_autoscale(
+            scaled_plan = planner.plan_autoscale(
                 load, S, target_load=args.target_load, max_ratio=args.max_ratio, exclusive_hot=args.exclusive_hot
             )
-            plan = planner.to_placement_plan(result, layers, model=str(info.path))
+            plan = planner.to_placement_plan(scaled_plan, layers, model=str(info.path))
             moved = None
             if current is not None:
                 old, new = _plan_devices(current, layers, E), _plan_devices(plan, layers, E)
@@ -196,8 +198,8 @@ def run(args: argparse.Namespace) -> int:
                     if layer in g.keys and g.start_replicas > 1
                 ]
                 summary.append(
-                    f"layer {layer}: max/mean per-replica load {result.imbalance[row]:.3f}, "
-                    f"{int(result.replicas[row])} replicas, groups with more than one: "
+                    f"layer {layer}: max/mean per-replica load {scaled_plan.imbalance[row]:.3f}, "
+                    f"{int(scaled_plan.replicas[row])} replicas, groups with more than one: "
                     f"{', '.join(scaled) or 'none'}"
                     + (f", {int(moved[row])} experts moved" if moved is not None else "")
                 )

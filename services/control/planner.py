@@ -159,7 +159,8 @@ def _pack_lpt(counts: np.ndarray, replica_load: np.ndarray, D: int, S: int) -> n
     """Heaviest replica first onto the least-loaded device with a free slot not holding that expert."""
     L, E = counts.shape
     rows = np.arange(L)
-    experts = np.repeat(np.tile(np.arange(E), L), counts.ravel()).reshape(L, -1)  # [L, P] expert per replica
+    # [L, P] expert per replica
+    experts: np.ndarray = np.repeat(np.tile(np.arange(E), L), counts.ravel()).reshape(L, -1)
     item = np.take_along_axis(replica_load, experts, 1)  # [L, P]
     order = np.argsort(-item, axis=1, kind="stable")
     experts = np.take_along_axis(experts, order, 1)
@@ -323,9 +324,9 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
     dev_load = _device_load(current, replica_load)  # [L, D]
     # Rank each expert's replicas by device load, busiest first; free the first `surplus` of them.
     flat = slots.reshape(L, D * S)
-    layer_of = np.repeat(rows, D * S)
+    layer_of: np.ndarray = np.repeat(rows, D * S)  # [L*D*S]
     e_flat = flat.ravel()
-    load_flat = np.repeat(dev_load.reshape(-1), S)
+    load_flat: np.ndarray = np.repeat(dev_load.reshape(-1), S)  # [L*D*S]
     order = np.lexsort((-load_flat, e_flat, layer_of))
     key = layer_of[order] * (E + 1) + e_flat[order]
     start = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
@@ -343,7 +344,7 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
         return slots
     width = int(n_need.max())
     layer_of = np.repeat(np.repeat(rows, E), need.ravel())  # every needed replica
-    expert_of = np.repeat(np.tile(np.arange(E), L), need.ravel())
+    expert_of: np.ndarray = np.repeat(np.tile(np.arange(E), L), need.ravel())
     order = np.lexsort((-replica_load[layer_of, expert_of], layer_of))  # per layer, heaviest first
     layer_of, expert_of = layer_of[order], expert_of[order]
     position = np.arange(layer_of.size) - np.repeat(np.cumsum(n_need) - n_need, n_need)
@@ -603,7 +604,7 @@ def slots_from_plan(
                     f"group {g.name} holds {len(experts)} experts of layer {layer}, more than {S} slots per device"
                 )
             devices[row_of[layer]].extend([list(experts)] * g.start_replicas)
-    slots = np.full((L, D, S), _EMPTY, dtype=np.int64)
+    slots: np.ndarray = np.full((L, D, S), _EMPTY, dtype=np.int64)  # [L, D, S]
     for row, devs in enumerate(devices):
         if len(devs) > D:
             raise ValueError(f"layer {layers[row]}: the plan has {len(devs)} replicas, the layout {D} devices")

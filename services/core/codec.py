@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -332,7 +333,12 @@ def decode_forward(
         # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a numpy
         # reduction here cost ~40 us a call in situ, the builtin max nothing measurable. A whole-layer call's rows
         # n // K are in range by construction.
-        if not whole and max(memoryview(ti_data).cast(_UNSIGNED_CODE[token_index.dtype])) >= rows:
+        # (token_index and its bytes are None exactly for a whole-layer call)
+        if (
+            token_index is not None
+            and ti_data is not None
+            and max(memoryview(ti_data).cast(_UNSIGNED_CODE[token_index.dtype])) >= rows
+        ):
             raise WireError(f"token_index out of range [0, {rows})")
         top = max(memoryview(expert_data).cast(_UNSIGNED_CODE[expert.dtype]))
         if num_experts is not None and top >= num_experts:
@@ -352,11 +358,12 @@ def decode_forward(
 
 
 _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
-_NUMPY_TO_WIRE = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
-_WIRE_INTS = (np.dtype(np.int32), np.dtype(np.int64))
-_WIRE_INT32 = (np.dtype(np.int32),)
-_WIRE_FLOATS = (np.dtype(np.float32),)
-_UNSIGNED_CODE = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}  # memoryview formats of the unsigned views
+_NUMPY_TO_WIRE: dict[np.dtype, int] = {np.dtype(v): _TO_WIRE[k] for k, v in _NUMPY.items()}
+_WIRE_INTS: tuple[np.dtype, ...] = (np.dtype(np.int32), np.dtype(np.int64))
+_WIRE_INT32: tuple[np.dtype, ...] = (np.dtype(np.int32),)
+_WIRE_FLOATS: tuple[np.dtype, ...] = (np.dtype(np.float32),)
+# memoryview formats of the unsigned views
+_UNSIGNED_CODE: dict[np.dtype, Literal["I", "Q"]] = {np.dtype(np.int32): "I", np.dtype(np.int64): "Q"}
 # numpy words viewing hidden's bytes: float32 as is, bf16/fp16 as their raw 16-bit words
 _HIDDEN_WORDS = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.int16}
 _HELD_TABLES: dict[tuple[frozenset, int], tuple[np.ndarray, bool]] = {}
@@ -370,7 +377,7 @@ def _held_table(held: frozenset[int] | set[int], size: int) -> tuple[np.ndarray,
     if entry is None:
         if len(_HELD_TABLES) > 1024:  # bounded: held sets only change with a replica's plan
             _HELD_TABLES.clear()
-        table = np.zeros(size, dtype=bool)
+        table: np.ndarray = np.zeros(size, dtype=bool)  # [size]
         table[[e for e in key[0] if 0 <= e < size]] = True
         entry = _HELD_TABLES[key] = (table, bool(table.all()))
     return entry

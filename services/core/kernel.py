@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ class ExpertWeights:
                 intermediate = down.shape[1]
             self.w13[layer] = torch.stack(gates)  # [E_held, 2I, H]
             self.w2[layer] = torch.stack(downs)  # [E_held, H, I]
-            slot = np.full(info.num_experts, -1, dtype=np.int32)
+            slot: np.ndarray = np.full(info.num_experts, -1, dtype=np.int32)  # [E] expert id -> row, -1 not held
             slot[experts] = np.arange(len(experts), dtype=np.int32)
             self.slot[layer] = slot
             self.held[layer] = frozenset(experts)
@@ -411,7 +412,7 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
 # docs/benchmarks.md, "dispatch round trip"). The weights are passed as transposed *views* ([E, H, 2I] /
 # [E, I, H]): with pre-transposed contiguous copies the CPU kernel takes another path that is not bitwise-equal
 # to `x @ w.t()` for tiny groups.
-_GROUPED_MM = getattr(torch, "_grouped_mm", None)
+_GROUPED_MM: Callable[..., torch.Tensor] | None = getattr(torch, "_grouped_mm", None)
 _grouped_mm_ok: dict[torch.dtype, bool] = {}
 
 
@@ -491,6 +492,7 @@ def _grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: t
     """x [N, H] sorted by expert, counts [E] -> [N, H]: each expert's FFN over its own rows, exactly N rows."""
     I = w2.shape[2]
     if _grouped_mm_works(w13.dtype):
+        assert _GROUPED_MM is not None  # _grouped_mm_works found it
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends
         gu = _GROUPED_MM(x, w13.transpose(1, 2), offs=offs)  # [N, 2I]
         return _GROUPED_MM(act(gu[:, :I]) * gu[:, I:], w2.transpose(1, 2), offs=offs)  # [N, H]

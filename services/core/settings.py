@@ -435,8 +435,8 @@ def child_env(
             env.setdefault(name, value)
     for name, (value, _why) in (forced or {}).items():
         env[name] = value
-    for name, value in (overrides or {}).items():
-        text = str(value)
+    for name, raw in (overrides or {}).items():
+        text = str(raw)
         if name in ENV_VARS:
             ENV_VARS[name].value({name: text})
         env[name] = text

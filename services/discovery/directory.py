@@ -154,7 +154,9 @@ class DirectoryServer:
     async def _shutdown(self, grace: float) -> None:
         if self.servicer is not None and self.servicer._sweeper is not None:
             self.servicer._sweeper.cancel()
-        await self._server.stop(grace)
+        server = self._server
+        assert server is not None, "stop() shuts down only a started server"
+        await server.stop(grace)
 
     def stop(self, grace: float = 0.5) -> None:
         if self._loop is None:
@@ -196,7 +198,7 @@ class DirectoryClient:
         self._latest: expert_pb2.DirectorySnapshot | None = None
         self._updated = threading.Condition(self._lock)
         self._watch_thread: threading.Thread | None = None
-        self._watch_call = None
+        self._watch_call: grpc.Call | None = None  # the open Watch stream (a grpc call, also an iterator)
         self._closed = threading.Event()
 
     # -- one-shot calls -----------------------------------------------------------------------------------------
@@ -252,8 +254,8 @@ class DirectoryClient:
             try:
                 with self._lock:
                     after = 0  # after a reconnect, always take a full snapshot (the server may have restarted)
-                    self._watch_call = self._stub.Watch(expert_pb2.WatchRequest(after_version=after))
-                    call = self._watch_call
+                    call = self._stub.Watch(expert_pb2.WatchRequest(after_version=after))
+                    self._watch_call = call
                 for snap in call:
                     backoff = 0.1
                     with self._updated:

@@ -180,7 +180,8 @@ def _directory_of(args: dict) -> str:
 
 def build_directory(args: dict):
     """The `expertmesh-directory` application: args = {directory: "host:port"}."""
-    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT).bind(_directory_of(args))
+    # @serve.deployment turns the class into a Deployment (with .options); mypy types class decorators as identity.
+    return ExpertDirectory.options(name=DIRECTORY_DEPLOYMENT).bind(_directory_of(args))  # type: ignore[attr-defined]
 
 
 # The optional args of a group application that reach each replica's `ExpertGroupReplica.__init__`.
@@ -193,6 +194,7 @@ def build_group(args: dict):
     (`serve_config.build_serve_config`): one source of truth, never fought by a default set here."""
     group = ExpertGroup.model_validate(args["group"])
     replica_args = {k: args[k] for k in REPLICA_ARGS if args.get(k) is not None}
-    return ExpertGroupReplica.options(name=group.name).bind(
+    # A Deployment, not the class (see build_directory).
+    return ExpertGroupReplica.options(name=group.name).bind(  # type: ignore[attr-defined]
         str(args["model"]), group.model_dump(mode="json"), _directory_of(args), **replica_args
     )

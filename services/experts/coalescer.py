@@ -152,7 +152,8 @@ class Coalescer:
         )
 
     def _take(self, q: _LayerQueue, now: float) -> list[_Call]:
-        taken, rows, keep = [], 0, []
+        taken: list[_Call] = []
+        rows, keep = 0, []
         for call in q.calls:
             if call.future.done():  # cancelled (client gone / deadline enforced by gRPC)
                 continue

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+from collections.abc import Callable
 
 
-def claim_grpc_poller() -> list[tuple[asyncio.AbstractEventLoop, int, object]]:
+def claim_grpc_poller() -> list[tuple[asyncio.AbstractEventLoop, int, Callable[..., object]]]:
     """Make the running loop the only one grpc.aio's completion-queue poller wakes; returns what to give back.
 
     grpc.aio has one poller per process, and every event loop that ever created a grpc.aio object watches its
@@ -29,16 +30,18 @@ def claim_grpc_poller() -> list[tuple[asyncio.AbstractEventLoop, int, object]]:
     from grpc._cython import cygrpc
 
     loop = asyncio.get_running_loop()
-    fd = handle_events = None
-    for key in loop._selector.get_map().values():
+    fd: int | None = None
+    handle_events: Callable[..., object] | None = None
+    # `_selector` is private to selector event loops (not in the typeshed stubs); the server's loop is one.
+    for key in loop._selector.get_map().values():  # type: ignore[attr-defined]
         callback = getattr(key.data[0], "_callback", None) if key.data and key.data[0] is not None else None
         if isinstance(callback, functools.partial) and isinstance(
             getattr(callback.func, "__self__", None), cygrpc.PollerCompletionQueue
         ):
             fd, handle_events = key.fd, callback.func
-    if fd is None:
+    if fd is None or handle_events is None:  # both are found together
         return []
-    taken: list[tuple[asyncio.AbstractEventLoop, int, object]] = []
+    taken: list[tuple[asyncio.AbstractEventLoop, int, Callable[..., object]]] = []
 
     def take(other: asyncio.AbstractEventLoop) -> None:  # runs on `other`'s own thread
         # False: it had no reader there. uvloop returns None either way: give such a loop the reader back too.
@@ -53,7 +56,7 @@ def claim_grpc_poller() -> list[tuple[asyncio.AbstractEventLoop, int, object]]:
     return taken
 
 
-def return_grpc_poller(taken: list[tuple[asyncio.AbstractEventLoop, int, object]]) -> None:
+def return_grpc_poller(taken: list[tuple[asyncio.AbstractEventLoop, int, Callable[..., object]]]) -> None:
     """Give the poller's socket back to the loops `claim_grpc_poller` took it from (before this loop stops)."""
     for loop, fd, callback in taken:
         if not loop.is_closed():

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: prometheus_client is imported by the backend that uses it
+    import prometheus_client
 
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -28,7 +32,7 @@ class ReplicaMetrics:
         self._pending_batches: deque[tuple[int, int, np.ndarray, int]] = deque()
         self._pending_calls: deque[tuple[float, str]] = deque()
         self._lock = threading.Lock()  # one flush at a time
-        self._children: dict[tuple, object] = {}
+        self._children: dict[tuple, prometheus_client.Histogram] = {}  # labelled histogram children
         if backend == "ray":
             from ray.util import metrics as rm
 

@@ -278,6 +278,7 @@ class LocalPool:
         self._wait_http(f"{self.dashboard_url}/api/version", timeout=120)
 
     def _write_state(self) -> None:
+        assert self.process is not None, "the state is written once `ray start` is running"
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(
             json.dumps(

@@ -279,7 +279,9 @@ class ExpertServer:
 
     async def _shutdown(self, grace: float) -> None:
         self._flusher.cancel()
-        await self._server.stop(grace)
+        server = self._server
+        assert server is not None, "stop() shuts down only a started server"
+        await server.stop(grace)
         return_grpc_poller(self._claimed)
 
     async def _flush_metrics(self) -> None:

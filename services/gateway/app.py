@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import sys
 from dataclasses import replace
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,7 +85,7 @@ def create_app(
     """The gateway app. Arguments given override `settings` (default: GatewaySettings() from the registry;
     api_keys None -> EXPERTMESH_API_KEYS, comma-separated; unset/empty = open)."""
     settings = settings or GatewaySettings()
-    overrides = {
+    overrides: dict[str, Any] = {  # GatewaySettings field -> value given here
         k: v
         for k, v in (("router", router), ("model_name", model_name), ("tokenizer", tokenizer), ("api_keys", api_keys))
         if v is not None

@@ -31,7 +31,7 @@ class Choice:
     finish_reason: str | None = None
 
 
-def finish_reason(reason: str) -> str | None:
+def finish_reason(reason: str | None) -> str | None:
     return reason or None
 
 

@@ -26,7 +26,10 @@ def chat_logprobs(entries, top: int) -> dict:
 
 def completion_logprobs(entries, offset: int, tokenizer=None, prompt_ids=None) -> dict:
     """OpenAI's legacy format. With prompt entries (echo) the first prompt token has no logprob (None)."""
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
     for i, e in enumerate(entries):
         if not e.token and not e.top and e.logprob == 0 and prompt_ids is not None and i == 0:
             token = tokenizer.decode([prompt_ids[0]]) if tokenizer is not None else ""

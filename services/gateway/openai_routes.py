@@ -77,6 +77,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     metrics = gw.metrics
     started = time.monotonic()
     tokenizer = gw.router.tokenizer
+    assert tokenizer is not None  # check_model -> info() loaded it
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)

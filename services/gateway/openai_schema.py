@@ -150,7 +150,7 @@ def _check_range(name: str, value: float | None, lo: float, hi: float, lo_open: 
         raise bad_request(f"{name} must be in {interval}, got {value}.", name)
 
 
-def validate_sampling(body: _SamplingBody) -> None:
+def validate_sampling(body: ChatCompletionRequest | CompletionRequest) -> None:
     """Value checks shared by both endpoints (types were checked by pydantic)."""
     max_tokens = body.requested_max_tokens()
     if max_tokens is not None and max_tokens < 1:

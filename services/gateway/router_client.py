@@ -7,12 +7,16 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from expertmesh.core.protos import router_pb2, router_pb2_grpc
 from expertmesh.core.settings import grpc_message_options
 from expertmesh.gateway.openai_schema import APIError
+
+if TYPE_CHECKING:  # annotations only: transformers is imported when the tokenizer is loaded
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -33,7 +37,7 @@ class RouterClient:
     channel: grpc.aio.Channel | None = None
     _stub: router_pb2_grpc.RouterStub | None = None
     cached: RouterInfo | None = None
-    tokenizer: object = None
+    tokenizer: PreTrainedTokenizerBase | None = None  # loaded by info()
     generation_defaults: dict = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -20,18 +20,35 @@ def sse(data) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def chunker(request_id: str, obj: str, created: int, model: str, body):
-    """chunk(choices, usage=None) -> one SSE event of a streamed response (usage only if stream_options asks)."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+class Chunker:
+    """chunk(choices, usage=None) -> one SSE event of a streamed response (usage only if stream_options asks);
+    `include_usage` says whether the stream ends with a usage chunk."""
 
-    def chunk(choices, usage=None):
-        data = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
-        if include_usage:
+    __slots__ = ("request_id", "obj", "created", "model", "include_usage")
+
+    def __init__(self, request_id: str, obj: str, created: int, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
+        self.obj = obj
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+
+    def __call__(self, choices, usage=None) -> bytes:
+        data = {
+            "id": self.request_id,
+            "object": self.obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
             data["usage"] = usage
         return sse(data)
 
-    chunk.include_usage = include_usage
-    return chunk
+
+def chunker(request_id: str, obj: str, created: int, model: str, body) -> Chunker:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Chunker(request_id, obj, created, model, include_usage)
 
 
 def stream_response(metrics: GatewayMetrics, span, endpoint: str, generation: Generation, chunks) -> StreamingResponse:

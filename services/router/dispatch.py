@@ -222,7 +222,7 @@ class Dispatcher:
             while True:
                 table = self._table
                 missing = route.missing_experts(table, layer, experts, excluded)
-                if not missing:
+                if not missing and table is not None:  # without a table every expert is missing (experts is not empty)
                     return table
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -295,6 +295,7 @@ class Dispatcher:
         replica left (then fails)."""
         t0 = time.perf_counter()
         if sole is not None and not excluded and counts is not None:  # first round, one replica per expert
+            assert table is not None  # `sole` comes from the table
             groups = route.by_sole_owner(table, sole.owner, ids)
         else:
             if counts is None:

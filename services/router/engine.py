@@ -33,6 +33,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from expertmesh.core import settings
 
@@ -41,6 +42,9 @@ settings.apply_process_defaults(router=True)
 
 from expertmesh.core import telemetry  # noqa: E402 - after the environment above
 from expertmesh.router.vllm_args import engine_kwargs  # noqa: E402
+
+if TYPE_CHECKING:  # annotations only: importing vLLM is deferred to the engine thread
+    from vllm.v1.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("expertmesh.router.engine")
 
@@ -79,7 +83,8 @@ class InprocAsyncEngine:
         # Guards `_closed` against a generate() registering a stream while the exiting engine thread fails them all.
         self._lock = threading.Lock()
         self._closed = False
-        self.engine = None  # vllm LLMEngine, touched only on the engine thread (except read-only config)
+        # vLLM's LLMEngine, touched only on the engine thread (except read-only config)
+        self.engine: LLMEngine | None = None
         self.max_model_len = 0
         self.vocab_size = 0
         self._active: set[str] = set()  # request ids added to the engine and not finished (engine thread only)
@@ -149,7 +154,7 @@ class InprocAsyncEngine:
                 self._commands.put(("abort", request_id))
 
     # ---- engine thread ---------------------------------------------------------------------------------------
-    def _build(self):
+    def _build(self) -> LLMEngine:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -170,9 +175,9 @@ class InprocAsyncEngine:
 
     def _run(self) -> None:
         try:
-            self.engine = self._build()
-            self.max_model_len = int(self.engine.model_config.max_model_len)
-            self.vocab_size = int(self.engine.model_config.get_vocab_size())
+            self.engine = engine = self._build()
+            self.max_model_len = int(engine.model_config.max_model_len)
+            self.vocab_size = int(engine.model_config.get_vocab_size())
         except BaseException as exc:  # reported to start()
             self._start_error = exc
             self._ready.set()
@@ -188,12 +193,18 @@ class InprocAsyncEngine:
                 self._closed = True  # no stream registers after this; adds still queued will never run
             self._fail_all(EngineStopped("the vLLM engine stopped"))
             try:
-                self.engine.engine_core.shutdown()
+                engine.engine_core.shutdown()
             except Exception:  # best effort at exit
                 log.exception("engine shutdown failed")
 
-    def _loop_steps(self) -> None:
+    def _built(self) -> LLMEngine:
+        """The vLLM engine; used only on the engine thread, which builds it before applying any command."""
         engine = self.engine
+        assert engine is not None, "the vLLM engine is used before it was built"
+        return engine
+
+    def _loop_steps(self) -> None:
+        engine = self._built()
         while True:
             # Block for work when idle; otherwise take whatever arrived since the last step.
             idle = not engine.has_unfinished_requests()
@@ -240,29 +251,30 @@ class InprocAsyncEngine:
                 log.exception("applying %s for request %s failed", command[0], request_id)
             self._active.discard(request_id)
             try:  # whatever part of it vLLM took in goes again
-                self.engine.abort_request([request_id], internal=False)
+                self._built().abort_request([request_id], internal=False)
             except Exception:
                 log.exception("abort of request %s after a failed %s failed", request_id, command[0])
             try:
-                self.num_unfinished = self.engine.get_num_unfinished_requests()
+                self.num_unfinished = self._built().get_num_unfinished_requests()
             except Exception:
                 log.exception("counting unfinished requests failed")
             self._deliver([(request_id, exc)])
 
     def _apply(self, command) -> None:
         kind = command[0]
+        engine = self._built()
         if kind == "add":
             _, request_id, prompt_token_ids, params = command
             if request_id not in self._streams:  # its caller went away before the add reached the engine
                 return
             # A refusal (e.g. a token id outside the vocabulary) raises here: `_apply_safely` hands it to the caller.
-            self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
+            engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
             self._active.add(request_id)
-            self.num_unfinished = self.engine.get_num_unfinished_requests()
+            self.num_unfinished = engine.get_num_unfinished_requests()
         elif kind == "abort":
             self._active.discard(command[1])
-            self.engine.abort_request([command[1]], internal=False)
-            self.num_unfinished = self.engine.get_num_unfinished_requests()
+            engine.abort_request([command[1]], internal=False)
+            self.num_unfinished = engine.get_num_unfinished_requests()
         else:
             raise ValueError(f"unknown engine command {kind!r}")
 
@@ -272,11 +284,11 @@ class InprocAsyncEngine:
         self._active.clear()
         if request_ids:
             try:
-                self.engine.abort_request(request_ids, internal=False)
+                self._built().abort_request(request_ids, internal=False)
             except Exception:
                 log.exception("abort after a failed step failed")
         try:
-            self.num_unfinished = self.engine.get_num_unfinished_requests()
+            self.num_unfinished = self._built().get_num_unfinished_requests()
         except Exception:
             log.exception("counting unfinished requests failed")
         self._deliver([(rid, exc) for rid in request_ids])

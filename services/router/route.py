@@ -10,7 +10,7 @@ the flattened [T, K] `topk_ids`; a *position* is such an n; a replica is named b
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -99,7 +99,7 @@ class RoutingTable:
         key = (layer, num_experts)
         if key not in self._sole:
             per_layer = self.holders.get(layer, {})
-            owners = [per_layer.get(e, ()) for e in range(num_experts)]
+            owners: list[Sequence[int]] = [per_layer.get(e, ()) for e in range(num_experts)]
             if all(len(o) == 1 for o in owners):
                 idx = [o[0] for o in owners]
                 distinct = set(idx)
