@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from expertmesh.core.protos import expert_pb2  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-checkpoint builder
 from tiny import build_tiny_checkpoint  # noqa: E402
 
-from expertmesh.core.defaults import free_port  # noqa: E402
+from expertmesh.core.settings import free_port  # noqa: E402
 from expertmesh.experts.pool import LocalPool  # noqa: E402
 from expertmesh.experts.replica import CHANNEL_OPTIONS, SERVER_OPTIONS  # noqa: E402
 
@@ -376,15 +375,9 @@ def main() -> int:
                     replica.stdin.close()
                     replica.wait(10)
             else:
-                lo = random.randrange(30000, 45000)
-                with LocalPool(
+                with LocalPool.private(
                     model,
                     plan,
-                    gcs_port=free_port(),
-                    dashboard_port=free_port(),
-                    directory_port=free_port(),
-                    metrics_port=free_port(),
-                    replica_ports=(lo, lo + 100),
                     compute_threads=threads,
                 ) as pool:
                     startup = time.perf_counter() - t

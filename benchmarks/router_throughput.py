@@ -40,7 +40,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
-from expertmesh.core.defaults import free_port  # noqa: E402 - after the environment above
 
 RESULTS = Path(__file__).resolve().parent / "results" / "router_throughput.json"
 
@@ -180,14 +179,7 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
     elif args.pool == "ray":
         from expertmesh.experts.pool import LocalPool
 
-        pool_cm = LocalPool(
-            path,
-            gcs_port=free_port(),
-            dashboard_port=free_port(),
-            directory_port=free_port(),
-            metrics_port=free_port(),
-            replica_ports=(0, 0),
-        )
+        pool_cm = LocalPool.private(path)
         t = time.perf_counter()
         pool_cm.start()
         print(f"  Ray Serve pool ready in {time.perf_counter() - t:.1f}s at {pool_cm.directory_address}", flush=True)

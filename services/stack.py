@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expertmesh.core import defaults, settings
-from expertmesh.core.defaults import free_port
+from expertmesh.core import settings
 from expertmesh.core.plan import load_plan
-from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, free_port, replica_settings_from_args
 
 if TYPE_CHECKING:  # annotations only: both are imported when the stack starts them (Ray, gRPC)
     from expertmesh.control.controller import Controller
@@ -106,8 +105,8 @@ class Stack:
         self,
         model: str | Path = DEMO_MODEL,
         host: str = "127.0.0.1",
-        port: int = defaults.GATEWAY_PORT,
-        router_port: int = defaults.ROUTER_PORT,
+        port: int = settings.GATEWAY_PORT,
+        router_port: int = settings.ROUTER_PORT,
         local_experts: bool = False,
         plan: str | None = None,
         log_dir: str | Path | None = None,
@@ -231,7 +230,7 @@ class Stack:
             self.model_name,
         ]
         if self.use_controller:
-            env[defaults.ENV_CONTROLLER_STATUS] = str(self.log_dir / "controller-status.json")
+            env["EXPERTMESH_CONTROLLER_STATUS"] = str(self.log_dir / "controller-status.json")
         proc, log = self._spawn("gateway", cmd, env)
         took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
         _say(f"      gateway ready in {took:.0f} s")
@@ -288,19 +287,19 @@ class Stack:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="gateway port (default 8000)")
-    parser.add_argument("--router-port", type=int, default=defaults.ROUTER_PORT, help="router gRPC port")
+    parser.add_argument("--port", type=int, default=settings.GATEWAY_PORT, help="gateway port (default 8000)")
+    parser.add_argument("--router-port", type=int, default=settings.ROUTER_PORT, help="router gRPC port")
     parser.add_argument(
         "--ray-port",
         type=int,
         default=None,
-        help=f"GCS port of the stack's own Ray cluster (default {defaults.RAY_GCS_PORT})",
+        help=f"GCS port of the stack's own Ray cluster (default {settings.RAY_GCS_PORT})",
     )
     parser.add_argument(
-        "--directory-port", type=int, default=None, help=f"expert directory port (default {defaults.DIRECTORY_PORT})"
+        "--directory-port", type=int, default=None, help=f"expert directory port (default {settings.DIRECTORY_PORT})"
     )
     parser.add_argument(
-        "--metrics-port", type=int, default=defaults.ROUTER_METRICS_PORT, help="router Prometheus port (0 = off)"
+        "--metrics-port", type=int, default=settings.ROUTER_METRICS_PORT, help="router Prometheus port (0 = off)"
     )
     parser.add_argument(
         "--plan",

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 from tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
 
-from expertmesh.core.defaults import free_port  # noqa: E402,F401 - tests import it from here
+from expertmesh.core.settings import free_port  # noqa: E402,F401 - tests import it from here
 
 
 @pytest.fixture(scope="session")

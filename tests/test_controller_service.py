@@ -16,7 +16,6 @@ from conftest import free_port
 from expertmesh.control import controller_service as cs
 from expertmesh.control.controller import ControllerSettings
 from expertmesh.control.serve_config import build_serve_config
-from expertmesh.core import defaults
 from expertmesh.core.checkpoint import read_moe_info
 from expertmesh.core.plan import ExpertGroup, PlacementPlan
 from expertmesh.gateway.app import _controller_status
@@ -149,7 +148,7 @@ def test_http_endpoints_and_gateway_reads_status_url(model, monkeypatch):
         assert status.status_code == 503 and "controller not running yet" in status.json()["error"]
         assert httpx.get(url + "/nope").status_code == 404
         for where in (url + "/status", f"http://{dead}/status"):
-            monkeypatch.setenv(defaults.ENV_CONTROLLER_STATUS, where)
+            monkeypatch.setenv("EXPERTMESH_CONTROLLER_STATUS", where)
             assert asyncio.run(_controller_status()) == {}
     finally:
         service.stop()

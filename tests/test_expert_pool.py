@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 
@@ -56,15 +55,9 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def pool(checkpoint):
-    lo = random.randrange(30000, 45000)
-    with LocalPool(
+    with LocalPool.private(
         checkpoint,
         PLAN,
-        gcs_port=free_port(),
-        dashboard_port=free_port(),
-        directory_port=free_port(),
-        metrics_port=free_port(),
-        replica_ports=(lo, lo + 200),
         lease_seconds=LEASE_SECONDS,
         compute_threads=COMPUTE_THREADS,
         ready_timeout=240,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from expertmesh.control.serve_config import build_serve_config
-from expertmesh.core import defaults
+from expertmesh.core import settings
 from expertmesh.core.plan import PlacementPlan
 from expertmesh.core.protos import expert_pb2, router_pb2
 from expertmesh.core.settings import ENV_VARS, ReplicaSettings, replica_settings_from_args
@@ -238,7 +238,7 @@ def replica_of(values: dict) -> ReplicaSettings:
 def expected_serve_config(values: dict) -> dict:
     plan = PlacementPlan.model_validate(values["experts"]["plan"])
     model_path = f"{values['model']['mountPath'].rstrip('/')}/{values['model']['dir']}"
-    directory = f"{RELEASE}-expertmesh-directory:{defaults.DIRECTORY_PORT}"
+    directory = f"{RELEASE}-expertmesh-directory:{settings.DIRECTORY_PORT}"
     return build_serve_config(
         plan,
         model_path,
@@ -425,15 +425,15 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     # ... and its peers are the chart's router and directory Services and KubeRay's Service of the active head
     prefix = f"{RELEASE}-expertmesh"
     services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
-    assert args.router == f"{prefix}-router:{defaults.ROUTER_PORT}" and f"{prefix}-router" in services
-    assert args.directory == f"{prefix}-directory:{defaults.DIRECTORY_PORT}" and f"{prefix}-directory" in services
+    assert args.router == f"{prefix}-router:{settings.ROUTER_PORT}" and f"{prefix}-router" in services
+    assert args.directory == f"{prefix}-directory:{settings.DIRECTORY_PORT}" and f"{prefix}-directory" in services
     rayservice = one(docs, "RayService", "-experts")["metadata"]["name"]
     assert args.dashboard == f"http://{rayservice}-head-svc:8265"  # KubeRay: <rayservice>-head-svc
     head_ports = {
         p["name"]: p["containerPort"] for p in pod_templates(docs)["ray-head"]["spec"]["containers"][0]["ports"]
     }
     assert head_ports["dashboard"] == 8265
-    assert args.port == defaults.CONTROLLER_PORT and args.host == "0.0.0.0"
+    assert args.port == settings.CONTROLLER_PORT and args.host == "0.0.0.0"
     # CPU-only, probes on /health, requests, weights read-only (it reads config.json)
     dep = one(docs, "Deployment", "-controller")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
@@ -445,13 +445,13 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     assert model_mount["readOnly"] is True and args.model.startswith(values["model"]["mountPath"] + "/")
     # the gateway's /experts reads its /status through its Service
     gateway = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
-    status_url = env_of(gateway)[defaults.ENV_CONTROLLER_STATUS]["value"]
-    assert status_url == f"http://{prefix}-controller:{defaults.CONTROLLER_PORT}/status"
+    status_url = env_of(gateway)["EXPERTMESH_CONTROLLER_STATUS"]["value"]
+    assert status_url == f"http://{prefix}-controller:{settings.CONTROLLER_PORT}/status"
     svc = services[f"{prefix}-controller"]
     assert labels_match(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
     # the NetworkPolicy on the Ray pods lets it reach the dashboard and the directory (and nothing of the replicas)
     policy = one(docs, "NetworkPolicy", "-experts")["spec"]
-    lo, _ = defaults.REPLICA_PORT_RANGE
+    lo, _ = settings.REPLICA_PORT_RANGE
     labels = dep["spec"]["template"]["metadata"]["labels"]
     open_to_it = {
         p["port"]
@@ -460,7 +460,7 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
         if labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), labels)
         for p in r["ports"]
     }
-    assert open_to_it == {8265, defaults.DIRECTORY_PORT} and lo not in open_to_it
+    assert open_to_it == {8265, settings.DIRECTORY_PORT} and lo not in open_to_it
 
 
 def test_controller_settings_and_disabling(tmp_path):
@@ -478,7 +478,7 @@ def test_controller_settings_and_disabling(tmp_path):
     off = template([], "--set", "controller.enabled=false")
     assert not [d for d in off if "controller" in d["metadata"]["name"]]
     gateway = one(off, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert defaults.ENV_CONTROLLER_STATUS not in env_of(gateway)
+    assert "EXPERTMESH_CONTROLLER_STATUS" not in env_of(gateway)
     policy = one(off, "NetworkPolicy", "-experts")["spec"]
     assert not [
         r for r in policy["ingress"] for p in r.get("ports", []) if p["port"] == 8265 and "podSelector" in r["from"][0]
@@ -517,19 +517,19 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
     docs = rendered[variant]
     prefix = f"{RELEASE}-expertmesh"
     svc_ports = {d["metadata"]["name"]: {p["name"]: p for p in d["spec"]["ports"]} for d in by_kind(docs, "Service")}
-    assert svc_ports[f"{prefix}-gateway"]["http"]["port"] == defaults.GATEWAY_PORT
-    assert svc_ports[f"{prefix}-router"]["grpc"]["port"] == defaults.ROUTER_PORT
-    assert svc_ports[f"{prefix}-router"]["metrics"]["port"] == defaults.ROUTER_METRICS_PORT
-    assert svc_ports[f"{prefix}-directory"]["grpc-directory"]["port"] == defaults.DIRECTORY_PORT
-    assert svc_ports[f"{prefix}-experts-metrics"]["pool-metrics"]["port"] == defaults.REPLICA_METRICS_PORT
-    assert svc_ports[f"{prefix}-controller"]["http"]["port"] == defaults.CONTROLLER_PORT
+    assert svc_ports[f"{prefix}-gateway"]["http"]["port"] == settings.GATEWAY_PORT
+    assert svc_ports[f"{prefix}-router"]["grpc"]["port"] == settings.ROUTER_PORT
+    assert svc_ports[f"{prefix}-router"]["metrics"]["port"] == settings.ROUTER_METRICS_PORT
+    assert svc_ports[f"{prefix}-directory"]["grpc-directory"]["port"] == settings.DIRECTORY_PORT
+    assert svc_ports[f"{prefix}-experts-metrics"]["pool-metrics"]["port"] == settings.REPLICA_METRICS_PORT
+    assert svc_ports[f"{prefix}-controller"]["http"]["port"] == settings.CONTROLLER_PORT
 
     # gRPC Services name the proto service they carry; each must exist in the protos, on the right port.
     proto_services = {s.full_name for pb in (expert_pb2, router_pb2) for s in pb.DESCRIPTOR.services_by_name.values()}
     assert proto_services == {"expertmesh.v1.Router", "expertmesh.v1.ExpertDirectory", "expertmesh.v1.ExpertService"}
     expected_port = {
-        "expertmesh.v1.Router": defaults.ROUTER_PORT,
-        "expertmesh.v1.ExpertDirectory": defaults.DIRECTORY_PORT,
+        "expertmesh.v1.Router": settings.ROUTER_PORT,
+        "expertmesh.v1.ExpertDirectory": settings.DIRECTORY_PORT,
     }
     annotated = {}
     for svc in by_kind(docs, "Service"):
@@ -540,39 +540,39 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
             annotated[name] = grpc_ports
     assert annotated == {k: [v] for k, v in expected_port.items()}
     # ExpertService is served by the replicas on the replica range (no Service: the router dials pod IPs).
-    lo, hi = defaults.REPLICA_PORT_RANGE
+    lo, hi = settings.REPLICA_PORT_RANGE
 
     templates = pod_templates(docs)
     gateway = templates[f"{prefix}-gateway"]["spec"]["containers"][0]
     router = templates[f"{prefix}-router"]["spec"]["containers"][0]
     assert gateway["command"] == ["python", "-m", "expertmesh.gateway.app"]
-    assert arg_value(gateway["args"], "--port") == str(defaults.GATEWAY_PORT)
+    assert arg_value(gateway["args"], "--port") == str(settings.GATEWAY_PORT)
     assert arg_value(gateway["args"], "--host") == "0.0.0.0"
-    assert arg_value(gateway["args"], "--router") == f"{prefix}-router:{defaults.ROUTER_PORT}"
+    assert arg_value(gateway["args"], "--router") == f"{prefix}-router:{settings.ROUTER_PORT}"
     assert router["command"] == ["python", "-m", "expertmesh.router.server"]
-    assert arg_value(router["args"], "--port") == str(defaults.ROUTER_PORT)
-    assert arg_value(router["args"], "--metrics-port") == str(defaults.ROUTER_METRICS_PORT)
-    assert arg_value(router["args"], "--directory") == f"{prefix}-directory:{defaults.DIRECTORY_PORT}"
+    assert arg_value(router["args"], "--port") == str(settings.ROUTER_PORT)
+    assert arg_value(router["args"], "--metrics-port") == str(settings.ROUTER_METRICS_PORT)
+    assert arg_value(router["args"], "--directory") == f"{prefix}-directory:{settings.DIRECTORY_PORT}"
     assert arg_value(router["args"], "--model").startswith("/models/")
 
     # Service targetPorts resolve to container ports with the same numbers.
     assert {p["name"]: p["containerPort"] for p in router["ports"]} == {
-        "grpc": defaults.ROUTER_PORT,
-        "metrics": defaults.ROUTER_METRICS_PORT,
+        "grpc": settings.ROUTER_PORT,
+        "metrics": settings.ROUTER_METRICS_PORT,
     }
     head = templates["ray-head"]["spec"]["containers"][0]
-    assert {p["name"]: p["containerPort"] for p in head["ports"]}["grpc-directory"] == defaults.DIRECTORY_PORT
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["grpc-directory"] == settings.DIRECTORY_PORT
 
-    # Env names and values every expertmesh process reads (services/core/defaults.py).
+    # Env names and values every expertmesh process reads (services/core/settings.py).
     for name, tmpl in templates.items():
         if "otel" in name:
             continue
         env = env_of(tmpl["spec"]["containers"][0])
-        assert env[defaults.ENV_BIND_HOST]["value"] == "0.0.0.0", name
-        assert env[defaults.ENV_ADVERTISE_HOST]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
-        assert env[defaults.ENV_DIRECTORY]["value"] == f"{prefix}-directory:{defaults.DIRECTORY_PORT}", name
-        assert env[defaults.ENV_ROUTER]["value"] == f"{prefix}-router:{defaults.ROUTER_PORT}", name
-        assert env[defaults.ENV_REPLICA_PORTS]["value"] == f"{lo}-{hi}", name
+        assert env["EXPERTMESH_BIND_HOST"]["value"] == "0.0.0.0", name
+        assert env["EXPERTMESH_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
+        assert env["EXPERTMESH_DIRECTORY"]["value"] == f"{prefix}-directory:{settings.DIRECTORY_PORT}", name
+        assert env["EXPERTMESH_ROUTER"]["value"] == f"{prefix}-router:{settings.ROUTER_PORT}", name
+        assert env["EXPERTMESH_REPLICA_PORTS"]["value"] == f"{lo}-{hi}", name
         assert env["OMP_NUM_THREADS"]["value"] == "1", name
 
 
@@ -612,13 +612,13 @@ def test_network_policy_admits_expert_grpc_only_from_router(rendered, variant):
     gateway_labels = labels[f"{RELEASE}-expertmesh-gateway"]
     controller_labels = labels[f"{RELEASE}-expertmesh-controller"]
 
-    lo, hi = defaults.REPLICA_PORT_RANGE
+    lo, hi = settings.REPLICA_PORT_RANGE
 
     def admits(rule: dict, port: int) -> bool:
         ports = rule.get("ports")
         return ports is None or any(p["port"] <= port <= p.get("endPort", p["port"]) for p in ports)
 
-    for port in (lo, (lo + hi) // 2, hi, defaults.DIRECTORY_PORT):
+    for port in (lo, (lo + hi) // 2, hi, settings.DIRECTORY_PORT):
         rules = [r for r in policy["ingress"] if admits(r, port)]
         assert rules, f"port {port} closed to everyone"
         for rule in rules:
@@ -628,7 +628,7 @@ def test_network_policy_admits_expert_grpc_only_from_router(rendered, variant):
                 from_router = labels_match(sel, router_labels)
                 from_pool = all(labels_match(sel, labels[n]) for n in ray_pods) and not from_router
                 # the controller asks the directory who registered and drains replicas; no expert traffic
-                from_controller = port == defaults.DIRECTORY_PORT and labels_match(sel, controller_labels)
+                from_controller = port == settings.DIRECTORY_PORT and labels_match(sel, controller_labels)
                 assert from_router or from_pool or from_controller, f"port {port} open to {sel}"
                 assert not labels_match(sel, gateway_labels), f"port {port} open to the gateway"
                 assert from_controller or not labels_match(sel, controller_labels), (
@@ -707,7 +707,7 @@ def test_weights_read_only_and_shm_in_memory(rendered, variant):
 def test_api_keys_come_from_a_secret(rendered):
     for variant, docs in rendered.items():
         gateway = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
-        ref = env_of(gateway)[defaults.ENV_API_KEYS]["valueFrom"]["secretKeyRef"]
+        ref = env_of(gateway)["EXPERTMESH_API_KEYS"]["valueFrom"]["secretKeyRef"]
         existing = values_for(variant)["apiKeys"]["existingSecret"]
         if existing:
             assert ref["name"] == existing and not by_kind(docs, "Secret")

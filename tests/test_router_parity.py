@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -309,17 +308,8 @@ def test_mixtral_through_ray_serve_pool_and_router_memory(tiny_checkpoint):
     # The first engine in a process also pays one-time memory (imports, allocator pools): run monolithic once
     # before measuring, then compare the remote engine with a monolithic engine started after it.
     first_mono = run_engine(path, "local")
-    lo = random.randrange(30000, 32000)  # below the ephemeral ports, apart from free_port()'s
-    # A port range with room for every replica (each binds the first free port of it); Ray's logical CPUs are
-    # left to LocalPool (one per replica the plan may scale to, plus the directory).
-    with LocalPool(
-        path,
-        gcs_port=free_port(),
-        dashboard_port=free_port(),
-        directory_port=free_port(),
-        metrics_port=free_port(),
-        replica_ports=(lo, lo + 200),
-    ) as pool:
+    # Ray's logical CPUs are left to LocalPool (one per replica the plan may scale to, plus the directory).
+    with LocalPool.private(path) as pool:
         remote = run_engine(path, "remote", pool.directory_address)
         stats = dispatch.get_dispatcher(pool.directory_address).stats()
     dispatch.reset_dispatcher()

@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
 from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
 from expertmesh.control.serve_config import DIRECTORY_APP, GROUP_APP_PREFIX, build_serve_config
-from expertmesh.core import defaults
+from expertmesh.core import settings
 from expertmesh.core import settings as core_settings
 from expertmesh.core.checkpoint import MoEInfo, read_moe_info
 from expertmesh.core.plan import ExpertGroup, PlacementPlan, default_plan, load_plan
@@ -375,7 +375,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="custom Ray resource the ExpertDirectory asks for (the chart's head offers it)",
     )
     parser.add_argument("--host", default="0.0.0.0", help="address of the /health and /status server")
-    parser.add_argument("--port", type=int, default=defaults.CONTROLLER_PORT, help="0 = any free port")
+    parser.add_argument("--port", type=int, default=settings.CONTROLLER_PORT, help="0 = any free port")
     parser.add_argument(
         "--settings",
         default=None,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -34,6 +36,27 @@ REPLICA_METRICS_PORT = 9471  # HTTP Prometheus metrics served by the expert pool
 RAY_GCS_PORT = 6391  # local Ray cluster of `expertmesh experts up` / `serve`
 RAY_DASHBOARD_PORT = 8271
 CONTROLLER_PORT = 9481  # HTTP /health and /status of the expert controller service
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now, for servers started on loopback.
+
+    Drawn from 20000-29999: below the kernel's ephemeral range (Linux 32768+) and above Ray's worker ports
+    (10002-19999). A port the OS hands out for bind(0) can be handed out again to the next bind(0) — Ray's agents
+    and every Serve replica's internal server bind "[::]:0" — between our choosing it and our server binding it
+    (the likely cause of one pool start seen here whose directory replica never came up)."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 
 # ---- gRPC message size (one constant for every channel and server) -----------------------------------------------
 

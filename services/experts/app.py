@@ -25,7 +25,7 @@ import grpc
 from ray import serve
 
 from expertmesh.control.serve_config import DIRECTORY_DEPLOYMENT
-from expertmesh.core import defaults
+from expertmesh.core import settings
 from expertmesh.core.plan import ExpertGroup
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
@@ -78,8 +78,8 @@ class ExpertGroupReplica:
             metrics_backend="ray",
             compute_threads=compute_threads,
         )
-        port = self.server.start(defaults.bind_host(), defaults.replica_port_range())
-        self.endpoint = f"{defaults.advertise_host()}:{port}"
+        port = self.server.start(settings.bind_host(), settings.replica_port_range())
+        self.endpoint = f"{settings.advertise_host()}:{port}"
         self.entry = expert_pb2.ReplicaEntry(
             replica_id=self.replica_id,
             group=spec.name,
@@ -159,7 +159,7 @@ class ExpertDirectory:
 
     def __init__(self, directory: str):
         self.server = DirectoryServer()
-        self.server.start(defaults.bind_host(), _port_of(directory))
+        self.server.start(settings.bind_host(), _port_of(directory))
         log.info("expert directory serving on %s", self.server.address)
 
     def check_health(self) -> None:
@@ -173,7 +173,7 @@ class ExpertDirectory:
 
 
 def _directory_of(args: dict) -> str:
-    directory = args.get("directory") or defaults.directory_address()
+    directory = args.get("directory") or settings.directory_address()
     _port_of(directory)
     return directory
 

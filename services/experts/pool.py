@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,17 +26,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
 from expertmesh.control.serve_config import build_serve_config
-from expertmesh.core import defaults, settings
+from expertmesh.core import settings
 from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.defaults import free_port
 from expertmesh.core.plan import PlacementPlan, default_plan, load_plan
 from expertmesh.core.protos import expert_pb2
-from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
+from expertmesh.core.settings import ReplicaSettings, add_replica_flags, free_port, replica_settings_from_args
 from expertmesh.discovery.directory import DirectoryClient, endpoints_by_key
 
 STATE_DIR = settings.cache_dir()
@@ -109,10 +110,10 @@ class LocalPool:
         model: str | Path,
         plan: PlacementPlan | None = None,
         *,
-        gcs_port: int = defaults.RAY_GCS_PORT,
-        dashboard_port: int = defaults.RAY_DASHBOARD_PORT,
-        directory_port: int = defaults.DIRECTORY_PORT,
-        metrics_port: int = defaults.REPLICA_METRICS_PORT,
+        gcs_port: int = settings.RAY_GCS_PORT,
+        dashboard_port: int = settings.RAY_DASHBOARD_PORT,
+        directory_port: int = settings.DIRECTORY_PORT,
+        metrics_port: int = settings.REPLICA_METRICS_PORT,
         replica_ports: tuple[int, int] | None = None,
         num_cpus: int | None = None,
         lease_seconds: float | None = None,
@@ -135,7 +136,7 @@ class LocalPool:
         self.dashboard_port = dashboard_port or free_port()
         self.directory_port = directory_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.replica_ports = replica_ports or defaults.replica_port_range()
+        self.replica_ports = replica_ports or settings.replica_port_range()
         # Replicas ask for 1 CPU each in the Serve config; these are logical CPUs, so give every replica
         # the plan may scale to (and the directory) a slot even on a 2-core machine.
         # Logical CPUs for Ray's bookkeeping only (the directory takes 1/4, each replica 1/4): room for the
@@ -168,6 +169,22 @@ class LocalPool:
         self.process: subprocess.Popen | None = None
         self.temp_dir: str | None = None
         self.log_path: Path | None = None
+
+    @classmethod
+    def private(
+        cls, model: str | Path, plan: PlacementPlan | None = None, *, replica_span: int = 200, **kwargs: Any
+    ) -> LocalPool:
+        """A pool on free loopback ports (tests, benchmarks): Ray, dashboard, directory and metrics on `free_port()`s,
+        replicas in a random range of `replica_span` ports below the ephemeral range, apart from free_port()'s."""
+        lo = random.randrange(30000, 32768 - replica_span)
+        ports: dict[str, Any] = dict(
+            gcs_port=free_port(),
+            dashboard_port=free_port(),
+            directory_port=free_port(),
+            metrics_port=free_port(),
+            replica_ports=(lo, lo + replica_span),
+        )
+        return cls(model, plan, **(ports | kwargs))
 
     @property
     def directory_address(self) -> str:
@@ -227,9 +244,9 @@ class LocalPool:
         env = settings.child_env(
             {
                 **self.env,
-                defaults.ENV_BIND_HOST: settings.inherited(defaults.ENV_BIND_HOST) or self.host,
-                defaults.ENV_REPLICA_PORTS: f"{self.replica_ports[0]}-{self.replica_ports[1]}",
-                defaults.ENV_DIRECTORY: self.directory_address,
+                "EXPERTMESH_BIND_HOST": settings.inherited("EXPERTMESH_BIND_HOST") or self.host,
+                "EXPERTMESH_REPLICA_PORTS": f"{self.replica_ports[0]}-{self.replica_ports[1]}",
+                "EXPERTMESH_DIRECTORY": self.directory_address,
             },
             forced=settings.RAY_HEAD_ENV,
         )
@@ -402,21 +419,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument(
         "--address",
-        default=f"127.0.0.1:{defaults.RAY_GCS_PORT}",
+        default=f"127.0.0.1:{settings.RAY_GCS_PORT}",
         help="GCS address of the local Ray cluster to start (loopback only)",
     )
-    up.add_argument("--dashboard-port", type=int, default=defaults.RAY_DASHBOARD_PORT, help="0 = any free port")
-    up.add_argument("--directory-port", type=int, default=defaults.DIRECTORY_PORT, help="0 = any free port")
+    up.add_argument("--dashboard-port", type=int, default=settings.RAY_DASHBOARD_PORT, help="0 = any free port")
+    up.add_argument("--directory-port", type=int, default=settings.DIRECTORY_PORT, help="0 = any free port")
     up.add_argument(
         "--metrics-port",
         type=int,
-        default=defaults.REPLICA_METRICS_PORT,
+        default=settings.REPLICA_METRICS_PORT,
         help="Prometheus metrics of the pool (Ray's metrics export port)",
     )
     up.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every expert to register")
     add_replica_flags(up)
     down = sub.add_parser("down", help="stop the local Ray cluster started by `experts up`")
-    down.add_argument("--address", default=f"127.0.0.1:{defaults.RAY_GCS_PORT}")
+    down.add_argument("--address", default=f"127.0.0.1:{settings.RAY_GCS_PORT}")
 
 
 def _gcs_port(address: str) -> int:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from opentelemetry import trace
 
-from expertmesh.core import defaults, settings, telemetry
+from expertmesh.core import settings, telemetry
 from expertmesh.core.codec import as_numpy, decode, decode_owned, encode_forward
 from expertmesh.core.protos import expert_pb2
 from expertmesh.discovery.directory import DirectoryClient
@@ -459,7 +459,7 @@ _dispatcher_lock = threading.Lock()
 def get_dispatcher(directory: str | None = None) -> Dispatcher:
     """The process's dispatcher for `directory` (default env EXPERTMESH_DIRECTORY); replaced if it changed."""
     global _dispatcher
-    directory = directory or defaults.directory_address()
+    directory = directory or settings.directory_address()
     d = _dispatcher
     if d is not None and d.directory == directory:
         return d

@@ -57,7 +57,7 @@ def register() -> None:
 def configure_remote(
     directory: str | None = None, *, deadline_s: float | None = None, counters_file: str | None = None
 ) -> None:
-    """Route experts to the pool registered at `directory` (host:port; default env / core.defaults).
+    """Route experts to the pool registered at `directory` (host:port; default EXPERTMESH_DIRECTORY).
 
     Call before creating the vLLM engine. Sets EXPERTMESH_EXPERT_MODE/EXPERTMESH_DIRECTORY (and pins the
     routed-token counters file, so a multiprocess engine core writes where this process reads).

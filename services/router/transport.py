@@ -7,7 +7,7 @@ peer) comes out as `ReplicaFailed`, which the dispatcher answers by resending el
 
 Also the Prometheus side of it: `expertmesh_dispatch_seconds{replica}` (RPC latency) and
 `expertmesh_dispatch_failovers_total{replica}`, and the process's metrics HTTP endpoint (`serve_metrics`, on
-`EXPERTMESH_ROUTER_METRICS_PORT`, default core.defaults.ROUTER_METRICS_PORT; 0 = off).
+`EXPERTMESH_ROUTER_METRICS_PORT`, default core.settings.ROUTER_METRICS_PORT; 0 = off).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import grpc
 
-from expertmesh.core import defaults, settings
+from expertmesh.core import settings
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("expertmesh.router.transport")
@@ -176,7 +176,7 @@ def serve_metrics(port: int | None = None) -> int | None:
     from prometheus_client import start_http_server
 
     try:
-        start_http_server(port, addr=defaults.bind_host())
+        start_http_server(port, addr=settings.bind_host())
     except OSError as exc:
         log.warning("router metrics: port %d not available (%s); not serving metrics from the dispatcher", port, exc)
         return None

