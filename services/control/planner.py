@@ -111,6 +111,16 @@ def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.
     are the `num_slots - E` largest of load[:, :, None] / k. Instead of sorting those L x E x K values we
     bisect the threshold tau (64 steps over [L, E]): an expert has min(K, floor(load / tau)) of them >= tau.
     Near-ties at the threshold go round-robin by expert id (so zero-load layers spread evenly).
+
+    Parameters
+    ----------
+    load: [L, E] routed tokens per (layer, expert), >= 0.
+    num_slots: replicas to hand out per layer (>= E).
+    max_per_expert: cap on one expert's replicas (e.g. the number of devices, one replica per device).
+
+    Returns
+    -------
+    [L, E] int64 replica counts, each in [1, max_per_expert], each row summing to num_slots.
     """
     L, E = load.shape
     extra = num_slots - E
@@ -288,13 +298,33 @@ def _refine_swaps(
 
 
 def moved_experts(new_slots: np.ndarray, old_slots: np.ndarray, num_experts: int) -> np.ndarray:
-    """[L] expert weights a device must newly load to go from old to new (devices matched as given)."""
+    """[L] expert weights a device must newly load to go from old to new (devices matched as given).
+
+    Parameters
+    ----------
+    new_slots, old_slots: [L, D, S] expert id per (layer, device, slot), -1 = empty.
+    num_experts: E, the experts per layer.
+
+    Returns
+    -------
+    [L] int count per layer of (device, expert) pairs held in `new_slots` and not in `old_slots`.
+    """
     gained = _holds(new_slots, num_experts) - _holds(old_slots, num_experts)
     return np.maximum(gained, 0).sum((1, 2))
 
 
 def match_devices(new_slots: np.ndarray, old_slots: np.ndarray, num_experts: int) -> np.ndarray:
-    """Relabel new devices (greedy max-overlap matching per layer) so that few weights move; returns slots."""
+    """Relabel new devices (greedy max-overlap matching per layer) so that few weights move.
+
+    Parameters
+    ----------
+    new_slots, old_slots: [L, D, S] expert id per (layer, device, slot), -1 = empty.
+    num_experts: E, the experts per layer.
+
+    Returns
+    -------
+    [L, D, S] `new_slots` with its devices permuted per layer (same placement, different device labels).
+    """
     L, D, S = new_slots.shape
     new_h = (_holds(new_slots, num_experts) > 0).astype(np.float32)
     old_h = (_holds(old_slots, num_experts) > 0).astype(np.float32)
@@ -368,7 +398,19 @@ def _repair(current: np.ndarray, counts: np.ndarray, replica_load: np.ndarray) -
 
 
 def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None, move_cost: float = 0.1) -> SlotPlan:
-    """Replica counts and device placement for a fixed slot budget; see the module docstring."""
+    """Replica counts and device placement for a fixed slot budget; the steps are in the module docstring.
+
+    Parameters
+    ----------
+    load: [L, E] routed tokens per (layer, expert) over a moving window (array-like, >= 0).
+    num_devices: D devices per layer; slots_per_device: S expert slots per device (D x S >= E).
+    current: [L, D, S] expert id per slot of the plan now serving (-1 = empty), or None for a fresh plan.
+    move_cost: weight of moved expert weights (per slot) against load imbalance when choosing among candidates.
+
+    Returns
+    -------
+    SlotPlan: counts [L, E], slots [L, D, S], device_load [L, D], moved [L].
+    """
     load = _check_load(load)
     L, E = load.shape
     D, S = int(num_devices), int(slots_per_device)
@@ -465,8 +507,18 @@ def plan_autoscale(
     N >= lo + 11 E is feasible for max_ratio = 1.10 (hot groups need <= W / capacity + E replicas), so
     we gallop up from the lower bound and bisect, per layer, all layers at once (exclusive_hot: scan).
 
+    Parameters
+    ----------
+    load: [L, E] routed tokens per (layer, expert) over a moving window (array-like, >= 0).
+    max_experts_per_replica: most experts one replica (group) may hold.
+    target_load: optional cap on the tokens one replica carries; None = only the max/mean bound.
+    max_ratio: bound on the busiest replica's load over the mean per-replica load.
     exclusive_hot: a hot expert's group holds it alone (its replicas scale alone, no cold expert is
     copied along) -- costs replicas: the spare capacity left by rounding its count up stays unused.
+
+    Returns
+    -------
+    GroupPlan: group_of [L, E], group_replicas [L, G] (0 = no such group), group_load [L, G].
     """
     load = _check_load(load)
     L, E = load.shape
@@ -542,6 +594,17 @@ def to_placement_plan(
     that many replicas: a fixed layout). Autoscale mode: one group per planned group with
     initial_replicas = the planned count, min 1 and max ceil(count x max_replicas_factor), so the
     per-group autoscaler can follow load from there.
+
+    Parameters
+    ----------
+    result: a SlotPlan (plan_slots) or a GroupPlan (plan_autoscale).
+    layers: model layer id of each row of the planner's arrays.
+    model: the checkpoint the plan is for (recorded in the plan), or None.
+    max_replicas_factor: autoscale mode's max_replicas over the planned count.
+
+    Returns
+    -------
+    PlacementPlan covering every (layer, expert) of the result exactly once per group layout.
     """
     groups: list[ExpertGroup] = []
     if isinstance(result, SlotPlan):
@@ -587,8 +650,18 @@ def to_placement_plan(
 def slots_from_plan(
     plan: PlacementPlan, layers: list[int], num_experts: int, num_devices: int, slots_per_device: int
 ) -> np.ndarray:
-    """[L, D, S] slots of a PlacementPlan read as a device layout: each replica of a group is a device
-    holding the group's experts of that layer (padded with -1); raises ValueError if it does not fit."""
+    """A PlacementPlan read as a device layout: each replica of a group is a device holding the group's experts.
+
+    Parameters
+    ----------
+    plan: the placement plan; layers: the MoE layer ids, in row order.
+    num_experts: E; num_devices: D; slots_per_device: S of the layout to fill.
+
+    Returns
+    -------
+    [L, D, S] expert id per slot (-1 = empty). Raises ValueError if the plan names an unknown layer or expert,
+    or needs more devices or slots than given.
+    """
     L, D, S = len(layers), num_devices, slots_per_device
     row_of = {layer: i for i, layer in enumerate(layers)}
     devices: list[list[list[int]]] = [[] for _ in layers]

@@ -32,7 +32,7 @@ _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _TO_WIRE}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts need a byteswap here"
 # protobuf bytes are immutable and we never write into the views `decode` returns: silence torch's warning about
-# non-writable buffers once here (a catch_warnings block per decode cost ~3 us x 4 tensors per request).
+# non-writable buffers once here (a catch_warnings block per decode would be paid on every request).
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
@@ -107,7 +107,7 @@ def decode(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
 
 def decode_owned(msg: expert_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     """Wire message -> a tensor that owns (a copy of) the bytes, for a caller that hands it on or writes into it:
-    one numpy copy where numpy has the dtype (~3 us here against ~8 us for decode + a torch copy).
+    one numpy copy where numpy has the dtype (cheaper than decode + a torch copy; docs/benchmarks.md).
 
     Parameters: msg; name, for error messages. Returns: a writable tensor. Raises WireError as `decode`."""
     dtype, shape, data = _checked(msg, name)
@@ -330,9 +330,9 @@ def decode_forward(
             )
     top = 0
     if n:
-        # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a numpy
-        # reduction here cost ~40 us a call in situ, the builtin max nothing measurable. A whole-layer call's rows
-        # n // K are in range by construction.
+        # Range checks with builtins over the bytes read as unsigned (a negative id reads as a huge value): a cold
+        # numpy reduction per call costs more than the whole check with builtins (docs/benchmarks.md). A
+        # whole-layer call's rows n // K are in range by construction.
         # (token_index and its bytes are None exactly for a whole-layer call)
         if (
             token_index is not None

@@ -6,8 +6,8 @@ same contract, chosen once per `ExpertWeights`:
 
 - `fused` (default where it runs): vLLM's CPU fused-MoE op (`_C.cpu_fused_moe`, the kernel vLLM itself uses for
   unquantized MoE on CPU) over weights prepacked for it; one call does gather, both GEMMs, SiLU·mul and the
-  gate-weighted sum. Loaded straight from vLLM's extension library (no `import vllm`). ~3.5x faster than `torch`
-  on a decode-sized call (docs/benchmarks.md).
+  gate-weighted sum. Loaded straight from vLLM's extension library (no `import vllm`). Several times faster than
+  `torch` on a decode-sized call (measured in docs/benchmarks.md).
 - `torch`: assignments sorted by expert, each expert's rows through its own matmul (`torch._grouped_mm`, else a
   loop over experts, never over tokens), gate-weighted, summed per token with one index_add. Used when vLLM's
   library is absent (a slim experts image), for activations or sizes the fused op does not take, and as the
@@ -280,10 +280,10 @@ def _fused_forward(
 
 
 # A whole-layer call's op inputs and output live in persistent tensors, one set per (K, H, dtype) with views per
-# row count, written and read through numpy views under _FUSED_LOCK. Measured on the replica's latency path
-# (docs/benchmarks.md): each torch call there (from_numpy, empty, ...) cost tens of microseconds in situ, right after
-# the process woke up for the call, against ~1 us back to back; numpy copies into existing buffers cost nothing
-# measurable. Capacity bounds the memory: 2 x rows x H floats + 2 x rows x K small ones per set.
+# row count, written and read through numpy views under _FUSED_LOCK: on the replica's latency path each torch call
+# (from_numpy, empty, ...) right after the process woke up for the call costs far more than back to back, while
+# numpy copies into existing buffers cost nothing measurable (docs/benchmarks.md). Capacity bounds the memory:
+# 2 x rows x H floats + 2 x rows x K small ones per set.
 _STAGING_MAX_ROWS = 256
 
 
@@ -407,11 +407,10 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
 
 # ---- torch: grouped matmuls -----------------------------------------------------------------------------------
 
-# One op per expert group instead of a Python loop over experts (torch >= 2.8 has it on CPU too). Measured on
-# 64 tokens x top-2 x 8 experts, hidden 128: ~38 % faster than the loop and bitwise-equal to it (see
-# docs/benchmarks.md, "dispatch round trip"). The weights are passed as transposed *views* ([E, H, 2I] /
-# [E, I, H]): with pre-transposed contiguous copies the CPU kernel takes another path that is not bitwise-equal
-# to `x @ w.t()` for tiny groups.
+# One op per expert group instead of a Python loop over experts (torch >= 2.8 has it on CPU too): faster than the
+# loop on decode-sized calls and bitwise-equal to it (docs/benchmarks.md, "dispatch round trip"). The weights are
+# passed as transposed *views* ([E, H, 2I] / [E, I, H]): with pre-transposed contiguous copies the CPU kernel takes
+# another path that is not bitwise-equal to `x @ w.t()` for tiny groups.
 _GROUPED_MM: Callable[..., torch.Tensor] | None = getattr(torch, "_grouped_mm", None)
 _grouped_mm_ok: dict[torch.dtype, bool] = {}
 
@@ -467,8 +466,8 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     out = torch.zeros((T, H), dtype=torch.float32)  # [T, H] fp32 accumulator
     if N == 0:
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
-    # Index bookkeeping on [N] ints in numpy: an op there costs ~1 us, a torch op ~5 us, and a decode step's
-    # kernel is mostly such small ops around two matmuls. Each expert's rows go through their own matmul (never
+    # Index bookkeeping on [N] ints in numpy: a numpy op on a small array is cheaper than a torch op, and a decode
+    # step's kernel is mostly such small ops around two matmuls. Each expert's rows go through their own matmul (never
     # padded or batched with other experts' rows), so an output does not depend on which other experts the
     # replica holds or the call uses: any placement gives the same bits.
     if s.min() < 0:

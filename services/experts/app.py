@@ -10,7 +10,7 @@ which `serve deploy`, the local pool and the Helm chart's RayService all use):
                            `advertise_host():port` in the directory with a lease, renews it, and deregisters
                            when Serve shuts it down.
 
-No request goes through Serve: a Serve proxy hop costs ~11 ms here vs ~0.9 ms for plain grpc.aio. Serve
+No request goes through Serve: a Serve proxy hop costs over ten times a plain grpc.aio call (docs/benchmarks.md). Serve
 starts, health-checks (`check_health` makes a real Info call to the replica's own server), restarts and
 scales the replicas; changing one group's application (replica count, removal) touches no other group.
 """

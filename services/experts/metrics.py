@@ -26,9 +26,8 @@ class ReplicaMetrics:
         self.backend = backend
         # Per call, `call` and `batch` only append to a deque (append/popleft are thread-safe: the compute thread
         # records batches too); `flush()` turns them into counter increments and histogram observations (the server
-        # flushes every second, and before every scrape). Measured in situ: recording them per call cost the
-        # replica's round trip ~40 us (docs/benchmarks.md); eight labelled counter increments per call would cost
-        # as much as the matmuls.
+        # flushes every second, and before every scrape). Recording them per call added measurably to the replica's
+        # round trip (docs/benchmarks.md): eight labelled counter increments per call cost as much as the matmuls.
         self._pending_batches: deque[tuple[int, int, np.ndarray, int]] = deque()
         self._pending_calls: deque[tuple[float, str]] = deque()
         self._lock = threading.Lock()  # one flush at a time

@@ -75,8 +75,8 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 def stop_session(sid: int, grace: float = 3.0) -> None:
     """Stop a Ray cluster started by `LocalPool`: SIGTERM to every process of its session (as `ray stop` does,
-    but only ours), then SIGKILL to whatever is left after `grace` seconds. Ray's orderly shutdown takes
-    10-15 s here and buys nothing for a local pool (no state to keep; directory entries die with it)."""
+    but only ours), then SIGKILL to whatever is left after `grace` seconds. Ray's orderly shutdown is slow
+    and buys nothing for a local pool (no state to keep; directory entries die with it)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         _signal_all(_session_pids(sid), sig)
         deadline = time.monotonic() + wait

@@ -2,7 +2,7 @@
 
 No I/O, no gRPC, no clock: the dispatcher passes in what changes over time (the directory snapshot, the replicas
 that failed in this call, the suspects it avoids, the rows each replica has in flight). Arrays are numpy: the
-bookkeeping here is [N]-sized int work where a numpy op costs ~1 us and a torch op ~5 us.
+bookkeeping here is [N]-sized int work, where a numpy op is cheaper than a torch op.
 
 Vocabulary: an *assignment* is one (token, expert) pair of a layer's top-k routing, numbered n = t * K + k over
 the flattened [T, K] `topk_ids`; a *position* is such an n; a replica is named by its endpoint.
