@@ -3,10 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.expertmesh-installed
-# vLLM pins its worker thread; a second OpenMP thread fighting it makes CPU work 30-60x slower.
-export OMP_NUM_THREADS ?= 1
-export VLLM_CPU_KVCACHE_SPACE ?= 1
-export TOKENIZERS_PARALLELISM ?= false
+# OMP_NUM_THREADS, VLLM_CPU_KVCACHE_SPACE, TOKENIZERS_PARALLELISM: set by the Python processes themselves
+# (expertmesh.core.settings.apply_process_defaults, from the CLI and the test suite's conftest).
 
 .PHONY: install serve test lint bench clean-venv protos
 

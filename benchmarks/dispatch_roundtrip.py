@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from expertmesh.core import settings  # noqa: E402 - stdlib only
+
+settings.apply_process_defaults()
 
 import grpc  # noqa: E402
 import torch  # noqa: E402

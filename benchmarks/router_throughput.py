@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from expertmesh.core import settings  # noqa: E402 - stdlib only
+
+settings.apply_process_defaults(router=True)  # the engine runs in this process, as in the router
 os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
 

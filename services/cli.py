@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from expertmesh.core import settings
+
 COMMANDS = {
     "serve": ("expertmesh.stack", "start the whole local stack (expert pool, router, gateway) and serve HTTP"),
     "experts": ("expertmesh.experts.pool", "start (up) or stop (down) the expert pool on a local Ray cluster"),
@@ -31,6 +33,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OMP threads, vLLM's KV cache size, tokenizers: set before any subcommand imports torch (children inherit them).
+    settings.apply_process_defaults()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)

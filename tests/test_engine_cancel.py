@@ -23,7 +23,9 @@ import time
 
 import pytest
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from expertmesh.core import settings  # noqa: E402
+
+settings.apply_process_defaults(router=True)  # the engine in this process, as in the router
 os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
 pytestmark = pytest.mark.slow

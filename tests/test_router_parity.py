@@ -26,7 +26,9 @@ import pytest
 import torch
 from conftest import free_port
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from expertmesh.core import settings  # noqa: E402
+
+settings.apply_process_defaults(router=True)  # engines in this process, as in the router
 os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
 from expertmesh.core.checkpoint import read_moe_info  # noqa: E402
