@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 
 from fastapi import Request
 
 from expertmesh.gateway.openai_schema import APIError
 
 
-def check_auth(request: Request, api_keys: frozenset[str] | list[str]) -> None:
+def check_auth(request: Request, api_keys: Collection[str]) -> None:
     """Raise the OpenAI 401 unless the request carries `Authorization: Bearer <one of api_keys>`."""
     if not api_keys:
         return

@@ -159,12 +159,12 @@ def add_routes(app, args: argparse.Namespace) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     """vLLM's `run_server` with expertmesh's routes added to the app (the same pieces, in the same order)."""
+    import vllm.envs as envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
-    import vllm.envs as envs
 
     listen_address, sock = setup_server(args, reuse_port=False)
     try:

@@ -1,0 +1,245 @@
+"""The gateway's front door to routers that run vLLM's own OpenAI server: a streaming reverse proxy for /v1/*.
+
+Each request goes to the router with the fewest requests in flight from this gateway (ties: round robin), with
+its body and headers unchanged, and the router's answer (JSON, or server-sent events as they are produced) is
+relayed byte for byte. A router that refuses the connection (down, restarting) is skipped and left alone for
+`cooldown_s`; the request is retried on the next router, since nothing reached an engine. A router that fails
+after it accepted the request is not retried (the request may have been half-served): the client gets a 502.
+When no router accepts, the client gets a 503 with Retry-After. Both are OpenAI error bodies. A client that goes
+away closes the upstream response, so vLLM aborts the request.
+
+    python -m expertmesh.gateway.proxy --router http://127.0.0.1:8001 [--router URL ...] [--port 8000]
+
+Python API: `create_app(["http://127.0.0.1:8001", ...], api_keys=None)`, or `install(app, RouterPool(urls))` to add
+the routes to an existing FastAPI app (e.g. the gateway's, beside /health, /metrics and /experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import sys
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from expertmesh.gateway.auth import check_auth
+from expertmesh.gateway.openai_schema import APIError
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx sets itself: never forwarded in either direction.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# Connection-level failures: the router never got the request, so another router may take it.
+_NOT_ACCEPTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass
+class RouterState:
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0  # monotonic time before which this router is skipped
+    requests: int = 0
+    failures: int = 0
+
+
+@dataclass
+class RouterPool:
+    """The routers behind this gateway and what the gateway knows of their load (its own requests in flight)."""
+
+    urls: list[str]
+    cooldown_s: float = 2.0
+    routers: list[RouterState] = field(init=False)
+
+    def __post_init__(self):
+        if not self.urls:
+            raise ValueError("at least one router URL is needed")
+        self.routers = [RouterState(url.rstrip("/")) for url in self.urls]
+        self._turn = itertools.count()
+
+    def order(self) -> list[RouterState]:
+        """Routers to try, best first: up ones by fewest in flight (ties rotate), then the ones cooling down."""
+        now = time.monotonic()
+        turn = next(self._turn)
+        n = len(self.routers)
+        rotated = [self.routers[(turn + i) % n] for i in range(n)]
+        up = sorted((r for r in rotated if r.down_until <= now), key=lambda r: r.in_flight)  # stable: keeps rotation
+        down = sorted((r for r in rotated if r.down_until > now), key=lambda r: r.down_until)
+        return up + down
+
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        return [
+            {
+                "url": r.url,
+                "in_flight": r.in_flight,
+                "up": r.down_until <= now,
+                "requests": r.requests,
+                "failures": r.failures,
+            }
+            for r in self.routers
+        ]
+
+
+def _forward_headers(headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP}
+
+
+def _error(status: int, message: str, type_: str, code: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(APIError(status, message, type_, None, code).body(), status_code=status, headers=headers)
+
+
+async def proxy_request(request: Request, pool: RouterPool, client: httpx.AsyncClient, path: str):
+    """Send `request` to the best router that accepts it and relay the answer as it arrives."""
+    body = await request.body()
+    headers = _forward_headers(request.headers)
+    query = request.url.query
+    tried: list[str] = []
+    for router in pool.order():
+        url = f"{router.url}/v1/{path}" + (f"?{query}" if query else "")
+        upstream = client.build_request(request.method, url, content=body, headers=headers)
+        router.in_flight += 1
+        router.requests += 1
+        try:
+            response = await client.send(upstream, stream=True)
+        except _NOT_ACCEPTED as exc:
+            router.in_flight -= 1
+            router.failures += 1
+            router.down_until = time.monotonic() + pool.cooldown_s
+            tried.append(f"{router.url} ({type(exc).__name__})")
+            continue
+        except httpx.HTTPError as exc:
+            router.in_flight -= 1
+            router.failures += 1
+            detail = f"router {router.url} failed: {type(exc).__name__}: {exc}"
+            return _error(502, detail, "server_error", "bad_gateway")
+
+        released: list[bool] = []
+
+        async def release(response=response, router=router, released=released):
+            # Called when the body ends, fails or the client goes away (the generator's finally), and again as the
+            # response's background task; only the first call counts.
+            if not released:
+                released.append(True)
+                router.in_flight -= 1
+                await response.aclose()
+
+        async def relay(response=response, router=router, release=release):
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError:
+                # The router broke off mid-answer: the status line is already sent; ending the body is all we can do
+                # (an SSE client sees the stream end without [DONE]).
+                router.failures += 1
+            finally:
+                await release()
+
+        return StreamingResponse(
+            relay(),
+            status_code=response.status_code,
+            headers=_forward_headers(response.headers),
+            background=BackgroundTask(release),
+        )
+    return _error(
+        503,
+        "No router is available to serve the request (tried: " + ", ".join(tried) + ").",
+        "server_error",
+        "no_router_available",
+        retry_after=1,
+    )
+
+
+def install(app: FastAPI, pool: RouterPool, *, api_keys: Collection[str] = (), timeout_s: float = 600.0):
+    """Add /v1/{path} (every method) proxying to `pool`, and GET /proxy/routers (the pool's state), to `app`."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    # connect: short, so a dead router is skipped quickly; read: none (a long generation streams slowly)
+    timeout = httpx.Timeout(timeout_s, connect=2.0, read=None)
+    state: dict[str, httpx.AsyncClient | None] = {"client": None}
+
+    def client() -> httpx.AsyncClient:
+        current = state["client"]
+        if current is None:
+            current = state["client"] = httpx.AsyncClient(limits=limits, timeout=timeout)
+        return current
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def _v1(path: str, request: Request):
+        try:
+            check_auth(request, api_keys)
+        except APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers={"WWW-Authenticate": "Bearer"})
+        return await proxy_request(request, pool, client(), path)
+
+    @app.get("/proxy/routers")
+    async def _routers():
+        return {"routers": pool.snapshot()}
+
+    async def close():
+        if state["client"] is not None:
+            await state["client"].aclose()
+            state["client"] = None
+
+    return close
+
+
+def create_app(routers: list[str], *, api_keys: Collection[str] = (), cooldown_s: float = 2.0) -> FastAPI:
+    """A gateway that only proxies: /v1/* to `routers`, /health, /proxy/routers."""
+    pool = RouterPool(list(routers), cooldown_s=cooldown_s)
+    closers: list[Callable[[], Awaitable[None]]] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        for close in closers:
+            await close()
+
+    app = FastAPI(title="expertmesh gateway (proxy)", lifespan=lifespan)
+    closers.append(install(app, pool, api_keys=api_keys))
+
+    @app.get("/health")
+    async def _health():
+        return {"status": "ok", "routers": pool.snapshot()}
+
+    app.state.router_pool = pool
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from expertmesh.core import settings
+
+    parser = argparse.ArgumentParser(description="expertmesh gateway: streaming proxy over vLLM OpenAI routers")
+    parser.add_argument("--router", action="append", required=True, help="router base URL (repeat for several)")
+    parser.add_argument("--host", default=settings.bind_host())
+    parser.add_argument("--port", type=int, default=settings.GATEWAY_PORT)
+    parser.add_argument("--cooldown-s", type=float, default=2.0, help="seconds a refusing router is skipped")
+    args = parser.parse_args(argv)
+    app = create_app(args.router, api_keys=settings.api_keys(), cooldown_s=args.cooldown_s)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    asyncio.run(uvicorn.Server(config).serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The router as vLLM's own OpenAI server (router/openai_server.py) and the gateway's streaming proxy
+(gateway/proxy.py).
+
+One module-scoped setup (about a minute of start-up on two cores): a real expert directory and a real ExpertServer
+(gRPC on loopback, in this process) holding every routed expert of the demo model; the router as a subprocess
+(vLLM's AsyncLLM, engine core in its own child process, plugin in remote mode) against it; and, beside it, vLLM's
+own OpenAI server on the same checkpoint with local experts — what a user would run instead, and the reference.
+
+- a greedy chat through the router equals vLLM's own server's, word for word; the experts were computed by the
+  replica (its Forward calls), and the engine core's routed-token counters and dispatcher metrics are readable
+  from outside that process (the counters file, the router's /metrics);
+- `response_format` json_schema returns JSON valid against the schema;
+- the proxy relays SSE unchanged (same events as the router's own stream), skips a router that refuses
+  connections, and answers an OpenAI-shaped 503 when no router accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+from conftest import free_port
+
+from expertmesh.core import settings
+from expertmesh.core.checkpoint import read_moe_info
+from expertmesh.core.protos import expert_pb2
+from expertmesh.discovery.directory import DirectoryClient, DirectoryServer
+from expertmesh.experts.replica import ExpertServer, keys_to_proto
+from expertmesh.router.counters import RoutedTokenCounters
+
+pytestmark = pytest.mark.slow
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+MODEL = "demo"
+START_TIMEOUT_S = 240
+PROMPTS = ["Speak, my lord.", "What news from Rome?", "Good morrow, sweet queen."]
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "alive": {"type": "boolean"}},
+    "required": ["name", "alive"],
+    "additionalProperties": False,
+}
+# vLLM options shared by both servers: fp32 (the checkpoint's dtype), eager, JSON without free whitespace (a small
+# model otherwise fills the token budget with blanks inside a grammar that allows them).
+VLLM_FLAGS = [
+    "--served-model-name",
+    MODEL,
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "512",
+    "--structured-outputs-config",
+    '{"backend": "xgrammar", "disable_any_whitespace": true}',
+    "--disable-uvicorn-access-log",
+]
+
+
+def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """A real directory and one real ExpertServer holding every routed expert of the demo model."""
+    info = read_moe_info(DEMO)
+    keys = {layer: list(range(info.num_experts)) for layer in info.moe_layers}
+    directory = DirectoryServer()
+    address = f"127.0.0.1:{directory.start()}"
+    client = DirectoryClient(address)
+    server = ExpertServer(DEMO, keys, replica_id="all-0", group="all")
+    port = server.start()
+    client.register(
+        expert_pb2.ReplicaEntry(
+            replica_id="all-0", group="all", endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)
+        ),
+        lease_seconds=3600,
+    )
+    yield address, server
+    server.stop(grace=0)
+    client.close()
+    directory.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(pool, tmp_path_factory):
+    """(router URL, vLLM reference URL, counters file, router metrics port), both servers started side by side."""
+    directory, _server = pool
+    logs = tmp_path_factory.mktemp("openai-frontend")
+    counters_file = str(logs / "routed-tokens.npy")
+    router_port, reference_port, metrics_port = free_port(), free_port(), free_port()
+    # the router's own settings come from its flags; the reference must not load the plugin in remote mode
+    env = settings.child_env({"EXPERTMESH_EXPERT_MODE": "local"})
+    router = _start(
+        [
+            "-m",
+            "expertmesh.router.openai_server",
+            str(DEMO),
+            "--expert-mode",
+            "remote",
+            "--directory",
+            directory,
+            "--counters-file",
+            counters_file,
+            "--router-metrics-port",
+            str(metrics_port),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(router_port),
+            *VLLM_FLAGS,
+        ],
+        logs / "router.log",
+        env,
+    )
+    reference = _start(
+        [
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(DEMO),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(reference_port),
+            *VLLM_FLAGS,
+        ],
+        logs / "reference.log",
+        env,
+    )
+    try:
+        router_url, reference_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{reference_port}"
+        _wait_ready(router_url, router, logs / "router.log")
+        _wait_ready(reference_url, reference, logs / "reference.log")
+        yield router_url, reference_url, counters_file, metrics_port
+    finally:
+        _stop(router)
+        _stop(reference)
+
+
+def _chat(url: str, content: str, **extra) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 24}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body | extra, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def _metric(text: str, name: str) -> float:
+    """Sum of every sample of `name` in a Prometheus text page."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_greedy_chat_equals_vllm_local_and_experts_were_remote(servers, pool):
+    router_url, reference_url, counters_file, metrics_port = servers
+    _directory, replica = pool
+    before = RoutedTokenCounters.open(counters_file).snapshot().sum()
+    for prompt in PROMPTS:
+        ours, theirs = _chat(router_url, prompt), _chat(reference_url, prompt)
+        assert ours["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"], prompt
+        assert ours["usage"] == theirs["usage"]
+        assert ours["usage"]["completion_tokens"] > 0
+
+    # The engine core (a child of the router) counted the routed tokens into the file this process reads:
+    # top-2 of 8 experts, every MoE layer, every prompt and generated token.
+    counters = RoutedTokenCounters.open(counters_file)
+    info = read_moe_info(DEMO)
+    assert counters.layers == list(info.moe_layers)
+    assert counters.snapshot().sum() > before
+    # ... and the replica in this process computed every one of them: its per-(layer, expert) counts are the router's.
+    computed = replica_tokens(replica)
+    for row, layer in enumerate(counters.layers):
+        for expert, count in enumerate(counters.snapshot()[row]):
+            assert computed.get((layer, expert), 0.0) == float(count), (layer, expert)
+
+    # The dispatcher's metrics: served by the engine-core process itself, and re-exported in the router's /metrics.
+    engine_core = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    router_metrics = httpx.get(f"{router_url}/metrics", timeout=10).text
+    for page in (engine_core, router_metrics):
+        assert _metric(page, "expertmesh_dispatch_seconds_count") > 0
+        assert _metric(page, "expertmesh_routed_tokens_total") == float(counters.snapshot().sum())
+    assert "vllm:" in router_metrics  # vLLM's own metrics are still there
+    assert httpx.get(f"{router_url}/expertmesh/counters", timeout=10).json()["total"] == int(counters.snapshot().sum())
+
+
+def replica_tokens(replica: ExpertServer) -> dict[tuple[int, int], float]:
+    """(layer, expert) -> routed tokens the in-process replica computed (its own Prometheus counters)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tokens = {}
+    for family in text_string_to_metric_families(replica.metrics.text()):
+        for sample in family.samples:
+            if sample.name == "expertmesh_replica_expert_tokens_total":
+                key = (int(sample.labels["layer"]), int(sample.labels["expert"]))
+                tokens[key] = tokens.get(key, 0.0) + sample.value
+    return tokens
+
+
+def test_response_format_json_schema_is_valid(servers):
+    router_url = servers[0]
+    for prompt in PROMPTS:
+        reply = _chat(
+            router_url,
+            prompt,
+            max_tokens=64,
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}},
+        )
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+
+
+# ---- the proxy ---------------------------------------------------------------------------------------------------
+
+
+def _refusing_url() -> str:
+    """A loopback URL nothing listens on (bound then closed: connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+class _Uvicorn:
+    """A uvicorn server for an app in a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _sse_events(url: str, body: dict) -> tuple[str, list[dict]]:
+    """(content-type, the events' JSON with the per-request fields id/created removed) of a streamed chat."""
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as reply:
+        assert reply.status_code == 200, reply.read()
+        content_type = reply.headers["content-type"]
+        for line in reply.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                events.append({"done": True})
+                continue
+            event = json.loads(data)
+            event.pop("id", None)
+            event.pop("created", None)
+            events.append(event)
+    return content_type, events
+
+
+def test_proxy_streams_sse_unchanged_and_skips_a_dead_router(servers):
+    from expertmesh.gateway.proxy import create_app
+
+    router_url = servers[0]
+    dead = _refusing_url()
+    app = create_app([dead, router_url], cooldown_s=60)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "temperature": 0,
+        "max_tokens": 16,
+        "ignore_eos": True,  # vLLM's extension: exactly max_tokens, so the usage is known
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with _Uvicorn(app) as proxy_url:
+        direct_type, direct = _sse_events(router_url, body)
+        for _ in range(2):  # the first goes to the dead router first (round robin of equals), then is retried
+            proxy_type, proxied = _sse_events(proxy_url, body)
+            assert proxy_type == direct_type
+            assert direct_type.startswith("text/event-stream")
+            assert proxied == direct
+        assert direct[-1] == {"done": True} and direct[-2]["usage"]["completion_tokens"] == 16
+        routers = {r["url"]: r for r in httpx.get(f"{proxy_url}/proxy/routers", timeout=10).json()["routers"]}
+        assert routers[dead]["failures"] == 1 and not routers[dead]["up"]  # refused once, then cooled down
+        assert routers[router_url]["requests"] == 2 and routers[router_url]["in_flight"] == 0
+
+        # non-streamed JSON passes through too, with the router's status codes (a 404 model stays a 404)
+        plain = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+        ok = httpx.post(f"{proxy_url}/v1/chat/completions", json=plain, timeout=120)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 16
+        missing = httpx.post(f"{proxy_url}/v1/chat/completions", json=plain | {"model": "nope"}, timeout=60)
+        assert missing.status_code == 404 and "error" in missing.json()
+
+    with _Uvicorn(create_app([_refusing_url(), _refusing_url()])) as proxy_url:
+        reply = httpx.post(f"{proxy_url}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 503
+        assert reply.headers["retry-after"] == "1"
+        error = reply.json()["error"]
+        assert error["code"] == "no_router_available" and error["type"] == "server_error"
