@@ -9,6 +9,12 @@ Every tunable is reachable from here: the replicas' (`--max-wait-ms`, `--max-bat
 `--compute-threads`, `--lease-seconds`, passed in the Serve config), the router's dispatch (`--dispatch-deadline-s`,
 `--missing-expert-wait-s`), the controller's (`--controller-settings JSON`) and any other registered environment
 variable (`--env NAME=VALUE`, checked against core/settings.py; docs/configuration.md lists them).
+
+Two front ends (`--frontend`): `expertmesh` (default) runs the hand-written router (`expertmesh.router.server`, gRPC
+Router.Generate) behind the gateway's own OpenAI routes; `vllm` runs vLLM's own OpenAI server as the router
+(`expertmesh.router.openai_server`, AsyncLLM + the plugin) behind the gateway's streaming proxy, with the same API
+keys, /health, /metrics and /experts, and the controller reading the router's `GET /expertmesh/counters`. With
+`vllm`, everything after `--` goes to vLLM's own parser (`vllm serve` options).
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=2).status_code == 200
 
 
+FRONTENDS = ("expertmesh", "vllm")
+
+
 class Stack:
     """The local stack: expert pool (unless local_experts), router subprocess, gateway subprocess."""
 
@@ -118,10 +127,19 @@ class Stack:
         controller: bool = True,
         replica: ReplicaSettings | None = None,
         controller_settings: dict | str | None = None,
+        frontend: str = "expertmesh",
+        vllm_args: list[str] | None = None,
     ):
         """extra_env: registered variables (core/settings.py) for every process the stack starts, the Ray head
         included; replica: the expert replicas' tunables; controller_settings: ControllerSettings fields
-        (default: $EXPERTMESH_CONTROLLER_SETTINGS)."""
+        (default: $EXPERTMESH_CONTROLLER_SETTINGS); frontend: "expertmesh" (gRPC router + the gateway's OpenAI
+        routes) or "vllm" (vLLM's OpenAI server as the router, behind the gateway's proxy); vllm_args: more
+        `vllm serve` options for the vllm front end."""
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend {frontend!r}: expected one of {FRONTENDS}")
+        if vllm_args and frontend != "vllm":
+            raise ValueError("vLLM options (after --) need --frontend vllm")
+        self.frontend, self.vllm_args = frontend, list(vllm_args or [])
         self.model = Path(model).resolve()
         self.host, self.port, self.router_port = host, port, router_port
         self.local_experts, self.plan, self.enforce_eager = local_experts, plan, enforce_eager
@@ -174,9 +192,10 @@ class Stack:
             t0 = time.monotonic()
             kwargs: dict[str, Any] = {}  # LocalPool's keyword arguments
             if self.ray_port:
+                given = {p for p in (self.port, self.router_port, self.ray_port, self.directory_port) if p}
                 kwargs["gcs_port"] = self.ray_port
-                kwargs["dashboard_port"] = free_port()
-                kwargs["metrics_port"] = free_port()
+                kwargs["dashboard_port"] = free_port(avoid=given)
+                kwargs["metrics_port"] = free_port(avoid=given)
                 kwargs["state_file"] = self.log_dir / f"pool-{self.ray_port}.json"
             if self.directory_port:
                 kwargs["directory_port"] = self.directory_port
@@ -185,11 +204,40 @@ class Stack:
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
             step += 1
+        if self.frontend == "vllm":
+            self._start_vllm_frontend(step, steps, directory, env)
+        else:
+            self._start_expertmesh_frontend(step, steps, directory, env)
+        if self.use_controller:
+            from expertmesh.control.controller import Controller
+            from expertmesh.control.controller_service import parse_settings
+
+            chosen = self.controller_settings
+            if chosen is None:
+                chosen = self.extra_env.get("EXPERTMESH_CONTROLLER_SETTINGS") or settings.controller_settings()
+            self.controller = Controller.for_pool(
+                self.pool,
+                self.router_address,
+                parse_settings(chosen),
+                status_file=self.log_dir / "controller-status.json",
+                counters_url=f"{self.router_url}/expertmesh/counters" if self.frontend == "vllm" else None,
+            ).start()
+            _say("      expert controller running (autoscaling and rebalancing by routed load)")
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.router_port}"
+
+    @property
+    def router_url(self) -> str:
+        """The vllm front end's router (vLLM's OpenAI server)."""
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def _start_expertmesh_frontend(self, step: int, steps: int, directory: str | None, env: dict) -> None:
         _say(
             f"[{step}/{steps}] starting the router "
             f"(vLLM, {'local experts' if self.local_experts else 'remote experts'}) ..."
         )
-        router_addr = f"127.0.0.1:{self.router_port}"
         cmd = [
             sys.executable,
             "-m",
@@ -210,8 +258,8 @@ class Stack:
         if self.enforce_eager:
             cmd.append("--enforce-eager")
         proc, log = self._spawn("router", cmd, env)
-        took = _wait("router", lambda: _router_healthy(router_addr), proc, 600, log)
-        _say(f"      router ready in {took:.0f} s at {router_addr}")
+        took = _wait("router", lambda: _router_healthy(self.router_address), proc, 600, log)
+        _say(f"      router ready in {took:.0f} s at {self.router_address}")
         step += 1
         _say(f"[{step}/{steps}] starting the gateway ...")
         cmd = [
@@ -219,7 +267,7 @@ class Stack:
             "-m",
             "expertmesh.gateway.app",
             "--router",
-            router_addr,
+            self.router_address,
             "--host",
             self.host,
             "--port",
@@ -234,17 +282,57 @@ class Stack:
         proc, log = self._spawn("gateway", cmd, env)
         took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
         _say(f"      gateway ready in {took:.0f} s")
-        if self.use_controller:
-            from expertmesh.control.controller import Controller
-            from expertmesh.control.controller_service import parse_settings
 
-            chosen = self.controller_settings
-            if chosen is None:
-                chosen = self.extra_env.get("EXPERTMESH_CONTROLLER_SETTINGS") or settings.controller_settings()
-            self.controller = Controller.for_pool(
-                self.pool, router_addr, parse_settings(chosen), status_file=self.log_dir / "controller-status.json"
-            ).start()
-            _say("      expert controller running (autoscaling and rebalancing by routed load)")
+    def _start_vllm_frontend(self, step: int, steps: int, directory: str | None, env: dict) -> None:
+        mode = "local experts" if self.local_experts else "remote experts"
+        _say(f"[{step}/{steps}] starting the router (vLLM's OpenAI server, {mode}) ...")
+        cmd = [
+            sys.executable,
+            "-m",
+            "expertmesh.router.openai_server",
+            str(self.model),
+            "--router-metrics-port",
+            str(self.metrics_port),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.router_port),
+            "--served-model-name",
+            self.model_name,
+        ]
+        if directory is None:
+            cmd += ["--expert-mode", "local"]
+        else:
+            cmd += ["--expert-mode", "remote", "--directory", directory]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        # The model in vLLM's engine-core process instead of a third (worker) process: one fewer process on a
+        # laptop's few cores. A user's own --distributed-executor-backend (below) wins.
+        cmd += ["--distributed-executor-backend", "uni"]
+        cmd += self.vllm_args  # last: the user's `vllm serve` options win over the stack's
+        proc, log = self._spawn("router", cmd, env)
+        took = _wait("router", lambda: _http_ok(f"{self.router_url}/v1/models"), proc, 600, log)
+        _say(f"      router ready in {took:.0f} s at {self.router_url}")
+        step += 1
+        _say(f"[{step}/{steps}] starting the gateway (proxy to the router) ...")
+        cmd = [
+            sys.executable,
+            "-m",
+            "expertmesh.gateway.app",
+            "--proxy",
+            self.router_url,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--model-name",
+            self.model_name,
+        ]
+        if self.use_controller:
+            env["EXPERTMESH_CONTROLLER_STATUS"] = str(self.log_dir / "controller-status.json")
+        proc, log = self._spawn("gateway", cmd, env)
+        took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
+        _say(f"      gateway ready in {took:.0f} s")
 
     @property
     def model_name(self) -> str:
@@ -340,6 +428,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a registered environment variable for every process of the stack (repeatable; see docs/configuration.md)",
     )
+    parser.add_argument(
+        "--frontend",
+        choices=FRONTENDS,
+        default="expertmesh",
+        help="expertmesh (default): the gRPC router behind the gateway's own OpenAI routes; vllm: vLLM's own "
+        "OpenAI server as the router, behind the gateway's streaming proxy",
+    )
+    parser.add_argument(
+        "vllm_args",
+        nargs="*",
+        metavar="-- VLLM_OPTION",
+        help="with --frontend vllm: everything after `--` goes to vLLM's `vllm serve` parser "
+        "(e.g. -- --max-model-len 512 --enable-auto-tool-choice --tool-call-parser hermes)",
+    )
     add_replica_flags(parser)
 
 
@@ -364,6 +466,9 @@ def env_from_args(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vllm_args and args.frontend != "vllm":
+        _say(f"expertmesh serve: {' '.join(args.vllm_args)!r}: options after -- are vLLM's and need --frontend vllm")
+        return 2
     stack = Stack(
         args.model,
         host=args.host,
@@ -379,6 +484,8 @@ def run(args: argparse.Namespace) -> int:
         extra_env=env_from_args(args),
         replica=replica_settings_from_args(args),
         controller_settings=args.controller_settings,
+        frontend=args.frontend,
+        vllm_args=args.vllm_args,
     )
     # The handler only records the signal: taking a lock in it (Event.set) can deadlock against the main
     # thread it interrupts while that thread holds the same lock.

@@ -265,3 +265,12 @@ def test_pool_serve_config_uses_replica_settings(tiny_checkpoint):
     groups = [a for a in pool.serve_config()["applications"] if a["name"].startswith("experts-")]
     assert groups and all(a["args"]["max_wait_ms"] == 3.0 and a["args"]["inline_rows"] == 16 for a in groups)
     assert all("max_batch_rows" not in a["args"] for a in groups)
+
+
+def test_free_port_never_hands_out_a_port_twice_nor_an_avoided_one():
+    """Ports chosen before any server binds them (a pool's Ray ports, drawn one after another) must differ: a
+    repeat made `ray start` refuse ("trying to use a port number ... used by other components")."""
+    avoid = set(range(20000, 29000))  # leaves 1,000 candidates, so repeats would be likely without the guard
+    drawn = [settings.free_port(avoid=avoid) for _ in range(300)]
+    assert len(set(drawn)) == len(drawn)
+    assert not avoid & set(drawn)

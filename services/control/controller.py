@@ -1,6 +1,7 @@
 """The expert controller: per-group autoscaling by routed load, and live rebalancing of hot experts.
 
-Every `interval_s` it reads the router's cumulative routed-token counters (Router.Stats), turns them into
+Every `interval_s` it reads the router's cumulative routed-token counters (Router.Stats, or the JSON of a vLLM
+OpenAI router's `GET /expertmesh/counters`), turns them into
 tokens/s per (layer, expert) over a moving window, and decides:
 
 * **Autoscaling** (every tick): a group's load is the tokens/s of its keys (a key held by several groups is
@@ -338,25 +339,19 @@ class Controller:
         router_address: str,
         settings: ControllerSettings | None = None,
         status_file: str | Path | None = None,
+        counters_url: str | None = None,
     ) -> Controller:
-        """A controller for a `LocalPool`: counters from the router's Stats RPC, the directory for readiness and
+        """A controller for a `LocalPool`: counters from the router's Stats RPC at `router_address` (or, with
+        `counters_url`, from that URL: a vLLM OpenAI router's /expertmesh/counters), the directory for readiness and
         draining, `pool.apply(plan, replicas)` to deploy."""
-        import grpc
-
-        from expertmesh.core.protos import router_pb2, router_pb2_grpc
-
         layers, num_experts = pool.info.moe_layers, pool.info.num_experts
         row = {layer: i for i, layer in enumerate(layers)}
-        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router_address))
         directory = pool.client()
-
-        def read_counts() -> np.ndarray:
-            reply = stub.Stats(router_pb2.StatsRequest(), timeout=5)
-            counts = np.zeros((len(layers), num_experts))  # [L, E]
-            for e in reply.experts:
-                if e.layer in row and e.expert < num_experts:
-                    counts[row[e.layer], e.expert] = e.routed_tokens
-            return counts
+        read_counts = (
+            _http_counts(counters_url, row, num_experts)
+            if counters_url
+            else _stats_counts(router_address, row, num_experts)
+        )
 
         def registered() -> dict[str, int]:
             out: dict[str, int] = {}
@@ -409,3 +404,42 @@ class Controller:
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.status()))
         tmp.replace(self.status_file)
+
+
+def _stats_counts(router_address: str, row: dict[int, int], num_experts: int) -> Callable[[], np.ndarray]:
+    """read_counts over the gRPC router's Stats RPC."""
+    import grpc
+
+    from expertmesh.core.protos import router_pb2, router_pb2_grpc
+
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router_address))
+
+    def read_counts() -> np.ndarray:
+        reply = stub.Stats(router_pb2.StatsRequest(), timeout=5)
+        counts = np.zeros((len(row), num_experts))  # [L, E]
+        for e in reply.experts:
+            if e.layer in row and e.expert < num_experts:
+                counts[row[e.layer], e.expert] = e.routed_tokens
+        return counts
+
+    return read_counts
+
+
+def _http_counts(url: str, row: dict[int, int], num_experts: int) -> Callable[[], np.ndarray]:
+    """read_counts over HTTP: `url` answers router/openai_server.py's counters JSON ({"available", "layers",
+    "counts": [L][E]}). Before the engine core made its counters, every count is zero."""
+    import httpx
+
+    def read_counts() -> np.ndarray:
+        reply = httpx.get(url, timeout=5)
+        reply.raise_for_status()
+        body = reply.json()
+        counts = np.zeros((len(row), num_experts))  # [L, E]
+        if body.get("available"):
+            for layer, values in zip(body["layers"], body["counts"], strict=True):
+                if layer in row:
+                    n = min(len(values), num_experts)
+                    counts[row[layer], :n] = values[:n]
+        return counts
+
+    return read_counts

@@ -21,7 +21,7 @@ import os
 import random
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,21 +38,29 @@ RAY_DASHBOARD_PORT = 8271
 CONTROLLER_PORT = 9481  # HTTP /health and /status of the expert controller service
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+_ports_handed_out: set[int] = set()  # by free_port() in this process: nothing may listen on them yet
+
+
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
     """A port nothing listens on right now, for servers started on loopback.
 
     Drawn from 20000-29999: below the kernel's ephemeral range (Linux 32768+) and above Ray's worker ports
     (10002-19999). A port the OS hands out for bind(0) can be handed out again to the next bind(0) — Ray's agents
     and every Serve replica's internal server bind "[::]:0" — between our choosing it and our server binding it
-    (the likely cause of one pool start seen here whose directory replica never came up)."""
+    (the likely cause of one pool start seen here whose directory replica never came up). Never the same port twice
+    in one process, nor one in `avoid` (ports chosen elsewhere, e.g. by a parent process, not bound yet): several
+    ports chosen before any server binds would otherwise collide now and then."""
     for _ in range(200):
         port = random.randrange(20000, 30000)
+        if port in _ports_handed_out or port in avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return port
+        _ports_handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -250,6 +250,9 @@ class LocalPool:
             },
             forced=settings.RAY_HEAD_ENV,
         )
+        # Ports given to this pool (maybe chosen by another process with free_port, not bound yet) stay clear of
+        # the ones drawn here.
+        taken = {self.gcs_port, self.dashboard_port, self.metrics_port, self.directory_port}
         cmd = [
             _ray_bin(),
             "start",
@@ -267,19 +270,19 @@ class LocalPool:
             "--dashboard-port",
             str(self.dashboard_port),
             "--dashboard-agent-listen-port",
-            str(free_port()),
+            str(free_port(avoid=taken)),
             "--dashboard-agent-grpc-port",
-            str(free_port()),
+            str(free_port(avoid=taken)),
             "--runtime-env-agent-port",
-            str(free_port()),
+            str(free_port(avoid=taken)),
             "--metrics-export-port",
             str(self.metrics_port),
             "--node-manager-port",
-            str(free_port()),
+            str(free_port(avoid=taken)),
             "--object-manager-port",
-            str(free_port()),
+            str(free_port(avoid=taken)),
             "--ray-client-server-port",
-            str(free_port()),
+            str(free_port(avoid=taken)),
             "--num-cpus",
             str(self.num_cpus),
             "--object-store-memory",

@@ -12,13 +12,18 @@ assembles the app and runs it; the parts live beside it:
 
     python -m expertmesh.gateway.app --router HOST:PORT [--host 127.0.0.1] [--port 8000]
         [--model-name NAME] [--tokenizer DIR]
+    python -m expertmesh.gateway.app --proxy http://HOST:PORT [--proxy URL ...] [--host ...] [--port ...]
+
+With `--proxy`, the routers run vLLM's own OpenAI server (router/openai_server.py): /v1/* is relayed to them by the
+streaming proxy (proxy.py, least in flight first) instead of being served here, with the same API keys; /health,
+/metrics and /experts come from ops_routes.proxy_routes.
 
 API keys (EXPERTMESH_API_KEYS, comma-separated; unset = open) guard /v1/* and /experts; /health and /metrics are
 always open. Closing a Generate call (client went away, mid-stream or while waiting for a non-streamed answer)
 makes the router abort the request in vLLM. Every error is an OpenAI error body, counted by endpoint and type.
 
 Python API: `create_app(router="127.0.0.1:50061", model_name=None, tokenizer=None, api_keys=None)` or
-`create_app(settings=GatewaySettings(...))`.
+`create_app(settings=GatewaySettings(...))`; `create_proxy_app(["http://127.0.0.1:8001"], settings=...)`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -36,14 +42,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.core import telemetry
 from expertmesh.core.settings import GatewaySettings
-from expertmesh.gateway import openai_routes, ops_routes
+from expertmesh.gateway import openai_routes, ops_routes, proxy
 from expertmesh.gateway.logprobs import chat_logprobs, completion_logprobs  # noqa: F401 - public helpers
 from expertmesh.gateway.openai_schema import APIError, bad_request, validation_error_message
 from expertmesh.gateway.ops_routes import controller_status as _controller_status  # noqa: F401 - tests use it
-from expertmesh.gateway.state import GatewayState
+from expertmesh.gateway.state import GatewayState, ProxyGatewayState
 
 
-def _install_error_handlers(app: FastAPI, state: GatewayState) -> None:
+def _install_error_handlers(app: FastAPI, state: GatewayState | ProxyGatewayState) -> None:
     """Every error as an OpenAI error body (401 with WWW-Authenticate), counted; every request counted."""
     metrics = state.metrics
 
@@ -108,11 +114,44 @@ def create_app(
     return app
 
 
+def create_proxy_app(
+    routers: list[str], settings: GatewaySettings | None = None, api_keys: list[str] | None = None
+) -> FastAPI:
+    """The gateway in front of vLLM OpenAI routers (`routers`: base URLs): /v1/* proxied, ops routes beside it."""
+    settings = settings or GatewaySettings()
+    if api_keys is not None:
+        settings = replace(settings, api_keys=list(api_keys))
+    state = ProxyGatewayState(settings=settings, pool=proxy.RouterPool(list(routers)))
+    closers: list[Callable[[], Awaitable[None]]] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        for close in closers:
+            await close()
+
+    app = FastAPI(title="expertmesh gateway (vLLM routers)", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.gw = state
+    app.state.router_pool = state.pool
+    _install_error_handlers(app, state)
+    app.include_router(ops_routes.proxy_routes)
+    closers.append(proxy.install(app, state.pool, api_keys=settings.api_keys, timeout_s=600.0))
+    return app
+
+
 # ---- command line ----------------------------------------------------------------------------------------------
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     GatewaySettings.configure(parser)
+    parser.add_argument(
+        "--proxy",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="base URL of a router running vLLM's OpenAI server (repeatable): proxy /v1/* to them "
+        "instead of serving it over --router's gRPC",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m expertmesh.gateway.app", description=__doc__.splitlines()[0])
     configure(parser)
-    settings = GatewaySettings.from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    settings = GatewaySettings.from_args(args)
+    app = create_proxy_app(args.proxy, settings=settings) if args.proxy else create_app(settings=settings)
     uvicorn.run(
-        create_app(settings=settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",

@@ -1,10 +1,16 @@
 """Operations routes: GET /health (200 only when the router and every expert are reachable), GET /metrics
 (Prometheus) — both open, probes and scrapers carry no keys — and GET /experts (API keys): routed tokens and
-replicas per (layer, expert) from the router, plus the expert controller's plan and status when one runs."""
+replicas per (layer, expert) from the router, plus the expert controller's plan and status when one runs.
+
+`routes` serve the gateway in front of the gRPC router; `proxy_routes` the same three in front of routers that run
+vLLM's own OpenAI server (`app.py --proxy URL`): health from each router's `/health` (vLLM's: the engine is alive)
+and `/expertmesh/experts` (every expert held by a live replica), metrics from the gateway itself, /experts with the
+routed tokens summed over the routers."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -15,11 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from expertmesh.core import settings
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.openai_schema import APIError
-from expertmesh.gateway.state import gateway_state
+from expertmesh.gateway.state import ProxyGatewayState, gateway_state
 
 CONTROLLER_STATUS_TIMEOUT_S = 1.0  # /experts must not hang on a controller that is down
 
 routes = APIRouter()
+proxy_routes = APIRouter()
 
 
 async def controller_status(where: str | None = None, timeout_s: float = CONTROLLER_STATUS_TIMEOUT_S) -> dict:
@@ -97,6 +104,81 @@ async def experts(request: Request):
         "replicas": {"total": sum(r["replicas"] for r in rows), "missing": sum(1 for r in rows if r["replicas"] == 0)},
         "requests_running": stats.requests_running,
         "uptime_seconds": stats.uptime_seconds,
+        "plan": controller.get("plan"),
+        "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
+    }
+
+
+# ---- in front of vLLM OpenAI routers ---------------------------------------------------------------------------
+
+
+def _proxy_state(request: Request) -> ProxyGatewayState:
+    return request.app.state.gw
+
+
+async def _router_view(http: httpx.AsyncClient, url: str) -> dict:
+    """One router: {"url", "ok", "detail"?, "experts"?: its /expertmesh/experts body}."""
+    try:
+        health = await http.get(f"{url}/health")
+        if health.status_code != 200:
+            return {"url": url, "ok": False, "detail": f"router /health answered {health.status_code}"}
+        experts = await http.get(f"{url}/expertmesh/experts")
+        experts.raise_for_status()
+        return {"url": url, "ok": True, "experts": experts.json()}
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"url": url, "ok": False, "detail": f"router unreachable: {type(exc).__name__}: {exc}"}
+
+
+async def _router_views(gw: ProxyGatewayState) -> list[dict]:
+    import asyncio
+
+    async with httpx.AsyncClient(timeout=gw.settings.router_timeout_s) as http:
+        return list(await asyncio.gather(*(_router_view(http, r.url) for r in gw.pool.routers)))
+
+
+@proxy_routes.get("/health")
+async def proxy_health(request: Request):
+    views = await _router_views(_proxy_state(request))
+    routers = []
+    for v in views:
+        missing = v["experts"]["missing_experts"] if v["ok"] else None
+        row = {"url": v["url"], "ok": v["ok"] and missing == 0, "missing_experts": missing}
+        if not v["ok"]:
+            row["detail"] = v["detail"]
+        elif missing:
+            row["detail"] = v["experts"].get("detail") or f"{missing} (layer, expert) keys have no live replica"
+        routers.append(row)
+    # every router must be able to serve: the proxy would otherwise send requests to one that cannot
+    ok = all(r["ok"] for r in routers)
+    body = {"status": "ok" if ok else "unavailable", "routers": routers}
+    return body if ok else JSONResponse(body, status_code=503)
+
+
+@proxy_routes.get("/metrics")
+async def proxy_metrics(request: Request):
+    return Response(_proxy_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@proxy_routes.get("/experts")
+async def proxy_experts(request: Request):
+    gw = _proxy_state(request)
+    check_auth(request, gw.settings.api_keys)
+    views = [v for v in await _router_views(gw) if v["ok"]]
+    if not views:
+        raise APIError(503, "no router is reachable", "service_unavailable_error")
+    rows: dict[tuple[int, int], dict] = {}
+    for v in views:  # routed tokens add up over routers; replicas are the directory's, the same for every router
+        for e in v["experts"]["experts"]:
+            row = rows.setdefault((e["layer"], e["expert"]), dict(e, routed_tokens=0))
+            row["routed_tokens"] += e["routed_tokens"]
+    out = [rows[k] for k in sorted(rows)]
+    controller = await controller_status(gw.settings.controller_status or "", gw.settings.controller_status_timeout_s)
+    return {
+        "experts": out,
+        "replicas": {"total": sum(r["replicas"] for r in out), "missing": sum(1 for r in out if r["replicas"] == 0)},
+        "requests_running": sum(r.in_flight for r in gw.pool.routers),
+        "uptime_seconds": int(time.time()) - gw.created,
+        "routers": gw.pool.snapshot(),
         "plan": controller.get("plan"),
         "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
     }

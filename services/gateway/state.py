@@ -10,6 +10,7 @@ from fastapi import Request
 
 from expertmesh.core.settings import GatewaySettings
 from expertmesh.gateway.metrics import GatewayMetrics
+from expertmesh.gateway.proxy import RouterPool
 from expertmesh.gateway.router_client import RouterClient
 
 
@@ -35,3 +36,14 @@ class GatewayState:
 
 def gateway_state(request: Request) -> GatewayState:
     return request.app.state.gw
+
+
+@dataclass
+class ProxyGatewayState:
+    """The gateway in front of routers that run vLLM's own OpenAI server (`--proxy`): /v1/* is relayed to `pool`
+    (gateway/proxy.py); /health, /metrics and /experts read the routers' HTTP endpoints."""
+
+    settings: GatewaySettings
+    pool: RouterPool
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))

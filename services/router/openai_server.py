@@ -18,6 +18,8 @@ What expertmesh adds before vLLM starts:
 Where the model runs in the engine-core process, so do the dispatcher, its counters and its spans:
 - routed-token counters: the engine core writes the shared-memory file (counters.py) at the pinned path; this
   process reads it (`GET /expertmesh/counters`, JSON) without any RPC;
+- `GET /expertmesh/experts`: per (layer, expert) of the model, routed tokens and the live replicas the expert
+  directory lists, and how many keys no replica holds (the gateway's /health and /experts read it);
 - the dispatcher's Prometheus metrics (`expertmesh_dispatch_*`, `expertmesh_routed_tokens_total`) are served by
   the engine core itself on EXPERTMESH_ROUTER_METRICS_PORT (`transport.serve_metrics`); a collector here re-exports
   the `expertmesh_*` families of that endpoint in vLLM's own `/metrics`, so one scrape of a router sees both.
@@ -26,8 +28,10 @@ Where the model runs in the engine-core process, so do the dispatcher, its count
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import urllib.request
 
@@ -131,6 +135,37 @@ def counters_json(path: str | None) -> dict:
     }
 
 
+def experts_json(args: argparse.Namespace, snapshot=None) -> dict:
+    """Per (layer, expert) of the model: routed tokens (this router's counters) and live replicas (the directory's
+    `snapshot`, a DirectorySnapshot; None in local mode), and how many keys no live replica holds."""
+    from expertmesh.core.checkpoint import read_moe_info
+    from expertmesh.discovery.directory import endpoints_by_key
+
+    info = read_moe_info(args.model)
+    counters = counters_json(args.counters_file)
+    counts: dict[tuple[int, int], int] = {}
+    if counters["available"]:
+        for layer, row in zip(counters["layers"], counters["counts"], strict=True):
+            counts.update({(int(layer), e): int(n) for e, n in enumerate(row)})
+    holders = endpoints_by_key(snapshot) if snapshot is not None else {}
+    rows = [
+        {
+            "layer": layer,
+            "expert": expert,
+            "routed_tokens": counts.get((layer, expert), 0),
+            "replicas": len(holders.get((layer, expert), [])) if snapshot is not None else 0,
+        }
+        for layer in info.moe_layers
+        for expert in range(info.num_experts)
+    ]
+    remote = args.expert_mode == "remote"
+    return {
+        "expert_mode": args.expert_mode,
+        "experts": rows,
+        "missing_experts": sum(1 for r in rows if r["replicas"] == 0) if remote else 0,
+    }
+
+
 def add_routes(app, args: argparse.Namespace) -> None:
     """expertmesh's routes on vLLM's app, and the engine core's metrics in vLLM's registry."""
     from fastapi.responses import JSONResponse
@@ -138,6 +173,29 @@ def add_routes(app, args: argparse.Namespace) -> None:
     @app.get("/expertmesh/counters")
     async def _counters():
         return JSONResponse(counters_json(args.counters_file))
+
+    directory: dict = {}  # the directory client, made on first use (remote mode)
+
+    @app.get("/expertmesh/experts")
+    async def _experts():
+        import asyncio
+
+        snapshot = None
+        if args.expert_mode == "remote":
+            import grpc
+
+            from expertmesh.discovery.directory import DirectoryClient
+
+            if "client" not in directory:
+                directory["client"] = DirectoryClient(settings.directory_address(), timeout=2.0)
+            try:
+                snapshot = await asyncio.to_thread(directory["client"].snapshot)
+            except grpc.RpcError as exc:  # directory down: every expert is missing, say why
+                body = experts_json(args, None)
+                detail = f"expert directory unreachable: {exc.code().name}"
+                body.update(missing_experts=len(body["experts"]), detail=detail)
+                return JSONResponse(body)
+        return JSONResponse(experts_json(args, snapshot))
 
     @app.get("/expertmesh/info")
     async def _info():
@@ -212,9 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
+    given = args.counters_file
     prepare(args)
     print(json.dumps({"expertmesh": {"expert_mode": args.expert_mode, "counters_file": args.counters_file}}))
-    uvloop.run(serve(args))
+    try:
+        uvloop.run(serve(args))
+    finally:
+        if args.counters_file and not given:  # the file this router chose: nobody reads it after the router
+            for path in (args.counters_file, args.counters_file + ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
     return 0
 
 
