@@ -262,26 +262,7 @@ class Stack:
         _say(f"      router ready in {took:.0f} s at {self.router_address}")
         step += 1
         _say(f"[{step}/{steps}] starting the gateway ...")
-        cmd = [
-            sys.executable,
-            "-m",
-            "expertmesh.gateway.app",
-            "--router",
-            self.router_address,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--tokenizer",
-            str(self.model),
-            "--model-name",
-            self.model_name,
-        ]
-        if self.use_controller:
-            env["EXPERTMESH_CONTROLLER_STATUS"] = str(self.log_dir / "controller-status.json")
-        proc, log = self._spawn("gateway", cmd, env)
-        took = _wait("gateway", lambda: _http_ok(f"{self.url}/health"), proc, 120, log)
-        _say(f"      gateway ready in {took:.0f} s")
+        self._start_gateway(["--router", self.router_address, "--tokenizer", str(self.model)], env)
 
     def _start_vllm_frontend(self, step: int, steps: int, directory: str | None, env: dict) -> None:
         mode = "local experts" if self.local_experts else "remote experts"
@@ -315,19 +296,12 @@ class Stack:
         _say(f"      router ready in {took:.0f} s at {self.router_url}")
         step += 1
         _say(f"[{step}/{steps}] starting the gateway (proxy to the router) ...")
-        cmd = [
-            sys.executable,
-            "-m",
-            "expertmesh.gateway.app",
-            "--proxy",
-            self.router_url,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--model-name",
-            self.model_name,
-        ]
+        self._start_gateway(["--proxy", self.router_url], env)
+
+    def _start_gateway(self, upstream: list[str], env: dict) -> None:
+        """The gateway on this stack's host and port, in front of `upstream` (its --router or --proxy flags)."""
+        cmd = [sys.executable, "-m", "expertmesh.gateway.app", *upstream]
+        cmd += ["--host", self.host, "--port", str(self.port), "--model-name", self.model_name]
         if self.use_controller:
             env["EXPERTMESH_CONTROLLER_STATUS"] = str(self.log_dir / "controller-status.json")
         proc, log = self._spawn("gateway", cmd, env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -54,3 +55,16 @@ def serve_flags(port: int) -> list[str]:
         "--metrics-port",
         "0",
     ]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children, ...) and every process of its session: what a test
+    checks is gone after stopping a stack it started."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid"], capture_output=True, text=True).stdout.split("\n")[1:]
+    rows = [tuple(int(x) for x in line.split()) for line in out if line.strip()]
+    found, frontier = set(), {pid}
+    while frontier:
+        nxt = {p for p, pp, _, _ in rows if pp in frontier} - found
+        found |= nxt
+        frontier = nxt
+    return found | {p for p, _, _, sid in rows if sid == pid}

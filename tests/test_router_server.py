@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -512,3 +513,16 @@ def test_remote_router_without_replica_fails_requests_and_stays_up(routers):
         pool.add_replica("all-again")
     wait_ready(routers.remote, timeout=30)
     assert tokens_of(generate(stub, max_tokens=8, temperature=0)) == want
+
+
+def test_stopped_router_removes_the_counters_file_it_chose(routers):
+    """Last in this module (it stops the remote router): the routed-token counters file a router chose for itself
+    (none configured) lives as long as the router, not in /dev/shm forever after."""
+    from expertmesh.router.counters import RoutedTokenCounters
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    path = Path(base) / f"expertmesh-routed-tokens-{routers.remote.proc.pid}.npy"
+    assert RoutedTokenCounters.open(path) is not None, "the running router's counters file"
+    routers.remote.stop()
+    assert routers.remote.proc.returncode == 0, routers.remote.log()
+    assert not path.exists() and not Path(f"{path}.json").exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import free_port, serve_flags
+from conftest import descendants, free_port, serve_flags
 
 from expertmesh.core.checkpoint import read_moe_info
 
@@ -195,20 +195,9 @@ def test_health_experts_and_controller_read_the_routers_counters(stack):
     assert "/v1/{path:path}" in metrics  # the gateway counted the proxied requests
 
 
-def _descendants(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    rows = [tuple(int(x) for x in line.split()) for line in out if line.strip()]
-    found, frontier = set(), {pid}
-    while frontier:
-        nxt = {p for p, pp, _, _ in rows if pp in frontier} - found
-        found |= nxt
-        frontier = nxt
-    return found | {p for p, _, _, sid in rows if sid == pid}
-
-
 def test_ctrl_c_stops_everything(stack):
     proc = stack["proc"]
-    before = _descendants(proc.pid)
+    before = descendants(proc.pid)
     assert len(before) >= 4  # router, its engine core, gateway, ray processes at least
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0

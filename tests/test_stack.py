@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import free_port, serve_flags
+from conftest import descendants, free_port, serve_flags
 from safetensors.torch import load_file, save_file
 
 from expertmesh.core.checkpoint import read_moe_info
@@ -328,20 +328,9 @@ def test_bench_against_the_stack_writes_latency_and_expert_plots(stack, tmp_path
     assert layers == [HOT_LAYER] and load[0].argmax() == HOT_EXPERT  # the heatmap shows the biased gate
 
 
-def _descendants(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    rows = [tuple(int(x) for x in line.split()) for line in out if line.strip()]
-    found, frontier = set(), {pid}
-    while frontier:
-        nxt = {p for p, pp, _, _ in rows if pp in frontier} - found
-        found |= nxt
-        frontier = nxt
-    return found | {p for p, _, _, sid in rows if sid == pid}
-
-
 def test_ctrl_c_stops_everything(stack):
     proc = stack["proc"]
-    before = _descendants(proc.pid)
+    before = descendants(proc.pid)
     assert len(before) >= 3  # router, gateway, ray processes at least
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0

@@ -39,6 +39,18 @@ async def check_model(gw: GatewayState, requested: str | None) -> RouterInfo:
     return info
 
 
+async def admit(
+    request: Request, body: ChatCompletionRequest | CompletionRequest
+) -> tuple[GatewayState, RouterInfo, float]:
+    """What every generation route checks first, in order: the API key, the sampling parameters, the model.
+    Returns the gateway state, the router's info and the time the request was admitted."""
+    gw = gateway_state(request)
+    check_auth(request, gw.settings.api_keys)
+    validate_sampling(body)
+    info = await check_model(gw, body.model)
+    return gw, info, time.monotonic()
+
+
 def start_span(request: Request, name: str):
     """The request's span (parent from its `traceparent`) and the gRPC metadata carrying it to the router."""
     parent = propagate.extract(dict(request.headers))
@@ -69,13 +81,9 @@ async def list_models(request: Request):
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest):
-    gw = gateway_state(request)
-    check_auth(request, gw.settings.api_keys)
-    validate_sampling(body)
-    info = await check_model(gw, body.model)
+    gw, info, started = await admit(request, body)
     endpoint = "/v1/chat/completions"
     metrics = gw.metrics
-    started = time.monotonic()
     tokenizer = gw.router.tokenizer
     assert tokenizer is not None  # check_model -> info() loaded it
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
@@ -163,13 +171,9 @@ def _prompts(tok, raw) -> tuple[list[str], list[list[int]]]:
 
 @routes.post("/v1/completions")
 async def completions(request: Request, body: CompletionRequest):
-    gw = gateway_state(request)
-    check_auth(request, gw.settings.api_keys)
-    validate_sampling(body)
-    info = await check_model(gw, body.model)
+    gw, info, started = await admit(request, body)
     endpoint = "/v1/completions"
     metrics = gw.metrics
-    started = time.monotonic()
     tok = gw.router.tokenizer
     prompt_texts, prompts = _prompts(tok, body.prompt)
     param_sets = [

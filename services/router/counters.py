@@ -42,6 +42,12 @@ def default_counters_path() -> str:
     return os.path.join(base, f"expertmesh-routed-tokens-{os.getpid()}.npy")
 
 
+def remove_counters_file(path: str | Path) -> None:
+    """Delete a counters file and its metadata (a router that chose the path removes it when it stops)."""
+    for p in (Path(path), Path(str(path) + ".json")):
+        p.unlink(missing_ok=True)
+
+
 class RoutedTokenCounters:
     """uint64 [num_moe_layers, num_experts] counts backed by a memory-mapped file."""
 

@@ -28,10 +28,8 @@ Where the model runs in the engine-core process, so do the dispatcher, its count
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import sys
 import urllib.request
 
@@ -277,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(serve(args))
     finally:
         if args.counters_file and not given:  # the file this router chose: nobody reads it after the router
-            for path in (args.counters_file, args.counters_file + ".json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            from expertmesh.router.counters import remove_counters_file
+
+            remove_counters_file(args.counters_file)
     return 0
 
 

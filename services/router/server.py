@@ -315,6 +315,7 @@ class RouterServer:
         self.engine: InprocAsyncEngine | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.owned_counters_file: str | None = None  # the counters file this router chose (removed at stop)
 
     async def start(self) -> RouterServer:
         cfg = self.config
@@ -329,6 +330,8 @@ class RouterServer:
         if cfg.local_experts:
             plugin.configure_local()
         else:  # the engine built below then dispatches routed experts to the pool (plugin.RemoteExpertsMethod)
+            # A counters file this router chooses (none configured) is removed again when it stops.
+            self.owned_counters_file = None if settings.counters_file() else plugin.counters_file()
             plugin.configure_remote(cfg.directory or settings.directory_address())
         from transformers import AutoTokenizer
 
@@ -420,6 +423,10 @@ async def serve(config: RouterConfig) -> None:
     print(f"expertmesh router ready on {config.host}:{router.port}", flush=True)
     await stop.wait()
     await router.stop()
+    if router.owned_counters_file:
+        from expertmesh.router.counters import remove_counters_file
+
+        remove_counters_file(router.owned_counters_file)
     telemetry.shutdown_tracing()
 
 
