@@ -454,7 +454,9 @@ def test_in_process_whole_layer_and_indexed_calls_coalesce_and_stay_exact(checkp
 
     assert "compute_threads" in REPLICA_ARGS
     info = read_moe_info(checkpoint)
-    server = ExpertServer(checkpoint, {1: list(range(8))}, group="g")
+    # A longer coalescing wait than the default: on a loaded machine the callers' sends trickle in, and a batch only
+    # waits for company while another Forward is in flight.
+    server = ExpertServer(checkpoint, {1: list(range(8))}, group="g", max_wait_ms=20.0)
     port = server.start("127.0.0.1", 0)
     reference = ExpertWeights(CheckpointReader(checkpoint), {1: list(range(8))})
     try:
