@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,21 @@ def descendants(pid: int) -> set[int]:
         found |= nxt
         frontier = nxt
     return found | {p for p, _, _, sid in rows if sid == pid}
+
+
+def ctrl_c_leaves_nothing(proc: subprocess.Popen, before: set[int], url: str) -> None:
+    """Ctrl-C `expertmesh serve` as a user would: it exits 0, none of the processes it had (`before`) is left
+    running, and its gateway at `url` no longer answers."""
+    import httpx
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    time.sleep(1)
+    alive = [
+        p
+        for p in before
+        if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
+    ]
+    assert not alive, f"left behind: {alive}"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import descendants, free_port, serve_flags
+from conftest import ctrl_c_leaves_nothing, descendants, free_port, serve_flags
 
 from expertmesh.core.checkpoint import read_moe_info
 
@@ -199,14 +199,4 @@ def test_ctrl_c_stops_everything(stack):
     proc = stack["proc"]
     before = descendants(proc.pid)
     assert len(before) >= 4  # router, its engine core, gateway, ray processes at least
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0
-    time.sleep(1)
-    alive = [
-        p
-        for p in before
-        if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
-    ]
-    assert not alive, f"left behind: {alive}"
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(stack["url"] + "/health", timeout=2)
+    ctrl_c_leaves_nothing(proc, before, stack["url"])

@@ -20,12 +20,11 @@ import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
-from conftest import descendants, free_port, serve_flags
+from conftest import ctrl_c_leaves_nothing, descendants, free_port, serve_flags
 from safetensors.torch import load_file, save_file
 
 from expertmesh.core.checkpoint import read_moe_info
@@ -332,14 +331,4 @@ def test_ctrl_c_stops_everything(stack):
     proc = stack["proc"]
     before = descendants(proc.pid)
     assert len(before) >= 3  # router, gateway, ray processes at least
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0
-    time.sleep(1)
-    alive = [
-        p
-        for p in before
-        if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
-    ]
-    assert not alive, f"left behind: {alive}"
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(stack["url"] + "/health", timeout=2)
+    ctrl_c_leaves_nothing(proc, before, stack["url"])
