@@ -454,9 +454,10 @@ def test_in_process_whole_layer_and_indexed_calls_coalesce_and_stay_exact(checkp
 
     assert "compute_threads" in REPLICA_ARGS
     info = read_moe_info(checkpoint)
-    # A longer coalescing wait than the default: on a loaded machine the callers' sends trickle in, and a batch only
-    # waits for company while another Forward is in flight.
-    server = ExpertServer(checkpoint, {1: list(range(8))}, group="g", max_wait_ms=20.0)
+    # Every batch on the compute thread (inline_rows 0): while one computes, the loop takes in the next calls, which
+    # then form one batch. With the default, small batches compute on the loop itself, and on a loaded machine the
+    # callers' sends can arrive one at a time behind them, each a lone call that never waits for company.
+    server = ExpertServer(checkpoint, {1: list(range(8))}, group="g", max_wait_ms=20.0, inline_rows=0)
     port = server.start("127.0.0.1", 0)
     reference = ExpertWeights(CheckpointReader(checkpoint), {1: list(range(8))})
     try:

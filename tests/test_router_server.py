@@ -93,7 +93,10 @@ def spawn_router(model: Path, log_path: Path, *extra: str, env: dict | None = No
         "--enforce-eager",
         *extra,
     ]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+    # Each router chooses its own counters file, as a user's would: not one an in-process test of this session
+    # pinned in this process's environment (plugin.configure_remote exports it).
+    inherited = {k: v for k, v in os.environ.items() if k != "EXPERTMESH_COUNTERS_FILE"}
+    full_env = dict(inherited, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     return RouterProc(proc, f"127.0.0.1:{port}", metrics_port, log_path)
