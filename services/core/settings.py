@@ -192,14 +192,6 @@ ENV_VARS: dict[str, EnvVar] = {
             _csv,
         ),
         _var(
-            "EXPERTMESH_GATEWAY_MAX_BODY_BYTES",
-            "int",
-            16 << 20,
-            "largest request body the gateway reads, in bytes; a larger one gets 413",
-            "gateway",
-            _int,
-        ),
-        _var(
             "EXPERTMESH_REPLICA_PORTS",
             "START-END",
             REPLICA_PORT_RANGE,
@@ -376,10 +368,6 @@ def router_address() -> str:
 
 def api_keys() -> list[str]:
     return list(get("EXPERTMESH_API_KEYS"))
-
-
-def gateway_max_body_bytes() -> int:
-    return get("EXPERTMESH_GATEWAY_MAX_BODY_BYTES")
 
 
 def replica_port_range() -> tuple[int, int]:
@@ -566,7 +554,6 @@ class GatewaySettings:
     tokenizer: str | None = None
     api_keys: list[str] = field(default_factory=api_keys)
     controller_status: str | None = field(default_factory=controller_status)
-    max_body_bytes: int = field(default_factory=gateway_max_body_bytes)  # larger request bodies get 413
     router_timeout_s: float = 5.0  # Health / Stats calls
     controller_status_timeout_s: float = 1.0  # /experts must not hang on a controller that is down
 

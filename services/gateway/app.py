@@ -5,7 +5,6 @@ assembles the app and runs it; the parts live beside it:
     auth.py            Bearer API keys
     openai_routes.py   /v1/models, /v1/chat/completions, /v1/completions
     generation.py      n concurrent Generate calls per request, sampling params, the non-streamed path
-    offloop.py         the body read with a size limit, parsed and tokenized in a small thread pool
     sse.py             streamed responses (server-sent events)
     logprobs.py        logprob formats
     ops_routes.py      /health, /metrics, /experts (with the controller's status)
@@ -20,9 +19,7 @@ streaming proxy (proxy.py, least in flight first) instead of being served here, 
 /metrics and /experts come from ops_routes.proxy_routes.
 
 API keys (EXPERTMESH_API_KEYS, comma-separated; unset = open) guard /v1/* and /experts; /health and /metrics are
-always open. A request body larger than EXPERTMESH_GATEWAY_MAX_BODY_BYTES gets 413; a request's parsing and
-tokenizing run in a small thread pool (offloop.py), so a huge prompt never stalls /health or other requests.
-Closing a Generate call (client went away, mid-stream or while waiting for a non-streamed answer)
+always open. Closing a Generate call (client went away, mid-stream or while waiting for a non-streamed answer)
 makes the router abort the request in vLLM. Every error is an OpenAI error body, counted by endpoint and type.
 
 Python API: `create_app(router="127.0.0.1:50061", model_name=None, tokenizer=None, api_keys=None)` or
@@ -34,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -56,12 +53,10 @@ def _install_error_handlers(app: FastAPI, state: GatewayState | ProxyGatewayStat
     """Every error as an OpenAI error body (401 with WWW-Authenticate), counted; every request counted."""
     metrics = state.metrics
 
-    def error_response(exc: APIError, endpoint: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    def error_response(exc: APIError, endpoint: str) -> JSONResponse:
         metrics.errors.labels(endpoint, exc.type).inc()
-        headers = dict(headers or {})
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers or None)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -75,8 +70,7 @@ def _install_error_handlers(app: FastAPI, state: GatewayState | ProxyGatewayStat
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        # exc.headers carries Starlette's `Allow` of a 405 (RFC 9110 requires it)
-        return error_response(APIError(exc.status_code, str(exc.detail), kind), request.url.path, exc.headers)
+        return error_response(APIError(exc.status_code, str(exc.detail), kind), request.url.path)
 
     @app.middleware("http")
     async def _count_requests(request: Request, call_next):
@@ -111,7 +105,6 @@ def create_app(
     async def lifespan(_app):
         yield
         await state.router.close()
-        state.work.close()
 
     app = FastAPI(title="expertmesh gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.gw = state

@@ -14,16 +14,8 @@ from fastapi import Request
 
 from expertmesh.core.protos import router_pb2
 from expertmesh.gateway.metrics import GatewayMetrics
-from expertmesh.gateway.openai_schema import APIError, bad_request, context_length_error
+from expertmesh.gateway.openai_schema import APIError, context_length_error
 from expertmesh.gateway.router_client import RouterClient, RouterInfo, router_error
-
-INT32_MAX = 2**31 - 1
-
-
-def choice_seed(seed: int, i: int) -> int:
-    """seed + i as the router's int64 field holds it: wrapped modulo 2^64. torch seeds a generator with the seed
-    modulo 2^64, so this is the generator vLLM's own server picks for choice i (it adds i as a Python int)."""
-    return (seed + i + 2**63) % 2**64 - 2**63
 
 
 @dataclass
@@ -140,23 +132,16 @@ def sampling_for(
         if prompt_len >= info.max_model_len:
             raise context_length_error(info.max_model_len, prompt_len, None)
         max_tokens = info.max_model_len - prompt_len
-        if body.min_tokens > max_tokens:  # vLLM's check against the max_tokens it derives from the context
-            raise bad_request(
-                f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {body.min_tokens}.",
-                "min_tokens",
-            )
     elif prompt_len + max_tokens > info.max_model_len:
         raise context_length_error(info.max_model_len, prompt_len, max_tokens)
     d = defaults
-    top_k = body.top_k if body.top_k is not None else d.get("top_k", 0)
-    top_k = min(top_k, INT32_MAX)  # any top_k at or above the vocabulary means no limit (vLLM accepts 2^31 too)
 
     def params(i: int) -> router_pb2.SamplingParams:
         p = router_pb2.SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature if body.temperature is not None else d.get("temperature", 1.0),
             top_p=body.top_p if body.top_p is not None else d.get("top_p", 1.0),
-            top_k=top_k,
+            top_k=body.top_k if body.top_k is not None else d.get("top_k", 0),
             stop=body.stop_list(),
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
@@ -167,7 +152,7 @@ def sampling_for(
             min_tokens=body.min_tokens,
         )
         if body.seed is not None:
-            p.seed = choice_seed(body.seed, i)
+            p.seed = body.seed + i
         if logprobs is not None:
             p.logprobs = logprobs
         if prompt_logprobs is not None:

@@ -2,8 +2,7 @@
 
 The gateway owns the tokenizer work a client sees: chat template (rendered to text, then tokenized without special
 tokens, as vLLM does), prompt token counts for `usage`, the context-length check (max_model_len from the router's
-Health). The router gets token ids. Reading, parsing and tokenizing a request run in the app's small thread pool
-(offloop.py), never on the event loop. `n` choices are n parallel Generate calls (seed + i when a seed is given).
+Health). The router gets token ids. `n` choices are n parallel Generate calls (seed + i when a seed is given).
 Each request gets a span `gateway <METHOD> <route>` (parent from an incoming `traceparent`) whose context goes to
 the router in gRPC metadata."""
 
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from opentelemetry import propagate, trace
@@ -20,7 +18,6 @@ from expertmesh.core import telemetry
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.generation import Choice, Generation, finish_reason, run_unary, sampling_for
 from expertmesh.gateway.logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs
-from expertmesh.gateway.offloop import chat_prompt, check_fits, encode, parse_request
 from expertmesh.gateway.openai_schema import (
     APIError,
     ChatCompletionRequest,
@@ -33,7 +30,6 @@ from expertmesh.gateway.sse import chunker, stream_response
 from expertmesh.gateway.state import GatewayState, gateway_state
 
 routes = APIRouter()
-B = TypeVar("B", ChatCompletionRequest, CompletionRequest)
 
 
 async def check_model(gw: GatewayState, requested: str | None) -> RouterInfo:
@@ -43,16 +39,16 @@ async def check_model(gw: GatewayState, requested: str | None) -> RouterInfo:
     return info
 
 
-async def admit(request: Request, model: type[B]) -> tuple[GatewayState, B, RouterInfo, float]:
-    """What every generation route does first, in order: the API key, the body (read with the size limit, parsed
-    off the event loop), the sampling parameters, the model. Returns the gateway state, the body, the router's info
-    and the time the request was admitted."""
+async def admit(
+    request: Request, body: ChatCompletionRequest | CompletionRequest
+) -> tuple[GatewayState, RouterInfo, float]:
+    """What every generation route checks first, in order: the API key, the sampling parameters, the model.
+    Returns the gateway state, the router's info and the time the request was admitted."""
     gw = gateway_state(request)
     check_auth(request, gw.settings.api_keys)
-    body = await parse_request(request, model, gw.work, gw.settings.max_body_bytes)
     validate_sampling(body)
     info = await check_model(gw, body.model)
-    return gw, body, info, time.monotonic()
+    return gw, info, time.monotonic()
 
 
 def start_span(request: Request, name: str):
@@ -84,16 +80,18 @@ async def list_models(request: Request):
 
 
 @routes.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    gw, body, info, started = await admit(request, ChatCompletionRequest)
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    gw, info, started = await admit(request, body)
     endpoint = "/v1/chat/completions"
     metrics = gw.metrics
     tokenizer = gw.router.tokenizer
     assert tokenizer is not None  # check_model -> info() loaded it
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    prompt_ids = await gw.work.run(
-        chat_prompt, tokenizer, messages, body.add_generation_prompt, info.max_model_len, body.requested_max_tokens()
-    )
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+    except Exception as exc:  # jinja errors raised by the template (e.g. role order it refuses)
+        raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from exc
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_for(body, len(prompt_ids), info, gw.router.generation_defaults, top, None)
     span, metadata = start_span(request, "POST /v1/chat/completions")
@@ -149,39 +147,35 @@ async def chat_completions(request: Request):
     }
 
 
-def _prompts(tok, raw, max_model_len: int, max_tokens: int | None) -> tuple[list[str], list[list[int]]]:
-    """(prompt texts, prompt token ids) of a completions `prompt`: a string, strings, token ids or lists of them.
-    Token ids are checked against the vocabulary (and the context) before anything decodes them."""
-    if isinstance(raw, str) or (raw and all(isinstance(x, str) for x in raw)):
-        texts = [raw] if isinstance(raw, str) else list(raw)
-        encoded = [encode(tok, t, True, max_model_len, max_tokens) for t in texts]
-        if any(len(p) == 0 for p in encoded):
-            raise bad_request("prompt must not be empty.", "prompt")
-        return texts, encoded
-    if raw and all(isinstance(x, int) for x in raw):
-        prompts = [list(raw)]
+def _prompts(tok, raw) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, prompt token ids) of a completions `prompt`: a string, strings, token ids or lists of them."""
+    if isinstance(raw, str):
+        texts, prompts = [raw], [tok.encode(raw, add_special_tokens=True)]
+    elif raw and all(isinstance(x, int) for x in raw):
+        texts, prompts = [tok.decode(raw)], [list(raw)]
+    elif raw and all(isinstance(x, str) for x in raw):
+        texts, prompts = list(raw), [tok.encode(x, add_special_tokens=True) for x in raw]
     elif raw and all(isinstance(x, list) for x in raw):
-        prompts = [list(x) for x in raw]
+        texts, prompts = [tok.decode(x) for x in raw], [list(x) for x in raw]
     else:
         raise bad_request("prompt must be a non-empty string, list of strings, or list of token ids.", "prompt")
     if any(len(p) == 0 for p in prompts):
         raise bad_request("prompt must not be empty.", "prompt")
     vocab = len(tok)
     for p in prompts:
-        bad = next((t for t in p if t < 0 or t >= vocab), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is out of vocabulary (vocabulary size {vocab}).", "prompt")
-        check_fits(len(p), max_model_len, max_tokens)
-    return [tok.decode(p) for p in prompts], prompts
+        bad = [t for t in p if t < 0 or t >= vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is out of vocabulary (vocabulary size {vocab}).", "prompt")
+    return texts, prompts
 
 
 @routes.post("/v1/completions")
-async def completions(request: Request):
-    gw, body, info, started = await admit(request, CompletionRequest)
+async def completions(request: Request, body: CompletionRequest):
+    gw, info, started = await admit(request, body)
     endpoint = "/v1/completions"
     metrics = gw.metrics
     tok = gw.router.tokenizer
-    prompt_texts, prompts = await gw.work.run(_prompts, tok, body.prompt, info.max_model_len, body.max_tokens)
+    prompt_texts, prompts = _prompts(tok, body.prompt)
     param_sets = [
         sampling_for(
             body,

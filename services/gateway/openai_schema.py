@@ -212,10 +212,8 @@ def validation_error_message(errors: list[dict[str, Any]]) -> tuple[str, str | N
     where = ".".join(loc) if loc else "body"
     if first.get("type") == "missing":
         return f"Missing required parameter: '{where}'.", param
-    if first.get("type") in ("model_type", "model_attributes_type", "dict_type") and not loc:
+    if first.get("type") in ("model_attributes_type", "dict_type") and not loc:
         return "The request body must be a JSON object.", None
     got = first.get("input")
     got_text = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-    if len(got_text) > 80:  # a long string echoed back whole would make the error as large as the request
-        got_text = got_text[:77] + "..."
     return f"Invalid value for '{where}': {first.get('msg', 'invalid')} (got {got_text}).", param

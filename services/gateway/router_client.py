@@ -71,10 +71,8 @@ class RouterClient:
                         f"router {self.address} unavailable: {exc.details() or exc.code().name}",
                         "service_unavailable_error",
                     ) from exc
-                info = RouterInfo(h.model, int(h.max_model_len), h.local_experts)
-                # off the event loop: loading a tokenizer takes a while, and /health must not wait for it
-                await asyncio.to_thread(self._load_tokenizer, h.model)
-                self.cached = info
+                self.cached = RouterInfo(h.model, int(h.max_model_len), h.local_experts)
+                self._load_tokenizer(h.model)
         return self.cached
 
     def _load_tokenizer(self, router_model: str) -> None:

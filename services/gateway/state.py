@@ -1,6 +1,5 @@
-"""What every request handler of one gateway app shares (`request.app.state.gw`): its settings, the router client,
-its metrics and the thread pool for request parsing and tokenizing. One per app, so several apps can live in one
-process (tests)."""
+"""What every request handler of one gateway app shares (`request.app.state.gw`): its settings, the router client
+and its metrics. One per app, so several apps can live in one process (tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ from fastapi import Request
 
 from expertmesh.core.settings import GatewaySettings
 from expertmesh.gateway.metrics import GatewayMetrics
-from expertmesh.gateway.offloop import RequestWork
 from expertmesh.gateway.proxy import RouterPool
 from expertmesh.gateway.router_client import RouterClient
 
@@ -22,7 +20,6 @@ class GatewayState:
     router: RouterClient
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
-    work: RequestWork = field(default_factory=RequestWork)  # parsing and tokenizing, off the event loop
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> GatewayState:
