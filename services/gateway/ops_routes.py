@@ -79,9 +79,26 @@ async def health(request: Request):
     return body
 
 
+def _metrics_response(metrics) -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _experts_body(settings, rows: list[dict], **live) -> dict:
+    """The /experts answer of either gateway: per-(layer, expert) rows, their replica summary, what the gateway
+    knows live (`live`), and the controller's plan and status."""
+    controller = await controller_status(settings.controller_status or "", settings.controller_status_timeout_s)
+    return {
+        "experts": rows,
+        "replicas": {"total": sum(r["replicas"] for r in rows), "missing": sum(1 for r in rows if r["replicas"] == 0)},
+        **live,
+        "plan": controller.get("plan"),
+        "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
+    }
+
+
 @routes.get("/metrics")
 async def prometheus_metrics(request: Request):
-    return Response(gateway_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return _metrics_response(gateway_state(request).metrics)
 
 
 @routes.get("/experts")
@@ -98,15 +115,9 @@ async def experts(request: Request):
         {"layer": e.layer, "expert": e.expert, "routed_tokens": e.routed_tokens, "replicas": e.replicas}
         for e in stats.experts
     ]
-    controller = await controller_status(gw.settings.controller_status or "", gw.settings.controller_status_timeout_s)
-    return {
-        "experts": rows,
-        "replicas": {"total": sum(r["replicas"] for r in rows), "missing": sum(1 for r in rows if r["replicas"] == 0)},
-        "requests_running": stats.requests_running,
-        "uptime_seconds": stats.uptime_seconds,
-        "plan": controller.get("plan"),
-        "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
-    }
+    return await _experts_body(
+        gw.settings, rows, requests_running=stats.requests_running, uptime_seconds=stats.uptime_seconds
+    )
 
 
 # ---- in front of vLLM OpenAI routers ---------------------------------------------------------------------------
@@ -156,7 +167,7 @@ async def proxy_health(request: Request):
 
 @proxy_routes.get("/metrics")
 async def proxy_metrics(request: Request):
-    return Response(_proxy_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return _metrics_response(_proxy_state(request).metrics)
 
 
 @proxy_routes.get("/experts")
@@ -171,14 +182,10 @@ async def proxy_experts(request: Request):
         for e in v["experts"]["experts"]:
             row = rows.setdefault((e["layer"], e["expert"]), dict(e, routed_tokens=0))
             row["routed_tokens"] += e["routed_tokens"]
-    out = [rows[k] for k in sorted(rows)]
-    controller = await controller_status(gw.settings.controller_status or "", gw.settings.controller_status_timeout_s)
-    return {
-        "experts": out,
-        "replicas": {"total": sum(r["replicas"] for r in out), "missing": sum(1 for r in out if r["replicas"] == 0)},
-        "requests_running": sum(r.in_flight for r in gw.pool.routers),
-        "uptime_seconds": int(time.time()) - gw.created,
-        "routers": gw.pool.snapshot(),
-        "plan": controller.get("plan"),
-        "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
-    }
+    return await _experts_body(
+        gw.settings,
+        [rows[k] for k in sorted(rows)],
+        requests_running=sum(r.in_flight for r in gw.pool.routers),
+        uptime_seconds=int(time.time()) - gw.created,
+        routers=gw.pool.snapshot(),
+    )
