@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -89,3 +91,34 @@ def ctrl_c_leaves_nothing(proc: subprocess.Popen, before: set[int], url: str) ->
     assert not alive, f"left behind: {alive}"
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+@contextlib.contextmanager
+def running_serve(cmd: list[str], env: dict, work: Path, timeout: float, what: str = "expertmesh serve"):
+    """Start `expertmesh serve` (`cmd`, stderr to work/serve.log) and wait for its ready-to-paste curl line; yield
+    (process, curl line). Afterwards, if a test did not stop it: Ctrl-C as a user would, then SIGKILL its session,
+    and stop any pool whose state file under `work` says its stop never ran."""
+    log = open(work / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        curl = proc.stdout.readline()  # the ready-to-paste curl is printed once everything is up
+        while not curl.startswith("curl") and proc.poll() is None and time.monotonic() < deadline:
+            curl = proc.stdout.readline()
+        if not curl.startswith("curl"):
+            proc.kill()
+            logs = "\n".join(p.read_text()[-3000:] for p in sorted(work.rglob("*.log")))
+            pytest.fail(f"{what} did not come up:\n{logs}")
+        yield proc, curl
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        for state in (work / ".cache" / "expertmesh").rglob("pool-*.json"):  # a pool whose stop never ran
+            from expertmesh.experts.pool import stop_session
+
+            stop_session(json.loads(state.read_text())["session_id"])

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import ctrl_c_leaves_nothing, descendants, free_port, serve_flags
+from conftest import ctrl_c_leaves_nothing, descendants, free_port, running_serve, serve_flags
 
 from expertmesh.core.checkpoint import read_moe_info
 
@@ -68,27 +66,8 @@ def stack(tmp_path_factory):
     )
     cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(DEMO), *serve_flags(port)]
     cmd += ["--frontend", "vllm", "--", *VLLM_OPTIONS]
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    curl = proc.stdout.readline()  # the ready-to-paste curl is printed once everything is up
-    while not curl.startswith("curl") and proc.poll() is None and time.monotonic() < deadline:
-        curl = proc.stdout.readline()
-    if not curl.startswith("curl"):
-        proc.kill()
-        logs = "\n".join(p.read_text()[-3000:] for p in sorted(work.rglob("*.log")))
-        pytest.fail(f"expertmesh serve --frontend vllm did not come up:\n{logs}")
-    yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "work": work}
-    if proc.poll() is None:  # a test failed before the Ctrl-C test: stop it the way a user would, then for sure
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    for state in (work / ".cache" / "expertmesh").rglob("pool-*.json"):  # a pool whose stop never ran
-        from expertmesh.experts.pool import stop_session
-
-        stop_session(json.loads(state.read_text())["session_id"])
+    with running_serve(cmd, env, work, 300, "expertmesh serve --frontend vllm") as (proc, _curl):
+        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "work": work}
 
 
 def _client(stack, key: str = KEY):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from concurrent import futures
 import grpc
 import httpx
 import pytest
-from conftest import ctrl_c_leaves_nothing, descendants, free_port, serve_flags
+from conftest import ctrl_c_leaves_nothing, descendants, free_port, running_serve, serve_flags
 from safetensors.torch import load_file, save_file
 
 from expertmesh.core.checkpoint import read_moe_info
@@ -121,27 +120,9 @@ def stack(hot_model, tmp_path_factory):
         "--plan",
         str(work / "plan.yaml"),
     ]
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    curl = proc.stdout.readline()  # the ready-to-paste curl is printed once everything is up
-    while not curl.startswith("curl") and proc.poll() is None and time.monotonic() < deadline:
-        curl = proc.stdout.readline()
-    if not curl.startswith("curl"):
-        proc.kill()
-        pytest.fail(f"expertmesh serve did not come up:\n{(work / 'serve.log').read_text()[-5000:]}")
-    yield {"proc": proc, "url": url, "curl": curl, "collector": collector, "work": work, "model": hot_model}
-    if proc.poll() is None:  # a test failed before the Ctrl-C test: stop it the way a user would, then for sure
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    for state in (work / ".cache" / "expertmesh").rglob("pool-*.json"):  # a pool whose stop never ran
-        from expertmesh.experts.pool import stop_session
-
-        stop_session(json.loads(state.read_text())["session_id"])
+    with running_serve(cmd, env, work, 600) as (proc, curl):
+        yield {"proc": proc, "url": url, "curl": curl, "collector": collector, "work": work, "model": hot_model}
     collector.server.stop(0)
 
 
