@@ -29,13 +29,8 @@ from expertmesh.core import settings
 from expertmesh.core.plan import ExpertGroup
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
-from expertmesh.experts.replica import (
-    DEFAULT_INLINE_ROWS,
-    DEFAULT_MAX_BATCH_ROWS,
-    DEFAULT_MAX_WAIT_MS,
-    ExpertServer,
-    keys_to_proto,
-)
+from expertmesh.experts.coalescer import DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS
+from expertmesh.experts.replica import ExpertServer, keys_to_proto
 
 log = logging.getLogger("expertmesh.experts")
 

@@ -41,7 +41,6 @@ from expertmesh.experts.coalescer import (
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_WAIT_MS,
     Coalescer,
-    DataPlaneTimers,
     DeadlineExpired,
 )
 from expertmesh.experts.grpc_poller import claim_grpc_poller, return_grpc_poller
@@ -50,19 +49,6 @@ from expertmesh.experts.metrics import ReplicaMetrics
 log = logging.getLogger(__name__)
 
 SERVICE = "expertmesh.v1.ExpertService"
-__all__ = [
-    "CHANNEL_OPTIONS",
-    "DEFAULT_INLINE_ROWS",
-    "DEFAULT_MAX_BATCH_ROWS",
-    "DEFAULT_MAX_WAIT_MS",
-    "SERVER_OPTIONS",
-    "DataPlaneTimers",
-    "ExpertServer",
-    "ExpertServicer",
-    "bind_port",
-    "keys_from_proto",
-    "keys_to_proto",
-]
 METRICS_FLUSH_SECONDS = 1.0
 
 # SO_REUSEPORT is on by default in gRPC on Linux: two replicas could then "bind" the same port and split its
