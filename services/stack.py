@@ -104,6 +104,17 @@ def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=2).status_code == 200
 
 
+def local_replica_budget(planned: int, cores: int | None = None) -> int:
+    """The most expert replicas the local stack's controller may run: half this machine's cores (the router's vLLM
+    engine, its API server and the gateway need the other half), and never fewer than the plan starts with.
+
+    On one machine a replica beyond the free cores adds a process and per-layer fan-out, not compute: measured on
+    2 cores, the controller's regrouping into 8 replicas cut `expertmesh serve`'s throughput several times over
+    (docs/benchmarks.md). A cluster's controller (`expertmesh controller`) keeps ControllerSettings' own cap."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(planned, cores // 2, 1)
+
+
 FRONTENDS = ("expertmesh", "vllm")
 
 
@@ -215,14 +226,22 @@ class Stack:
             chosen = self.controller_settings
             if chosen is None:
                 chosen = self.extra_env.get("EXPERTMESH_CONTROLLER_SETTINGS") or settings.controller_settings()
+            fields = json.loads(chosen) if isinstance(chosen, str) and chosen else dict(chosen or {})
+            assert self.pool is not None  # use_controller implies remote experts
+            budget = local_replica_budget(sum(g.start_replicas for g in self.pool.plan.groups))
+            fields.setdefault("max_total_replicas", budget)
+            controller_settings = parse_settings(fields)
             self.controller = Controller.for_pool(
                 self.pool,
                 self.router_address,
-                parse_settings(chosen),
+                controller_settings,
                 status_file=self.log_dir / "controller-status.json",
                 counters_url=f"{self.router_url}/expertmesh/counters" if self.frontend == "vllm" else None,
             ).start()
-            _say("      expert controller running (autoscaling and rebalancing by routed load)")
+            _say(
+                "      expert controller running (autoscaling and rebalancing by routed load, "
+                f"at most {controller_settings.max_total_replicas} replicas)"
+            )
 
     @property
     def router_address(self) -> str:

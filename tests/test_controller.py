@@ -128,3 +128,46 @@ def test_controller_splits_a_hot_expert_and_scales_only_it():
         ctl.tick(now=t)
         t += 1.0
     assert all(n == 1 for n in ctl.status()["replicas"].values())
+
+
+def test_rebalance_and_autoscaling_stay_within_max_total_replicas():
+    """The same hot expert as above, on a pool capped at the two replicas it has: no regrouping, no scale-up."""
+    plan = _plan(target=100.0, max_replicas=4)
+    counts = np.zeros((2, E))
+    applied: list[tuple[PlacementPlan, dict]] = []
+    settings = ControllerSettings(
+        interval_s=1,
+        window_s=5,
+        rebalance_cooldown_s=1000,
+        drain_grace_s=0,
+        min_tokens_per_s_to_rebalance=10,
+        max_total_replicas=2,
+    )
+    ctl = Controller(
+        plan,
+        LAYERS,
+        read_counts=lambda: counts.copy(),
+        apply=lambda p, r: applied.append((p, dict(r))),
+        registered=lambda: dict(applied[-1][1]) if applied else {},
+        drain=lambda name: None,
+        settings=settings,
+    )
+    t = 0.0
+    for _ in range(30):
+        counts += 5.0
+        counts[1, 5] += 395.0
+        ctl.tick(now=t)
+        t += 1.0
+    st = ctl.status()
+    assert applied == []  # nothing deployed: the regrouping and the scale-up both needed more than 2 replicas
+    assert {g["name"] for g in st["plan"]["groups"]} == {"l0", "l1"} and st["rebalances"] == 0
+    assert st["replicas"] == {"l0": 1, "l1": 1}
+
+
+def test_local_replica_budget_is_half_the_cores_but_never_below_the_plan():
+    from expertmesh.stack import local_replica_budget
+
+    assert local_replica_budget(1, cores=2) == 1  # a 2-core laptop: the plan's one replica, no more
+    assert local_replica_budget(1, cores=16) == 8
+    assert local_replica_budget(4, cores=2) == 4  # the plan as given always fits
+    assert local_replica_budget(1, cores=1) == 1

@@ -102,6 +102,7 @@ def stack(hot_model, tmp_path_factory):
                     "window_s": 4.0,
                     "rebalance_cooldown_s": 5.0,
                     "max_replicas_per_group": 2,
+                    "max_total_replicas": 8,  # this test is about the mechanism; a 2-core budget would be 1
                     "min_tokens_per_s_to_rebalance": 1.0,
                     "drain_grace_s": 1.0,
                 }
