@@ -37,7 +37,7 @@ from pathlib import Path
 
 from expertmesh.core import settings  # noqa: E402 - stdlib only
 
-settings.apply_process_defaults(router=True)  # the engine runs in this process, as in the router
+settings.apply_process_defaults(in_process_engine=True)  # the engine runs in this process, as in the router
 os.environ.setdefault("EXPERTMESH_ROUTER_METRICS_PORT", "0")
 
 

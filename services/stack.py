@@ -10,16 +10,17 @@ Every tunable is reachable from here: the replicas' (`--max-wait-ms`, `--max-bat
 `--missing-expert-wait-s`), the controller's (`--controller-settings JSON`) and any other registered environment
 variable (`--env NAME=VALUE`, checked against core/settings.py; docs/configuration.md lists them).
 
-Two front ends (`--frontend`): `expertmesh` (default) runs the hand-written router (`expertmesh.router.server`, gRPC
-Router.Generate) behind the gateway's own OpenAI routes; `vllm` runs vLLM's own OpenAI server as the router
-(`expertmesh.router.openai_server`, AsyncLLM + the plugin) behind the gateway's streaming proxy, with the same API
-keys, /health, /metrics and /experts, and the controller reading the router's `GET /expertmesh/counters`. With
-`vllm`, everything after `--` goes to vLLM's own parser (`vllm serve` options).
+The router is vLLM's own OpenAI server with the expertmesh plugin (`expertmesh.router.openai_server`: AsyncLLM, the
+model in vLLM's engine-core process, routed experts sent to the pool); the gateway is its front door (API keys,
+/health, /metrics, /experts, the streaming proxy of /v1/*); the controller reads the router's
+`GET /expertmesh/counters`. Everything after `--` goes to vLLM's own parser: the options of `vllm serve`
+(`--max-model-len`, `--chat-template`, `--enable-auto-tool-choice --tool-call-parser NAME`, `--served-model-name`, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -88,14 +89,14 @@ def _wait(what: str, check, proc: subprocess.Popen | None, timeout: float, log: 
         time.sleep(0.25)
 
 
-def _router_healthy(address: str) -> bool:
-    import grpc
-
-    from expertmesh.core.protos import router_pb2, router_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        reply = router_pb2_grpc.RouterStub(channel).Health(router_pb2.HealthRequest(), timeout=2)
-    return reply.ok
+def _served_model_names(vllm_args: list[str]) -> list[str]:
+    """The names given to vLLM's `--served-model-name` (nargs="+") among `vllm_args`, or []."""
+    for i, arg in enumerate(vllm_args):
+        if arg.startswith("--served-model-name="):
+            return [arg.split("=", 1)[1]]
+        if arg == "--served-model-name":
+            return [a for a in itertools.takewhile(lambda a: not a.startswith("-"), vllm_args[i + 1 :])]
+    return []
 
 
 def _http_ok(url: str) -> bool:
@@ -113,9 +114,6 @@ def local_replica_budget(planned: int, cores: int | None = None) -> int:
     (docs/benchmarks.md). A cluster's controller (`expertmesh controller`) keeps ControllerSettings' own cap."""
     cores = cores or len(os.sched_getaffinity(0))
     return max(planned, cores // 2, 1)
-
-
-FRONTENDS = ("expertmesh", "vllm")
 
 
 class Stack:
@@ -138,19 +136,12 @@ class Stack:
         controller: bool = True,
         replica: ReplicaSettings | None = None,
         controller_settings: dict | str | None = None,
-        frontend: str = "expertmesh",
         vllm_args: list[str] | None = None,
     ):
         """extra_env: registered variables (core/settings.py) for every process the stack starts, the Ray head
         included; replica: the expert replicas' tunables; controller_settings: ControllerSettings fields
-        (default: $EXPERTMESH_CONTROLLER_SETTINGS); frontend: "expertmesh" (gRPC router + the gateway's OpenAI
-        routes) or "vllm" (vLLM's OpenAI server as the router, behind the gateway's proxy); vllm_args: more
-        `vllm serve` options for the vllm front end."""
-        if frontend not in FRONTENDS:
-            raise ValueError(f"frontend {frontend!r}: expected one of {FRONTENDS}")
-        if vllm_args and frontend != "vllm":
-            raise ValueError("vLLM options (after --) need --frontend vllm")
-        self.frontend, self.vllm_args = frontend, list(vllm_args or [])
+        (default: $EXPERTMESH_CONTROLLER_SETTINGS); vllm_args: more `vllm serve` options for the router."""
+        self.vllm_args = list(vllm_args or [])
         self.model = Path(model).resolve()
         self.host, self.port, self.router_port = host, port, router_port
         self.local_experts, self.plan, self.enforce_eager = local_experts, plan, enforce_eager
@@ -215,10 +206,7 @@ class Stack:
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
             step += 1
-        if self.frontend == "vllm":
-            self._start_vllm_frontend(step, steps, directory, env)
-        else:
-            self._start_expertmesh_frontend(step, steps, directory, env)
+        self._start_router(step, steps, directory, env)
         if self.use_controller:
             from expertmesh.control.controller import Controller
             from expertmesh.control.controller_service import parse_settings
@@ -233,10 +221,9 @@ class Stack:
             controller_settings = parse_settings(fields)
             self.controller = Controller.for_pool(
                 self.pool,
-                self.router_address,
+                f"{self.router_url}/expertmesh/counters",
                 controller_settings,
                 status_file=self.log_dir / "controller-status.json",
-                counters_url=f"{self.router_url}/expertmesh/counters" if self.frontend == "vllm" else None,
             ).start()
             _say(
                 "      expert controller running (autoscaling and rebalancing by routed load, "
@@ -244,46 +231,11 @@ class Stack:
             )
 
     @property
-    def router_address(self) -> str:
-        return f"127.0.0.1:{self.router_port}"
-
-    @property
     def router_url(self) -> str:
-        """The vllm front end's router (vLLM's OpenAI server)."""
+        """The router: vLLM's OpenAI server with the plugin."""
         return f"http://127.0.0.1:{self.router_port}"
 
-    def _start_expertmesh_frontend(self, step: int, steps: int, directory: str | None, env: dict) -> None:
-        _say(
-            f"[{step}/{steps}] starting the router "
-            f"(vLLM, {'local experts' if self.local_experts else 'remote experts'}) ..."
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "expertmesh.router.server",
-            "--model",
-            str(self.model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.router_port),
-            "--metrics-port",
-            str(self.metrics_port),
-        ]
-        if directory is None:  # local experts
-            cmd += ["--local-experts"]
-        else:
-            cmd += ["--directory", directory]
-        if self.enforce_eager:
-            cmd.append("--enforce-eager")
-        proc, log = self._spawn("router", cmd, env)
-        took = _wait("router", lambda: _router_healthy(self.router_address), proc, 600, log)
-        _say(f"      router ready in {took:.0f} s at {self.router_address}")
-        step += 1
-        _say(f"[{step}/{steps}] starting the gateway ...")
-        self._start_gateway(["--router", self.router_address, "--tokenizer", str(self.model)], env)
-
-    def _start_vllm_frontend(self, step: int, steps: int, directory: str | None, env: dict) -> None:
+    def _start_router(self, step: int, steps: int, directory: str | None, env: dict) -> None:
         mode = "local experts" if self.local_experts else "remote experts"
         _say(f"[{step}/{steps}] starting the router (vLLM's OpenAI server, {mode}) ...")
         cmd = [
@@ -297,9 +249,9 @@ class Stack:
             "127.0.0.1",
             "--port",
             str(self.router_port),
-            "--served-model-name",
-            self.model_name,
         ]
+        if not _served_model_names(self.vllm_args):
+            cmd += ["--served-model-name", self.model_name]
         if directory is None:
             cmd += ["--expert-mode", "local"]
         else:
@@ -315,12 +267,12 @@ class Stack:
         _say(f"      router ready in {took:.0f} s at {self.router_url}")
         step += 1
         _say(f"[{step}/{steps}] starting the gateway (proxy to the router) ...")
-        self._start_gateway(["--proxy", self.router_url], env)
+        self._start_gateway(env)
 
-    def _start_gateway(self, upstream: list[str], env: dict) -> None:
-        """The gateway on this stack's host and port, in front of `upstream` (its --router or --proxy flags)."""
-        cmd = [sys.executable, "-m", "expertmesh.gateway.app", *upstream]
-        cmd += ["--host", self.host, "--port", str(self.port), "--model-name", self.model_name]
+    def _start_gateway(self, env: dict) -> None:
+        """The gateway on this stack's host and port, in front of the router."""
+        cmd = [sys.executable, "-m", "expertmesh.gateway.app", "--router", self.router_url]
+        cmd += ["--host", self.host, "--port", str(self.port)]
         if self.use_controller:
             env["EXPERTMESH_CONTROLLER_STATUS"] = str(self.log_dir / "controller-status.json")
         proc, log = self._spawn("gateway", cmd, env)
@@ -329,7 +281,9 @@ class Stack:
 
     @property
     def model_name(self) -> str:
-        return self.model.name
+        """The model id clients use: the checkpoint directory's name, unless vLLM's --served-model-name says."""
+        names = _served_model_names(self.vllm_args)
+        return names[0] if names else self.model.name
 
     def stop(self) -> None:
         if self.controller is not None:
@@ -369,7 +323,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=settings.GATEWAY_PORT, help="gateway port (default 8000)")
-    parser.add_argument("--router-port", type=int, default=settings.ROUTER_PORT, help="router gRPC port")
+    parser.add_argument(
+        "--router-port", type=int, default=settings.ROUTER_PORT, help="router HTTP port (vLLM's OpenAI server)"
+    )
     parser.add_argument(
         "--ray-port",
         type=int,
@@ -380,7 +336,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--directory-port", type=int, default=None, help=f"expert directory port (default {settings.DIRECTORY_PORT})"
     )
     parser.add_argument(
-        "--metrics-port", type=int, default=settings.ROUTER_METRICS_PORT, help="router Prometheus port (0 = off)"
+        "--metrics-port",
+        type=int,
+        default=settings.ROUTER_METRICS_PORT,
+        help="Prometheus port of the router's engine-core process (0 = off)",
     )
     parser.add_argument(
         "--plan",
@@ -422,17 +381,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a registered environment variable for every process of the stack (repeatable; see docs/configuration.md)",
     )
     parser.add_argument(
-        "--frontend",
-        choices=FRONTENDS,
-        default="expertmesh",
-        help="expertmesh (default): the gRPC router behind the gateway's own OpenAI routes; vllm: vLLM's own "
-        "OpenAI server as the router, behind the gateway's streaming proxy",
-    )
-    parser.add_argument(
         "vllm_args",
         nargs="*",
         metavar="-- VLLM_OPTION",
-        help="with --frontend vllm: everything after `--` goes to vLLM's `vllm serve` parser "
+        help="everything after `--` goes to vLLM's `vllm serve` parser "
         "(e.g. -- --max-model-len 512 --enable-auto-tool-choice --tool-call-parser hermes)",
     )
     add_replica_flags(parser)
@@ -459,9 +411,6 @@ def env_from_args(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.vllm_args and args.frontend != "vllm":
-        _say(f"expertmesh serve: {' '.join(args.vllm_args)!r}: options after -- are vLLM's and need --frontend vllm")
-        return 2
     stack = Stack(
         args.model,
         host=args.host,
@@ -477,7 +426,6 @@ def run(args: argparse.Namespace) -> int:
         extra_env=env_from_args(args),
         replica=replica_settings_from_args(args),
         controller_settings=args.controller_settings,
-        frontend=args.frontend,
         vllm_args=args.vllm_args,
     )
     # The handler only records the signal: taking a lock in it (Event.set) can deadlock against the main

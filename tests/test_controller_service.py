@@ -1,15 +1,22 @@
-"""The in-cluster expert controller service: flags, adopting what Serve runs, /health and /status, and the gateway
-reading its status over HTTP. No Ray here (a few seconds); against a real Ray dashboard it runs in
+"""The in-cluster expert controller service: flags, adopting what Serve runs, reading the router's routed-token
+counters over HTTP, /health and /status, and the gateway reading its status over HTTP. No Ray and no vLLM here (a
+few seconds): the router's side is a loopback HTTP server answering `/expertmesh/counters` with the router's own
+`counters_json` over a real counters file, and the dashboard's side a loopback HTTP server keeping the Serve config
+PUT to it. Against a real Ray dashboard the service runs in
 test_expert_pool.py::test_controller_service_adopts_what_serve_runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import numpy as np
 import pytest
 from conftest import free_port
 
@@ -17,8 +24,10 @@ from expertmesh.control import controller_service as cs
 from expertmesh.control.controller import ControllerSettings
 from expertmesh.control.serve_config import build_serve_config
 from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.plan import ExpertGroup, PlacementPlan
-from expertmesh.gateway.app import _controller_status
+from expertmesh.core.plan import Autoscaling, ExpertGroup, PlacementPlan
+from expertmesh.gateway.ops_routes import controller_status as _controller_status
+from expertmesh.router.counters import RoutedTokenCounters
+from expertmesh.router.openai_server import counters_json
 
 PLAN = PlacementPlan(
     groups=[
@@ -40,6 +49,41 @@ def serve_status(config: dict, status: str = "RUNNING") -> dict:
     }
 
 
+class LoopbackHTTP:
+    """A ThreadingHTTPServer on 127.0.0.1 with GET/PUT `routes` (path -> callable(body or None) -> (code, JSON))."""
+
+    def __init__(self, routes: dict):
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, body) -> None:
+                route = routes.get(self.path)
+                code, reply = route(body) if route else (404, {"detail": "not found"})
+                data = json.dumps(reply).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self._answer(None)
+
+            def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+                self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        if self.server.socket.fileno() != -1:  # not closed yet
+            self.server.shutdown()
+            self.server.server_close()
+
+
 def run_main(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         cs.main(argv)
@@ -48,7 +92,7 @@ def run_main(argv: list[str], capsys) -> str:
 
 
 def test_bad_flags_get_clear_errors(model, tmp_path, capsys):
-    ok = ["--router", "r:50061", "--directory", "d:50071", "--dashboard", "http://h:8265", "--model", model]
+    ok = ["--router", "http://r:8001", "--directory", "d:50071", "--dashboard", "http://h:8265", "--model", model]
 
     def with_(flag, value):
         args = list(ok)
@@ -58,7 +102,7 @@ def test_bad_flags_get_clear_errors(model, tmp_path, capsys):
             args += [flag, value]
         return args
 
-    assert "--router must be HOST:PORT" in run_main(with_("--router", "router"), capsys)
+    assert "--router must be an http(s) URL like http://ROUTER:8001" in run_main(with_("--router", "r:50061"), capsys)
     assert "--directory must be HOST:PORT (port 1-65535)" in run_main(with_("--directory", "d:70000"), capsys)
     assert "--dashboard must be an http(s) URL" in run_main(with_("--dashboard", "h:8265"), capsys)
     assert "--num-gpus must be >= 0" in run_main(with_("--num-gpus", "-1"), capsys)
@@ -73,6 +117,10 @@ def test_bad_flags_get_clear_errors(model, tmp_path, capsys):
     assert cs.parse_settings('{"interval_s": 0.5, "max_total_replicas": 9}') == ControllerSettings(
         interval_s=0.5, max_total_replicas=9
     )
+    parser = argparse.ArgumentParser()
+    cs.configure(parser)
+    service = cs.build(parser.parse_args(with_("--router", "http://r:8001/")), parser)
+    assert service.counters_url == "http://r:8001/expertmesh/counters"  # a base URL; the counters route is ours
 
 
 def test_deployed_layout_and_adoption(model):
@@ -109,7 +157,7 @@ def test_deployed_layout_and_adoption(model):
 
 def test_health_rules():
     settings = ControllerSettings(interval_s=2, register_timeout_s=100, drain_grace_s=5)
-    service = cs.ControllerService(info=None, plan=PLAN, router="r:1", target_options={}, settings=settings)
+    service = cs.ControllerService(info=None, plan=PLAN, router="http://r:1", target_options={}, settings=settings)
     assert not service.healthy(now=0.0)  # no step yet
     service.last_ok, service.last_error = 100.0, None
     assert service.healthy(now=100.0 + 3 * 2 + 10)  # within three intervals (+10 s)
@@ -129,7 +177,7 @@ def test_http_endpoints_and_gateway_reads_status_url(model, monkeypatch):
     service = cs.ControllerService(
         info=read_moe_info(model),
         plan=PLAN,
-        router=dead,
+        router=f"http://{dead}",
         settings=settings,
         target_options={"model": model, "directory": dead, "dashboard": f"http://{dead}"},
     )
@@ -154,3 +202,75 @@ def test_http_endpoints_and_gateway_reads_status_url(model, monkeypatch):
         service.stop()
         server.shutdown()
         server.server_close()
+
+
+def test_routed_load_read_over_http_scales_a_group(model, tmp_path):
+    """The service reads the router's counters over HTTP (the router's own JSON over a real counters file): before
+    the engine core made its counters the load is zero; load routed to layer 0 then puts a Serve config with more
+    replicas of l0 to the dashboard, and nothing else changes. A router that goes away makes /health say so."""
+    info = read_moe_info(model)
+    counters_path = tmp_path / "routed-tokens.npy"
+    router = LoopbackHTTP({"/expertmesh/counters": lambda _: (200, counters_json(str(counters_path)))})
+    plan = PLAN.model_copy(
+        update={"autoscaling": Autoscaling(target_tokens_per_second=100, upscale_delay_s=0, downscale_delay_s=600)}
+    )
+    directory = "127.0.0.1:1"  # only written into the Serve config; no regroup here asks the directory anything
+    deployed = {"config": build_serve_config(plan, model, directory)}
+    puts: list[dict] = []
+
+    def put(config: dict):
+        puts.append(config)
+        deployed["config"] = config
+        return 200, {}
+
+    dashboard = LoopbackHTTP(
+        {
+            "/api/serve/applications/": lambda body: (
+                put(body) if body is not None else (200, serve_status(deployed["config"]))
+            )
+        }
+    )
+    service = cs.ControllerService(
+        info=info,
+        plan=plan,
+        router=router.url + "/",
+        settings=ControllerSettings(interval_s=0.2),
+        target_options={"model": model, "directory": directory, "dashboard": dashboard.url},
+    )
+    status_server = cs.serve_http(service, "127.0.0.1", 0)
+    threading.Thread(target=status_server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    status_url = f"http://127.0.0.1:{status_server.server_address[1]}"
+    try:
+        assert service.counters_url == f"{router.url}/expertmesh/counters"
+        for _ in range(2):  # no counters file yet: {"available": false} reads as no load
+            service.step()
+            time.sleep(0.2)
+        assert service.last_error is None and service.healthy()
+        assert np.array_equal(service.controller.status()["tokens_per_s"], np.zeros((2, 8)))
+        assert puts == []  # nothing to change: the first apply would only repeat the chart's config
+
+        counters = RoutedTokenCounters.create(counters_path, [0, 1], 8)
+        service.step()  # the counters appear: the window starts from them
+        counters.add(0, np.full(8, 500))  # 4,000 tokens routed to layer 0's experts
+        time.sleep(0.3)
+        service.step()
+        assert service.last_error is None, service.last_error
+        status = httpx.get(status_url + "/status").json()
+        rate = np.array(status["tokens_per_s"])
+        assert rate[0].min() > 0 and rate[1].max() == 0  # layer 0 loaded, layer 1 idle
+        assert status["replicas"] == {"l0": 3, "l1": 1}  # ceil(tokens/s / 100) clamped to l0's max_replicas
+        (config,) = puts
+        assert config == build_serve_config(plan, model, directory, replicas={"l0": 3, "l1": 1})
+        service.step()
+        assert service.adoptions == 0 and len(puts) == 1  # what it put reads back as its own: no adoption
+
+        router.close()
+        service.step()
+        health = httpx.get(status_url + "/health")
+        assert health.status_code == 503 and health.json()["last_error"].startswith("ConnectError"), health.json()
+    finally:
+        service.stop()
+        status_server.shutdown()
+        status_server.server_close()
+        router.close()
+        dashboard.close()

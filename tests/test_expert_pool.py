@@ -266,12 +266,12 @@ def test_controller_service_adopts_what_serve_runs(pool, directory, monkeypatch)
 
     from expertmesh.control import controller_service as cs
     from expertmesh.control.controller import ControllerSettings
-    from expertmesh.gateway.app import _controller_status
+    from expertmesh.gateway.ops_routes import controller_status as _controller_status
 
     service = cs.ControllerService(
         info=pool.info,
         plan=PLAN,
-        router=f"127.0.0.1:{free_port()}",
+        router=f"http://127.0.0.1:{free_port()}",
         settings=ControllerSettings(interval_s=0.3),
         target_options={"model": pool.model, "directory": pool.directory_address, "dashboard": pool.dashboard_url},
     )
@@ -297,10 +297,10 @@ def test_controller_service_adopts_what_serve_runs(pool, directory, monkeypatch)
             (g.name, {str(k): v for k, v in g.keys.items()}) for g in PLAN.groups
         ]
         deadline = time.monotonic() + 10
-        while "StatusCode.UNAVAILABLE" not in (service.last_error or "") and time.monotonic() < deadline:
+        while "ConnectError" not in (service.last_error or "") and time.monotonic() < deadline:
             time.sleep(0.1)
         health = httpx.get(url + "/health", timeout=5)
-        assert health.status_code == 503 and "StatusCode.UNAVAILABLE" in health.json()["last_error"]  # no router
+        assert health.status_code == 503 and "ConnectError" in health.json()["last_error"]  # no router
         pool.apply(PLAN, {"l0-a": 2, "l0-b": 1, "l1": 1})  # someone else changes the Serve config
         status = wait_status(lambda s: s["replicas"]["l0-a"] == 2)
         assert service.adoptions == 1 and status["service"]["adoptions"] == 1

@@ -4,7 +4,8 @@ Offline and fast: helm/kubectl are the static binaries `make` unpacks into .venv
 (scripts/install_k8s_tools.py); core kinds are validated by kubernetes-validate (strict: unknown fields fail),
 the RayService by our own JSON schema (tests/schemas/rayservice.schema.json) and its pod templates by
 kubernetes-validate as PodTemplates. The Serve config the chart renders must equal what
-expertmesh.control.serve_config.build_serve_config produces from the same plan.
+expertmesh.control.serve_config.build_serve_config produces from the same plan, and every expertmesh container's
+flags must parse with that process's own parser (the router's is vLLM's `vllm serve` parser plus expertmesh's flags).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import yaml
 from expertmesh.control.serve_config import build_serve_config
 from expertmesh.core import settings
 from expertmesh.core.plan import PlacementPlan
-from expertmesh.core.protos import expert_pb2, router_pb2
-from expertmesh.core.settings import ENV_VARS, ReplicaSettings, replica_settings_from_args
+from expertmesh.core.protos import expert_pb2
+from expertmesh.core.settings import ENV_VARS, GatewaySettings, ReplicaSettings, replica_settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "k8s" / "expertmesh"
@@ -425,7 +426,8 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     # ... and its peers are the chart's router and directory Services and KubeRay's Service of the active head
     prefix = f"{RELEASE}-expertmesh"
     services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
-    assert args.router == f"{prefix}-router:{settings.ROUTER_PORT}" and f"{prefix}-router" in services
+    assert args.router == f"http://{prefix}-router:{settings.ROUTER_PORT}" and f"{prefix}-router" in services
+    assert services[f"{prefix}-router"]["spec"]["ports"][0]["port"] == settings.ROUTER_PORT  # counters over HTTP
     assert args.directory == f"{prefix}-directory:{settings.DIRECTORY_PORT}" and f"{prefix}-directory" in services
     rayservice = one(docs, "RayService", "-experts")["metadata"]["name"]
     assert args.dashboard == f"http://{rayservice}-head-svc:8265"  # KubeRay: <rayservice>-head-svc
@@ -450,17 +452,12 @@ def test_controller_puts_what_the_chart_renders(rendered, variant):
     svc = services[f"{prefix}-controller"]
     assert labels_match(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
     # the NetworkPolicy on the Ray pods lets it reach the dashboard and the directory (and nothing of the replicas)
-    policy = one(docs, "NetworkPolicy", "-experts")["spec"]
     lo, _ = settings.REPLICA_PORT_RANGE
     labels = dep["spec"]["template"]["metadata"]["labels"]
-    open_to_it = {
-        p["port"]
-        for r in policy["ingress"]
-        for peer in r["from"]
-        if labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), labels)
-        for p in r["ports"]
-    }
+    open_to_it = ports_open_to(one(docs, "NetworkPolicy", "-experts")["spec"], labels)
     assert open_to_it == {8265, settings.DIRECTORY_PORT} and lo not in open_to_it
+    # ... and the one on the routers lets it read their counters (GET /expertmesh/counters on the HTTP port)
+    assert settings.ROUTER_PORT in ports_open_to(one(docs, "NetworkPolicy", "-router")["spec"], labels)
 
 
 def test_controller_settings_and_disabling(tmp_path):
@@ -516,21 +513,21 @@ def test_bad_plan_is_rejected_before_deploying(tmp_path, plan_groups, message):
 def test_ports_agree_with_defaults_and_protos(rendered, variant):
     docs = rendered[variant]
     prefix = f"{RELEASE}-expertmesh"
+    router_url = f"http://{prefix}-router:{settings.ROUTER_PORT}"
     svc_ports = {d["metadata"]["name"]: {p["name"]: p for p in d["spec"]["ports"]} for d in by_kind(docs, "Service")}
     assert svc_ports[f"{prefix}-gateway"]["http"]["port"] == settings.GATEWAY_PORT
-    assert svc_ports[f"{prefix}-router"]["grpc"]["port"] == settings.ROUTER_PORT
-    assert svc_ports[f"{prefix}-router"]["metrics"]["port"] == settings.ROUTER_METRICS_PORT
+    # The router is vLLM's OpenAI server: one HTTP port (API, /health, /metrics, /expertmesh/*), no gRPC.
+    assert set(svc_ports[f"{prefix}-router"]) == {"http"}
+    assert svc_ports[f"{prefix}-router"]["http"]["port"] == settings.ROUTER_PORT
+    assert svc_ports[f"{prefix}-router"]["http"]["appProtocol"] == "http"
     assert svc_ports[f"{prefix}-directory"]["grpc-directory"]["port"] == settings.DIRECTORY_PORT
     assert svc_ports[f"{prefix}-experts-metrics"]["pool-metrics"]["port"] == settings.REPLICA_METRICS_PORT
     assert svc_ports[f"{prefix}-controller"]["http"]["port"] == settings.CONTROLLER_PORT
 
     # gRPC Services name the proto service they carry; each must exist in the protos, on the right port.
-    proto_services = {s.full_name for pb in (expert_pb2, router_pb2) for s in pb.DESCRIPTOR.services_by_name.values()}
-    assert proto_services == {"expertmesh.v1.Router", "expertmesh.v1.ExpertDirectory", "expertmesh.v1.ExpertService"}
-    expected_port = {
-        "expertmesh.v1.Router": settings.ROUTER_PORT,
-        "expertmesh.v1.ExpertDirectory": settings.DIRECTORY_PORT,
-    }
+    proto_services = {s.full_name for s in expert_pb2.DESCRIPTOR.services_by_name.values()}
+    assert proto_services == {"expertmesh.v1.ExpertDirectory", "expertmesh.v1.ExpertService"}
+    expected_port = {"expertmesh.v1.ExpertDirectory": settings.DIRECTORY_PORT}
     annotated = {}
     for svc in by_kind(docs, "Service"):
         name = svc["metadata"].get("annotations", {}).get("expertmesh.io/grpc-services")
@@ -546,20 +543,22 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
     gateway = templates[f"{prefix}-gateway"]["spec"]["containers"][0]
     router = templates[f"{prefix}-router"]["spec"]["containers"][0]
     assert gateway["command"] == ["python", "-m", "expertmesh.gateway.app"]
-    assert arg_value(gateway["args"], "--port") == str(settings.GATEWAY_PORT)
-    assert arg_value(gateway["args"], "--host") == "0.0.0.0"
-    assert arg_value(gateway["args"], "--router") == f"{prefix}-router:{settings.ROUTER_PORT}"
-    assert router["command"] == ["python", "-m", "expertmesh.router.server"]
+    parser = argparse.ArgumentParser()
+    GatewaySettings.configure(parser)  # the gateway's own flags: a stale one (--model-name, --proxy) fails here
+    gateway_settings = GatewaySettings.from_args(parser.parse_args(gateway["args"]))
+    assert (gateway_settings.routers, gateway_settings.host) == ([router_url], "0.0.0.0")
+    assert gateway_settings.port == settings.GATEWAY_PORT
+    assert router["command"] == ["python", "-m", "expertmesh.router.openai_server"]
+    assert router["args"][0].startswith("/models/")  # the model directory, vLLM's positional argument
+    assert arg_value(router["args"], "--host") == "0.0.0.0"
     assert arg_value(router["args"], "--port") == str(settings.ROUTER_PORT)
-    assert arg_value(router["args"], "--metrics-port") == str(settings.ROUTER_METRICS_PORT)
+    assert arg_value(router["args"], "--router-metrics-port") == str(settings.ROUTER_METRICS_PORT)
     assert arg_value(router["args"], "--directory") == f"{prefix}-directory:{settings.DIRECTORY_PORT}"
-    assert arg_value(router["args"], "--model").startswith("/models/")
+    assert arg_value(router["args"], "--expert-mode") == "remote"
 
-    # Service targetPorts resolve to container ports with the same numbers.
-    assert {p["name"]: p["containerPort"] for p in router["ports"]} == {
-        "grpc": settings.ROUTER_PORT,
-        "metrics": settings.ROUTER_METRICS_PORT,
-    }
+    # Service targetPorts resolve to container ports with the same numbers; the engine core's metrics port stays
+    # inside the pod (re-exported in the router's /metrics).
+    assert {p["name"]: p["containerPort"] for p in router["ports"]} == {"http": settings.ROUTER_PORT}
     head = templates["ray-head"]["spec"]["containers"][0]
     assert {p["name"]: p["containerPort"] for p in head["ports"]}["grpc-directory"] == settings.DIRECTORY_PORT
 
@@ -571,7 +570,8 @@ def test_ports_agree_with_defaults_and_protos(rendered, variant):
         assert env["EXPERTMESH_BIND_HOST"]["value"] == "0.0.0.0", name
         assert env["EXPERTMESH_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
         assert env["EXPERTMESH_DIRECTORY"]["value"] == f"{prefix}-directory:{settings.DIRECTORY_PORT}", name
-        assert env["EXPERTMESH_ROUTER"]["value"] == f"{prefix}-router:{settings.ROUTER_PORT}", name
+        assert env["EXPERTMESH_ROUTER"]["value"] == router_url, name
+        assert ENV_VARS["EXPERTMESH_ROUTER"].value({"EXPERTMESH_ROUTER": router_url}) == [router_url]
         assert env["EXPERTMESH_REPLICA_PORTS"]["value"] == f"{lo}-{hi}", name
         assert env["OMP_NUM_THREADS"]["value"] == "1", name
 
@@ -593,10 +593,55 @@ def test_every_container_has_probes_and_requests(rendered, variant):
     gateway = one(rendered[variant], "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/health"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
+    # The router: vLLM's /health (its engine is alive) on its HTTP port; the startup probe waits for the model to
+    # load (at least 15 minutes) before liveness may restart the pod.
+    router = one(rendered[variant], "Deployment", "-router")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert router[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    startup = router["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
 
 
 def labels_match(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def ports_open_to(policy: dict, labels: dict) -> set[int]:
+    """Ports a NetworkPolicy's ingress rules open to a pod of this namespace with `labels` (by podSelector)."""
+    return {
+        p["port"]
+        for r in policy["ingress"]
+        for peer in r["from"]
+        if labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), labels)
+        for p in r["ports"]
+    }
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_network_policy_admits_router_http_only_from_gateway_controller_and_scrapers(rendered, variant):
+    """The router's API checks no API key: only the gateway (the front door), the controller (counters) and the
+    metrics scrapers reach its HTTP port, and nothing reaches any other port of a router pod."""
+    docs = rendered[variant]
+    policy = one(docs, "NetworkPolicy", "-router")["spec"]
+    templates = pod_templates(docs)
+    labels = {name: t["metadata"]["labels"] for name, t in templates.items()}
+    prefix = f"{RELEASE}-expertmesh"
+    selected = {name for name, lab in labels.items() if labels_match(policy["podSelector"]["matchLabels"], lab)}
+    assert selected == {f"{prefix}-router"} and policy["policyTypes"] == ["Ingress"]
+    assert {p["port"] for r in policy["ingress"] for p in r["ports"]} == {settings.ROUTER_PORT}
+    for component in ("gateway", "controller"):
+        assert ports_open_to(policy, labels[f"{prefix}-{component}"]) == {settings.ROUTER_PORT}, component
+    for name in templates:  # the Ray pods (and the collector) never call the router
+        if name.startswith("ray-") or "otel" in name:
+            assert not ports_open_to(policy, labels[name]), name
+    by_namespace = [r["from"] for r in policy["ingress"] if any("namespaceSelector" in peer for peer in r["from"])]
+    assert by_namespace == [values_for(variant)["networkPolicy"]["metricsFrom"]]  # Prometheus: /metrics
+    # without the controller, only the gateway (and the scrapers) remain
+    off = one(template([], "--set", "controller.enabled=false"), "NetworkPolicy", "-router")["spec"]
+    pod_peers = [
+        peer["podSelector"]["matchLabels"] for r in off["ingress"] for peer in r["from"] if "podSelector" in peer
+    ]
+    assert [sel["app.kubernetes.io/component"] for sel in pod_peers] == ["gateway"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -650,6 +695,32 @@ def test_pdbs_select_existing_pods(rendered, variant):
         assert any(labels_match(pdb["spec"]["selector"]["matchLabels"], lab) for lab in labels), pdb["metadata"]
     for dep in by_kind(docs, "Deployment"):
         assert labels_match(dep["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
+
+
+def test_router_args_parse_with_the_routers_own_parser(rendered):
+    """Every variant's router flags, the vLLM ones from router.vllm.args included, are what
+    `python -m expertmesh.router.openai_server` accepts (vLLM's `vllm serve` parser plus expertmesh's group), and
+    mean what the chart intends; router.localExperts switches the expert mode."""
+    from expertmesh.router.openai_server import make_parser
+
+    parser = make_parser()
+    prefix = f"{RELEASE}-expertmesh"
+    for variant, docs in rendered.items():
+        values = values_for(variant)
+        (container,) = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]["containers"]
+        args = parser.parse_args(container["args"])
+        assert args.model_tag == f"{values['model']['mountPath']}/{values['model']['dir']}", variant
+        assert args.served_model_name == [values["model"]["name"]], variant
+        assert (args.expert_mode, args.directory) == ("remote", f"{prefix}-directory:{settings.DIRECTORY_PORT}")
+        assert (args.host, args.port, args.router_metrics_port) == (
+            "0.0.0.0",
+            settings.ROUTER_PORT,
+            settings.ROUTER_METRICS_PORT,
+        )
+        if variant == "gpu":
+            assert values["router"]["vllm"]["args"] == ["--max-model-len", "32768"] and args.max_model_len == 32768
+    local = one(template([], "--set", "router.localExperts=true"), "Deployment", "-router")
+    assert parser.parse_args(local["spec"]["template"]["spec"]["containers"][0]["args"]).expert_mode == "local"
 
 
 def test_gpu_placement_and_autoscaling(rendered):
@@ -763,13 +834,9 @@ def test_cpu_trial_serves_the_shipped_demo_model(rendered, tmp_path):
     values = values_for("cpu")
     model_dir = f"{values['model']['mountPath']}/{values['model']['dir']}"
     router = one(docs, "Deployment", "-router")["spec"]["template"]["spec"]
-    assert arg_value(router["containers"][0]["args"], "--model") == model_dir
-    assert (
-        one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["args"].count(
-            f"--model-name={values['model']['name']}"
-        )
-        == 1
-    )
+    assert router["containers"][0]["args"][0] == model_dir
+    # clients ask for the model by model.name: vLLM serves it under that name (the gateway relays /v1/* unchanged)
+    assert arg_value(router["containers"][0]["args"], "--served-model-name") == values["model"]["name"]
     inits = {name: t["spec"].get("initContainers", []) for name, t in pod_templates(docs).items()}
     commands = {json.dumps(c["command"]) for cs in inits.values() for c in cs if c["name"] == "fetch-model"}
     assert len(commands) == 1 and sum(len(cs) > 0 for cs in inits.values()) >= 3  # router, head, workers

@@ -11,17 +11,26 @@ own OpenAI server on the same checkpoint with local experts — what a user woul
   from outside that process (the counters file, the router's /metrics);
 - `response_format` json_schema returns JSON valid against the schema;
 - the proxy relays SSE unchanged (same events as the router's own stream), skips a router that refuses
-  connections, and answers an OpenAI-shaped 503 when no router accepts.
+  connections, and answers an OpenAI-shaped 503 when no router accepts;
+- through the gateway as its command line runs it: hundreds of streams that disconnect at random points (before
+  the first byte, after a few tokens, mid-way; some read to the end) leave nothing running or queued in the engine,
+  and their aborts reached it (fewer tokens generated than the requests asked for); the router serves the same
+  greedy answer afterwards; and vLLM's own benchmark client (`vllm bench serve`,
+  benchmarks/vllm_bench_serve.sh) completes every request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import random
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -300,11 +309,12 @@ def _sse_events(url: str, body: dict) -> tuple[str, list[dict]]:
 
 
 def test_proxy_streams_sse_unchanged_and_skips_a_dead_router(servers):
-    from expertmesh.gateway.proxy import create_app
+    from expertmesh.core.settings import GatewaySettings
+    from expertmesh.gateway.app import create_app
 
     router_url = servers[0]
     dead = _refusing_url()
-    app = create_app([dead, router_url], cooldown_s=60)
+    app = create_app([dead, router_url], settings=GatewaySettings(router_cooldown_s=60, api_keys=[]))
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": PROMPTS[0]}],
@@ -333,9 +343,231 @@ def test_proxy_streams_sse_unchanged_and_skips_a_dead_router(servers):
         missing = httpx.post(f"{proxy_url}/v1/chat/completions", json=plain | {"model": "nope"}, timeout=60)
         assert missing.status_code == 404 and "error" in missing.json()
 
-    with _Uvicorn(create_app([_refusing_url(), _refusing_url()])) as proxy_url:
+    with _Uvicorn(create_app([_refusing_url(), _refusing_url()], api_keys=[])) as proxy_url:
         reply = httpx.post(f"{proxy_url}/v1/chat/completions", json=body, timeout=60)
         assert reply.status_code == 503
         assert reply.headers["retry-after"] == "1"
         error = reply.json()["error"]
         assert error["code"] == "no_router_available" and error["type"] == "server_error"
+
+
+# ---- the gateway as its CLI runs it: disconnects under load, vLLM's benchmark client -------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(servers, tmp_path_factory):
+    """URL of the gateway as a user starts it (`python -m expertmesh.gateway.app --router URL`), in front of the
+    module's router."""
+    router_url = servers[0]
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    port = free_port()
+    command = ["-m", "expertmesh.gateway.app", "--router", router_url, "--host", "127.0.0.1", "--port", str(port)]
+    env = settings.child_env()
+    env.pop("EXPERTMESH_API_KEYS", None)  # open, whatever the shell running the tests has
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *command],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"gateway exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"gateway not ready:\n{log.read_text()[-4000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+# The storm: enough streams that disconnects land at every stage of a request (in the gateway before the router
+# answered, in the router before the engine has it, queued, mid-decode), at a concurrency that keeps the engine's
+# batch full; every stream asks for exactly STORM_TOKENS tokens (ignore_eos), so the work a full run would cost is
+# known and the work the aborts saved can be measured.
+STORM_STREAMS = 240
+STORM_CONCURRENCY = 48
+STORM_TOKENS = 96
+DRAIN_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class _Disconnect:
+    """Where one stream of the storm leaves: `before_s` seconds after sending (before the first byte), or once
+    `after_tokens` completion tokens arrived, or never (both None: read to the end)."""
+
+    before_s: float | None = None
+    after_tokens: int | None = None
+
+
+@dataclass
+class _StreamOutcome:
+    plan: _Disconnect
+    tokens: int = 0  # completion tokens received (vLLM's continuous usage stats)
+    done: bool = False  # the stream ended with data: [DONE]
+    finish_reason: str | None = None
+
+
+def _storm_plans(seed: int) -> list[_Disconnect]:
+    """A fifth of the streams leave before the first byte, three tenths after 0-8 tokens (0: right after the
+    headers), three tenths mid-way, a fifth read to the end; seeded, so a failure replays."""
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(STORM_STREAMS):
+        draw = rng.random()
+        if draw < 0.2:
+            plans.append(_Disconnect(before_s=rng.uniform(0.0, 0.05)))
+        elif draw < 0.5:
+            plans.append(_Disconnect(after_tokens=rng.randint(0, 8)))
+        elif draw < 0.8:
+            plans.append(_Disconnect(after_tokens=rng.randint(STORM_TOKENS // 4, STORM_TOKENS // 2)))
+        else:
+            plans.append(_Disconnect())
+    return plans
+
+
+async def _storm_stream(client: httpx.AsyncClient, url: str, prompt: str, plan: _Disconnect) -> _StreamOutcome:
+    """One streamed chat that leaves where `plan` says (leaving the `stream` block closes the connection)."""
+    outcome = _StreamOutcome(plan)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": STORM_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+
+    async def read() -> None:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+            assert reply.status_code == 200, await reply.aread()
+            if plan.after_tokens == 0:
+                return
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    outcome.done = True
+                    return
+                event = json.loads(line[len("data: ") :])
+                if event.get("usage"):
+                    outcome.tokens = event["usage"]["completion_tokens"]
+                for choice in event["choices"]:
+                    outcome.finish_reason = choice.get("finish_reason") or outcome.finish_reason
+                if plan.after_tokens is not None and outcome.tokens >= plan.after_tokens:
+                    return
+
+    if plan.before_s is None:
+        await read()
+    else:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(read(), plan.before_s)
+    return outcome
+
+
+async def _storm(url: str, plans: list[_Disconnect]) -> list[_StreamOutcome]:
+    """Every plan's stream through `url`, at most STORM_CONCURRENCY at a time."""
+    slots = asyncio.Semaphore(STORM_CONCURRENCY)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=STORM_CONCURRENCY)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def one(i: int, plan: _Disconnect) -> _StreamOutcome:
+            async with slots:
+                return await _storm_stream(client, url, f"{PROMPTS[i % len(PROMPTS)]} ({i})", plan)
+
+        return await asyncio.gather(*(one(i, plan) for i, plan in enumerate(plans)))
+
+
+def _proxied_requests(gateway_url: str) -> tuple[int, int]:
+    """(requests the gateway sent to its router, requests in flight there) from /proxy/routers."""
+    (router,) = httpx.get(f"{gateway_url}/proxy/routers", timeout=10).json()["routers"]
+    return router["requests"], router["in_flight"]
+
+
+def test_disconnect_storm_through_the_gateway_leaves_nothing_running(servers, gateway):
+    """Issue 16: clients that go away at random points under load never stop the engine; afterwards nothing is
+    left running or queued in it, the gateway holds nothing in flight, and the stack serves as before."""
+    router_url = servers[0]
+    greedy_before = _chat(gateway, PROMPTS[1])
+    metrics_before = httpx.get(f"{router_url}/metrics", timeout=10).text
+    sent_before, _ = _proxied_requests(gateway)
+
+    started = time.monotonic()
+    outcomes = asyncio.run(_storm(gateway, _storm_plans(seed=16)))
+    storm_s = time.monotonic() - started
+
+    # The streams read to the end are whole: every token, finish_reason length, then [DONE].
+    full = [o for o in outcomes if o.plan == _Disconnect()]
+    assert len(full) >= STORM_STREAMS // 10
+    for outcome in full:
+        assert outcome.done and outcome.tokens == STORM_TOKENS and outcome.finish_reason == "length", outcome
+    left = [o for o in outcomes if o.plan != _Disconnect()]
+    assert not any(o.done for o in left)
+    assert sum(o.tokens == 0 for o in left) >= STORM_STREAMS // 10  # many left before any token arrived
+
+    # Every request is gone from the engine, soon: vLLM's own gauges (queued and running) come back to 0.
+    storm_ended = time.monotonic()
+    deadline = storm_ended + DRAIN_TIMEOUT_S
+    while True:
+        metrics_after = httpx.get(f"{router_url}/metrics", timeout=10).text
+        running = _metric(metrics_after, "vllm:num_requests_running")
+        waiting = _metric(metrics_after, "vllm:num_requests_waiting")
+        sent_after, in_flight = _proxied_requests(gateway)
+        if running == waiting == in_flight == 0:
+            break
+        assert time.monotonic() < deadline, f"after {DRAIN_TIMEOUT_S} s: {running=} {waiting=} {in_flight=}"
+        time.sleep(0.2)
+    drain_s = time.monotonic() - storm_ended
+
+    # The disconnects reached the engine as aborts: had they not, every request the gateway sent would have run to
+    # its STORM_TOKENS tokens (ignore_eos). The engine made at least what the clients read, and the aborts saved
+    # at least half of what they could (what was sent times STORM_TOKENS, less what clients read).
+    generated = _metric(metrics_after, "vllm:generation_tokens_total") - _metric(
+        metrics_before, "vllm:generation_tokens_total"
+    )
+    read = sum(o.tokens for o in outcomes)
+    unaborted = (sent_after - sent_before) * STORM_TOKENS
+    print(f"storm {storm_s:.1f} s, drained in {drain_s:.1f} s; tokens: {read=} {generated=} {unaborted=}")
+    assert read <= generated
+    assert unaborted - generated >= 0.5 * (unaborted - read)
+
+    # The stack still serves, the same greedy answer as before, from the same router process (never restarted).
+    greedy_after = _chat(gateway, PROMPTS[1])
+    assert greedy_after["choices"][0]["message"] == greedy_before["choices"][0]["message"]
+    assert greedy_after["usage"] == greedy_before["usage"]
+    assert httpx.get(f"{router_url}/health", timeout=10).status_code == 200
+    assert _metric(metrics_after, "process_start_time_seconds") == _metric(metrics_before, "process_start_time_seconds")
+
+
+def test_vllm_bench_serve_through_the_gateway(gateway, tmp_path):
+    """vLLM's own benchmark client (`vllm bench serve`, as benchmarks/vllm_bench_serve.sh runs it) against the
+    gateway: every request completes with all its tokens, and they went through the gateway."""
+    sent_before, _ = _proxied_requests(gateway)
+    prompts, concurrency, tokens = 16, 4, 16
+    sizes = {"RUNS": f"{prompts}:{concurrency}", "INPUT_LEN": tokens, "OUTPUT_LEN": tokens}
+    env = settings.child_env(sizes | {"RESULT_DIR": tmp_path, "LABEL": "test", "PYTHON": sys.executable})
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_bench_serve.sh"
+    run = subprocess.run(
+        ["bash", str(script), gateway, str(DEMO)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    result = json.loads((tmp_path / f"test-in{tokens}-out{tokens}-n{prompts}-c{concurrency}.json").read_text())
+    assert result["num_prompts"] == result["completed"] == prompts, result
+    assert result["failed"] == 0
+    assert result["total_output_tokens"] == prompts * tokens  # EOS ignored: every token asked for
+    assert result["max_concurrency"] == concurrency
+    assert result["model_id"] == str(DEMO)  # the model the router lists, read through the gateway
+    assert _proxied_requests(gateway)[0] - sent_before >= prompts

@@ -281,7 +281,7 @@ def test_serve_from_the_wheel_answers_and_stops_cleanly(fresh_venv, tmp_path):
         cmdlines = {pid: _cmdline(pid) for pid, _ in seen}
         fresh_python = str(fresh_venv / "bin" / "python")
         assert not [c for c in cmdlines.values() if str(ROOT / ".venv" / "bin") in c], cmdlines
-        for component in ("expertmesh.router.server", "expertmesh.gateway.app", "/ray start"):
+        for component in ("expertmesh.router.openai_server", "expertmesh.gateway.app", "/ray start"):
             assert any(c.startswith(fresh_python + " ") and component in c for c in cmdlines.values()), (
                 component,
                 cmdlines,

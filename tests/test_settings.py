@@ -57,8 +57,7 @@ def _env_uses(path: Path) -> list[str]:
 
 def test_no_environment_access_outside_settings():
     """Every read goes through the registry, every write through settings.export / child_env /
-    apply_process_defaults. (Fails until router/engine.py, router/dispatch.py, router/server.py and core/kernel.py
-    are converted: their owners are restructuring them.)"""
+    apply_process_defaults."""
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if path == PACKAGE / "core" / "settings.py" or "_generated" in path.parts:
@@ -130,14 +129,14 @@ def test_export_child_env_and_process_defaults(monkeypatch):
     with pytest.raises(ValueError):
         settings.child_env({"EXPERTMESH_EXPERT_KERNEL": "fastest"})
     code = (
-        "import os; from expertmesh.core import settings; settings.apply_process_defaults(router=True); "
+        "import os; from expertmesh.core import settings; settings.apply_process_defaults(in_process_engine=True); "
         "print(os.environ['OMP_NUM_THREADS'], os.environ['VLLM_CPU_KVCACHE_SPACE'], "
         "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'])"
     )
     clean = {
         k: v
         for k, v in settings.child_env(process_defaults=False).items()
-        if k not in settings.PROCESS_DEFAULTS and k not in settings.ROUTER_PROCESS_ENV
+        if k not in settings.PROCESS_DEFAULTS and k not in settings.IN_PROCESS_ENGINE_ENV
     }
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "1", "0"]

@@ -2,7 +2,7 @@
 
 - the official `openai` SDK: chat (plain and streaming), completions, models, usage consistent with the tokenizer;
 - OpenTelemetry: a real OTLP TraceService receiver collects spans from every process, and one request's spans
-  form one connected tree gateway -> router -> decode step -> layer dispatch -> expert replica;
+  form one connected tree gateway -> router (vLLM's server) -> forward pass -> layer dispatch -> expert replica;
 - hot experts: the checkpoint's gate is biased so every token routes to one expert; under load that expert gets
   more replicas (its own group), no other expert does, all requests succeed with unchanged output, and when the
   load stops it scales back down;
@@ -18,12 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent import futures
 
-import grpc
 import httpx
 import pytest
 from conftest import ctrl_c_leaves_nothing, descendants, free_port, running_serve, serve_flags
+from otlp_collector import Collector as _Collector
 from safetensors.torch import load_file, save_file
 
 from expertmesh.core.checkpoint import read_moe_info
@@ -32,37 +31,6 @@ from expertmesh.core.plan import Autoscaling, default_plan
 pytestmark = pytest.mark.slow
 
 HOT_LAYER, HOT_EXPERT = 1, 3
-
-
-class _Collector:
-    """A real OTLP/gRPC TraceService: keeps every span it receives with its service name."""
-
-    def __init__(self):
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-        collector = self
-        self.spans: list[tuple[str, object]] = []
-        self.lock = threading.Lock()
-
-        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):
-                with collector.lock:
-                    for rs in request.resource_spans:
-                        service = next(
-                            (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "?"
-                        )
-                        for ss in rs.scope_spans:
-                            collector.spans.extend((service, s) for s in ss.spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def snapshot(self):
-        with self.lock:
-            return list(self.spans)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +133,7 @@ def test_one_connected_trace_from_gateway_to_expert_replica(stack):
     client = _client(stack)
     name = client.models.list().data[0].id
     client.completions.create(model=name, prompt="trace me", max_tokens=4, temperature=0)
-    want = {"expertmesh-gateway", "expertmesh-router", "expertmesh-experts"}
+    want = {"expertmesh-gateway", "expertmesh-router", "expertmesh-engine", "expertmesh-experts"}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         spans = stack["collector"].snapshot()
@@ -192,8 +160,9 @@ def test_one_connected_trace_from_gateway_to_expert_replica(stack):
     names = [span.name for _, span in full[0]]
     services = [svc for svc, _ in full[0]]
     assert names[0] == "expert forward" and names[1].startswith("dispatch layer"), names
-    assert "decode-step" in names and "router.generate" in names, names
-    assert services[-1] == "expertmesh-gateway" and "expertmesh-router" in services, services
+    assert "forward pass" in names, names  # the model's forward (vLLM's engine core: the stack's `uni` executor)
+    assert services[-1] == "expertmesh-gateway" and services[-2] == "expertmesh-router", services
+    assert "expertmesh-engine" in services, services
     assert len({span.trace_id for _, span in full[0]}) == 1  # one trace, across three processes
 
 
@@ -212,6 +181,11 @@ def test_hot_expert_gets_replicas_and_scales_back(stack):
     ]
     start = _replicas_of(stack)
     assert set(start.values()) == {1}, start
+    # the controller's first status (its plan) comes after its first two reads of the router's counters
+    deadline = time.monotonic() + 60
+    while httpx.get(stack["url"] + "/experts", timeout=10).json()["plan"] is None:
+        assert time.monotonic() < deadline, "no controller status on /experts"
+        time.sleep(0.5)
     stop = threading.Event()
     errors: list[BaseException] = []
     outputs: list[tuple[int, str]] = []

@@ -1,5 +1,6 @@
-# Gateway image: the FastAPI OpenAI-compatible server. It needs no vLLM (no extra), only the project's base
-# dependencies; torch comes from the CPU wheel index (the gateway never touches a GPU).
+# Gateway image: the front door (API keys, /health, /metrics, /experts, a streaming proxy of /v1/* to the routers:
+# `--router http://ROUTER:8001`). It needs no vLLM (no extra), only the project's base dependencies; torch comes
+# from the CPU wheel index (the gateway never touches a GPU).
 #   docker build -f deploy/docker/gateway.Dockerfile -t ghcr.io/expertmesh/expertmesh-gateway:0.1.0 .
 # The install steps are the Makefile's `install` target (same post-install removal), but not editable (the
 # image needs no source tree), without the cpu/dev extras and the helm/kubectl tools. The build (setup.py's hook)

@@ -1,5 +1,7 @@
-# Router image: vLLM (dense part, gating, KV cache) + the expertmesh plugin that sends routed experts to the pool.
-# runs `python -m expertmesh.router.server` (the chart passes --model --host --port --metrics-port --directory).
+# Router image: vLLM's own OpenAI server (dense part, gating, KV cache) + the expertmesh plugin that sends routed
+# experts to the pool. Runs `python -m expertmesh.router.openai_server MODEL_DIR --expert-mode remote --directory
+# HOST:PORT --host 0.0.0.0 --port 8001 --router-metrics-port 9461 [any `vllm serve` option]` (the chart passes them);
+# HTTP on 8001: /v1/*, /health, /metrics, /expertmesh/*.
 #   docker build -f deploy/docker/router.Dockerfile --build-arg FLAVOR=cpu -t ghcr.io/expertmesh/expertmesh-router:0.1.0-cpu .
 #   docker build -f deploy/docker/router.Dockerfile --build-arg FLAVOR=gpu -t ghcr.io/expertmesh/expertmesh-router:0.1.0-gpu .
 # The install steps are the Makefile's `install` target (same extras, same post-install removal), but
@@ -31,5 +33,5 @@ RUN python -m venv .venv \
  && (.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true) \
  && chown -R ray /opt/expertmesh
 USER 1000
-EXPOSE 50061 9461
-ENTRYPOINT ["python", "-m", "expertmesh.router.server"]
+EXPOSE 8001
+ENTRYPOINT ["python", "-m", "expertmesh.router.openai_server"]

@@ -19,12 +19,15 @@ from expertmesh.control.controller import ControllerSettings
 from expertmesh.core.plan import PlacementPlan
 from expertmesh.core.settings import ENV_VARS, ReplicaSettings
 
-# Variables the chart sets itself (addresses, ports, the API-key Secret, the controller's URL): not in `settings`.
+# Variables the chart sets itself, as env or as the router's flags (addresses, ports, the expert mode, the API-key
+# Secret, the controller's URL): not in `settings`, where a flag would silently override them.
 CHART_OWNED = {
     "EXPERTMESH_BIND_HOST",
     "EXPERTMESH_ADVERTISE_HOST",
     "EXPERTMESH_DIRECTORY",
     "EXPERTMESH_ROUTER",
+    "EXPERTMESH_ROUTER_METRICS_PORT",  # router: --router-metrics-port (ports.routerMetrics)
+    "EXPERTMESH_EXPERT_MODE",  # router: --expert-mode (router.localExperts)
     "EXPERTMESH_REPLICA_PORTS",
     "EXPERTMESH_API_KEYS",
     "EXPERTMESH_CONTROLLER_STATUS",

@@ -1,8 +1,8 @@
 """The expert controller: per-group autoscaling by routed load, and live rebalancing of hot experts.
 
-Every `interval_s` it reads the router's cumulative routed-token counters (Router.Stats, or the JSON of a vLLM
-OpenAI router's `GET /expertmesh/counters`), turns them into
-tokens/s per (layer, expert) over a moving window, and decides:
+Every `interval_s` it reads the router's cumulative routed-token counters (the JSON of the router's
+`GET /expertmesh/counters`, router/openai_server.py), turns them into tokens/s per (layer, expert) over a moving
+window, and decides:
 
 * **Autoscaling** (every tick): a group's load is the tokens/s of its keys (a key held by several groups is
   split in proportion to their replicas, as the router splits it); desired replicas =
@@ -346,22 +346,17 @@ class Controller:
     def for_pool(
         cls,
         pool,
-        router_address: str,
+        counters_url: str,
         settings: ControllerSettings | None = None,
         status_file: str | Path | None = None,
-        counters_url: str | None = None,
     ) -> Controller:
-        """A controller for a `LocalPool`: counters from the router's Stats RPC at `router_address` (or, with
-        `counters_url`, from that URL: a vLLM OpenAI router's /expertmesh/counters), the directory for readiness and
-        draining, `pool.apply(plan, replicas)` to deploy."""
+        """A controller for a `LocalPool` (or the controller service's `ServeTarget`): counters from `counters_url`
+        (a router's `GET {router}/expertmesh/counters`), the directory for readiness and draining,
+        `pool.apply(plan, replicas)` to deploy."""
         layers, num_experts = pool.info.moe_layers, pool.info.num_experts
         row = {layer: i for i, layer in enumerate(layers)}
         directory = pool.client()
-        read_counts = (
-            _http_counts(counters_url, row, num_experts)
-            if counters_url
-            else _stats_counts(router_address, row, num_experts)
-        )
+        read_counts = _http_counts(counters_url, row, num_experts)
 
         def registered() -> dict[str, int]:
             out: dict[str, int] = {}
@@ -416,32 +411,19 @@ class Controller:
         tmp.replace(self.status_file)
 
 
-def _stats_counts(router_address: str, row: dict[int, int], num_experts: int) -> Callable[[], np.ndarray]:
-    """read_counts over the gRPC router's Stats RPC."""
-    import grpc
-
-    from expertmesh.core.protos import router_pb2, router_pb2_grpc
-
-    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router_address))
-
-    def read_counts() -> np.ndarray:
-        reply = stub.Stats(router_pb2.StatsRequest(), timeout=5)
-        counts = np.zeros((len(row), num_experts))  # [L, E]
-        for e in reply.experts:
-            if e.layer in row and e.expert < num_experts:
-                counts[row[e.layer], e.expert] = e.routed_tokens
-        return counts
-
-    return read_counts
-
-
 def _http_counts(url: str, row: dict[int, int], num_experts: int) -> Callable[[], np.ndarray]:
     """read_counts over HTTP: `url` answers router/openai_server.py's counters JSON ({"available", "layers",
-    "counts": [L][E]}). Before the engine core made its counters, every count is zero."""
+    "counts": [L][E]}). Before the engine core made its counters, every count is zero.
+
+    One keep-alive client for every read: behind a Kubernetes Service with several router pods, reads stay on one
+    pod while the connection lives (vLLM keeps it 5 s, ticks come every 2 s), so a window does not mix the
+    cumulative counters of different routers; the controller sees that router's share of the load."""
     import httpx
 
+    client = httpx.Client(timeout=5)
+
     def read_counts() -> np.ndarray:
-        reply = httpx.get(url, timeout=5)
+        reply = client.get(url)
         reply.raise_for_status()
         body = reply.json()
         counts = np.zeros((len(row), num_experts))  # [L, E]

@@ -1,14 +1,16 @@
 """The expert controller as its own process: what the Helm chart's `controller` Deployment runs.
 
-    python -m expertmesh.control.controller_service --router HOST:PORT --directory HOST:PORT \\
+    python -m expertmesh.control.controller_service --router http://ROUTER:8001 --directory HOST:PORT \\
         --dashboard http://HEAD:8265 --model DIR [--plan FILE] [--num-cpus X] [--num-gpus Y] \\
         [--directory-resource NAME] [--host 0.0.0.0] [--port 9481] [--settings JSON] \\
         [--max-wait-ms MS] [--max-batch-rows N] [--inline-rows N] [--compute-threads N] [--lease-seconds S]
 
 It runs `controller.Controller` (load-driven replica counts, regrouping of hot experts) against a Ray cluster it
-did not start: `ServeTarget.apply(plan, replicas)` PUTs `build_serve_config(plan, ...)` to the Ray dashboard with
-the same options the chart renders into the RayService's serveConfigV2 (tests/test_k8s.py checks they agree), so
-the controller's first PUT changes nothing but replica counts.
+did not start. The load comes from the router's routed-token counters, `GET <--router>/expertmesh/counters` (the
+router is vLLM's OpenAI server with the expertmesh plugin, router/openai_server.py). `ServeTarget.apply(plan,
+replicas)` PUTs `build_serve_config(plan, ...)` to the Ray dashboard with the same options the chart renders into
+the RayService's serveConfigV2 (tests/test_k8s.py checks they agree), so the controller's first PUT changes nothing
+but replica counts.
 
 Someone else may PUT too: KubeRay re-submits serveConfigV2 when the RayService spec changes (`helm upgrade` with
 another plan), when its in-memory cache is empty (operator restart, new cluster) or when the head lost every
@@ -163,7 +165,8 @@ class ControllerService:
     def __init__(
         self, *, info: MoEInfo, plan: PlacementPlan, router: str, target_options: dict, settings: ControllerSettings
     ):
-        self.info, self.base_plan, self.router = info, plan, router
+        """`router`: the router's base URL (http://HOST:PORT); its counters are read from /expertmesh/counters."""
+        self.info, self.base_plan, self.router = info, plan, router.rstrip("/")
         self.target_options, self.settings = target_options, settings
         self.target: ServeTarget | None = None
         self.controller: Controller | None = None
@@ -219,7 +222,11 @@ class ControllerService:
         self.target = ServeTarget(self.info, plan, replicas, **self.target_options)
         if repair:
             self.target.apply(plan, replicas)
-        self.controller = Controller.for_pool(self.target, self.router, self.settings)
+        self.controller = Controller.for_pool(self.target, self.counters_url, self.settings)
+
+    @property
+    def counters_url(self) -> str:
+        return f"{self.router}/expertmesh/counters"
 
     # -- health and status ------------------------------------------------------------------------------------
     def healthy(self, now: float | None = None) -> bool:
@@ -315,10 +322,13 @@ def _host_port(flag: str):
     return parse
 
 
-def _url(value: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", value):
-        raise argparse.ArgumentTypeError(f"--dashboard must be an http(s) URL like http://HEAD:8265, got {value!r}")
-    return value.rstrip("/")
+def _base_url(flag: str, example: str):
+    def parse(value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise argparse.ArgumentTypeError(f"{flag} must be an http(s) URL like {example}, got {value!r}")
+        return value.rstrip("/")
+
+    return parse
 
 
 def _non_negative(flag: str):
@@ -355,14 +365,24 @@ def parse_settings(raw: str | dict | None) -> ControllerSettings:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--router", required=True, type=_host_port("--router"), help="router gRPC host:port (Stats)")
+    parser.add_argument(
+        "--router",
+        required=True,
+        type=_base_url("--router", f"http://ROUTER:{settings.ROUTER_PORT}"),
+        help="router base URL (vLLM's OpenAI server with the expertmesh plugin); counters from URL/expertmesh/counters",
+    )
     parser.add_argument(
         "--directory",
         required=True,
         type=_host_port("--directory"),
         help="expert directory gRPC host:port (as the replicas see it: it goes into the Serve config)",
     )
-    parser.add_argument("--dashboard", required=True, type=_url, help="Ray dashboard URL, e.g. http://HEAD:8265")
+    parser.add_argument(
+        "--dashboard",
+        required=True,
+        type=_base_url("--dashboard", "http://HEAD:8265"),
+        help="Ray dashboard URL, e.g. http://HEAD:8265",
+    )
     parser.add_argument("--model", required=True, help="checkpoint directory as the replicas see it (config.json)")
     parser.add_argument(
         "--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)"
@@ -425,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     service = build(args, parser)
     server = serve_http(service, args.host, args.port)
     log.info(
-        "expert controller: router %s, directory %s, dashboard %s; /health and /status on %s:%d",
-        args.router,
+        "expert controller: counters from %s, directory %s, dashboard %s; /health and /status on %s:%d",
+        service.counters_url,
         args.directory,
         args.dashboard,
         *server.server_address[:2],

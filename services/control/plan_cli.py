@@ -18,9 +18,9 @@ Modes:
   No --stats and no --replicas: the default plan (core/plan.default_plan). No --stats with --replicas:
   uniform load.
 
-Stats FILE (JSON): the per-(layer, expert) routed token counts, as the router's Stats RPC returns them --
-a list of ExpertLoad rows, or an object with that list under "experts" (protobuf's JSON form of
-StatsResponse, where uint64 counts are strings and names are camelCase):
+Stats FILE (JSON): the per-(layer, expert) routed token counts -- a list of rows, or an object with that list
+under "experts", as a router's `GET /expertmesh/experts` and the gateway's `GET /experts` answer (save one with
+curl); camelCase names and counts as strings (protobuf's JSON form) are accepted too:
 
     [{"layer": 0, "expert": 3, "routed_tokens": 1520, "replicas": 1}, ...]
     {"experts": [{"layer": 0, "expert": 3, "routedTokens": "1520"}, ...], "uptimeSeconds": 12.5}

@@ -10,7 +10,7 @@ serving a stale contract.
 This module's top level imports only the standard library: setup.py loads it by path at build time, before
 expertmesh or its dependencies exist. The generated modules load on first attribute access.
 
-Usage: `from expertmesh.core.protos import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc`.
+Usage: `from expertmesh.core.protos import expert_pb2, expert_pb2_grpc`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_FILES = ("expert.proto", "router.proto")
+PROTO_FILES = ("expert.proto",)
 GENERATED_PACKAGE = "expertmesh.core._generated"
 # In a source checkout (editable install): the .proto files and the in-tree output directory.
 CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ GEN_DIR = Path(__file__).resolve().parent / "_generated"
 # Part of the stamp: bump when the generated files' shape changes (e.g. the import rewrite below), so an
 # output directory written by an older generator counts as stale.
 _GENERATOR = b"expertmesh-protos-2 relative-imports"
-_MODULES = ("expert_pb2", "expert_pb2_grpc", "router_pb2", "router_pb2_grpc")
+_MODULES = ("expert_pb2", "expert_pb2_grpc")
 
 
 def stamp(proto_dir: Path = PROTO_DIR) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 # Ports (the Helm chart's values.yaml `ports:` must agree; tests/test_k8s.py checks it).
 GATEWAY_PORT = 8000  # HTTP, OpenAI-compatible API, /health, /metrics, /experts
-ROUTER_PORT = 50061  # gRPC expertmesh.v1.Router
+ROUTER_PORT = 8001  # HTTP: the router, vLLM's OpenAI server with the expertmesh plugin (/v1/*, /health, /metrics)
 ROUTER_METRICS_PORT = 9461  # HTTP Prometheus metrics of the router process
 DIRECTORY_PORT = 50071  # gRPC expertmesh.v1.ExpertDirectory
 REPLICA_PORT_RANGE = (50100, 50999)  # gRPC ExpertService of the replicas (one port each)
@@ -182,7 +182,14 @@ ENV_VARS: dict[str, EnvVar] = {
             "the expert directory",
             "router, replica, directory",
         ),
-        _var("EXPERTMESH_ROUTER", "host:port", f"127.0.0.1:{ROUTER_PORT}", "the router", "gateway"),
+        _var(
+            "EXPERTMESH_ROUTER",
+            "csv",
+            [f"http://127.0.0.1:{ROUTER_PORT}"],
+            "base URLs of the routers (vLLM's OpenAI server with the plugin) the gateway proxies to, comma-separated",
+            "gateway",
+            _csv,
+        ),
         _var(
             "EXPERTMESH_API_KEYS",
             "csv",
@@ -309,9 +316,10 @@ PROCESS_DEFAULTS: dict[str, tuple[str, str]] = {
     ),
     "TOKENIZERS_PARALLELISM": ("false", "no tokenizer thread pool fighting the model's threads (and no fork warning)"),
 }
-# Forced in the router process: the model (and with it the expert plugin) runs in the server's own process.
-ROUTER_PROCESS_ENV: dict[str, tuple[str, str]] = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": ("0", "the router runs vLLM's engine core in-process (router/engine.py)"),
+# Forced where a process runs `vllm.LLM` itself (parity tests, benchmarks): the engine core, and with it the model
+# and the expert plugin, in that process. The router (vLLM's OpenAI server) keeps vLLM's default: its own process.
+IN_PROCESS_ENGINE_ENV: dict[str, tuple[str, str]] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": ("0", "an in-process `vllm.LLM` (tests, benchmarks) runs its engine core inline"),
 }
 # Given to the local pool's `ray start` (and so to every replica it starts).
 RAY_HEAD_ENV: dict[str, tuple[str, str]] = {
@@ -362,8 +370,8 @@ def directory_address() -> str:
     return get("EXPERTMESH_DIRECTORY")
 
 
-def router_address() -> str:
-    return get("EXPERTMESH_ROUTER")
+def router_urls() -> list[str]:
+    return list(get("EXPERTMESH_ROUTER"))
 
 
 def api_keys() -> list[str]:
@@ -442,13 +450,13 @@ def export(name: str, value: object) -> None:
     os.environ[name] = text
 
 
-def apply_process_defaults(*, router: bool = False) -> None:
+def apply_process_defaults(*, in_process_engine: bool = False) -> None:
     """Set OMP/vLLM/tokenizers defaults in this process where the user has not (call before importing torch/vLLM).
-    `router=True` also forces the router's in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    `in_process_engine=True` also runs a `vllm.LLM` of this process inline (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     for name, (value, _why) in PROCESS_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    if router:
-        for name, (value, _why) in ROUTER_PROCESS_ENV.items():
+    if in_process_engine:
+        for name, (value, _why) in IN_PROCESS_ENGINE_ENV.items():
             os.environ[name] = value
 
 
@@ -476,7 +484,7 @@ def child_env(
 
 def inherited(name: str, default: str | None = None) -> str | None:
     """The raw value this process has for `name` (registered or a process default), to pass on unchanged."""
-    if name not in ENV_VARS and name not in PROCESS_DEFAULTS and name not in ROUTER_PROCESS_ENV:
+    if name not in ENV_VARS and name not in PROCESS_DEFAULTS and name not in IN_PROCESS_ENGINE_ENV:
         raise KeyError(f"{name} is not in the settings registry")
     return os.environ.get(name, default)
 
@@ -547,32 +555,34 @@ def replica_settings_from_args(args: argparse.Namespace) -> ReplicaSettings:
 class GatewaySettings:
     """The gateway process: CLI flags over the registry."""
 
-    router: str = field(default_factory=router_address)
+    routers: list[str] = field(default_factory=router_urls)
     host: str = field(default_factory=bind_host)
     port: int = GATEWAY_PORT
-    model_name: str | None = None
-    tokenizer: str | None = None
     api_keys: list[str] = field(default_factory=api_keys)
     controller_status: str | None = field(default_factory=controller_status)
-    router_timeout_s: float = 5.0  # Health / Stats calls
+    router_timeout_s: float = 5.0  # the routers' /health and /expertmesh/experts
+    router_cooldown_s: float = 2.0  # a router that refused a connection is skipped this long
     controller_status_timeout_s: float = 1.0  # /experts must not hang on a controller that is down
 
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--router", default=None, help=f"router gRPC host:port (default ${'EXPERTMESH_ROUTER'})")
+        parser.add_argument(
+            "--router",
+            action="append",
+            default=None,
+            metavar="URL",
+            help="base URL of a router, vLLM's OpenAI server with the plugin (repeatable; default $EXPERTMESH_ROUTER)",
+        )
         parser.add_argument("--host", default=None, help="bind address (default $EXPERTMESH_BIND_HOST)")
         parser.add_argument("--port", type=int, default=GATEWAY_PORT)
-        parser.add_argument("--model-name", default=None, help="model id clients use (default: the router's)")
         parser.add_argument(
-            "--tokenizer",
-            default=None,
-            help="tokenizer directory (default: the router's model, if it is a local directory)",
+            "--router-cooldown-s", type=float, default=2.0, help="seconds a router that refused a connection is skipped"
         )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatewaySettings:
-        s = cls(port=args.port, model_name=args.model_name, tokenizer=args.tokenizer)
-        s.router = args.router or s.router
+        s = cls(port=args.port, router_cooldown_s=args.router_cooldown_s)
+        s.routers = args.router or s.routers
         s.host = args.host or s.host
         return s
 
@@ -651,7 +661,7 @@ def markdown() -> str:
     ]
     out += [f"| `{k}` | `{v}` | {why} |" for k, (v, why) in PROCESS_DEFAULTS.items()]
     out += ["", "Forced in the router process:", "", "| variable | value | why |", "|---|---|---|"]
-    out += [f"| `{k}` | `{v}` | {why} |" for k, (v, why) in ROUTER_PROCESS_ENV.items()]
+    out += [f"| `{k}` | `{v}` | {why} |" for k, (v, why) in IN_PROCESS_ENGINE_ENV.items()]
     out += [
         "",
         "Given to the local pool's `ray start` (and so to every replica):",

@@ -8,7 +8,9 @@ from collections.abc import Collection
 
 from fastapi import Request
 
-from expertmesh.gateway.openai_schema import APIError
+from expertmesh.gateway.errors import APIError
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}  # RFC 6750: a 401 names the scheme it wants
 
 
 def check_auth(request: Request, api_keys: Collection[str]) -> None:
@@ -24,6 +26,9 @@ def check_auth(request: Request, api_keys: Collection[str]) -> None:
             "authentication_error",
             None,
             "missing_api_key",
+            headers=_CHALLENGE,
         )
     if not any(secrets.compare_digest(key.strip(), k) for k in api_keys):
-        raise APIError(401, "Incorrect API key provided.", "authentication_error", None, "invalid_api_key")
+        raise APIError(
+            401, "Incorrect API key provided.", "authentication_error", None, "invalid_api_key", headers=_CHALLENGE
+        )

@@ -1,11 +1,11 @@
-"""Operations routes: GET /health (200 only when the router and every expert are reachable), GET /metrics
-(Prometheus) — both open, probes and scrapers carry no keys — and GET /experts (API keys): routed tokens and
-replicas per (layer, expert) from the router, plus the expert controller's plan and status when one runs.
+"""Operations routes of the gateway: GET /health and GET /metrics (Prometheus) — both open, probes and scrapers
+carry no keys — and GET /experts (API keys).
 
-`routes` serve the gateway in front of the gRPC router; `proxy_routes` the same three in front of routers that run
-vLLM's own OpenAI server (`app.py --proxy URL`): health from each router's `/health` (vLLM's: the engine is alive)
-and `/expertmesh/experts` (every expert held by a live replica), metrics from the gateway itself, /experts with the
-routed tokens summed over the routers."""
+- /health: 200 only when every router is up (vLLM's `/health`: its engine is alive) and every (layer, expert) is
+  held by a live replica (each router's `/expertmesh/experts`); otherwise 503 with what is wrong, per router.
+- /experts: routed tokens per (layer, expert) summed over the routers, live replicas from the expert directory,
+  the gateway's view of the routers (in flight, up), and the expert controller's plan and status when one runs.
+- /metrics: the gateway's own metrics (requests, errors, time to first byte, per-router in flight)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,18 @@ import json
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from expertmesh.core import settings
 from expertmesh.gateway.auth import check_auth
-from expertmesh.gateway.openai_schema import APIError
-from expertmesh.gateway.state import ProxyGatewayState, gateway_state
+from expertmesh.gateway.errors import APIError
+from expertmesh.gateway.state import GatewayState, gateway_state
 
 CONTROLLER_STATUS_TIMEOUT_S = 1.0  # /experts must not hang on a controller that is down
 
 routes = APIRouter()
-proxy_routes = APIRouter()
 
 
 async def controller_status(where: str | None = None, timeout_s: float = CONTROLLER_STATUS_TIMEOUT_S) -> dict:
@@ -50,42 +48,9 @@ async def controller_status(where: str | None = None, timeout_s: float = CONTROL
         return {}
 
 
-@routes.get("/health")
-async def health(request: Request):
-    gw = gateway_state(request)
-    address = gw.router.address
-    try:
-        h = await gw.router.health()
-    except grpc.aio.AioRpcError as exc:
-        return JSONResponse(
-            {
-                "status": "unavailable",
-                "router": address,
-                "detail": f"router unreachable: {exc.details() or exc.code().name}",
-            },
-            status_code=503,
-        )
-    body = {
-        "status": "ok" if h.ok and h.missing_experts == 0 else "unavailable",
-        "router": address,
-        "model": h.model,
-        "local_experts": h.local_experts,
-        "missing_experts": h.missing_experts,
-        "max_model_len": h.max_model_len,
-    }
-    if body["status"] != "ok":
-        body["detail"] = h.detail or f"{h.missing_experts} (layer, expert) keys have no live replica"
-        return JSONResponse(body, status_code=503)
-    return body
-
-
-def _metrics_response(metrics) -> Response:
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
 async def _experts_body(settings, rows: list[dict], **live) -> dict:
-    """The /experts answer of either gateway: per-(layer, expert) rows, their replica summary, what the gateway
-    knows live (`live`), and the controller's plan and status."""
+    """The /experts answer: per-(layer, expert) rows, their replica summary, what the gateway knows live (`live`),
+    and the controller's plan and status."""
     controller = await controller_status(settings.controller_status or "", settings.controller_status_timeout_s)
     return {
         "experts": rows,
@@ -94,37 +59,6 @@ async def _experts_body(settings, rows: list[dict], **live) -> dict:
         "plan": controller.get("plan"),
         "controller": {k: v for k, v in controller.items() if k != "plan"} or None,
     }
-
-
-@routes.get("/metrics")
-async def prometheus_metrics(request: Request):
-    return _metrics_response(gateway_state(request).metrics)
-
-
-@routes.get("/experts")
-async def experts(request: Request):
-    gw = gateway_state(request)
-    check_auth(request, gw.settings.api_keys)
-    try:
-        stats = await gw.router.stats()
-    except grpc.aio.AioRpcError as exc:
-        raise APIError(
-            503, f"router unavailable: {exc.details() or exc.code().name}", "service_unavailable_error"
-        ) from exc
-    rows = [
-        {"layer": e.layer, "expert": e.expert, "routed_tokens": e.routed_tokens, "replicas": e.replicas}
-        for e in stats.experts
-    ]
-    return await _experts_body(
-        gw.settings, rows, requests_running=stats.requests_running, uptime_seconds=stats.uptime_seconds
-    )
-
-
-# ---- in front of vLLM OpenAI routers ---------------------------------------------------------------------------
-
-
-def _proxy_state(request: Request) -> ProxyGatewayState:
-    return request.app.state.gw
 
 
 async def _router_view(http: httpx.AsyncClient, url: str) -> dict:
@@ -140,16 +74,16 @@ async def _router_view(http: httpx.AsyncClient, url: str) -> dict:
         return {"url": url, "ok": False, "detail": f"router unreachable: {type(exc).__name__}: {exc}"}
 
 
-async def _router_views(gw: ProxyGatewayState) -> list[dict]:
+async def _router_views(gw: GatewayState) -> list[dict]:
     import asyncio
 
     async with httpx.AsyncClient(timeout=gw.settings.router_timeout_s) as http:
         return list(await asyncio.gather(*(_router_view(http, r.url) for r in gw.pool.routers)))
 
 
-@proxy_routes.get("/health")
-async def proxy_health(request: Request):
-    views = await _router_views(_proxy_state(request))
+@routes.get("/health")
+async def health(request: Request):
+    views = await _router_views(gateway_state(request))
     routers = []
     for v in views:
         missing = v["experts"]["missing_experts"] if v["ok"] else None
@@ -165,14 +99,14 @@ async def proxy_health(request: Request):
     return body if ok else JSONResponse(body, status_code=503)
 
 
-@proxy_routes.get("/metrics")
-async def proxy_metrics(request: Request):
-    return _metrics_response(_proxy_state(request).metrics)
+@routes.get("/metrics")
+async def prometheus_metrics(request: Request):
+    return Response(gateway_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@proxy_routes.get("/experts")
-async def proxy_experts(request: Request):
-    gw = _proxy_state(request)
+@routes.get("/experts")
+async def experts(request: Request):
+    gw = gateway_state(request)
     check_auth(request, gw.settings.api_keys)
     views = [v for v in await _router_views(gw) if v["ok"]]
     if not views:

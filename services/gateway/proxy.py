@@ -8,30 +8,31 @@ after it accepted the request is not retried (the request may have been half-ser
 When no router accepts, the client gets a 503 with Retry-After. Both are OpenAI error bodies. A client that goes
 away closes the upstream response, so vLLM aborts the request.
 
-    python -m expertmesh.gateway.proxy --router http://127.0.0.1:8001 [--router URL ...] [--port 8000]
+Tracing (OTEL_EXPORTER_OTLP_ENDPOINT set): each proxied request gets a server span `METHOD /v1/...`
+(telemetry.TraceRequests, parent: the client's `traceparent` if it sent one), and the router receives that span's
+`traceparent` in place of the client's, so the router's spans continue the gateway's.
 
-Python API: `create_app(["http://127.0.0.1:8001", ...], api_keys=None)`, or `install(app, RouterPool(urls))` to add
-the routes to an existing FastAPI app (e.g. the gateway's, beside /health, /metrics and /experts).
+`install(app, RouterPool(urls))` adds the routes to a FastAPI app (gateway/app.py's, beside /health, /metrics and
+/experts, whose exception handlers answer the APIError of a refused key).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import itertools
-import sys
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
+from expertmesh.core import telemetry
 from expertmesh.gateway.auth import check_auth
-from expertmesh.gateway.openai_schema import APIError
+from expertmesh.gateway.errors import APIError
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx sets itself: never forwarded in either direction.
 _HOP_BY_HOP = frozenset(
@@ -108,9 +109,20 @@ def _error(status: int, message: str, type_: str, code: str, retry_after: int | 
     return JSONResponse(APIError(status, message, type_, None, code).body(), status_code=status, headers=headers)
 
 
-async def proxy_request(request: Request, pool: RouterPool, client: httpx.AsyncClient, path: str):
-    """Send `request` to the best router that accepts it and relay the answer as it arrives."""
-    body = await request.body()
+async def proxy_request(
+    request: Request,
+    pool: RouterPool,
+    client: httpx.AsyncClient,
+    path: str,
+    first_byte: Callable[[str, float], None] | None = None,
+):
+    """Send `request` to the best router that accepts it and relay the answer as it arrives. `first_byte(path,
+    seconds)` is told how long the router took to start answering."""
+    start = time.monotonic()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nothing reached a router, nobody to answer
+        return Response(status_code=499)
     headers = _forward_headers(request.headers)
     query = request.url.query
     tried: list[str] = []
@@ -121,6 +133,8 @@ async def proxy_request(request: Request, pool: RouterPool, client: httpx.AsyncC
         router.requests += 1
         try:
             response = await client.send(upstream, stream=True)
+            if first_byte is not None:
+                first_byte(path, time.monotonic() - start)
         except _NOT_ACCEPTED as exc:
             router.in_flight -= 1
             router.failures += 1
@@ -133,6 +147,7 @@ async def proxy_request(request: Request, pool: RouterPool, client: httpx.AsyncC
             detail = f"router {router.url} failed: {type(exc).__name__}: {exc}"
             return _error(502, detail, "server_error", "bad_gateway")
 
+        trace.get_current_span().set_attribute("expertmesh.router", router.url)  # (the request's span, if traced)
         released: list[bool] = []
 
         async def release(response=response, router=router, released=released):
@@ -169,8 +184,16 @@ async def proxy_request(request: Request, pool: RouterPool, client: httpx.AsyncC
     )
 
 
-def install(app: FastAPI, pool: RouterPool, *, api_keys: Collection[str] = (), timeout_s: float = 600.0):
-    """Add /v1/{path} (every method) proxying to `pool`, and GET /proxy/routers (the pool's state), to `app`."""
+def install(
+    app: FastAPI,
+    pool: RouterPool,
+    *,
+    api_keys: Collection[str] = (),
+    timeout_s: float = 600.0,
+    first_byte: Callable[[str, float], None] | None = None,
+):
+    """Add /v1/{path} (every method) proxying to `pool`, and GET /proxy/routers (the pool's state), to `app`;
+    `first_byte(path, seconds)` observes each router's time to its response headers."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     # connect: short, so a dead router is skipped quickly; read: none (a long generation streams slowly)
     timeout = httpx.Timeout(timeout_s, connect=2.0, read=None)
@@ -182,13 +205,13 @@ def install(app: FastAPI, pool: RouterPool, *, api_keys: Collection[str] = (), t
             current = state["client"] = httpx.AsyncClient(limits=limits, timeout=timeout)
         return current
 
+    if telemetry.tracing_enabled():  # a server span per proxied request; its traceparent is what the router gets
+        app.add_middleware(telemetry.TraceRequests, prefixes=("/v1/",))
+
     @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def _v1(path: str, request: Request):
-        try:
-            check_auth(request, api_keys)
-        except APIError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers={"WWW-Authenticate": "Bearer"})
-        return await proxy_request(request, pool, client(), path)
+        check_auth(request, api_keys)  # an APIError: the app's handler answers it (and counts it)
+        return await proxy_request(request, pool, client(), path, first_byte)
 
     @app.get("/proxy/routers")
     async def _routers():
@@ -200,46 +223,3 @@ def install(app: FastAPI, pool: RouterPool, *, api_keys: Collection[str] = (), t
             state["client"] = None
 
     return close
-
-
-def create_app(routers: list[str], *, api_keys: Collection[str] = (), cooldown_s: float = 2.0) -> FastAPI:
-    """A gateway that only proxies: /v1/* to `routers`, /health, /proxy/routers."""
-    pool = RouterPool(list(routers), cooldown_s=cooldown_s)
-    closers: list[Callable[[], Awaitable[None]]] = []
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        for close in closers:
-            await close()
-
-    app = FastAPI(title="expertmesh gateway (proxy)", lifespan=lifespan)
-    closers.append(install(app, pool, api_keys=api_keys))
-
-    @app.get("/health")
-    async def _health():
-        return {"status": "ok", "routers": pool.snapshot()}
-
-    app.state.router_pool = pool
-    return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    from expertmesh.core import settings
-
-    parser = argparse.ArgumentParser(description="expertmesh gateway: streaming proxy over vLLM OpenAI routers")
-    parser.add_argument("--router", action="append", required=True, help="router base URL (repeat for several)")
-    parser.add_argument("--host", default=settings.bind_host())
-    parser.add_argument("--port", type=int, default=settings.GATEWAY_PORT)
-    parser.add_argument("--cooldown-s", type=float, default=2.0, help="seconds a refusing router is skipped")
-    args = parser.parse_args(argv)
-    app = create_app(args.router, api_keys=settings.api_keys(), cooldown_s=args.cooldown_s)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    asyncio.run(uvicorn.Server(config).serve())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

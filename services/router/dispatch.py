@@ -21,9 +21,11 @@ The Dispatcher (one per process, `get_dispatcher()`) runs one layer call as expl
 
 Failover is a loop around route -> encode -> transport -> combine: a failed replica's assignments go back to route
 with that replica excluded for the rest of this call (and avoided for `SUSPECT_SECONDS` while alternatives exist).
-If no replica holds an expert (after waiting up to `EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 10 s, for the
-directory to change) the op raises `RemoteExpertError`: the affected step fails, nothing is computed without an
-expert a token was routed to.
+If no replica holds an expert (after waiting up to `EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 10 s, counted from
+when the expert was first found missing, for the directory to change) the router computes that expert's assignments
+itself from the checkpoint (`fallback.py`, weights loaded on demand and dropped when replicas return): an exception
+here would end vLLM's engine core and every request with it. Only a model without a local checkpoint to read raises
+`RemoteExpertError`.
 
 Prometheus (in the process that runs the model): `expertmesh_routed_tokens_total{layer,expert}` (from the
 counters file), and the transport's `expertmesh_dispatch_seconds{replica}`, `expertmesh_dispatch_failovers_total
@@ -46,12 +48,14 @@ from expertmesh.core.protos import expert_pb2
 from expertmesh.discovery.directory import DirectoryClient
 from expertmesh.router import route
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
+from expertmesh.router.fallback import LocalExperts, resolve_checkpoint
 from expertmesh.router.route import RoutingTable, SoleOwners
 from expertmesh.router.transport import ReplicaFailed, Transport, TransportMetrics, serve_metrics
 
 log = logging.getLogger("expertmesh.router.dispatch")
 
 SUSPECT_SECONDS = 5.0
+LOCAL = "router-local"  # the group of assignments the router computes itself (no replica holds their experts)
 
 
 class RemoteExpertError(RuntimeError):
@@ -121,6 +125,9 @@ class Dispatcher:
         self._layers: dict[int, int] = {}  # model layer -> num experts (registered by the quant method)
         self._model_key: object = None
         self._counters: RoutedTokenCounters | None = None
+        self._fallback: LocalExperts | None = None  # set_checkpoint: experts no replica holds, computed here
+        self._missing_since: dict[tuple[int, int], float] = {}  # (layer, expert) -> monotonic time first missing
+        self.fallback_assignments = 0
         self._closed = False
         self._stats_lock = threading.Lock()
         self.rpcs: dict[str, int] = {}  # endpoint -> Forward RPCs sent
@@ -184,13 +191,27 @@ class Dispatcher:
 
     # -- directory --
 
+    def set_checkpoint(self, model: str) -> None:
+        """The checkpoint (vLLM's `model`: a directory or a cached hub id) to compute experts from when no replica
+        holds them; without one, a missing expert fails the step."""
+        path = resolve_checkpoint(model)
+        if path is None:
+            log.warning("%s: no local checkpoint; an expert no replica holds will fail the step", model)
+        elif self._fallback is None or self._fallback.checkpoint != path:
+            self._fallback = LocalExperts(path)
+
     def _apply_snapshot(self, snap: expert_pb2.DirectorySnapshot) -> None:
         table = RoutingTable.from_snapshot(snap)
         for endpoint in table.endpoints:
             self._transport.connect(endpoint)
         with self._table_changed:
             self._table = table
+            self._missing_since = {
+                k: t for k, t in self._missing_since.items() if route.missing_experts(table, k[0], [k[1]])
+            }
             self._table_changed.notify_all()
+        if self._fallback is not None:
+            self._fallback.release_covered(lambda layer, experts: not route.missing_experts(table, layer, experts))
 
     def wait_for_coverage(self, layers: dict[int, int], timeout: float) -> RoutingTable:
         """Block until every (layer, expert) in `layers` {layer: num_experts} has a live replica."""
@@ -215,17 +236,22 @@ class Dispatcher:
         now = time.monotonic()
         return frozenset(e for e, until in self._suspect_until.items() if until > now)
 
-    def _table_for(self, layer: int, experts: list[int], excluded: set[str]) -> RoutingTable:
-        """The current table if it has a candidate for every expert; else wait for the directory, then fail."""
-        deadline = time.monotonic() + self.missing_wait_s
+    def _table_for(self, layer: int, experts: list[int], excluded: set[str]) -> tuple[RoutingTable | None, list[int]]:
+        """(the current table, the experts of `experts` without a candidate in it). While such an expert has been
+        missing for less than `missing_wait_s`, wait for the directory; after that the missing experts are the
+        router's own (fallback) — or, with no checkpoint to compute them from, RemoteExpertError."""
         with self._table_changed:
             while True:
                 table = self._table
                 missing = route.missing_experts(table, layer, experts, excluded)
-                if not missing and table is not None:  # without a table every expert is missing (experts is not empty)
-                    return table
-                left = deadline - time.monotonic()
+                if not missing:  # without a table every expert is missing (experts is not empty)
+                    return table, []
+                now = time.monotonic()
+                first = min(self._missing_since.setdefault((layer, e), now) for e in missing)
+                left = first + self.missing_wait_s - now
                 if left <= 0:
+                    if self._fallback is not None:
+                        return table, missing
                     if table is None:
                         raise RemoteExpertError(f"no snapshot from expert directory {self.directory}")
                     raise RemoteExpertError(
@@ -260,7 +286,7 @@ class Dispatcher:
         sole = table.sole_owners(layer, num_experts) if table is not None else None
         self.timers["prepare"] += time.perf_counter() - t0
 
-        span_ctx, metadata = self._trace(layer)
+        span, metadata = self._trace(layer, T)
         try:
             excluded: set[str] = set()  # replicas that failed in this call
             if sole is not None and sole.only is not None:  # one replica holds the layer: the whole-layer form
@@ -276,9 +302,14 @@ class Dispatcher:
                 groups = self._route(table, sole, layer, ids, pending, counts if first else None, excluded)
                 first = False
                 pending = self._round(layer, hidden, ids, weights, K, groups, out, excluded, metadata)
+        except BaseException as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
         finally:
-            if span_ctx is not None:
-                span_ctx.__exit__(None, None, None)
+            if span is not None:
+                span.end()
         return out.to(hidden.dtype)
 
     def _route(
@@ -291,26 +322,36 @@ class Dispatcher:
         counts: np.ndarray | None,
         excluded: set[str],
     ) -> dict[str, np.ndarray]:
-        """Route: pending positions -> {endpoint: [n_r] positions}. Waits for the directory if an expert has no
-        replica left (then fails)."""
+        """Route: pending positions -> {endpoint: [n_r] positions}, and {LOCAL: positions} for experts no replica
+        holds (after waiting for the directory, see `_table_for`)."""
         t0 = time.perf_counter()
+        groups: dict[str, np.ndarray]
         if sole is not None and not excluded and counts is not None:  # first round, one replica per expert
             assert table is not None  # `sole` comes from the table
             groups = route.by_sole_owner(table, sole.owner, ids)
         else:
             if counts is None:
                 counts = np.bincount(ids[pending])
-            table = self._table_for(layer, route.present_experts(ids, counts), excluded)
-            groups = route.assign(
-                table,
-                layer,
-                ids,
-                pending,
-                counts=counts,
-                excluded=excluded,
-                suspects=self._suspects(),
-                inflight=self._transport.inflight_rows(),
-            )
+            table, missing = self._table_for(layer, route.present_experts(ids, counts), excluded)
+            local: np.ndarray = np.empty(0, dtype=np.int64)  # [n_local] positions the router computes itself
+            if missing:
+                is_local = np.isin(ids[pending], missing)  # [n]
+                local, pending, counts = pending[is_local], pending[~is_local], None
+            groups = {}
+            if pending.shape[0]:
+                assert table is not None  # some expert has a candidate
+                groups = route.assign(
+                    table,
+                    layer,
+                    ids,
+                    pending,
+                    counts=counts,
+                    excluded=excluded,
+                    suspects=self._suspects(),
+                    inflight=self._transport.inflight_rows(),
+                )
+            if local.shape[0]:
+                groups[LOCAL] = local
         self.timers["prepare"] += time.perf_counter() - t0
         return groups
 
@@ -365,6 +406,7 @@ class Dispatcher:
         return the positions that must be re-routed (ascending)."""
         t0 = time.perf_counter()
         calls = []
+        local = groups.pop(LOCAL, None)  # computed here while the replicas work
         for endpoint, pos in groups.items():
             rows, token_index = np.unique(pos // K, return_inverse=True)  # [T_r] tokens (pos ascending), [n_r]
             req = encode_forward(
@@ -373,6 +415,8 @@ class Dispatcher:
             calls.append((pos, rows, self._transport.start(endpoint, req, rows.shape[0], metadata)))
             self._count_sent(endpoint, pos.shape[0])
         self.timers["encode"] += time.perf_counter() - t0
+        if local is not None:
+            self._compute_locally(layer, hidden, ids, weights, K, local, out)
         retry: list[np.ndarray] = []
         wait = 0.0
         for pos, rows, call in calls:
@@ -398,6 +442,28 @@ class Dispatcher:
             return np.empty(0, dtype=np.int64)
         return np.sort(np.concatenate(retry))
 
+    def _compute_locally(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        K: int,
+        pos: np.ndarray,
+        out: torch.Tensor,
+    ) -> None:
+        """The assignments at `pos` [n] (experts no replica holds), computed from the checkpoint, added into out."""
+        assert self._fallback is not None  # _table_for returns missing experts only with a fallback
+        rows, token_index = np.unique(pos // K, return_inverse=True)  # [T_r], [n]
+        result = self._fallback.forward(
+            layer, hidden.index_select(0, torch.from_numpy(rows)), token_index, ids[pos], weights[pos]
+        )  # [T_r, H]
+        out.index_add_(0, torch.from_numpy(rows), result.to(torch.float32))
+        with self._stats_lock:
+            self.fallback_assignments += int(pos.shape[0])
+        if self._transport.metrics is not None:
+            self._transport.metrics.fallback(layer, int(pos.shape[0]))
+
     def _count_sent(self, endpoint: str, assignments: int) -> None:
         with self._stats_lock:
             self.rpcs[endpoint] = self.rpcs.get(endpoint, 0) + 1
@@ -412,19 +478,17 @@ class Dispatcher:
         if self._transport.metrics is not None:
             self._transport.metrics.failover(endpoint)
 
-    def _trace(self, layer: int):
-        # Inside the engine's decode-step span (same thread): nest under it. Otherwise parent to a traced request.
-        if trace.get_current_span().is_recording():
-            parent, links = None, None
-        elif telemetry.in_untraced_step():  # the engine's step was not sampled: no per-layer spans
+    def _trace(self, layer: int, tokens: int) -> tuple[trace.Span | None, list[tuple[str, str]] | None]:
+        """(span, RPC metadata carrying it) of this layer call inside a sampled forward pass, else (None, None).
+
+        The forward pass is traced by step_tracing.py (telemetry.engine_steps) in this thread; the replicas'
+        `expert forward` spans parent to this span through the metadata."""
+        parent = telemetry.engine_steps.layer_parent()
+        if parent is None:
             return None, None
-        else:
-            parent, links = telemetry.requests_in_flight.step_parent()
-            if parent is None:
-                return None, None
-        cm = telemetry.tracer().start_as_current_span(f"dispatch layer {layer}", context=parent, links=links)
-        cm.__enter__()
-        return cm, telemetry.inject_metadata()
+        attributes = {"expertmesh.layer": layer, "expertmesh.tokens": tokens}
+        span = telemetry.tracer().start_span(f"dispatch layer {layer}", context=parent, attributes=attributes)
+        return span, telemetry.inject_metadata(trace.set_span_in_context(span))
 
     # -- lifecycle / observability --
 
@@ -434,6 +498,8 @@ class Dispatcher:
                 "rpcs": dict(self.rpcs),
                 "assignments": dict(self.assignments),
                 "failovers": self.failovers,
+                "fallback_assignments": self.fallback_assignments,
+                "fallback_held": self._fallback.held() if self._fallback is not None else {},
                 "layer_calls": self.layer_calls,
                 "timers": dict(self.timers),
             }
@@ -443,6 +509,7 @@ class Dispatcher:
             self.rpcs.clear()
             self.assignments.clear()
             self.failovers = 0
+            self.fallback_assignments = 0
             self.layer_calls = 0
             self.timers = dict.fromkeys(self.timers, 0.0)
 

@@ -15,7 +15,9 @@ What expertmesh adds before vLLM starts:
 - the dtype of the checkpoint (and CPU_MLA for fp32 MLA models) when `--dtype` was left at "auto"
   (`vllm_args.engine_kwargs`), so this server runs the kernels every parity test runs.
 
-Where the model runs in the engine-core process, so do the dispatcher, its counters and its spans:
+Where the model runs, so do the dispatcher, its counters and its spans: in the engine-core process with
+`--distributed-executor-backend uni` (what `expertmesh serve` passes), else in vLLM's worker process below it; below,
+"the engine core" means whichever of the two runs the model:
 - routed-token counters: the engine core writes the shared-memory file (counters.py) at the pinned path; this
   process reads it (`GET /expertmesh/counters`, JSON) without any RPC;
 - `GET /expertmesh/experts`: per (layer, expert) of the model, routed tokens and the live replicas the expert
@@ -23,6 +25,13 @@ Where the model runs in the engine-core process, so do the dispatcher, its count
 - the dispatcher's Prometheus metrics (`expertmesh_dispatch_*`, `expertmesh_routed_tokens_total`) are served by
   the engine core itself on EXPERTMESH_ROUTER_METRICS_PORT (`transport.serve_metrics`); a collector here re-exports
   the `expertmesh_*` families of that endpoint in vLLM's own `/metrics`, so one scrape of a router sees both.
+
+Tracing (OTEL_EXPORTER_OTLP_ENDPOINT set): every /v1/* request gets a server span here (telemetry.TraceRequests,
+added through vLLM's `--middleware`; parent: the gateway's `traceparent`), whose context replaces the request's
+`traceparent` before vLLM reads it; `configure_tracing` turns vLLM's tracing on, so vLLM hands that context to its
+engine core with the request and emits its own `llm_request` span under it; the plugin carries it on to the
+forward pass (step_tracing.py), where the `forward pass` and `dispatch layer N` spans are made (service
+expertmesh-engine).
 """
 
 from __future__ import annotations
@@ -33,11 +42,13 @@ import logging
 import sys
 import urllib.request
 
-from expertmesh.core import settings
+from expertmesh.core import settings, telemetry
 
 log = logging.getLogger("expertmesh.router.openai_server")
 
 EXPERTMESH_FLAGS = ("--expert-mode", "--directory", "--counters-file", "--router-metrics-port")
+ROUTER_SERVICE = "expertmesh-router"  # the service name of this process's spans
+TRACE_MIDDLEWARE = "expertmesh.core.telemetry.TraceRequests"
 
 
 def make_parser():
@@ -86,7 +97,27 @@ def prepare(args: argparse.Namespace) -> argparse.Namespace:
         plugin.configure_local()
     args.expert_mode = mode
     args.counters_file = plugin.counters_file() if mode == "remote" else None
+    configure_tracing(args)
     return args
+
+
+def configure_tracing(args: argparse.Namespace) -> None:
+    """Tracing on when OTEL_EXPORTER_OTLP_ENDPOINT or `--otlp-traces-endpoint` is given (either sets the other).
+
+    vLLM's own tracing must be on for a request's trace to reach the model: only then does vLLM pass the request's
+    `traceparent` on to the engine core (EngineCoreRequest.trace_headers; dropped otherwise), where the plugin
+    picks it up (step_tracing.py); vLLM then also emits its `llm_request` span when a request finishes."""
+    endpoint = settings.otlp_endpoint()
+    if args.otlp_traces_endpoint and not endpoint:
+        settings.export("OTEL_EXPORTER_OTLP_ENDPOINT", args.otlp_traces_endpoint)  # the engine processes read it
+    elif endpoint and args.otlp_traces_endpoint is None:
+        if args.disable_log_stats:  # vLLM's request tracing asserts its stats exist when a request finishes
+            log.warning("--disable-log-stats: vLLM's tracing stays off, so the engine's spans are not made")
+        else:
+            args.otlp_traces_endpoint = endpoint
+    if telemetry.tracing_enabled() and TRACE_MIDDLEWARE not in args.middleware:
+        # vLLM's `--middleware`: a server span per /v1/* request, whose traceparent replaces the request's
+        args.middleware = [*args.middleware, TRACE_MIDDLEWARE]
 
 
 class EngineCoreMetrics:
@@ -222,6 +253,10 @@ async def serve(args: argparse.Namespace) -> None:
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
+    # expertmesh's provider first, so that vLLM's request spans here carry this service's name too; vLLM's own
+    # provider, made next, is then not the global one (OpenTelemetry's warning that it refused it is expected here)
+    telemetry.init_tracing(ROUTER_SERVICE)
+    logging.getLogger("opentelemetry.trace").addFilter(lambda record: "TracerProvider is not" not in str(record.msg))
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
         async with build_async_engine_client(args) as engine_client:

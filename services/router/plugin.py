@@ -29,6 +29,10 @@ assembled by vLLM's oracle from the platform's experts class; a remote prepare/f
 do-nothing experts stage and the local weights that stage expects, and prepare/finalize is selected from the
 parallel config (all2all backends), not pluggable per model. Replacing the quant method is one class, works for
 every family, and is where weights are created — the only place that can decline to allocate them.
+
+Tracing: in remote mode with OTEL_EXPORTER_OTLP_ENDPOINT set, `register()` also installs step_tracing.py's two
+wrappers (engine core: the new requests' trace headers onto the scheduler output; model process: a `forward pass`
+span per sampled step), under which dispatch.py's per-layer spans join the requests' traces.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from expertmesh.core import settings
+from expertmesh.core import settings, telemetry
 
 log = logging.getLogger("expertmesh.router.plugin")
 
@@ -50,8 +54,13 @@ def expert_mode() -> str:
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: apply the mode from the environment (no-op in local mode)."""
+    """vLLM general-plugin entry point: apply the mode from the environment (no-op in local mode). In remote mode
+    with tracing on, also carry requests' trace context to the forward pass (step_tracing.py)."""
     apply_mode()
+    if expert_mode() == "remote" and telemetry.tracing_enabled():
+        from expertmesh.router import step_tracing
+
+        step_tracing.install()
 
 
 def configure_remote(
@@ -148,7 +157,9 @@ def remote_method_class():
             self.layer_index = extract_layer_index(layer.layer_name)
             self.num_experts = int(layer.global_num_experts)
             vllm_config = get_current_vllm_config()
-            dispatch.get_dispatcher().register_layer(id(vllm_config), self.layer_index, self.num_experts)
+            dispatcher = dispatch.get_dispatcher()
+            dispatcher.register_layer(id(vllm_config), self.layer_index, self.num_experts)
+            dispatcher.set_checkpoint(vllm_config.model_config.model)  # for experts no replica holds
 
         def process_weights_after_loading(self, layer) -> None:
             return None  # nothing loaded, nothing to pack

@@ -53,6 +53,11 @@ class TransportMetrics:
         self.failovers = Counter(
             "expertmesh_dispatch_failovers", "Forward RPCs that failed and were resent", ["replica"]
         )
+        self.fallback_assignments = Counter(
+            "expertmesh_dispatch_fallback_assignments",
+            "(token, expert) assignments the router computed itself: no live replica held the expert",
+            ["layer"],
+        )
         self._children: dict = {}
 
     @classmethod
@@ -70,6 +75,9 @@ class TransportMetrics:
 
     def failover(self, replica: str) -> None:
         self.failovers.labels(replica=replica).inc()
+
+    def fallback(self, layer: int, assignments: int) -> None:
+        self.fallback_assignments.labels(layer=str(layer)).inc(assignments)
 
 
 class ReplicaLink:

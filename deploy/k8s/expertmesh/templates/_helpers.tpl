@@ -35,8 +35,10 @@ expertmesh.io/expert-pool: {{ include "expertmesh.fullname" . | quote }}
 {{- printf "%s/%s:%s" .ctx.Values.image.registry .repo $tag -}}
 {{- end -}}
 
-{{- define "expertmesh.routerAddress" -}}
-{{- printf "%s-router:%v" (include "expertmesh.fullname" .) (int .Values.ports.router) -}}
+{{/* Base URL of the routers' Service (vLLM's OpenAI server with the plugin): the gateway's and the controller's
+--router, and EXPERTMESH_ROUTER. */}}
+{{- define "expertmesh.routerURL" -}}
+{{- printf "http://%s-router:%v" (include "expertmesh.fullname" .) (int .Values.ports.router) -}}
 {{- end -}}
 
 {{- define "expertmesh.directoryAddress" -}}
@@ -74,7 +76,7 @@ expertmesh.io/expert-pool: {{ include "expertmesh.fullname" . | quote }}
 - name: EXPERTMESH_DIRECTORY
   value: {{ include "expertmesh.directoryAddress" . | quote }}
 - name: EXPERTMESH_ROUTER
-  value: {{ include "expertmesh.routerAddress" . | quote }}
+  value: {{ include "expertmesh.routerURL" . | quote }}
 - name: EXPERTMESH_REPLICA_PORTS
   value: {{ .Values.ports.replicaRange | quote }}
 {{- if .Values.otel.enabled }}

@@ -1,6 +1,6 @@
-"""End to end through `expertmesh serve --frontend vllm` (a real subprocess on the demo model: Ray + expert pool,
-vLLM's own OpenAI server as the router with the expertmesh plugin, the gateway's streaming proxy in front of it, the
-controller), with the official `openai` SDK through the gateway and API keys on:
+"""End to end through `expertmesh serve` (a real subprocess on the demo model: Ray + expert pool, vLLM's own OpenAI
+server as the router with the expertmesh plugin, the gateway's streaming proxy in front of it, the controller), with
+the official `openai` SDK through the gateway and API keys on:
 
 - greedy chat gives the same text twice; streaming gives the same text and usage; `response_format` json_schema
   output validates against the schema (vLLM options after `--` reached vLLM's parser: the structured-outputs
@@ -49,7 +49,7 @@ VLLM_OPTIONS = [
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve-vllm")
+    work = tmp_path_factory.mktemp("serve")
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -65,8 +65,8 @@ def stack(tmp_path_factory):
         }
     )
     cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(DEMO), *serve_flags(port)]
-    cmd += ["--frontend", "vllm", "--", *VLLM_OPTIONS]
-    with running_serve(cmd, env, work, 300, "expertmesh serve --frontend vllm") as (proc, _curl):
+    cmd += ["--", *VLLM_OPTIONS]
+    with running_serve(cmd, env, work, 300, "expertmesh serve") as (proc, _curl):
         yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "work": work}
 
 
@@ -131,7 +131,7 @@ def test_errors_unknown_model_is_vllms_404_and_keys_are_required(stack):
     )
     assert reply.status_code == 404
     error = reply.json()["error"]
-    # vLLM's own error shape (the gateway's hand-written routes would say "not_found_error")
+    # vLLM's own error shape, relayed unchanged
     assert error["type"] == "NotFoundError" and error["code"] == 404 and error["param"] == "model", error
     assert "no-such-model" in error["message"]
 
