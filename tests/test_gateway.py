@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
-from openai_servers import expert_pool, start_server, stop_server, vllm_flags, wait_ready
+from openai_servers import expert_pool, gateway_args, router_args, start_server, stop_server, vllm_flags, wait_ready
 
 from expertmesh.core import settings
 from expertmesh.core.checkpoint import read_moe_info
@@ -44,44 +44,15 @@ def _dead_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _wait_http(url: str, proc, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            httpx.get(url, timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} not up:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     logs = tmp_path_factory.mktemp("gateway")
     with expert_pool(DEMO) as (directory, replica):
         router_port = free_port()
         env = settings.child_env({"EXPERTMESH_MISSING_EXPERT_WAIT_S": "1"})
-        router = start_server(
-            [
-                "-m",
-                "expertmesh.router.openai_server",
-                str(DEMO),
-                "--expert-mode",
-                "remote",
-                "--directory",
-                directory,
-                "--router-metrics-port",  # the engine core's dispatcher metrics, re-exported in the router's
-                str(free_port()),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(router_port),
-                *vllm_flags("demo"),
-            ],
-            logs / "router.log",
-            env,
-        )
+        # the engine core's dispatcher metrics, re-exported in the router's /metrics
+        more = ("--router-metrics-port", str(free_port()), *vllm_flags("demo"))
+        router = start_server(router_args(DEMO, directory, router_port, *more), logs / "router.log", env)
         router_url = f"http://127.0.0.1:{router_port}"
         gateways = []
         try:
@@ -89,13 +60,10 @@ def stack(tmp_path_factory):
             upstreams = {"keyed": [router_url], "open": [router_url, _dead_url()]}
             for name, port in ports.items():
                 gw_env = dict(env, EXPERTMESH_API_KEYS=",".join(KEYS) if name == "keyed" else "")
-                cmd = ["-m", "expertmesh.gateway.app", "--host", "127.0.0.1", "--port", str(port)]
-                for url in upstreams[name]:
-                    cmd += ["--router", url]
-                gateways.append(start_server(cmd, logs / f"gateway-{name}.log", gw_env))
+                gateways.append(start_server(gateway_args(upstreams[name], port), logs / f"gateway-{name}.log", gw_env))
             wait_ready(router_url, router, logs / "router.log")
             for (name, port), proc in zip(ports.items(), gateways, strict=True):
-                _wait_http(f"http://127.0.0.1:{port}/metrics", proc, logs / f"gateway-{name}.log")
+                wait_ready(f"http://127.0.0.1:{port}", proc, logs / f"gateway-{name}.log", 60, path="/metrics")
             yield {
                 "router": router_url,
                 "keyed": f"http://127.0.0.1:{ports['keyed']}",

@@ -37,19 +37,26 @@ import httpx
 import jsonschema
 import pytest
 from conftest import free_port
+from openai_servers import (
+    expert_pool,
+    gateway_args,
+    reference_args,
+    router_args,
+    start_server,
+    stop_server,
+    vllm_flags,
+    wait_ready,
+)
 
 from expertmesh.core import settings
 from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.protos import expert_pb2
-from expertmesh.discovery.directory import DirectoryClient, DirectoryServer
-from expertmesh.experts.replica import ExpertServer, keys_to_proto
+from expertmesh.experts.replica import ExpertServer
 from expertmesh.router.counters import RoutedTokenCounters
 
 pytestmark = pytest.mark.slow
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 MODEL = "demo"
-START_TIMEOUT_S = 240
 PROMPTS = ["Speak, my lord.", "What news from Rome?", "Good morrow, sweet queen."]
 SCHEMA = {
     "type": "object",
@@ -57,72 +64,14 @@ SCHEMA = {
     "required": ["name", "alive"],
     "additionalProperties": False,
 }
-# vLLM options shared by both servers: fp32 (the checkpoint's dtype), eager, JSON without free whitespace (a small
-# model otherwise fills the token budget with blanks inside a grammar that allows them).
-VLLM_FLAGS = [
-    "--served-model-name",
-    MODEL,
-    "--dtype",
-    "float32",
-    "--enforce-eager",
-    "--max-model-len",
-    "512",
-    "--structured-outputs-config",
-    '{"backend": "xgrammar", "disable_any_whitespace": true}',
-    "--disable-uvicorn-access-log",
-]
-
-
-def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+VLLM_FLAGS = vllm_flags(MODEL)
 
 
 @pytest.fixture(scope="module")
 def pool():
     """A real directory and one real ExpertServer holding every routed expert of the demo model."""
-    info = read_moe_info(DEMO)
-    keys = {layer: list(range(info.num_experts)) for layer in info.moe_layers}
-    directory = DirectoryServer()
-    address = f"127.0.0.1:{directory.start()}"
-    client = DirectoryClient(address)
-    server = ExpertServer(DEMO, keys, replica_id="all-0", group="all")
-    port = server.start()
-    client.register(
-        expert_pb2.ReplicaEntry(
-            replica_id="all-0", group="all", endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)
-        ),
-        lease_seconds=3600,
-    )
-    yield address, server
-    server.stop(grace=0)
-    client.close()
-    directory.stop()
+    with expert_pool(DEMO) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")
@@ -134,51 +83,17 @@ def servers(pool, tmp_path_factory):
     router_port, reference_port, metrics_port = free_port(), free_port(), free_port()
     # the router's own settings come from its flags; the reference must not load the plugin in remote mode
     env = settings.child_env({"EXPERTMESH_EXPERT_MODE": "local"})
-    router = _start(
-        [
-            "-m",
-            "expertmesh.router.openai_server",
-            str(DEMO),
-            "--expert-mode",
-            "remote",
-            "--directory",
-            directory,
-            "--counters-file",
-            counters_file,
-            "--router-metrics-port",
-            str(metrics_port),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(router_port),
-            *VLLM_FLAGS,
-        ],
-        logs / "router.log",
-        env,
-    )
-    reference = _start(
-        [
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(DEMO),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(reference_port),
-            *VLLM_FLAGS,
-        ],
-        logs / "reference.log",
-        env,
-    )
+    more = ("--counters-file", counters_file, "--router-metrics-port", str(metrics_port), *VLLM_FLAGS)
+    router = start_server(router_args(DEMO, directory, router_port, *more), logs / "router.log", env)
+    reference = start_server(reference_args(DEMO, reference_port, *VLLM_FLAGS), logs / "reference.log", env)
     try:
         router_url, reference_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{reference_port}"
-        _wait_ready(router_url, router, logs / "router.log")
-        _wait_ready(reference_url, reference, logs / "reference.log")
+        wait_ready(router_url, router, logs / "router.log")
+        wait_ready(reference_url, reference, logs / "reference.log")
         yield router_url, reference_url, counters_file, metrics_port
     finally:
-        _stop(router)
-        _stop(reference)
+        stop_server(router)
+        stop_server(reference)
 
 
 def _chat(url: str, content: str, **extra) -> dict:
@@ -361,35 +276,15 @@ def gateway(servers, tmp_path_factory):
     router_url = servers[0]
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     port = free_port()
-    command = ["-m", "expertmesh.gateway.app", "--router", router_url, "--host", "127.0.0.1", "--port", str(port)]
     env = settings.child_env()
     env.pop("EXPERTMESH_API_KEYS", None)  # open, whatever the shell running the tests has
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *command],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+    proc = start_server(gateway_args([router_url], port), log, env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"gateway exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"gateway not ready:\n{log.read_text()[-4000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+        wait_ready(url, proc, log, timeout_s=60)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(proc)
 
 
 # The storm: enough streams that disconnects land at every stage of a request (in the gateway before the router

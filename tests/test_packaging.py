@@ -33,7 +33,7 @@ from conftest import free_port, serve_flags
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ("__init__", "expert_pb2", "expert_pb2_grpc", "router_pb2", "router_pb2_grpc")
+GENERATED = ("__init__", "expert_pb2", "expert_pb2_grpc")
 
 
 def _run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -138,7 +138,7 @@ def test_installed_wheel_resolves_inside_the_fresh_venv(fresh_venv, tmp_path):
         "from expertmesh.core import protos\n"
         "from expertmesh.stack import DEMO_MODEL\n"
         "print(json.dumps({'package': expertmesh.__file__, 'pb2': protos.expert_pb2.__file__,\n"
-        "  'pb2_grpc': protos.router_pb2_grpc.__file__, 'demo': str(DEMO_MODEL),\n"
+        "  'pb2_grpc': protos.expert_pb2_grpc.__file__, 'demo': str(DEMO_MODEL),\n"
         "  'editable_finder': any('__editable__' in m for m in sys.modules), 'prefix': sys.prefix}))\n"
     )
     out = json.loads(
@@ -172,10 +172,10 @@ def test_editable_install_generates_into_the_checkout(tmp_path):
     assert Path(package) == src / "services" / "__init__.py"
     assert Path(generated) == src / "services" / "core" / "_generated" / "expert_pb2_grpc.py"
     assert Path(demo) == src / "models" / "demo"
-    with open(src / "protos" / "router.proto", "a") as f:
+    with open(src / "protos" / "expert.proto", "a") as f:
         f.write("// edited\n")
     stale = subprocess.run(
-        [str(python), "-c", "from expertmesh.core.protos import router_pb2"],
+        [str(python), "-c", "from expertmesh.core.protos import expert_pb2"],
         check=False,
         capture_output=True,
         text=True,
@@ -185,7 +185,7 @@ def test_editable_install_generates_into_the_checkout(tmp_path):
     )
     assert stale.returncode != 0 and "python -m expertmesh.core.protos" in stale.stderr, stale.stderr
     _run([str(python), "-m", "expertmesh.core.protos"], 120, cwd=tmp_path, env=env)
-    _run([str(python), "-c", "from expertmesh.core.protos import router_pb2"], 120, cwd=tmp_path, env=env)
+    _run([str(python), "-c", "from expertmesh.core.protos import expert_pb2"], 120, cwd=tmp_path, env=env)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -17,40 +17,24 @@ subprocess, both with OTEL_EXPORTER_OTLP_ENDPOINT pointing at the receiver.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import descendants, free_port
+from conftest import free_port
+from openai_servers import expert_pool, gateway_args, router_args, start_server, stop_server, vllm_flags, wait_ready
 from otlp_collector import Collector
 
 from expertmesh.core import settings, telemetry
 from expertmesh.core.checkpoint import read_moe_info
-from expertmesh.core.protos import expert_pb2
-from expertmesh.discovery.directory import DirectoryClient, DirectoryServer
-from expertmesh.experts.replica import ExpertServer, keys_to_proto
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 MODEL = "demo"
-START_TIMEOUT_S = 240
 SPANS_TIMEOUT_S = 30
 CHAT = "POST /v1/chat/completions"
-VLLM_FLAGS = [
-    "--served-model-name",
-    MODEL,
-    "--dtype",
-    "float32",
-    "--enforce-eager",
-    "--max-model-len",
-    "512",
-    "--disable-uvicorn-access-log",
-]
+VLLM_FLAGS = vllm_flags(MODEL)
 
 
 def _traceparent(sampled: bool = True) -> tuple[dict[str, str], bytes]:
@@ -101,66 +85,15 @@ def collector():
 
 @pytest.fixture(scope="module")
 def pool(collector):
-    """A real directory and one real ExpertServer holding every routed expert of the demo model, whose spans this
-    process exports to `collector` (a provider of its own: OpenTelemetry's global one stays as the session had it)."""
+    """The directory address of a real directory and one real ExpertServer holding every routed expert of the demo
+    model, whose spans this process exports to `collector` (a provider of its own: OpenTelemetry's global one stays
+    as the session had it)."""
     telemetry.init_tracing("expertmesh-experts", collector.endpoint, install_global=False)
-    info = read_moe_info(DEMO)
-    keys = {layer: list(range(info.num_experts)) for layer in info.moe_layers}
-    directory = DirectoryServer()
-    address = f"127.0.0.1:{directory.start()}"
-    client = DirectoryClient(address)
-    server = ExpertServer(DEMO, keys, replica_id="all-0", group="all")
-    port = server.start()
-    client.register(
-        expert_pb2.ReplicaEntry(
-            replica_id="all-0", group="all", endpoint=f"127.0.0.1:{port}", keys=keys_to_proto(keys)
-        ),
-        lease_seconds=3600,
-    )
-    yield address
-    server.stop(grace=0)
-    client.close()
-    directory.stop()
-    telemetry.shutdown_tracing()
-
-
-def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as out:  # own session: what it leaves behind is found (and stopped) by its session id
-        return subprocess.Popen(
-            [sys.executable, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def _wait_ok(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[1:3]} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (vLLM's own shutdown), then SIGKILL whatever is left of its session (engine core, worker)."""
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    for pid in descendants(proc.pid):  # (the processes whose session id is its pid: only what it started)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        with expert_pool(DEMO) as (address, _replica):
+            yield address
+    finally:
+        telemetry.shutdown_tracing()
 
 
 @pytest.fixture(scope="module")
@@ -171,38 +104,17 @@ def gateway(pool, collector, tmp_path_factory):
     env = settings.child_env({"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint})
     router_port, gateway_port = free_port(), free_port()
     router_url, gateway_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{gateway_port}"
-    router = _start(
-        [
-            "-m",
-            "expertmesh.router.openai_server",
-            str(DEMO),
-            "--expert-mode",
-            "remote",
-            "--directory",
-            pool,
-            "--counters-file",
-            str(logs / "routed-tokens.npy"),
-            "--router-metrics-port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(router_port),
-            *VLLM_FLAGS,
-        ],
-        logs / "router.log",
-        env,
-    )
+    more = ("--counters-file", str(logs / "routed-tokens.npy"), "--router-metrics-port", "0", *VLLM_FLAGS)
+    router = start_server(router_args(DEMO, pool, router_port, *more), logs / "router.log", env)
     procs = [router]
     try:
-        _wait_ok(f"{router_url}/v1/models", router, logs / "router.log")
-        args = ["-m", "expertmesh.gateway.app", "--router", router_url, "--host", "127.0.0.1"]
-        procs.append(_start([*args, "--port", str(gateway_port)], logs / "gateway.log", env))
-        _wait_ok(f"{gateway_url}/health", procs[-1], logs / "gateway.log")
+        wait_ready(router_url, router, logs / "router.log")
+        procs.append(start_server(gateway_args([router_url], gateway_port), logs / "gateway.log", env))
+        wait_ready(gateway_url, procs[-1], logs / "gateway.log", path="/health")
         yield gateway_url
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_server(proc)
 
 
 def _chat(url: str, content: str, headers: dict[str, str] | None = None) -> None:
