@@ -258,9 +258,8 @@ class Stack:
             cmd += ["--expert-mode", "remote", "--directory", directory]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
-        # The model in vLLM's engine-core process instead of a third (worker) process: one fewer process on a
-        # laptop's few cores. A user's own --distributed-executor-backend (below) wins.
-        cmd += ["--distributed-executor-backend", "uni"]
+        # vLLM's default executor: the model in a worker process below the engine core. Measured on 2 cores
+        # (docs/benchmarks.md) it serves more than `uni` (the model inside the engine core) at concurrency 32.
         cmd += self.vllm_args  # last: the user's `vllm serve` options win over the stack's
         proc, log = self._spawn("router", cmd, env)
         took = _wait("router", lambda: _http_ok(f"{self.router_url}/v1/models"), proc, 600, log)
@@ -286,18 +285,20 @@ class Stack:
         return names[0] if names else self.model.name
 
     def stop(self) -> None:
+        """The gateway first (started last): it stops accepting and lets the requests in flight finish, up to
+        EXPERTMESH_SHUTDOWN_GRACE_S; only then the router, so no request being served is cut; then the pool."""
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
+        grace = settings.shutdown_grace_s()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=grace + 15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)

@@ -1,7 +1,7 @@
 """The gateway as the front door (gateway/app.py) over real HTTP, in front of a real router: vLLM's own OpenAI
 server with the expertmesh plugin on the demo model, its routed experts computed by a real replica (a directory and
-an ExpertServer in this process, gRPC on loopback). Two gateways, real subprocesses: one with API keys in front of
-the router, one open in front of the router and a dead URL.
+an ExpertServer in this process, gRPC on loopback). Three gateways, real subprocesses: one with API keys in front of
+the router, one open in front of the router and a dead URL, one with an admission bound of 4.
 
 What is the gateway's own (the OpenAI behaviour is vLLM's, compared with vLLM's server in test_openai_parity.py):
 - API keys guard /v1/* and /experts, never /health or /metrics; a refused key is an OpenAI 401 with
@@ -10,6 +10,7 @@ What is the gateway's own (the OpenAI behaviour is vLLM's, compared with vLLM's 
   what is wrong: a router that is down, experts that no replica holds;
 - /experts sums the routers' routed tokens per (layer, expert); /metrics counts requests and the gateway's errors;
 - a path the gateway does not serve is an OpenAI 404; a /v1 path vLLM does not serve is vLLM's own 404;
+- admission control: 4x the bound at once gets 429 + Retry-After for the excess, and the admitted all complete;
 - last: the only replica dies mid-service and the router keeps answering, the same text (it computes the experts
   itself, router/fallback.py: an exception in vLLM's forward pass would end its engine core), and goes back to the
   pool when a replica holds them again.
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 KEYS = ["key-one", "key-two"]
+BOUND = 4  # the "bounded" gateway's admission bound (requests in flight per router)
 
 
 def _dead_url() -> str:
@@ -56,10 +58,12 @@ def stack(tmp_path_factory):
         router_url = f"http://127.0.0.1:{router_port}"
         gateways = []
         try:
-            ports = {"keyed": free_port(), "open": free_port()}
-            upstreams = {"keyed": [router_url], "open": [router_url, _dead_url()]}
+            ports = {"keyed": free_port(), "open": free_port(), "bounded": free_port()}
+            upstreams = {"keyed": [router_url], "open": [router_url, _dead_url()], "bounded": [router_url]}
             for name, port in ports.items():
                 gw_env = dict(env, EXPERTMESH_API_KEYS=",".join(KEYS) if name == "keyed" else "")
+                if name == "bounded":
+                    gw_env["EXPERTMESH_GATEWAY_MAX_IN_FLIGHT"] = str(BOUND)
                 gateways.append(start_server(gateway_args(upstreams[name], port), logs / f"gateway-{name}.log", gw_env))
             wait_ready(router_url, router, logs / "router.log")
             for (name, port), proc in zip(ports.items(), gateways, strict=True):
@@ -68,6 +72,7 @@ def stack(tmp_path_factory):
                 "router": router_url,
                 "keyed": f"http://127.0.0.1:{ports['keyed']}",
                 "open": f"http://127.0.0.1:{ports['open']}",
+                "bounded": f"http://127.0.0.1:{ports['bounded']}",
                 "directory": directory,
                 "dead": upstreams["open"][1],
                 "replica": replica,
@@ -180,6 +185,30 @@ def test_experts_and_metrics(stack):
     assert sent and float(sent[0].rsplit(" ", 1)[1]) >= 2, sent
     errors = [line for line in metrics.splitlines() if line.startswith("expertmesh_gateway_errors_total{")]
     assert any('type="authentication_error"' in line and float(line.rsplit(" ", 1)[1]) >= 1 for line in errors), errors
+
+
+def test_overload_past_the_admission_bound_is_429_and_the_admitted_complete(stack):
+    """4x the bound at once: the excess gets OpenAI's 429 with Retry-After at once, every admitted request completes
+    in full, and afterwards the gateway admits again."""
+    import concurrent.futures
+
+    body = {"model": "demo", "prompt": "Speak, my lord.", "max_tokens": 48, "ignore_eos": True, "temperature": 0}
+
+    def send(_):
+        return httpx.post(f"{stack['bounded']}/v1/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(4 * BOUND) as pool:
+        replies = list(pool.map(send, range(4 * BOUND)))
+    admitted = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code == 429]
+    assert len(admitted) + len(refused) == len(replies), [r.status_code for r in replies]
+    assert len(admitted) >= BOUND and len(refused) >= 2 * BOUND, (len(admitted), len(refused))
+    assert all(r.json()["usage"]["completion_tokens"] == 48 for r in admitted)
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded" and r.json()["error"]["type"] == "requests"
+    assert httpx.get(f"{stack['bounded']}/v1/models", timeout=10).status_code == 200  # reads are never refused
+    assert send(0).status_code == 200  # nothing left in flight: admitted again
 
 
 def _router_metric(router: str, name: str) -> float:

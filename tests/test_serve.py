@@ -8,6 +8,8 @@ the official `openai` SDK through the gateway and API keys on:
 - an unknown model gets vLLM's own 404 error body through the proxy; a request without a key gets the gateway's 401;
 - /health reports every expert covered; /experts shows routed tokens > 0 (the router's counters: tokens the
   dispatcher sent to the pool's replicas) and the controller read the same counters (tokens/s > 0 in its history);
+- the only expert replica SIGKILLed under 64 greedy streams: all complete with the undisturbed text, and no client
+  waits 3 s between two tokens (the router computes the experts itself until the replacement registers);
 - Ctrl-C stops everything: no process of the stack is left, the gateway is gone.
 
 Parity with vLLM's own server is tests/test_openai_frontend.py's job.
@@ -174,8 +176,104 @@ def test_health_experts_and_controller_read_the_routers_counters(stack):
     assert "/v1/{path:path}" in metrics  # the gateway counted the proxied requests
 
 
-def test_ctrl_c_stops_everything(stack):
+def _replica_pids(stack) -> list[int]:
+    """The expert replicas' processes of the stack (Ray names them `ray::ServeReplica:<app>:<group>`)."""
+    pids = []
+    for pid in descendants(stack["proc"].pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "ServeReplica" in cmdline and "ExpertDirectory" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+async def _streams(url: str, prompts: list[str], max_tokens: int, on_progress=None) -> list[dict]:
+    """Stream a greedy completion per prompt, all at once: per prompt {"text", "gap": the longest wait between two
+    chunks in s, "tokens": completion tokens by the final usage, "done": whether [DONE] came}."""
+    import asyncio
+
+    async def one(client, prompt: str) -> dict:
+        body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        text, gap, last, done, tokens = [], 0.0, None, False, None
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=_auth()) as reply:
+            assert reply.status_code == 200, await reply.aread()
+            async for line in reply.aiter_lines():
+                done = done or line == "data: [DONE]"
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if not event["choices"]:
+                    continue
+                now = time.monotonic()
+                gap, last = (max(gap, now - last) if last is not None else 0.0), now
+                text.append(event["choices"][0]["text"])
+                if on_progress is not None:
+                    on_progress()
+        return {"text": "".join(text), "gap": gap, "tokens": tokens, "done": done}
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as client:
+        return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+
+
+def test_killing_the_only_replica_under_64_streams_loses_nothing(stack):
+    """SIGKILL the demo's only expert replica while 64 greedy streams run: every stream completes with the text of
+    an undisturbed run, and no client waits more than 3 s between two tokens (the router computes the experts
+    itself until Serve's replacement registers: router/fallback.py)."""
+    import asyncio
+    import signal
+    import threading
+
+    names = ["lord", "queen", "fool", "friend"]
+    prompts = [f"Request {i}: what news from Rome, good {names[i % 4]}?" for i in range(64)]
+    undisturbed = asyncio.run(_streams(stack["url"], prompts, 32))
+    replicas = _replica_pids(stack)
+    assert len(replicas) == 1, replicas  # the demo's default plan: one replica holds every routed expert
+    chunks = {"n": 0}
+    killed = threading.Event()
+
+    def kill_once_streaming():
+        chunks["n"] += 1
+        if chunks["n"] == 64 * 4 and not killed.is_set():  # every stream a few tokens in, on average
+            killed.set()
+            os.kill(replicas[0], signal.SIGKILL)
+
+    disturbed = asyncio.run(_streams(stack["url"], prompts, 32, kill_once_streaming))
+    assert killed.is_set()
+    assert all(r["done"] for r in disturbed)
+    assert [r["text"] for r in disturbed] == [r["text"] for r in undisturbed]
+    longest = max(r["gap"] for r in disturbed)
+    assert longest < 3.0, f"a client waited {longest:.1f} s between two tokens"
+
+
+def test_ctrl_c_lets_streams_in_flight_finish_then_stops_everything(stack):
+    """Ctrl-C while 8 streams are mid-way: each still gets all its tokens (the gateway drains before the router
+    stops), then nothing of the stack is left."""
+    import asyncio
+    import threading
+
     proc = stack["proc"]
     before = descendants(proc.pid)
     assert len(before) >= 4  # router, its engine core, gateway, ray processes at least
+    chunks = {"n": 0}
+    midway = threading.Event()
+
+    def count():
+        chunks["n"] += 1
+        if chunks["n"] >= 8 * 8:
+            midway.set()
+
+    results: list = []
+    prompts = [f"Stream {i} before the curtain falls" for i in range(8)]
+    streams = threading.Thread(target=lambda: results.append(asyncio.run(_streams(stack["url"], prompts, 64, count))))
+    streams.start()
+    assert midway.wait(timeout=120), "the streams did not get going"
     ctrl_c_leaves_nothing(proc, before, stack["url"])
+    streams.join(timeout=60)
+    assert results, "the streams did not finish"
+    # every stream got its 64 tokens (ignore_eos) and its [DONE]: none was cut by the shutdown
+    assert [(r["tokens"], r["done"]) for r in results[0]] == [(64, True)] * 8

@@ -160,7 +160,7 @@ def test_one_connected_trace_from_gateway_to_expert_replica(stack):
     names = [span.name for _, span in full[0]]
     services = [svc for svc, _ in full[0]]
     assert names[0] == "expert forward" and names[1].startswith("dispatch layer"), names
-    assert "forward pass" in names, names  # the model's forward (vLLM's engine core: the stack's `uni` executor)
+    assert "forward pass" in names, names  # the model's forward, in vLLM's worker process
     assert services[-1] == "expertmesh-gateway" and services[-2] == "expertmesh-router", services
     assert "expertmesh-engine" in services, services
     assert len({span.trace_id for _, span in full[0]}) == 1  # one trace, across three processes

@@ -207,6 +207,24 @@ ENV_VARS: dict[str, EnvVar] = {
             _port_range,
         ),
         _var(
+            "EXPERTMESH_SHUTDOWN_GRACE_S",
+            "float",
+            30.0,
+            "on SIGTERM / Ctrl-C the gateway stops accepting and lets requests in flight finish for up to this many "
+            "seconds; `expertmesh serve` stops the router only after the gateway is done",
+            "gateway, expertmesh serve",
+            _float,
+        ),
+        _var(
+            "EXPERTMESH_GATEWAY_MAX_IN_FLIGHT",
+            "int",
+            256,
+            "admission control: requests the gateway keeps in flight per router (0 = no bound); past it, while every "
+            "router is at its bound, a new /v1 POST gets 429 with Retry-After at once instead of an unbounded queue",
+            "gateway",
+            _int,
+        ),
+        _var(
             "EXPERTMESH_CONTROLLER_STATUS",
             "str",
             None,
@@ -257,8 +275,10 @@ ENV_VARS: dict[str, EnvVar] = {
         _var(
             "EXPERTMESH_MISSING_EXPERT_WAIT_S",
             "float",
-            10.0,
-            "seconds the router waits for the directory to list an expert nobody serves before failing the step",
+            1.0,
+            "seconds (from when an expert was first found without a live replica) the router waits for the directory "
+            "to list one before computing that expert itself from the checkpoint (router/fallback.py); the whole "
+            "step waits, so keep it short",
             "router",
             _float,
         ),
@@ -380,6 +400,14 @@ def api_keys() -> list[str]:
 
 def replica_port_range() -> tuple[int, int]:
     return tuple(get("EXPERTMESH_REPLICA_PORTS"))
+
+
+def shutdown_grace_s() -> float:
+    return get("EXPERTMESH_SHUTDOWN_GRACE_S")
+
+
+def gateway_max_in_flight() -> int:
+    return get("EXPERTMESH_GATEWAY_MAX_IN_FLIGHT")
 
 
 def controller_status() -> str | None:
@@ -562,6 +590,8 @@ class GatewaySettings:
     controller_status: str | None = field(default_factory=controller_status)
     router_timeout_s: float = 5.0  # the routers' /health and /expertmesh/experts
     router_cooldown_s: float = 2.0  # a router that refused a connection is skipped this long
+    max_in_flight: int = field(default_factory=gateway_max_in_flight)  # per router; 0 = no bound
+    shutdown_grace_s: float = field(default_factory=shutdown_grace_s)  # requests in flight finish first
     controller_status_timeout_s: float = 1.0  # /experts must not hang on a controller that is down
 
     @staticmethod

@@ -55,13 +55,31 @@ def _install_error_handlers(app: FastAPI, state: GatewayState) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return await _api_error(request, APIError(exc.status_code, str(exc.detail), kind, headers=headers))
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
+
+
+class CountRequests:
+    """Counts every HTTP request by route and status. Plain ASGI, not Starlette's BaseHTTPMiddleware: that one
+    passes a streamed body through a memory stream, a cost on every relayed SSE event."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", None) or "other"
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
 def create_app(
@@ -73,7 +91,9 @@ def create_app(
         settings = replace(settings, routers=list(routers))
     if api_keys is not None:
         settings = replace(settings, api_keys=list(api_keys))
-    pool = proxy.RouterPool(list(settings.routers), cooldown_s=settings.router_cooldown_s)
+    pool = proxy.RouterPool(
+        list(settings.routers), cooldown_s=settings.router_cooldown_s, max_in_flight=settings.max_in_flight
+    )
     state = GatewayState(settings=settings, pool=pool)
     state.metrics.watch_pool(pool)
     telemetry.init_tracing("expertmesh-gateway")
@@ -95,9 +115,7 @@ def create_app(
     def observe_first_byte(path: str, seconds: float) -> None:
         first_byte.labels(path=f"/v1/{path}" if path in KNOWN_PATHS else "/v1/other").observe(seconds)
 
-    closers.append(
-        proxy.install(app, state.pool, api_keys=settings.api_keys, timeout_s=600.0, first_byte=observe_first_byte)
-    )
+    closers.append(proxy.install(app, state.pool, api_keys=settings.api_keys, first_byte=observe_first_byte))
     return app
 
 
@@ -120,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level="info",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),  # requests in flight finish first
     )
     telemetry.shutdown_tracing()
     return 0

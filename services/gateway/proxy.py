@@ -1,12 +1,16 @@
 """The gateway's front door to routers that run vLLM's own OpenAI server: a streaming reverse proxy for /v1/*.
 
-Each request goes to the router with the fewest requests in flight from this gateway (ties: round robin), with
-its body and headers unchanged, and the router's answer (JSON, or server-sent events as they are produced) is
-relayed byte for byte. A router that refuses the connection (down, restarting) is skipped and left alone for
+Each request goes to the router with the fewest requests in flight from this gateway (ties: round robin), with its
+body and headers unchanged, and the router's answer (JSON, or server-sent events as they are produced) is relayed
+byte for byte. A router that refuses the connection (down, restarting) is skipped and left alone for
 `cooldown_s`; the request is retried on the next router, since nothing reached an engine. A router that fails
 after it accepted the request is not retried (the request may have been half-served): the client gets a 502.
 When no router accepts, the client gets a 503 with Retry-After. Both are OpenAI error bodies. A client that goes
 away closes the upstream response, so vLLM aborts the request.
+
+Admission control: a POST (a generation) goes only to a router with fewer than `max_in_flight` requests in flight
+from this gateway; when every router is at that bound the client gets a 429 with Retry-After at once (OpenAI's
+rate-limit error shape), instead of joining a queue that raises every admitted request's latency without bound.
 
 Tracing (OTEL_EXPORTER_OTLP_ENDPOINT set): each proxied request gets a server span `METHOD /v1/...`
 (telemetry.TraceRequests, parent: the client's `traceparent` if it sent one), and the router receives that span's
@@ -23,7 +27,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
@@ -34,7 +38,7 @@ from expertmesh.core import telemetry
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.errors import APIError
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx sets itself: never forwarded in either direction.
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the HTTP client sets itself: never forwarded in either direction.
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -50,7 +54,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # Connection-level failures: the router never got the request, so another router may take it.
-_NOT_ACCEPTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_NOT_ACCEPTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class RouterPool:
 
     urls: list[str]
     cooldown_s: float = 2.0
+    max_in_flight: int = 0  # per router; 0 = no bound (admission control, see `admit`)
     routers: list[RouterState] = field(init=False)
 
     def __post_init__(self):
@@ -85,6 +90,13 @@ class RouterPool:
         up = sorted((r for r in rotated if r.down_until <= now), key=lambda r: r.in_flight)  # stable: keeps rotation
         down = sorted((r for r in rotated if r.down_until > now), key=lambda r: r.down_until)
         return up + down
+
+    def admit(self, order: list[RouterState]) -> list[RouterState]:
+        """The routers of `order` that may take one more request: below `max_in_flight`. A router cooling down
+        after a refused connection is not counted full (it may be back)."""
+        if not self.max_in_flight:
+            return order
+        return [r for r in order if r.in_flight < self.max_in_flight]
 
     def snapshot(self) -> list[dict]:
         now = time.monotonic()
@@ -112,7 +124,7 @@ def _error(status: int, message: str, type_: str, code: str, retry_after: int | 
 async def proxy_request(
     request: Request,
     pool: RouterPool,
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     path: str,
     first_byte: Callable[[str, float], None] | None = None,
 ):
@@ -126,13 +138,24 @@ async def proxy_request(
     headers = _forward_headers(request.headers)
     query = request.url.query
     tried: list[str] = []
-    for router in pool.order():
+    order = pool.order()
+    if request.method == "POST":  # generation: bounded in flight per router; reads (models, ...) always pass
+        order = pool.admit(order)
+        if not order:
+            # Every router has max_in_flight requests: queueing more would only raise everyone's latency.
+            return _error(
+                429,
+                f"Every router is at its bound of {pool.max_in_flight} requests in flight; retry shortly.",
+                "requests",
+                "rate_limit_exceeded",
+                retry_after=1,
+            )
+    for router in order:
         url = f"{router.url}/v1/{path}" + (f"?{query}" if query else "")
-        upstream = client.build_request(request.method, url, content=body, headers=headers)
         router.in_flight += 1
         router.requests += 1
         try:
-            response = await client.send(upstream, stream=True)
+            response = await client.request(request.method, url, data=body, headers=headers)
             if first_byte is not None:
                 first_byte(path, time.monotonic() - start)
         except _NOT_ACCEPTED as exc:
@@ -141,7 +164,7 @@ async def proxy_request(
             router.down_until = time.monotonic() + pool.cooldown_s
             tried.append(f"{router.url} ({type(exc).__name__})")
             continue
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             router.in_flight -= 1
             router.failures += 1
             detail = f"router {router.url} failed: {type(exc).__name__}: {exc}"
@@ -156,13 +179,16 @@ async def proxy_request(
             if not released:
                 released.append(True)
                 router.in_flight -= 1
-                await response.aclose()
+                if response.content.at_eof():
+                    response.release()  # read to the end: the connection goes back to the pool
+                else:
+                    response.close()  # the client went away mid-answer: closing the connection makes vLLM abort
 
         async def relay(response=response, router=router, release=release):
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.content.iter_any():
                     yield chunk
-            except httpx.HTTPError:
+            except aiohttp.ClientError:
                 # The router broke off mid-answer: the status line is already sent; ending the body is all we can do
                 # (an SSE client sees the stream end without [DONE]).
                 router.failures += 1
@@ -171,7 +197,7 @@ async def proxy_request(
 
         return StreamingResponse(
             relay(),
-            status_code=response.status_code,
+            status_code=response.status,
             headers=_forward_headers(response.headers),
             background=BackgroundTask(release),
         )
@@ -189,20 +215,21 @@ def install(
     pool: RouterPool,
     *,
     api_keys: Collection[str] = (),
-    timeout_s: float = 600.0,
     first_byte: Callable[[str, float], None] | None = None,
 ):
     """Add /v1/{path} (every method) proxying to `pool`, and GET /proxy/routers (the pool's state), to `app`;
     `first_byte(path, seconds)` observes each router's time to its response headers."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    # connect: short, so a dead router is skipped quickly; read: none (a long generation streams slowly)
-    timeout = httpx.Timeout(timeout_s, connect=2.0, read=None)
-    state: dict[str, httpx.AsyncClient | None] = {"client": None}
+    # connect: short, so a dead router is skipped quickly; reads: no bound (a long generation streams slowly)
+    timeout = aiohttp.ClientTimeout(total=None, connect=2.0, sock_connect=2.0, sock_read=None)
+    state: dict[str, aiohttp.ClientSession | None] = {"client": None}
 
-    def client() -> httpx.AsyncClient:
+    def client() -> aiohttp.ClientSession:
         current = state["client"]
-        if current is None:
-            current = state["client"] = httpx.AsyncClient(limits=limits, timeout=timeout)
+        if current is None:  # made in the serving loop (aiohttp binds a session to the loop that made it)
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)  # no cap: the admission bound is ours
+            current = state["client"] = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
         return current
 
     if telemetry.tracing_enabled():  # a server span per proxied request; its traceparent is what the router gets
@@ -219,7 +246,7 @@ def install(
 
     async def close():
         if state["client"] is not None:
-            await state["client"].aclose()
+            await state["client"].close()
             state["client"] = None
 
     return close

@@ -21,7 +21,7 @@ The Dispatcher (one per process, `get_dispatcher()`) runs one layer call as expl
 
 Failover is a loop around route -> encode -> transport -> combine: a failed replica's assignments go back to route
 with that replica excluded for the rest of this call (and avoided for `SUSPECT_SECONDS` while alternatives exist).
-If no replica holds an expert (after waiting up to `EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 10 s, counted from
+If no replica holds an expert (after waiting up to `EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 1 s, counted from
 when the expert was first found missing, for the directory to change) the router computes that expert's assignments
 itself from the checkpoint (`fallback.py`, weights loaded on demand and dropped when replicas return): an exception
 here would end vLLM's engine core and every request with it. Only a model without a local checkpoint to read raises

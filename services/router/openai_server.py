@@ -15,9 +15,9 @@ What expertmesh adds before vLLM starts:
 - the dtype of the checkpoint (and CPU_MLA for fp32 MLA models) when `--dtype` was left at "auto"
   (`vllm_args.engine_kwargs`), so this server runs the kernels every parity test runs.
 
-Where the model runs, so do the dispatcher, its counters and its spans: in the engine-core process with
-`--distributed-executor-backend uni` (what `expertmesh serve` passes), else in vLLM's worker process below it; below,
-"the engine core" means whichever of the two runs the model:
+Where the model runs, so do the dispatcher, its counters and its spans: in vLLM's worker process below the engine
+core (vLLM's default executor), or in the engine-core process itself with `--distributed-executor-backend uni`;
+below, "the engine core" means whichever of the two runs the model:
 - routed-token counters: the engine core writes the shared-memory file (counters.py) at the pinned path; this
   process reads it (`GET /expertmesh/counters`, JSON) without any RPC;
 - `GET /expertmesh/experts`: per (layer, expert) of the model, routed tokens and the live replicas the expert
