@@ -11,6 +11,7 @@ What is the gateway's own (the OpenAI behaviour is vLLM's, compared with vLLM's 
 - /experts sums the routers' routed tokens per (layer, expert); /metrics counts requests and the gateway's errors;
 - a path the gateway does not serve is an OpenAI 404; a /v1 path vLLM does not serve is vLLM's own 404;
 - admission control: 4x the bound at once gets 429 + Retry-After for the excess, and the admitted all complete;
+- a 10 MB body gets 413 and a never-finishing one 408 while 32 streams run at their pace and /health stays fast;
 - last: the only replica dies mid-service and the router keeps answering, the same text (it computes the experts
   itself, router/fallback.py: an exception in vLLM's forward pass would end its engine core), and goes back to the
   pool when a replica holds them again.
@@ -51,7 +52,7 @@ def stack(tmp_path_factory):
     logs = tmp_path_factory.mktemp("gateway")
     with expert_pool(DEMO) as (directory, replica):
         router_port = free_port()
-        env = settings.child_env({"EXPERTMESH_MISSING_EXPERT_WAIT_S": "1"})
+        env = settings.child_env({"EXPERTMESH_MISSING_EXPERT_WAIT_S": "1", "EXPERTMESH_GATEWAY_BODY_TIMEOUT_S": "2"})
         # the engine core's dispatcher metrics, re-exported in the router's /metrics
         more = ("--router-metrics-port", str(free_port()), *vllm_flags("demo"))
         router = start_server(router_args(DEMO, directory, router_port, *more), logs / "router.log", env)
@@ -209,6 +210,72 @@ def test_overload_past_the_admission_bound_is_429_and_the_admitted_complete(stac
         assert r.json()["error"]["code"] == "rate_limit_exceeded" and r.json()["error"]["type"] == "requests"
     assert httpx.get(f"{stack['bounded']}/v1/models", timeout=10).status_code == 200  # reads are never refused
     assert send(0).status_code == 200  # nothing left in flight: admitted again
+
+
+def test_huge_and_endless_bodies_are_refused_while_streams_run(stack):
+    """A 10 MB prompt gets 413 and a body that never finishes gets 408 (after the 2 s body timeout of these
+    gateways), neither reaches the router, and meanwhile 32 streams keep their pace and /health stays fast."""
+    import asyncio
+
+    url = stack["keyed"]
+    host, port = url.removeprefix("http://").split(":")
+    health_ms: list[float] = []
+    gaps: list[float] = []
+
+    async def stream(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": "demo", "prompt": f"Stream {i}: speak", "max_tokens": 48, "ignore_eos": True, "stream": True}
+        last = None
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=_auth()) as reply:
+            assert reply.status_code == 200
+            async for line in reply.aiter_lines():
+                if line.startswith("data: {"):
+                    now = time.monotonic()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+
+    async def huge(client: httpx.AsyncClient) -> httpx.Response:
+        prompt = "x" * (10 * 1024 * 1024)
+        return await client.post(
+            f"{url}/v1/completions", json={"model": "demo", "prompt": prompt, "max_tokens": 1}, headers=_auth()
+        )
+
+    async def endless() -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        writer.write((head + "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)  # until the gateway closes the connection
+        writer.close()
+        return answer
+
+    async def probe_health(client: httpx.AsyncClient, until: asyncio.Event) -> None:
+        while not until.is_set():
+            t0 = time.monotonic()
+            await client.get(f"{url}/health")
+            health_ms.append((time.monotonic() - t0) * 1000)
+            await asyncio.sleep(0.05)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
+            done = asyncio.Event()
+            prober = asyncio.create_task(probe_health(client, done))
+            streams = [asyncio.create_task(stream(client, i)) for i in range(32)]
+            await asyncio.sleep(0.5)  # the streams are running
+            big, slow = await asyncio.gather(huge(client), endless())
+            await asyncio.gather(*streams)
+            done.set()
+            await prober
+            return big, slow
+
+    before = _router_metric(stack["router"], "vllm:request_success_total")
+    big, slow = asyncio.run(main())
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error", big.text
+    assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow, slow[:300]
+    # only the 32 streams reached the router
+    assert _router_metric(stack["router"], "vllm:request_success_total") - before == 32
+    assert max(gaps) < 1.0, f"a stream waited {max(gaps):.2f} s between two tokens"
+    assert len(health_ms) >= 5 and max(health_ms) < 100, health_ms
 
 
 def _router_metric(router: str, name: str) -> float:

@@ -216,6 +216,22 @@ ENV_VARS: dict[str, EnvVar] = {
             _float,
         ),
         _var(
+            "EXPERTMESH_GATEWAY_MAX_BODY_BYTES",
+            "int",
+            4 * 1024 * 1024,
+            "largest request body the gateway accepts (413 past it, before it reaches a router)",
+            "gateway",
+            _int,
+        ),
+        _var(
+            "EXPERTMESH_GATEWAY_BODY_TIMEOUT_S",
+            "float",
+            30.0,
+            "seconds a client has to send its whole request body (408 and the connection closed past it)",
+            "gateway",
+            _float,
+        ),
+        _var(
             "EXPERTMESH_GATEWAY_MAX_IN_FLIGHT",
             "int",
             256,
@@ -406,6 +422,14 @@ def shutdown_grace_s() -> float:
     return get("EXPERTMESH_SHUTDOWN_GRACE_S")
 
 
+def gateway_max_body_bytes() -> int:
+    return get("EXPERTMESH_GATEWAY_MAX_BODY_BYTES")
+
+
+def gateway_body_timeout_s() -> float:
+    return get("EXPERTMESH_GATEWAY_BODY_TIMEOUT_S")
+
+
 def gateway_max_in_flight() -> int:
     return get("EXPERTMESH_GATEWAY_MAX_IN_FLIGHT")
 
@@ -591,6 +615,8 @@ class GatewaySettings:
     router_timeout_s: float = 5.0  # the routers' /health and /expertmesh/experts
     router_cooldown_s: float = 2.0  # a router that refused a connection is skipped this long
     max_in_flight: int = field(default_factory=gateway_max_in_flight)  # per router; 0 = no bound
+    max_body_bytes: int = field(default_factory=gateway_max_body_bytes)  # 413 past it
+    body_timeout_s: float = field(default_factory=gateway_body_timeout_s)  # 408 past it
     shutdown_grace_s: float = field(default_factory=shutdown_grace_s)  # requests in flight finish first
     controller_status_timeout_s: float = 1.0  # /experts must not hang on a controller that is down
 

@@ -21,6 +21,7 @@ Python API: `create_app(["http://127.0.0.1:8001", ...], settings=GatewaySettings
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 from collections.abc import Awaitable, Callable
@@ -92,7 +93,11 @@ def create_app(
     if api_keys is not None:
         settings = replace(settings, api_keys=list(api_keys))
     pool = proxy.RouterPool(
-        list(settings.routers), cooldown_s=settings.router_cooldown_s, max_in_flight=settings.max_in_flight
+        list(settings.routers),
+        cooldown_s=settings.router_cooldown_s,
+        max_in_flight=settings.max_in_flight,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
     )
     state = GatewayState(settings=settings, pool=pool)
     state.metrics.watch_pool(pool)
@@ -101,13 +106,16 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        watch = asyncio.create_task(_app.state.router_watch.run())
         yield
+        watch.cancel()
         for close in closers:
             await close()
 
     app = FastAPI(title="expertmesh gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.gw = state
     app.state.router_pool = state.pool
+    app.state.router_watch = ops_routes.RouterWatch(state)
     _install_error_handlers(app, state)
     app.include_router(ops_routes.routes)
     first_byte = state.metrics.first_byte

@@ -2,7 +2,8 @@
 carry no keys — and GET /experts (API keys).
 
 - /health: 200 only when every router is up (vLLM's `/health`: its engine is alive) and every (layer, expert) is
-  held by a live replica (each router's `/expertmesh/experts`); otherwise 503 with what is wrong, per router.
+  held by a live replica (each router's `/expertmesh/experts`); otherwise 503 with what is wrong, per router. Read
+  from `RouterWatch`, which polls the routers every second in the background: a probe never waits on a busy router.
 - /experts: routed tokens per (layer, expert) summed over the routers, live replicas from the expert directory,
   the gateway's view of the routers (in flight, up), and the expert controller's plan and status when one runs.
 - /metrics: the gateway's own metrics (requests, errors, time to first byte, per-router in flight)."""
@@ -81,9 +82,32 @@ async def _router_views(gw: GatewayState) -> list[dict]:
         return list(await asyncio.gather(*(_router_view(http, r.url) for r in gw.pool.routers)))
 
 
+class RouterWatch:
+    """The routers' health and expert coverage, read every `interval_s` in the background, so /health answers from
+    memory at once however busy the routers are (a probe must not wait on an engine serving a full batch)."""
+
+    def __init__(self, gw: GatewayState, interval_s: float = 1.0):
+        self.gw, self.interval_s = gw, interval_s
+        self.views: list[dict] | None = None
+        self.at = 0.0  # monotonic time of `views`
+
+    async def run(self) -> None:
+        import asyncio
+
+        while True:
+            self.views, self.at = await _router_views(self.gw), time.monotonic()
+            await asyncio.sleep(self.interval_s)
+
+    async def current(self) -> list[dict]:
+        """The latest views if fresh (within 3 intervals), else read now."""
+        if self.views is None or time.monotonic() - self.at > 3 * self.interval_s:
+            return await _router_views(self.gw)
+        return self.views
+
+
 @routes.get("/health")
 async def health(request: Request):
-    views = await _router_views(gateway_state(request))
+    views = await request.app.state.router_watch.current()
     routers = []
     for v in views:
         missing = v["experts"]["missing_experts"] if v["ok"] else None

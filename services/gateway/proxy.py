@@ -22,6 +22,7 @@ Tracing (OTEL_EXPORTER_OTLP_ENDPOINT set): each proxied request gets a server sp
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable, Collection
@@ -73,6 +74,8 @@ class RouterPool:
     urls: list[str]
     cooldown_s: float = 2.0
     max_in_flight: int = 0  # per router; 0 = no bound (admission control, see `admit`)
+    max_body_bytes: int = 4 * 1024 * 1024  # a larger request body: 413
+    body_timeout_s: float = 30.0  # a body not complete by then: 408
     routers: list[RouterState] = field(init=False)
 
     def __post_init__(self):
@@ -121,6 +124,34 @@ def _error(status: int, message: str, type_: str, code: str, retry_after: int | 
     return JSONResponse(APIError(status, message, type_, None, code).body(), status_code=status, headers=headers)
 
 
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request's body, at most `max_bytes` (413 past it: by Content-Length at once, else as soon as the bytes
+    read pass it) and complete within `timeout_s` (408, connection closed): a huge or never-finishing body costs
+    the gateway neither memory nor a connection for long, and never reaches a router."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"Request body larger than {max_bytes} bytes.", "invalid_request_error", None, None)
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+
+    async def receive_all() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive_all(), timeout_s)
+    except TimeoutError:
+        message = f"Request body not received within {timeout_s:g} s."
+        close = {"Connection": "close"}
+        raise APIError(408, message, "invalid_request_error", None, "request_timeout", close) from None
+    return b"".join(chunks)
+
+
 async def proxy_request(
     request: Request,
     pool: RouterPool,
@@ -132,7 +163,7 @@ async def proxy_request(
     seconds)` is told how long the router took to start answering."""
     start = time.monotonic()
     try:
-        body = await request.body()
+        body = await read_body(request, pool.max_body_bytes, pool.body_timeout_s)
     except ClientDisconnect:  # gone before its body arrived: nothing reached a router, nobody to answer
         return Response(status_code=499)
     headers = _forward_headers(request.headers)
