@@ -1,7 +1,8 @@
 """`expertmesh serve`: the whole local stack in one command — Ray on loopback with the expert pool, the
 router (vLLM), the gateway — on the shipped demo model unless `--model` names another checkpoint.
 
-Shows progress while loading, prints the URL and a ready-to-paste curl, and on Ctrl-C / SIGTERM stops
+Shows progress while loading, prints the URL and a ready-to-paste curl, restarts the router or the gateway if it
+dies (the gateway answers 503 with Retry-After while the router is down), and on Ctrl-C / SIGTERM stops
 everything it started: the gateway and router processes (their whole process groups) and exactly the Ray
 cluster it started. `Stack` is the same thing as a context manager, for tests and benchmarks.
 
@@ -89,6 +90,10 @@ def _wait(what: str, check, proc: subprocess.Popen | None, timeout: float, log: 
         time.sleep(0.25)
 
 
+RESTARTS_PER_WINDOW = 5  # supervision gives up on a component that dies more often than this ...
+RESTART_WINDOW_S = 300.0  # ... within this many seconds (a crash loop is a bug to see, not to hide)
+
+
 def _served_model_names(vllm_args: list[str]) -> list[str]:
     """The names given to vLLM's `--served-model-name` (nargs="+") among `vllm_args`, or []."""
     for i, arg in enumerate(vllm_args):
@@ -155,6 +160,8 @@ class Stack:
         self.pool: LocalPool | None = None
         self.controller: Controller | None = None
         self.procs: list[subprocess.Popen] = []
+        self._commands: dict[int, tuple[str, list[str], dict]] = {}  # pid -> (name, command, env): to restart it
+        self._restarts: dict[str, list[float]] = {}  # name -> monotonic times it was restarted
         self.url = f"http://{host}:{port}"
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -178,6 +185,7 @@ class Stack:
         )
         fh.close()
         self.procs.append(proc)
+        self._commands[proc.pid] = (name, cmd, env)
         return proc, log
 
     def _start(self) -> None:
@@ -315,6 +323,38 @@ class Stack:
 
     def dead_process(self) -> subprocess.Popen | None:
         return next((p for p in self.procs if p.poll() is not None), None)
+
+    def supervise(self, max_restarts: int = RESTARTS_PER_WINDOW, window_s: float = RESTART_WINDOW_S) -> str | None:
+        """Restart the router or gateway if it died (in place, same command and log file, appended). While the router
+        is down the gateway answers 503 with Retry-After; it takes requests again as soon as the router serves.
+        Returns why supervision gave up (a component died more than `max_restarts` times within `window_s`), else
+        None."""
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is None:
+                continue
+            name, cmd, env = self._commands.pop(proc.pid)
+            try:  # what it left behind (vLLM's engine core and worker share its process group)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            now = time.monotonic()
+            recent = [t for t in self._restarts.get(name, []) if now - t < window_s]
+            if len(recent) >= max_restarts:
+                return f"the {name} exited with code {proc.returncode}, {len(recent)} restarts in {window_s:.0f} s"
+            self._restarts[name] = [*recent, now]
+            _say(f"expertmesh serve: the {name} exited with code {proc.returncode}; restarting it")
+            with open(self.log_dir / f"{name}.log", "a") as fh:
+                fresh = subprocess.Popen(
+                    cmd,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            self.procs[i] = fresh
+            self._commands[fresh.pid] = (name, cmd, env)
+        return None
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------
@@ -458,9 +498,9 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     while not signals:
         time.sleep(0.2)
-        dead = stack.dead_process()
-        if dead is not None:
-            _say(f"expertmesh serve: a component exited with code {dead.returncode}; shutting down")
+        gave_up = stack.supervise()
+        if gave_up is not None:
+            _say(f"expertmesh serve: {gave_up}; shutting down")
             code = 1
             break
     _say("stopping ...")

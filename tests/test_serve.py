@@ -8,6 +8,7 @@ the official `openai` SDK through the gateway and API keys on:
 - an unknown model gets vLLM's own 404 error body through the proxy; a request without a key gets the gateway's 401;
 - /health reports every expert covered; /experts shows routed tokens > 0 (the router's counters: tokens the
   dispatcher sent to the pool's replicas) and the controller read the same counters (tokens/s > 0 in its history);
+- the router SIGKILLed: serve restarts it, the gateway answers 503 + Retry-After meanwhile, then the same text;
 - the only expert replica SIGKILLed under 64 greedy streams: all complete with the undisturbed text, and no client
   waits 3 s between two tokens (the router computes the experts itself until the replacement registers);
 - Ctrl-C stops everything: no process of the stack is left, the gateway is gone.
@@ -178,15 +179,11 @@ def test_health_experts_and_controller_read_the_routers_counters(stack):
 
 def _replica_pids(stack) -> list[int]:
     """The expert replicas' processes of the stack (Ray names them `ray::ServeReplica:<app>:<group>`)."""
-    pids = []
-    for pid in descendants(stack["proc"].pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "ServeReplica" in cmdline and "ExpertDirectory" not in cmdline:
-            pids.append(pid)
-    return pids
+    return [
+        pid
+        for pid in descendants(stack["proc"].pid)
+        if "ServeReplica" in _cmdline(pid) and "ExpertDirectory" not in _cmdline(pid)
+    ]
 
 
 async def _streams(url: str, prompts: list[str], max_tokens: int, on_progress=None) -> list[dict]:
@@ -248,6 +245,40 @@ def test_killing_the_only_replica_under_64_streams_loses_nothing(stack):
     assert [r["text"] for r in disturbed] == [r["text"] for r in undisturbed]
     longest = max(r["gap"] for r in disturbed)
     assert longest < 3.0, f"a client waited {longest:.1f} s between two tokens"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_killed_router_is_restarted_and_the_gateway_answers_503_meanwhile(stack):
+    """SIGKILL the router (vLLM's API server process): `expertmesh serve` stays up, its gateway answers 503 with
+    Retry-After while the router is down, what the router left behind (engine core, worker) is gone, and a new
+    router serves the same greedy text."""
+    import signal
+
+    body = {"model": "demo", "prompt": "Once more unto the breach", "max_tokens": 8, "temperature": 0}
+    url = stack["url"] + "/v1/completions"
+    want = httpx.post(url, json=body, headers=_auth(), timeout=60).json()["choices"][0]["text"]
+    routers = [p for p in descendants(stack["proc"].pid) if "expertmesh.router.openai_server" in _cmdline(p)]
+    assert len(routers) == 1, routers
+    left_behind = descendants(routers[0])
+    os.kill(routers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (reply := httpx.post(url, json=body, headers=_auth(), timeout=60)).status_code != 503:
+        assert time.monotonic() < deadline, (reply.status_code, reply.text)
+        time.sleep(0.2)
+    assert reply.headers["retry-after"] == "1" and reply.json()["error"]["code"] == "no_router_available"
+    deadline = time.monotonic() + 300  # vLLM starts again (tens of seconds on 2 cores)
+    while (reply := httpx.post(url, json=body, headers=_auth(), timeout=60)).status_code != 200:
+        assert stack["proc"].poll() is None, "expertmesh serve exited"
+        assert time.monotonic() < deadline, (reply.status_code, reply.text)
+        time.sleep(1)
+    assert reply.json()["choices"][0]["text"] == want
+    assert not [p for p in left_behind if _cmdline(p)], "the killed router's children are still running"
 
 
 def test_ctrl_c_lets_streams_in_flight_finish_then_stops_everything(stack):

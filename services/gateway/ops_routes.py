@@ -99,10 +99,12 @@ class RouterWatch:
             await asyncio.sleep(self.interval_s)
 
     async def current(self) -> list[dict]:
-        """The latest views if fresh (within 3 intervals), else read now."""
-        if self.views is None or time.monotonic() - self.at > 3 * self.interval_s:
+        """The latest views if fresh (within 3 intervals) and all good; else read now (a router that was down or
+        uncovered is asked again rather than reported from up to a second ago)."""
+        views = self.views
+        if views is None or time.monotonic() - self.at > 3 * self.interval_s or not all(v["ok"] for v in views):
             return await _router_views(self.gw)
-        return self.views
+        return views
 
 
 @routes.get("/health")

@@ -20,12 +20,12 @@ The Dispatcher (one per process, `get_dispatcher()`) runs one layer call as expl
   combine  the whole-layer reply is the output; otherwise one `index_add_` per replica into an fp32 buffer.
 
 Failover is a loop around route -> encode -> transport -> combine: a failed replica's assignments go back to route
-with that replica excluded for the rest of this call (and avoided for `SUSPECT_SECONDS` while alternatives exist).
-If no replica holds an expert (after waiting up to `EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 1 s, counted from
-when the expert was first found missing, for the directory to change) the router computes that expert's assignments
-itself from the checkpoint (`fallback.py`, weights loaded on demand and dropped when replicas return): an exception
-here would end vLLM's engine core and every request with it. Only a model without a local checkpoint to read raises
-`RemoteExpertError`.
+with that replica excluded for the rest of this call, and not called for `SUSPECT_SECONDS` after (a dead replica stays
+listed until its lease ends). If no replica is left for an expert (after waiting up to
+`EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 1 s, once per gap, for the directory to change) the router computes that
+expert's assignments itself from the checkpoint (`fallback.py`, weights loaded on demand and dropped when replicas
+return): an exception here would end vLLM's engine core and every request with it. Only a model without a local
+checkpoint to read raises `RemoteExpertError`.
 
 Prometheus (in the process that runs the model): `expertmesh_routed_tokens_total{layer,expert}` (from the
 counters file), and the transport's `expertmesh_dispatch_seconds{replica}`, `expertmesh_dispatch_failovers_total
@@ -247,7 +247,11 @@ class Dispatcher:
                 if not missing:  # without a table every expert is missing (experts is not empty)
                     return table, []
                 now = time.monotonic()
-                first = min(self._missing_since.setdefault((layer, e), now) for e in missing)
+                for e in missing:
+                    self._missing_since.setdefault((layer, e), now)
+                # One wait per gap, not per layer: a replica's death uncovers all its layers at once, and the layers
+                # of a step come one after another (cleared when the directory covers the keys again).
+                first = min(self._missing_since.values())
                 left = first + self.missing_wait_s - now
                 if left <= 0:
                     if self._fallback is not None:
@@ -288,8 +292,11 @@ class Dispatcher:
 
         span, metadata = self._trace(layer, T)
         try:
-            excluded: set[str] = set()  # replicas that failed in this call
-            if sole is not None and sole.only is not None:  # one replica holds the layer: the whole-layer form
+            # Replicas not to call: those that fail in this call, and from the start those that failed within
+            # SUSPECT_SECONDS (a dead replica stays listed until its lease ends; calling it at every layer of every
+            # step would only fail again, and where it was the only holder the router computes its experts).
+            excluded: set[str] = set(self._suspects())
+            if sole is not None and sole.only is not None and sole.only not in excluded:  # the whole-layer form
                 out = self._whole_layer(layer, sole.only, hidden, ids, weights, excluded, metadata)
                 if out is not None:
                     return out
