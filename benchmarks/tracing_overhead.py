@@ -38,7 +38,6 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from opentelemetry import trace
 
 from expertmesh.core import settings, telemetry
 from expertmesh.router import step_tracing
@@ -76,14 +75,10 @@ class StandInForwardPass:
         self.spans_made = 0
 
     def dispatch_trace(self, layer: int, tokens: int):
-        """What `Dispatcher._trace` (router/dispatch.py) does per layer call: (span, RPC metadata) inside a
-        sampled forward pass, else (None, None)."""
-        parent = telemetry.engine_steps.layer_parent()
-        if parent is None:
-            return None, None
-        attributes = {"expertmesh.layer": layer, "expertmesh.tokens": tokens}
-        span = telemetry.tracer().start_span(f"dispatch layer {layer}", context=parent, attributes=attributes)
-        return span, telemetry.inject_metadata(trace.set_span_in_context(span))
+        """What the dispatcher does per layer call: (span, RPC metadata) inside a sampled forward pass."""
+        from expertmesh.router.dispatch import trace_layer_call
+
+        return trace_layer_call(layer, tokens)
 
     def __call__(self, worker, scheduler_output) -> None:
         tokens = scheduler_output.total_num_scheduled_tokens

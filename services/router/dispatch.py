@@ -62,6 +62,19 @@ class RemoteExpertError(RuntimeError):
     """A routed expert could not be computed by any replica (the affected requests must fail)."""
 
 
+def trace_layer_call(layer: int, tokens: int) -> tuple[trace.Span | None, list[tuple[str, str]] | None]:
+    """(span, RPC metadata carrying it) of one layer call inside a sampled forward pass, else (None, None).
+
+    The forward pass is traced by step_tracing.py (telemetry.engine_steps) in this thread; the replicas'
+    `expert forward` spans parent to this span through the metadata."""
+    parent = telemetry.engine_steps.layer_parent()
+    if parent is None:
+        return None, None
+    attributes = {"expertmesh.layer": layer, "expertmesh.tokens": tokens}
+    span = telemetry.tracer().start_span(f"dispatch layer {layer}", context=parent, attributes=attributes)
+    return span, telemetry.inject_metadata(trace.set_span_in_context(span))
+
+
 # ---- the custom op ------------------------------------------------------------------------------------------
 
 
@@ -486,16 +499,7 @@ class Dispatcher:
             self._transport.metrics.failover(endpoint)
 
     def _trace(self, layer: int, tokens: int) -> tuple[trace.Span | None, list[tuple[str, str]] | None]:
-        """(span, RPC metadata carrying it) of this layer call inside a sampled forward pass, else (None, None).
-
-        The forward pass is traced by step_tracing.py (telemetry.engine_steps) in this thread; the replicas'
-        `expert forward` spans parent to this span through the metadata."""
-        parent = telemetry.engine_steps.layer_parent()
-        if parent is None:
-            return None, None
-        attributes = {"expertmesh.layer": layer, "expertmesh.tokens": tokens}
-        span = telemetry.tracer().start_span(f"dispatch layer {layer}", context=parent, attributes=attributes)
-        return span, telemetry.inject_metadata(trace.set_span_in_context(span))
+        return trace_layer_call(layer, tokens)
 
     # -- lifecycle / observability --
 
