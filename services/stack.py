@@ -178,15 +178,19 @@ class Stack:
         return settings.child_env(self.extra_env)
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
-        log = self.log_dir / f"{name}.log"
-        fh = open(log, "w")
-        proc = subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
-        )
-        fh.close()
+        proc = self._launch(name, cmd, env, "w")
         self.procs.append(proc)
+        return proc, self.log_dir / f"{name}.log"
+
+    def _launch(self, name: str, cmd: list[str], env: dict, log_mode: str) -> subprocess.Popen:
+        """Start a component in its own session (its whole group can be stopped), output to logs/NAME.log
+        (`log_mode` "w" at start, "a" on a restart), remembering how to start it again."""
+        with open(self.log_dir / f"{name}.log", log_mode) as fh:
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            )
         self._commands[proc.pid] = (name, cmd, env)
-        return proc, log
+        return proc
 
     def _start(self) -> None:
         if not (self.model / "config.json").is_file():
@@ -321,9 +325,6 @@ class Stack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def dead_process(self) -> subprocess.Popen | None:
-        return next((p for p in self.procs if p.poll() is not None), None)
-
     def supervise(self, max_restarts: int = RESTARTS_PER_WINDOW, window_s: float = RESTART_WINDOW_S) -> str | None:
         """Restart the router or gateway if it died (in place, same command and log file, appended). While the router
         is down the gateway answers 503 with Retry-After; it takes requests again as soon as the router serves.
@@ -343,17 +344,7 @@ class Stack:
                 return f"the {name} exited with code {proc.returncode}, {len(recent)} restarts in {window_s:.0f} s"
             self._restarts[name] = [*recent, now]
             _say(f"expertmesh serve: the {name} exited with code {proc.returncode}; restarting it")
-            with open(self.log_dir / f"{name}.log", "a") as fh:
-                fresh = subprocess.Popen(
-                    cmd,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-            self.procs[i] = fresh
-            self._commands[fresh.pid] = (name, cmd, env)
+            self.procs[i] = self._launch(name, cmd, env, "a")
         return None
 
 

@@ -109,6 +109,7 @@ def create_app(
         watch = asyncio.create_task(_app.state.router_watch.run())
         yield
         watch.cancel()
+        await _app.state.router_watch.close()
         for close in closers:
             await close()
 

@@ -10,6 +10,7 @@ carry no keys — and GET /experts (API keys).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -75,27 +76,27 @@ async def _router_view(http: httpx.AsyncClient, url: str) -> dict:
         return {"url": url, "ok": False, "detail": f"router unreachable: {type(exc).__name__}: {exc}"}
 
 
-async def _router_views(gw: GatewayState) -> list[dict]:
-    import asyncio
-
-    async with httpx.AsyncClient(timeout=gw.settings.router_timeout_s) as http:
-        return list(await asyncio.gather(*(_router_view(http, r.url) for r in gw.pool.routers)))
-
-
 class RouterWatch:
     """The routers' health and expert coverage, read every `interval_s` in the background, so /health answers from
-    memory at once however busy the routers are (a probe must not wait on an engine serving a full batch)."""
+    memory at once however busy the routers are (a probe must not wait on an engine serving a full batch). One
+    keep-alive HTTP client for every read (the background reads and /experts'), closed with the app."""
 
     def __init__(self, gw: GatewayState, interval_s: float = 1.0):
         self.gw, self.interval_s = gw, interval_s
         self.views: list[dict] | None = None
         self.at = 0.0  # monotonic time of `views`
+        self._http: httpx.AsyncClient | None = None
+
+    async def read(self) -> list[dict]:
+        """Every router's view now."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.gw.settings.router_timeout_s)
+        http = self._http
+        return list(await asyncio.gather(*(_router_view(http, r.url) for r in self.gw.pool.routers)))
 
     async def run(self) -> None:
-        import asyncio
-
         while True:
-            self.views, self.at = await _router_views(self.gw), time.monotonic()
+            self.views, self.at = await self.read(), time.monotonic()
             await asyncio.sleep(self.interval_s)
 
     async def current(self) -> list[dict]:
@@ -103,8 +104,13 @@ class RouterWatch:
         uncovered is asked again rather than reported from up to a second ago)."""
         views = self.views
         if views is None or time.monotonic() - self.at > 3 * self.interval_s or not all(v["ok"] for v in views):
-            return await _router_views(self.gw)
+            return await self.read()
         return views
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
 @routes.get("/health")
@@ -134,7 +140,7 @@ async def prometheus_metrics(request: Request):
 async def experts(request: Request):
     gw = gateway_state(request)
     check_auth(request, gw.settings.api_keys)
-    views = [v for v in await _router_views(gw) if v["ok"]]
+    views = [v for v in await request.app.state.router_watch.read() if v["ok"]]
     if not views:
         raise APIError(503, "no router is reachable", "service_unavailable_error")
     rows: dict[tuple[int, int], dict] = {}

@@ -121,17 +121,20 @@ def _forward_headers(headers) -> dict[str, str]:
 
 def _error(status: int, message: str, type_: str, code: str, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse(APIError(status, message, type_, None, code).body(), status_code=status, headers=headers)
+    return APIError(status, message, type_, None, code, headers).response()
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The request's body, at most `max_bytes` (413 past it: by Content-Length at once, else as soon as the bytes
     read pass it) and complete within `timeout_s` (408, connection closed): a huge or never-finishing body costs
     the gateway neither memory nor a connection for long, and never reaches a router."""
+
+    def too_large() -> APIError:
+        return APIError(413, f"Request body larger than {max_bytes} bytes.", "invalid_request_error")
+
     declared = request.headers.get("content-length", "")
-    too_large = APIError(413, f"Request body larger than {max_bytes} bytes.", "invalid_request_error", None, None)
     if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
+        raise too_large()
     chunks: list[bytes] = []
     size = 0
 
@@ -140,7 +143,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise too_large
+                raise too_large()
             chunks.append(chunk)
 
     try:
