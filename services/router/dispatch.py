@@ -139,6 +139,7 @@ class Dispatcher:
         self._model_key: object = None
         self._counters: RoutedTokenCounters | None = None
         self._fallback: LocalExperts | None = None  # set_checkpoint: experts no replica holds, computed here
+        self._checkpoint_model: str | None = None  # the model set_checkpoint last resolved
         self._missing_since: dict[tuple[int, int], float] = {}  # (layer, expert) -> monotonic time first missing
         self.fallback_assignments = 0
         self._closed = False
@@ -207,6 +208,9 @@ class Dispatcher:
     def set_checkpoint(self, model: str) -> None:
         """The checkpoint (vLLM's `model`: a directory or a cached hub id) to compute experts from when no replica
         holds them; without one, a missing expert fails the step."""
+        if model == self._checkpoint_model:  # every MoE layer's quant method sets it: resolve it once
+            return
+        self._checkpoint_model = model
         path = resolve_checkpoint(model)
         if path is None:
             log.warning("%s: no local checkpoint; an expert no replica holds will fail the step", model)
@@ -303,7 +307,7 @@ class Dispatcher:
         sole = table.sole_owners(layer, num_experts) if table is not None else None
         self.timers["prepare"] += time.perf_counter() - t0
 
-        span, metadata = self._trace(layer, T)
+        span, metadata = trace_layer_call(layer, T)
         try:
             # Replicas not to call: those that fail in this call, and from the start those that failed within
             # SUSPECT_SECONDS (a dead replica stays listed until its lease ends; calling it at every layer of every
@@ -366,8 +370,7 @@ class Dispatcher:
                     ids,
                     pending,
                     counts=counts,
-                    excluded=excluded,
-                    suspects=self._suspects(),
+                    excluded=excluded,  # holds every suspect too (see forward)
                     inflight=self._transport.inflight_rows(),
                 )
             if local.shape[0]:
@@ -497,9 +500,6 @@ class Dispatcher:
             self.failovers += 1
         if self._transport.metrics is not None:
             self._transport.metrics.failover(endpoint)
-
-    def _trace(self, layer: int, tokens: int) -> tuple[trace.Span | None, list[tuple[str, str]] | None]:
-        return trace_layer_call(layer, tokens)
 
     # -- lifecycle / observability --
 
