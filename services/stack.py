@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertmesh.core import settings
-from expertmesh.core.plan import load_plan
+from expertmesh.core.plan import DEFAULT_GROUP_BYTES, PlacementPlan, default_plan, load_plan
 from expertmesh.core.settings import ReplicaSettings, add_replica_flags, free_port, replica_settings_from_args
 
 if TYPE_CHECKING:  # annotations only: both are imported when the stack starts them (Ray, gRPC)
@@ -121,6 +121,9 @@ def local_replica_budget(planned: int, cores: int | None = None) -> int:
     return max(planned, cores // 2, 1)
 
 
+ROLES = ("router", "gateway", "pool")  # the parts of the stack that `cpus` can pin
+
+
 class Stack:
     """The local stack: expert pool (unless local_experts), router subprocess, gateway subprocess."""
 
@@ -130,6 +133,7 @@ class Stack:
         host: str = "127.0.0.1",
         port: int = settings.GATEWAY_PORT,
         router_port: int = settings.ROUTER_PORT,
+        routers: int = 1,
         local_experts: bool = False,
         plan: str | None = None,
         log_dir: str | Path | None = None,
@@ -142,11 +146,21 @@ class Stack:
         replica: ReplicaSettings | None = None,
         controller_settings: dict | str | None = None,
         vllm_args: list[str] | None = None,
+        cpus: dict[str, set[int]] | None = None,
     ):
         """extra_env: registered variables (core/settings.py) for every process the stack starts, the Ray head
         included; replica: the expert replicas' tunables; controller_settings: ControllerSettings fields
-        (default: $EXPERTMESH_CONTROLLER_SETTINGS); vllm_args: more `vllm serve` options for the router."""
+        (default: $EXPERTMESH_CONTROLLER_SETTINGS); vllm_args: more `vllm serve` options for the router;
+        routers: how many routers (each its own vLLM engine, on router_port, router_port + 1, ...) the gateway spreads
+        requests over; cpus: {role: cores} for "router" (every router), "gateway" and "pool" (Ray and every replica),
+        e.g. attention on one core and experts on another, as on separate machines (a role not named runs anywhere)."""
+        if routers < 1:
+            raise ValueError(f"routers must be >= 1, got {routers}")
         self.vllm_args = list(vllm_args or [])
+        self.routers = routers
+        self.cpus = {role: set(cores) for role, cores in (cpus or {}).items()}
+        if unknown := set(self.cpus) - set(ROLES):
+            raise ValueError(f"cpus: unknown role(s) {sorted(unknown)}; choose from {ROLES}")
         self.model = Path(model).resolve()
         self.host, self.port, self.router_port = host, port, router_port
         self.local_experts, self.plan, self.enforce_eager = local_experts, plan, enforce_eager
@@ -185,9 +199,16 @@ class Stack:
     def _launch(self, name: str, cmd: list[str], env: dict, log_mode: str) -> subprocess.Popen:
         """Start a component in its own session (its whole group can be stopped), output to logs/NAME.log
         (`log_mode` "w" at start, "a" on a restart), remembering how to start it again."""
+        cores = self.cpus.get(name.split("-")[0])  # router-2 -> the routers' cores
+
+        def before_exec() -> None:
+            _die_with_parent()
+            if cores:
+                os.sched_setaffinity(0, cores)
+
         with open(self.log_dir / f"{name}.log", log_mode) as fh:
             proc = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=before_exec
             )
         self._commands[proc.pid] = (name, cmd, env)
         return proc
@@ -206,15 +227,18 @@ class Stack:
             t0 = time.monotonic()
             kwargs: dict[str, Any] = {}  # LocalPool's keyword arguments
             if self.ray_port:
-                given = {p for p in (self.port, self.router_port, self.ray_port, self.directory_port) if p}
+                given = {p for p in (self.port, self.ray_port, self.directory_port) if p}
+                given |= {self.router_port + i for i in range(self.routers)}
                 kwargs["gcs_port"] = self.ray_port
                 kwargs["dashboard_port"] = free_port(avoid=given)
                 kwargs["metrics_port"] = free_port(avoid=given)
                 kwargs["state_file"] = self.log_dir / f"pool-{self.ray_port}.json"
             if self.directory_port:
                 kwargs["directory_port"] = self.directory_port
-            plan = load_plan(self.plan) if self.plan else None
-            self.pool = LocalPool(self.model, plan=plan, replica=self.replica, env=self.extra_env, **kwargs).start()
+            plan = load_plan(self.plan) if self.plan else self._default_plan()
+            self.pool = LocalPool(
+                self.model, plan=plan, replica=self.replica, env=self.extra_env, cpus=self.cpus.get("pool"), **kwargs
+            ).start()
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
             step += 1
@@ -233,7 +257,7 @@ class Stack:
             controller_settings = parse_settings(fields)
             self.controller = Controller.for_pool(
                 self.pool,
-                f"{self.router_url}/expertmesh/counters",
+                [f"{url}/expertmesh/counters" for url in self.router_urls],
                 controller_settings,
                 status_file=self.log_dir / "controller-status.json",
             ).start()
@@ -242,25 +266,57 @@ class Stack:
                 f"at most {controller_settings.max_total_replicas} replicas)"
             )
 
+    def _default_plan(self) -> PlacementPlan:
+        """The default plan, with every expert on two replicas where the local replica budget has room (so killing one
+        replica uncovers nothing; planner.add_redundancy). On a 2-core machine the budget is one replica: no change."""
+        from expertmesh.control.planner import add_redundancy
+        from expertmesh.core.checkpoint import read_moe_info
+
+        info = read_moe_info(self.model)
+        plan = default_plan(info)
+        budget = local_replica_budget(sum(g.start_replicas for g in plan.groups))
+        plan, redundancy = add_redundancy(plan, max(1, DEFAULT_GROUP_BYTES // max(1, info.expert_bytes)), budget)
+        _say(f"      {redundancy.describe()}")
+        return plan
+
     @property
     def router_url(self) -> str:
-        """The router: vLLM's OpenAI server with the plugin."""
-        return f"http://127.0.0.1:{self.router_port}"
+        """The (first) router: vLLM's OpenAI server with the plugin."""
+        return self.router_urls[0]
+
+    @property
+    def router_urls(self) -> list[str]:
+        """Every router, in start order (ports router_port, router_port + 1, ...)."""
+        return [f"http://127.0.0.1:{self.router_port + i}" for i in range(self.routers)]
 
     def _start_router(self, step: int, steps: int, directory: str | None, env: dict) -> None:
         mode = "local experts" if self.local_experts else "remote experts"
-        _say(f"[{step}/{steps}] starting the router (vLLM's OpenAI server, {mode}) ...")
+        what = "the router" if self.routers == 1 else f"{self.routers} routers"
+        _say(f"[{step}/{steps}] starting {what} (vLLM's OpenAI server, {mode}) ...")
+        # All routers start at once (each loads its own engine); the gateway waits for every one to serve.
+        started = [self._spawn_router(i, directory, env) for i in range(self.routers)]
+        t0 = time.monotonic()
+        for url, (proc, log) in zip(self.router_urls, started, strict=True):
+            _wait("router", lambda url=url: _http_ok(f"{url}/v1/models"), proc, 600, log)
+        _say(f"      ready in {time.monotonic() - t0:.0f} s at {', '.join(self.router_urls)}")
+        step += 1
+        _say(f"[{step}/{steps}] starting the gateway (proxy to {what}) ...")
+        self._start_gateway(env)
+
+    def _spawn_router(self, index: int, directory: str | None, env: dict) -> tuple[subprocess.Popen, Path]:
+        """Router `index` (0-based): logs/router.log for the first, logs/router-2.log ... for the others. Only the
+        first serves the engine-core Prometheus port (metrics_port): two processes cannot bind one port."""
         cmd = [
             sys.executable,
             "-m",
             "expertmesh.router.openai_server",
             str(self.model),
             "--router-metrics-port",
-            str(self.metrics_port),
+            str(self.metrics_port if index == 0 else 0),
             "--host",
             "127.0.0.1",
             "--port",
-            str(self.router_port),
+            str(self.router_port + index),
         ]
         if not _served_model_names(self.vllm_args):
             cmd += ["--served-model-name", self.model_name]
@@ -273,16 +329,13 @@ class Stack:
         # vLLM's default executor: the model in a worker process below the engine core. Measured on 2 cores
         # (docs/benchmarks.md) it serves more than `uni` (the model inside the engine core) at concurrency 32.
         cmd += self.vllm_args  # last: the user's `vllm serve` options win over the stack's
-        proc, log = self._spawn("router", cmd, env)
-        took = _wait("router", lambda: _http_ok(f"{self.router_url}/v1/models"), proc, 600, log)
-        _say(f"      router ready in {took:.0f} s at {self.router_url}")
-        step += 1
-        _say(f"[{step}/{steps}] starting the gateway (proxy to the router) ...")
-        self._start_gateway(env)
+        return self._spawn("router" if index == 0 else f"router-{index + 1}", cmd, env)
 
     def _start_gateway(self, env: dict) -> None:
-        """The gateway on this stack's host and port, in front of the router."""
-        cmd = [sys.executable, "-m", "expertmesh.gateway.app", "--router", self.router_url]
+        """The gateway on this stack's host and port, in front of the routers."""
+        cmd = [sys.executable, "-m", "expertmesh.gateway.app"]
+        for url in self.router_urls:
+            cmd += ["--router", url]
         cmd += ["--host", self.host, "--port", str(self.port)]
         if self.use_controller:
             env["EXPERTMESH_CONTROLLER_STATUS"] = str(self.log_dir / "controller-status.json")
@@ -359,6 +412,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--router-port", type=int, default=settings.ROUTER_PORT, help="router HTTP port (vLLM's OpenAI server)"
     )
     parser.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="routers (vLLM engines) behind the gateway, on --router-port, --router-port + 1, ... (default 1)",
+    )
+    parser.add_argument(
+        "--cpus",
+        action="append",
+        default=[],
+        metavar="ROLE=CORES",
+        type=_role_cpus,
+        help=f"pin a part of the stack ({', '.join(ROLES)}) to cores, e.g. --cpus router=0 --cpus pool=1-3 "
+        "(repeatable; default: anywhere)",
+    )
+    parser.add_argument(
         "--ray-port",
         type=int,
         default=None,
@@ -422,6 +490,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_replica_flags(parser)
 
 
+def _role_cpus(text: str) -> tuple[str, set[int]]:
+    """ROLE=CORES (CORES as taskset's list: 0,2 or 1-3) -> (role, {cores})."""
+    role, sep, spec = text.partition("=")
+    cores: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        cores = set()
+    if not sep or role not in ROLES or not cores:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ROLE=CORES, ROLE one of {', '.join(ROLES)}, e.g. router=0"
+        )
+    return role, cores
+
+
 def env_from_args(args: argparse.Namespace) -> dict[str, str]:
     """--env NAME=VALUE pairs and the router flags, as registered variables (unknown names and bad values fail)."""
     env: dict[str, str] = {}
@@ -448,6 +533,8 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         router_port=args.router_port,
+        routers=args.routers,
+        cpus=dict(args.cpus),
         local_experts=args.local_experts,
         plan=args.plan,
         enforce_eager=not args.compile,

@@ -1,7 +1,8 @@
 """Controller decisions (autoscaling with cooldowns, rebalancing a hot expert, plan merging) on recorded counters.
 
 The live behaviour through Ray Serve is tested in test_hot_experts.py; here the controller is driven tick by tick
-with explicit times and its apply/registered/drain calls are recorded."""
+with explicit times and its apply/registered/drain calls are recorded. A rebalance also gives every expert a second
+holder where the pool has room (planner.add_redundancy), so one lost replica uncovers nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from expertmesh.control.controller import (
     Controller,
     ControllerSettings,
     LoadWindow,
+    _summed_counts,
     group_loads,
     layer_imbalance,
     merge_plan,
@@ -89,23 +91,44 @@ def test_merge_plan_keeps_unchanged_groups():
     assert again == merged and added2 == [] and removed2 == []
 
 
-def test_controller_splits_a_hot_expert_and_scales_only_it():
+def running_holders(plan: PlacementPlan, replicas: dict[str, int]) -> dict[tuple[int, int], int]:
+    """(layer, expert) -> replicas running it: each replica of each group holding the key (all distinct replicas)."""
+    out: dict[tuple[int, int], int] = {}
+    for g in plan.groups:
+        for key in g.key_list():
+            out[key] = out.get(key, 0) + replicas[g.name]
+    return out
+
+
+def hot_expert_controller(max_total_replicas: int = 64, min_holders: int = 2):
+    """A controller on _plan() whose recorded counters say layer 1 expert 5 is hot (see the tests below)."""
     plan = _plan(target=100.0, max_replicas=4)
     counts = np.zeros((2, E))
     applied: list[tuple[PlacementPlan, dict]] = []
     drained: list[str] = []
     settings = ControllerSettings(
-        interval_s=1, window_s=5, rebalance_cooldown_s=1000, drain_grace_s=0, min_tokens_per_s_to_rebalance=10
+        interval_s=1,
+        window_s=5,
+        rebalance_cooldown_s=1000,
+        drain_grace_s=0,
+        min_tokens_per_s_to_rebalance=10,
+        max_total_replicas=max_total_replicas,
+        min_holders=min_holders,
     )
     ctl = Controller(
         plan,
         LAYERS,
         read_counts=lambda: counts.copy(),
         apply=lambda p, r: applied.append((p, dict(r))),
-        registered=lambda: dict(applied[-1][1]),
+        registered=lambda: dict(applied[-1][1]) if applied else {},
         drain=drained.append,
         settings=settings,
     )
+    return ctl, counts, applied, drained
+
+
+def test_controller_splits_a_hot_expert_and_scales_only_it():
+    ctl, counts, applied, drained = hot_expert_controller()
     t = 0.0
     for _ in range(30):  # layer 1 expert 5 takes 400 tokens/s, everything else 5 tokens/s
         counts += 5.0
@@ -118,40 +141,65 @@ def test_controller_splits_a_hot_expert_and_scales_only_it():
     hot = [g for g in st["plan"]["groups"] if g["keys"] == {"1": [5]} or g["keys"] == {1: [5]}]
     assert len(hot) == 1
     assert st["replicas"][hot[0]["name"]] >= 4  # 400 tok/s at 100 per replica
-    assert st["replicas"]["l0"] == 1
+    # l0 kept its keys (its replica was not restarted) and got a second replica: the pool (64) has room for it
+    assert st["replicas"]["l0"] == 2
     assert drained == ["l1"] and st["rebalances"] == 1
     # while the new groups came up, the old l1 group kept serving (transitional apply held both)
     transitional = [p for p, _ in applied if {"l1", hot[0]["name"]} <= {g.name for g in p.groups}]
     assert transitional
-    # load goes away: everything scales back to the minimum
+    # load goes away: everything scales back to the minimum, which is two replicas a group (the second holders)
     for _ in range(30):
         ctl.tick(now=t)
         t += 1.0
-    assert all(n == 1 for n in ctl.status()["replicas"].values())
+    assert all(n == 2 for n in ctl.status()["replicas"].values())
+    assert min(running_holders(ctl.state.plan, ctl.state.replicas).values()) == 2
+
+
+def test_rebalance_keeps_two_holders_per_expert():
+    """Every expert of the regrouped plan runs on >= 2 replicas, during the hot spell and after it: with a spare
+    replica per cold group (pool of 64), and with none (pool of 8, exactly what the regrouping starts with)."""
+    for pool, copies in ((64, False), (8, True)):
+        ctl, counts, applied, drained = hot_expert_controller(max_total_replicas=pool)
+        t = 0.0
+        for _ in range(30):
+            counts += 5.0
+            counts[1, 5] += 395.0
+            ctl.tick(now=t)
+            t += 1.0
+        st = ctl.state
+        assert st.rebalances == 1 and drained, pool
+        assert [g.keys for g in st.plan.groups if g.keys == {1: [5]}], "the hot expert has a group of its own"
+        holders = running_holders(st.plan, st.replicas)
+        assert set(holders) == {(layer, e) for layer in LAYERS for e in range(E)}
+        assert min(holders.values()) >= 2, (pool, holders)
+        assert sum(st.replicas.values()) <= pool and sum(applied[-1][1].values()) <= pool
+        # With no spare replica the cold groups hold each other's experts (one replica each, more memory);
+        # with spare ones they keep their own keys and run two replicas.
+        overlapping = any(len(names) > 1 for names in st.plan.holders().values())
+        assert overlapping == copies, st.plan
+        for _ in range(30):  # load goes away: the autoscaler's minimum keeps the second holders
+            ctl.tick(now=t)
+            t += 1.0
+        assert min(running_holders(st.plan, ctl.state.replicas).values()) >= 2
+
+    # min_holders 1 turns it off: the cold groups keep one replica, and everything scales back to one.
+    ctl, counts, _, _ = hot_expert_controller(min_holders=1)
+    t = 0.0
+    for _ in range(30):
+        counts += 5.0
+        counts[1, 5] += 395.0
+        ctl.tick(now=t)
+        t += 1.0
+    assert ctl.state.rebalances == 1 and ctl.state.replicas["l0"] == 1
+    for _ in range(30):
+        ctl.tick(now=t)
+        t += 1.0
+    assert set(ctl.state.replicas.values()) == {1}
 
 
 def test_rebalance_and_autoscaling_stay_within_max_total_replicas():
     """The same hot expert as above, on a pool capped at the two replicas it has: no regrouping, no scale-up."""
-    plan = _plan(target=100.0, max_replicas=4)
-    counts = np.zeros((2, E))
-    applied: list[tuple[PlacementPlan, dict]] = []
-    settings = ControllerSettings(
-        interval_s=1,
-        window_s=5,
-        rebalance_cooldown_s=1000,
-        drain_grace_s=0,
-        min_tokens_per_s_to_rebalance=10,
-        max_total_replicas=2,
-    )
-    ctl = Controller(
-        plan,
-        LAYERS,
-        read_counts=lambda: counts.copy(),
-        apply=lambda p, r: applied.append((p, dict(r))),
-        registered=lambda: dict(applied[-1][1]) if applied else {},
-        drain=lambda name: None,
-        settings=settings,
-    )
+    ctl, counts, applied, _ = hot_expert_controller(max_total_replicas=2)
     t = 0.0
     for _ in range(30):
         counts += 5.0
@@ -171,3 +219,31 @@ def test_local_replica_budget_is_half_the_cores_but_never_below_the_plan():
     assert local_replica_budget(1, cores=16) == 8
     assert local_replica_budget(4, cores=2) == 4  # the plan as given always fits
     assert local_replica_budget(1, cores=1) == 1
+
+
+def test_counts_of_several_routers_are_summed_and_never_go_back():
+    """`expertmesh serve --routers N`: the controller reads every router's cumulative counters and sums them; a router
+    that cannot be read counts with its last reading, and one that restarted (its counts start again from zero)
+    keeps what it had counted, so no window of the controller sees negative load."""
+    readings = {
+        "a": [np.array([[1.0, 2.0]]), np.array([[3.0, 2.0]]), np.array([[4.0, 4.0]])],
+        "b": [np.array([[10.0, 0.0]]), RuntimeError("router b restarting"), np.array([[1.0, 1.0]])],
+    }
+
+    def reader(name):
+        values = iter(readings[name])
+
+        def read():
+            value = next(values)
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        return read
+
+    read = _summed_counts([reader("a"), reader("b")])
+    assert read().tolist() == [[11.0, 2.0]]
+    assert read().tolist() == [[13.0, 2.0]]  # b unreadable: its last reading stands
+    assert read().tolist() == [[15.0, 5.0]]  # b restarted at [1, 1]: counted on top of its 10 before
+    single = reader("a")
+    assert _summed_counts([single]) is single  # one router: its own reader, unchanged

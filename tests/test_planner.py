@@ -314,3 +314,126 @@ def test_plan_entry_point_prints_the_default_plan(tmp_path):
     assert plan == default_plan(info)  # exactly the shared default (both layers fit one group here)
     assert [g.name for g in plan.groups] == ["l0-1"]
     plan.check_covers(info)
+
+
+# ---------------------------------------------------------------- redundancy: a second holder per expert
+
+
+def holders_by_replica(plan) -> dict[tuple[int, int], list[tuple[str, int]]]:
+    """(layer, expert) -> the distinct replicas (group, index) holding it at each group's floor."""
+    out: dict[tuple[int, int], list[tuple[str, int]]] = {}
+    for g in plan.groups:
+        for key in g.key_list():
+            out.setdefault(key, []).extend((g.name, i) for i in range(max(1, g.min_replicas)))
+    return out
+
+
+def test_redundancy_gives_every_expert_two_holders_where_the_pool_has_room(tmp_path):
+    info = read_moe_info(write_mixtral_config(tmp_path / "ckpt", layers=2, experts=8))
+    per_layer = default_plan(info, layers_per_group=1)  # two groups, l0 and l1: a pool of two replicas
+    assert [g.name for g in per_layer.groups] == ["l0", "l1"]
+    before = planner.redundancy_of(per_layer)
+    assert before.min_holders == 1 and len(before.single) == 16
+
+    # Ample memory (a replica may hold both layers), no spare replica: the two groups hold each other's layer.
+    copied, report = planner.add_redundancy(per_layer, max_keys_per_replica=16)
+    assert sum(g.start_replicas for g in copied.groups) == 2  # no new replica: the copies cost memory only
+    held = holders_by_replica(copied)
+    assert set(held) == set(info.keys()) and all(len(set(h)) == len(h) >= 2 for h in held.values())
+    assert report.min_holders == 2 and report.single == [] and "every expert has >= 2 holders" in report.describe()
+    copied.check_covers(info)
+
+    # Tight memory (one layer per replica) but two spare replicas: each group runs two replicas of its own keys.
+    doubled, report = planner.add_redundancy(per_layer, max_keys_per_replica=8, max_total_replicas=4)
+    assert [(g.name, g.keys, g.min_replicas, g.start_replicas) for g in doubled.groups] == [
+        ("l0", {0: list(range(8))}, 2, 2),
+        ("l1", {1: list(range(8))}, 2, 2),
+    ]
+    assert report.min_holders == 2 and not report.single
+
+    # Tight memory and no spare replica: nothing changes, and the report names the experts and says why.
+    kept, report = planner.add_redundancy(per_layer, max_keys_per_replica=8)
+    assert kept == per_layer
+    assert report.min_holders == 1 and report.single == sorted(info.keys())
+    assert "no spare replica" in report.reason and "at most 8 experts per replica" in report.reason
+    assert "16 experts with a single holder (layer 0: 0-7; layer 1: 0-7)" in report.describe()
+
+    # One spare replica: l0 takes it, and l1's experts are copied onto l0 (room for 8 more on each replica).
+    mixed, report = planner.add_redundancy(per_layer, max_keys_per_replica=16, max_total_replicas=3)
+    assert [(g.name, sorted(g.keys), g.start_replicas) for g in mixed.groups] == [("l0", [0, 1], 2), ("l1", [1], 1)]
+    assert report.single == [] and min(len(h) for h in holders_by_replica(mixed).values()) >= 2
+    # Room for 4 more experts per replica: half of l1 gets its second holder; the report names the other half.
+    partial, report = planner.add_redundancy(per_layer, max_keys_per_replica=12, max_total_replicas=3)
+    assert sum(g.start_replicas for g in partial.groups) == 3
+    assert report.single == [(1, e) for e in range(4, 8)] and "(layer 1: 4-7)" in report.describe()
+
+
+def test_redundancy_leaves_a_pool_of_one_replica_alone(tmp_path):
+    info = read_moe_info(write_mixtral_config(tmp_path / "ckpt", layers=2, experts=8))
+    whole = default_plan(info)  # both layers in one group of one replica: the 2-core laptop's pool
+    assert sum(g.start_replicas for g in whole.groups) == 1
+    for budget in (None, 1):
+        same, report = planner.add_redundancy(whole, max_keys_per_replica=1000, max_total_replicas=budget)
+        assert same == whole and report.min_holders == 1 and len(report.single) == 16
+        assert "the pool is one replica" in report.reason
+    # The same plan in a pool of two: the group runs two replicas.
+    two, report = planner.add_redundancy(whole, max_keys_per_replica=16, max_total_replicas=2)
+    assert [(g.keys, g.min_replicas, g.start_replicas) for g in two.groups] == [(whole.groups[0].keys, 2, 2)]
+    assert report.single == []
+
+
+def test_redundancy_keeps_a_hot_group_at_two_and_copies_nothing_into_it(tmp_path):
+    """A hot expert's group already runs several replicas: a floor of 2 keeps them (no new replica), and no cold
+    expert is copied into it (its every replica would need the copy)."""
+    load = np.full((1, 8), 10.0)
+    load[0, 5] = 400.0
+    plan = planner.to_placement_plan(planner.plan_autoscale(load, 8, target_load=100.0, exclusive_hot=True), [0])
+    hot = next(g for g in plan.groups if g.keys == {0: [5]})
+    assert hot.start_replicas >= 4 and hot.min_replicas == 1
+    total = sum(g.start_replicas for g in plan.groups)
+    redundant, report = planner.add_redundancy(plan, max_keys_per_replica=8)
+    assert sum(g.start_replicas for g in redundant.groups) == total
+    by_name = {g.name: g for g in redundant.groups}
+    assert by_name[hot.name].keys == {0: [5]} and by_name[hot.name].min_replicas == 2
+    # The cold experts have nowhere to go: one cold group, no spare replica, no other one-replica group.
+    assert report.single == [(0, e) for e in range(8) if e != 5] and "no spare replica" in report.reason
+
+
+def test_slot_plans_give_every_expert_two_devices_when_the_budget_allows():
+    load = zipf_load(3, 8, 1.4, seed=5)  # skewed: the fewest-replicas optimum would give cold experts one slot
+    unbounded = planner.replica_counts(load, 20, 10)  # floor 1
+    assert (unbounded == 1).any()
+    plan = planner.plan_slots(load, num_devices=10, slots_per_device=2)  # 20 slots >= 2 x 8 experts
+    check_slot_plan(plan, load, 10, 2)
+    assert (plan.counts >= 2).all() and plan.counts.sum(1).tolist() == [20] * 3
+    assert (planner._holds(plan.slots, 8) <= 1).all()  # two replicas of an expert are on two devices
+    # Re-planning from that layout under unchanged load keeps it (the kept candidate is redundant too).
+    assert (planner.plan_slots(load, 10, 2, current=plan.slots).moved == 0).all()
+    # 12 slots < 16: the budget has no room for a second replica of every expert; hot experts get the extras.
+    tight = planner.plan_slots(load, num_devices=6, slots_per_device=2)
+    check_slot_plan(tight, load, 6, 2)
+    assert (tight.counts == 1).any()
+
+
+def test_plan_cli_shows_the_redundancy(tmp_path, capsys):
+    ckpt = write_mixtral_config(tmp_path / "mixtral")
+    rc, text, err = run_cli("--model", str(ckpt), capsys=capsys)  # the default plan: one group, one replica
+    assert rc == 0, err
+    assert load_plan_text(tmp_path, text) == default_plan(read_moe_info(ckpt))
+    assert "redundancy: min holders per expert 1; 16 experts with a single holder" in err
+    assert "(layer 0: 0-7; layer 1: 0-7): the pool is one replica" in err
+
+    rc, text, err = run_cli("--model", str(ckpt), "--max-total-replicas", "2", capsys=capsys)
+    assert rc == 0, err
+    plan = load_plan_text(tmp_path, text)
+    assert [(g.min_replicas, g.start_replicas) for g in plan.groups] == [(2, 2)]
+    assert "redundancy: every expert has >= 2 holders" in err and "1 groups, 2 replicas" in err
+
+    rc, text, err = run_cli("--model", str(ckpt), "--replicas", "16", capsys=capsys)
+    assert rc == 0 and "redundancy: every expert has >= 2 holders" in err, err
+    rc, text, err = run_cli("--model", str(ckpt), "--replicas", "12", capsys=capsys)
+    assert rc == 0, err
+    assert "8 experts with a single holder (layer 0: 4-7; layer 1: 4-7)" in err
+    assert "--replicas 12 < 2 x 8 experts" in err
+    rc, _, err = run_cli("--model", str(ckpt), "--max-total-replicas", "0", capsys=capsys)
+    assert rc == 2 and "--max-total-replicas must be >= 1" in err

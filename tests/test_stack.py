@@ -73,6 +73,9 @@ def stack(hot_model, tmp_path_factory):
                     "max_total_replicas": 8,  # this test is about the mechanism; a 2-core budget would be 1
                     "min_tokens_per_s_to_rebalance": 1.0,
                     "drain_grace_s": 1.0,
+                    # one holder per cold expert: this test watches the hot expert alone get its replicas (second
+                    # holders for every expert are tests/test_controller.py's)
+                    "min_holders": 1,
                 }
             ),
             "HOME": str(work),  # logs and pool state files land in the test's own directory

@@ -13,10 +13,13 @@ window, and decides:
   per-replica load, or a layer needing more than one replica's capacity has an expert above
   `hot_expert_skew` x the layer's mean expert load; at most once per `rebalance_cooldown_s`): the planner
   (`planner.plan_autoscale(..., exclusive_hot=True)`) regroups experts so each hot expert gets a group of
-  its own with more replicas, and cold experts are not copied along. Groups whose keys are
-  unchanged keep their name and replicas (nothing restarts); new groups are deployed and must register
-  in the directory before the old groups they replace are drained (directory Drain: the router stops
-  sending them new work) and then removed. A request never waits on a removed replica.
+  its own with more replicas, and cold experts are not copied along; then every expert gets a second holder
+  where the pool has room (`planner.add_redundancy`: a second replica within `max_total_replicas`, else a
+  copy on a one-replica group within `max_experts_per_replica`), so one lost replica uncovers nothing. Groups
+  whose keys are unchanged keep their name and replicas (nothing restarts; a floor of 2 may add a replica);
+  new groups are deployed and must register in the directory before the old groups they replace are
+  drained (directory Drain: the router stops sending them new work) and then removed. A request never
+  waits on a removed replica.
 
 Applying is declarative: the whole Serve config for (plan, replica counts) goes to Serve at once. Each group
 is its own Serve application whose args never change, so Serve adds/removes replicas of a changed group and
@@ -57,6 +60,9 @@ class ControllerSettings:
     max_experts_per_replica: int = 64
     max_total_replicas: int = 64  # safety cap on the whole pool
     max_replicas_per_group: int = 8  # cap on what the planner gives one group (memory: a replica each)
+    # Holders a rebalance gives every expert where the pool has room (planner.add_redundancy adds at most a second
+    # one): 2 = one lost replica uncovers nothing; 1 = no redundancy (each group scales down to one replica).
+    min_holders: int = 2
     drain_grace_s: float = 3.0  # after draining, before removing (in-flight RPCs finish)
     register_timeout_s: float = 180.0  # new groups must register within this
 
@@ -164,11 +170,13 @@ def merge_plan(current: PlacementPlan, proposed: PlacementPlan) -> tuple[Placeme
         same = by_keys.get(json.dumps(g.keys, sort_keys=True))
         if same is not None and same.name not in kept:
             kept.add(same.name)
+            floor = max(same.min_replicas, g.min_replicas)  # a floor of 2 is the keys' second holder
             groups.append(
                 same.model_copy(
                     update={
-                        "max_replicas": max(same.max_replicas, g.max_replicas),
-                        "initial_replicas": g.initial_replicas,
+                        "min_replicas": floor,
+                        "max_replicas": max(same.max_replicas, g.max_replicas, floor),
+                        "initial_replicas": max(g.start_replicas, floor),
                     }
                 )
             )
@@ -274,7 +282,7 @@ class Controller:
         self._write_status()
 
     def _rebalance(self, rate: np.ndarray, worst: float, now: float) -> None:
-        from expertmesh.control.planner import plan_autoscale, to_placement_plan
+        from expertmesh.control.planner import add_redundancy, plan_autoscale, to_placement_plan
 
         st, s = self.state, self.settings
         target = st.plan.autoscaling.target_tokens_per_second
@@ -296,6 +304,10 @@ class Controller:
                 ],
             }
         )
+        if s.min_holders >= 2:
+            proposed, redundancy = add_redundancy(proposed, s.max_experts_per_replica, s.max_total_replicas)
+            if redundancy.single:
+                log.warning("rebalance: %s", redundancy.describe())
         merged, added, removed = merge_plan(st.plan, proposed)
         self._last_rebalance = now
         if not added and not removed:
@@ -311,7 +323,8 @@ class Controller:
             )
             return
         log.info("rebalancing (max/mean %.2f): +%s -%s", worst, added, removed)
-        replicas = {g.name: st.replicas.get(g.name, g.start_replicas) for g in merged.groups}
+        # A kept group runs what it runs, and at least its floor (a second replica may be its keys' second holder).
+        replicas = {g.name: max(st.replicas.get(g.name, g.start_replicas), g.min_replicas) for g in merged.groups}
         # 1) new groups up next to the old ones; wait until they registered in the directory
         transitional = PlacementPlan(
             model=merged.model,
@@ -346,17 +359,18 @@ class Controller:
     def for_pool(
         cls,
         pool,
-        counters_url: str,
+        counters_url: str | list[str],
         settings: ControllerSettings | None = None,
         status_file: str | Path | None = None,
     ) -> Controller:
         """A controller for a `LocalPool` (or the controller service's `ServeTarget`): counters from `counters_url`
-        (a router's `GET {router}/expertmesh/counters`), the directory for readiness and draining,
-        `pool.apply(plan, replicas)` to deploy."""
+        (a router's `GET {router}/expertmesh/counters`; several routers' are summed), the directory for readiness
+        and draining, `pool.apply(plan, replicas)` to deploy."""
         layers, num_experts = pool.info.moe_layers, pool.info.num_experts
         row = {layer: i for i, layer in enumerate(layers)}
         directory = pool.client()
-        read_counts = _http_counts(counters_url, row, num_experts)
+        urls = [counters_url] if isinstance(counters_url, str) else list(counters_url)
+        read_counts = _summed_counts([_http_counts(url, row, num_experts) for url in urls])
 
         def registered() -> dict[str, int]:
             out: dict[str, int] = {}
@@ -433,5 +447,38 @@ def _http_counts(url: str, row: dict[int, int], num_experts: int) -> Callable[[]
                     n = min(len(values), num_experts)
                     counts[row[layer], :n] = values[:n]
         return counts
+
+    return read_counts
+
+
+def _summed_counts(readers: list[Callable[[], np.ndarray]]) -> Callable[[], np.ndarray]:
+    """read_counts over several routers: the sum of their cumulative counts, kept cumulative per router.
+
+    With one reader this is that reader. With several, a router that cannot be read (restarting) counts with its last
+    reading, and one whose counts fell (a restarted router starts again from zero) keeps what it had counted before,
+    so the sum never goes back and the controller's windows (differences of readings) stay >= 0."""
+    if len(readers) == 1:
+        return readers[0]
+    last: list[np.ndarray | None] = [None] * len(readers)  # each router's latest reading
+    base: list[np.ndarray | None] = [None] * len(readers)  # what each router had counted before its restarts
+
+    def read_counts() -> np.ndarray:
+        total = None
+        for i, read in enumerate(readers):
+            previous = last[i]
+            try:
+                now = read()
+            except Exception:  # noqa: BLE001 - that router is down: its last reading stands
+                if previous is None:
+                    continue
+                now = previous
+            if previous is not None and now is not previous and (now < previous).any():  # restarted: count anew
+                base[i] = previous if base[i] is None else base[i] + previous
+            last[i] = now
+            counted = now if base[i] is None else now + base[i]
+            total = counted.copy() if total is None else total + counted
+        if total is None:
+            raise RuntimeError("no router's counters could be read")
+        return total
 
     return read_counts

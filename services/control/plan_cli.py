@@ -1,11 +1,19 @@
 """`expertmesh plan`: a placement plan for a checkpoint, offline, from routed-token statistics.
 
     expertmesh plan --model DIR [--stats FILE] [--replicas N [--slots-per-device S]] [--current PLAN]
-                    [--target-load T] [--out FILE]
+                    [--target-load T] [--max-total-replicas R] [--out FILE]
 
 Reads only the checkpoint's config.json (core/checkpoint.read_moe_info) -- no weights. Prints the plan YAML
 (core/plan.py schema) to stdout or writes it to --out; a per-layer summary (max/mean load, replicas, experts
-moved vs --current) goes to stderr.
+moved vs --current) and the plan's redundancy (the fewest replicas holding any expert, the experts held by one
+replica and why) go to stderr.
+
+Redundancy: where it is free, every expert gets a second holder, so losing one replica uncovers nothing. Fixed
+budget: with --replicas >= 2 x experts, every expert gets >= 2 slots on distinct devices. Default plan and free
+budget (planner.add_redundancy): in a pool of more than one replica (--max-total-replicas R; default: as many as
+the plan starts with), a one-replica group gets a second replica while the pool has one to spare, else its
+experts are copied onto another one-replica group with memory to spare (a replica holds at most
+--slots-per-device experts). A pool of one replica keeps one holder per expert.
 
 Modes:
   --replicas N   fixed budget: N expert slots per MoE layer on N / S devices of S slots (planner.plan_slots,
@@ -49,7 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slots-per-device",
         type=int,
-        help="experts one replica holds (fixed budget: default 1; free budget: default as in the default plan)",
+        help="experts one replica holds (fixed budget: default 1; free budget and the default plan's copies for "
+        "redundancy: default 2 GiB of expert weights)",
     )
     parser.add_argument("--current", help="placement plan YAML now serving; the new plan moves few experts from it")
     parser.add_argument(
@@ -68,6 +77,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.1,
         help="fixed budget: imbalance (max/mean) worth moving every slot's expert (default 0.1)",
+    )
+    parser.add_argument(
+        "--max-total-replicas",
+        type=int,
+        help="default plan / free budget: replicas the pool may run (default: as many as the plan starts with); "
+        "spare ones give one-replica groups a second replica",
     )
     parser.add_argument("--out", help="write the plan YAML here instead of stdout")
 
@@ -147,11 +162,20 @@ def run(args: argparse.Namespace) -> int:
         if current is not None:
             current.check_covers(info)
         load = read_stats(args.stats, layers, E) if args.stats else None
+        if args.max_total_replicas is not None and args.max_total_replicas < 1:
+            raise ValueError(f"--max-total-replicas must be >= 1, got {args.max_total_replicas}")
         summary: list[str] = []
+        # Memory per replica, in experts: the default plan's 2 GiB of expert weights per group.
+        per_replica = max(1, min(E * len(layers), (2 << 30) // max(1, info.expert_bytes)))
 
         if load is None and args.replicas is None:
-            plan = default_plan(info)
-            summary.append(f"default plan: {len(plan.groups)} groups (give --stats or --replicas to plan from load)")
+            plan, redundancy = planner.add_redundancy(
+                default_plan(info), args.slots_per_device or per_replica, args.max_total_replicas
+            )
+            summary.append(
+                f"default plan: {len(plan.groups)} groups, {sum(g.start_replicas for g in plan.groups)} replicas "
+                "(give --stats or --replicas to plan from load)"
+            )
         elif args.replicas is not None:
             S = args.slots_per_device or 1
             if args.replicas % S:
@@ -169,6 +193,12 @@ def run(args: argparse.Namespace) -> int:
                     ) from None
             result = planner.plan_slots(load, D, S, current=cur_slots, move_cost=args.move_cost)
             plan = planner.to_placement_plan(result, layers, model=str(info.path))
+            redundancy = planner.redundancy_of(
+                plan,
+                f"one device per layer (--replicas {args.replicas} / --slots-per-device {S})"
+                if D < 2
+                else f"--replicas {args.replicas} < 2 x {E} experts: no slot for every expert's second holder",
+            )
             for row, layer in enumerate(layers):
                 hot = np.flatnonzero(result.counts[row] > 1)
                 summary.append(
@@ -177,11 +207,13 @@ def run(args: argparse.Namespace) -> int:
                     + (f", {int(result.moved[row])} experts moved" if current is not None else "")
                 )
         else:
-            S = args.slots_per_device or max(1, min(E, (2 << 30) // max(1, info.expert_bytes)))
+            S = args.slots_per_device or min(E, per_replica)
             scaled_plan = planner.plan_autoscale(
                 load, S, target_load=args.target_load, max_ratio=args.max_ratio, exclusive_hot=args.exclusive_hot
             )
-            plan = planner.to_placement_plan(scaled_plan, layers, model=str(info.path))
+            plan, redundancy = planner.add_redundancy(
+                planner.to_placement_plan(scaled_plan, layers, model=str(info.path)), S, args.max_total_replicas
+            )
             moved = None
             if current is not None:
                 old, new = _plan_devices(current, layers, E), _plan_devices(plan, layers, E)
@@ -204,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
                     + (f", {int(moved[row])} experts moved" if moved is not None else "")
                 )
         plan.check_covers(info)
+        summary.append(redundancy.describe())
     except (ValueError, OSError) as exc:  # CheckpointError and pydantic's ValidationError are ValueErrors
         print(f"expertmesh plan: error: {exc}", file=sys.stderr)
         return 2

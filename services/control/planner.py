@@ -7,10 +7,10 @@ layers), so planning all 58 MoE layers of DeepSeek-V3 takes milliseconds. Two mo
     Fixed budget, the EPLB setting: every layer has `num_devices` devices with `slots_per_device` expert
     slots each (P = D x S slots, P >= E). Inputs: `load` [L, E], routed tokens per (layer, expert) over a
     moving window; `current` [L, D, S] expert id per slot (-1 = empty) of the plan now serving, or None.
-    Output: `counts` [L, E] replicas per expert (>= 1, hot experts more, sum = P), `slots` [L, D, S] the
-    expert in each slot (one device never holds two replicas of one expert), `device_load` [L, D] with an
-    expert's tokens split evenly over its replicas, and `moved` [L] = expert weights a device must load to
-    go from `current` to this plan. Steps:
+    Output: `counts` [L, E] replicas per expert (>= 1, hot experts more, sum = P; >= 2 when P >= 2E and
+    D >= 2, so one lost device uncovers nothing), `slots` [L, D, S] the expert in each slot (one device never
+    holds two replicas of one expert), `device_load` [L, D] with an expert's tokens split evenly over its
+    replicas, and `moved` [L] = expert weights a device must load to go from `current` to this plan. Steps:
       1. counts: repeatedly give one more replica to the expert with the highest load per replica (the
          choice minimising the busiest replica; EPLB's counts) -- computed by bisecting the threshold on
          load / k instead of looping over replicas.
@@ -32,6 +32,12 @@ layers), so planning all 58 MoE layers of DeepSeek-V3 takes milliseconds. Two mo
     groups. The replica count is searched per layer (gallop, then bisect).
     Output: `group_of` [L, E] group index of each expert, `group_replicas` [L, G] (0 = no such group),
     `group_load` [L, G].
+
+`add_redundancy(plan, max_keys_per_replica, max_total_replicas=None)` -> (PlacementPlan, Redundancy)
+    A second holder for every (layer, expert) key where it is free: when the pool has more than one replica,
+    a spare replica of the pool (a group's second replica) or a one-replica group with memory to spare (a
+    copy of the keys) holds it too; where neither is there the key keeps one holder and the report says why.
+    `redundancy_of(plan)` is the report alone: the fewest holders of any key and the keys with a single one.
 
 `to_placement_plan(result, layers)` turns either result into the shared `PlacementPlan` (core/plan.py):
 group `l{layer}-e{expert}` for a single-expert group, `l{layer}-d{device}` / `l{layer}-g{group}` otherwise;
@@ -104,34 +110,40 @@ def _check_load(load) -> np.ndarray:
 # ---------------------------------------------------------------- slot mode (fixed budget)
 
 
-def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.ndarray:
-    """[L, E] replicas per expert: >= 1 each, sum = num_slots, greedy on the highest load per replica.
+def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int, min_per_expert: int = 1) -> np.ndarray:
+    """[L, E] replicas per expert: >= min_per_expert each, sum = num_slots, greedy on the highest load per replica.
 
     Giving expert e its (k+1)-th replica has priority load[e] / k, decreasing in k, so the greedy choices
-    are the `num_slots - E` largest of load[:, :, None] / k. Instead of sorting those L x E x K values we
-    bisect the threshold tau (64 steps over [L, E]): an expert has min(K, floor(load / tau)) of them >= tau.
-    Near-ties at the threshold go round-robin by expert id (so zero-load layers spread evenly).
+    are the `num_slots - m E` largest of load[:, :, None] / k for k >= m = min_per_expert. Instead of sorting
+    those L x E x K values we bisect the threshold tau (64 steps over [L, E]): an expert has
+    clip(floor(load / tau) - m + 1, 0, K) of them >= tau. Near-ties at the threshold go round-robin by expert
+    id (so zero-load layers spread evenly).
 
     Parameters
     ----------
     load: [L, E] routed tokens per (layer, expert), >= 0.
-    num_slots: replicas to hand out per layer (>= E).
+    num_slots: replicas to hand out per layer (>= min_per_expert x E).
     max_per_expert: cap on one expert's replicas (e.g. the number of devices, one replica per device).
+    min_per_expert: floor on one expert's replicas (2: every expert survives the loss of one device).
 
     Returns
     -------
-    [L, E] int64 replica counts, each in [1, max_per_expert], each row summing to num_slots.
+    [L, E] int64 replica counts, each in [min_per_expert, max_per_expert], each row summing to num_slots.
     """
     L, E = load.shape
-    extra = num_slots - E
+    m = int(min_per_expert)
+    if not 1 <= m <= max_per_expert or num_slots < m * E:
+        raise ValueError(f"cannot give {E} experts {m} replicas each within {num_slots} slots, {max_per_expert} max")
+    extra = num_slots - m * E
     if extra == 0:
-        return np.ones((L, E), dtype=np.int64)
-    K = min(extra, max_per_expert - 1)  # more replicas than devices would share one
+        return np.full((L, E), m, dtype=np.int64)
+    K = min(extra, max_per_expert - m)  # more replicas than devices would share one
 
     def at_least(tau: np.ndarray) -> np.ndarray:  # [L, E] priorities >= tau per expert
         with np.errstate(divide="ignore", invalid="ignore"):
-            n = np.floor(load / tau[:, None])
-        return np.where(tau[:, None] > 0, np.minimum(K, np.nan_to_num(n, nan=0.0, posinf=K)), K).astype(np.int64)
+            n = np.floor(load / tau[:, None]) - (m - 1)
+        n = np.clip(np.nan_to_num(n, nan=0.0, posinf=K), 0, K)
+        return np.where(tau[:, None] > 0, n, K).astype(np.int64)
 
     lo = np.zeros(L)  # at_least(lo).sum() >= extra
     hi = load.max(1) * (1 + 1e-9) + 1e-300  # at_least(hi).sum() < extra
@@ -149,7 +161,7 @@ def replica_counts(load: np.ndarray, num_slots: int, max_per_expert: int) -> np.
         left -= give.sum(1)
         if not left.any():
             break
-    return 1 + base
+    return m + base
 
 
 def _holds(slots: np.ndarray, num_experts: int) -> np.ndarray:
@@ -421,7 +433,10 @@ def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None, 
         raise ValueError(f"{D} devices x {S} slots = {P} slots cannot hold {E} experts (need >= {E})")
     if P > E * D:
         raise ValueError(f"{P} slots > {E} experts x {D} devices: some device would hold an expert twice")
-    counts = replica_counts(load, P, D)  # [L, E]
+    # Redundancy where the budget has room for it: with >= 2 slots per expert every expert gets two devices, so
+    # losing one device uncovers nothing (the extra slots go to the hottest experts after that).
+    floor = 2 if D >= 2 and P >= 2 * E else 1
+    counts = replica_counts(load, P, D, min_per_expert=floor)  # [L, E]
     replica_load = load / counts  # [L, E]
     fresh = _refine_swaps(_pack_lpt(counts, replica_load, D, S), replica_load)
     if current is None:
@@ -433,7 +448,7 @@ def plan_slots(load, num_devices: int, slots_per_device: int = 1, current=None, 
     if ((current < _EMPTY) | (current >= E)).any():
         raise ValueError(f"current placement has expert ids outside [0, {E}) (or -1 for an empty slot)")
     cur_counts = _holds(current, E).sum(1)  # [L, E]
-    keep_valid = (cur_counts >= 1).all(1)  # every expert still served
+    keep_valid = (cur_counts >= floor).all(1)  # every expert still served (twice, where the budget allows)
     cur_replica_load = load / np.maximum(cur_counts, 1)
 
     candidates = [
@@ -580,6 +595,146 @@ def plan_autoscale(
     ok, best = feasible(np.where(done, lo, hi))
     assert ok.all()
     return best
+
+
+# ---------------------------------------------------------------- redundancy (a second holder per expert)
+
+
+@dataclass
+class Redundancy:
+    """How many replicas hold each (layer, expert) key of a plan, counted at each group's floor.
+
+    A group's floor is max(1, min_replicas): what the autoscaler never goes below, so what a key can count on
+    after load drops. A key held by two groups, or by one group of >= 2 replicas, survives one replica's loss.
+    """
+
+    min_holders: int  # fewest replicas holding any key (0 for an empty plan)
+    single: list[tuple[int, int]]  # keys held by one replica only, sorted
+    reason: str | None = None  # why those keys have one holder (None when there are none, or nobody said)
+
+    def describe(self) -> str:
+        """One line for `expertmesh plan` and the controller's log."""
+        if not self.single:
+            return f"redundancy: every expert has >= {self.min_holders} holders (one replica may fail)"
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in self.single:
+            by_layer.setdefault(layer, []).append(expert)
+        listed = "; ".join(f"layer {layer}: {_ranges(experts)}" for layer, experts in by_layer.items())
+        return (
+            f"redundancy: min holders per expert {self.min_holders}; {len(self.single)} experts with a single "
+            f"holder ({listed})" + (f": {self.reason}" if self.reason else "")
+        )
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive ids
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _floor(group: ExpertGroup) -> int:
+    return max(1, group.min_replicas)
+
+
+def redundancy_of(plan: PlacementPlan, reason: str | None = None) -> Redundancy:
+    """Holders per key at each group's floor (see `Redundancy`); `reason` is kept if some key has one holder."""
+    holders: dict[tuple[int, int], int] = {}
+    for g in plan.groups:
+        for key in g.key_list():
+            holders[key] = holders.get(key, 0) + _floor(g)
+    single = sorted(key for key, n in holders.items() if n < 2)
+    return Redundancy(min(holders.values(), default=0), single, reason if single else None)
+
+
+def add_redundancy(
+    plan: PlacementPlan, max_keys_per_replica: int, max_total_replicas: int | None = None
+) -> tuple[PlacementPlan, Redundancy]:
+    """Give every (layer, expert) key a second holder where that is free, so one replica's loss uncovers nothing.
+
+    The pool is `max_total_replicas` replicas (None: as many as the plan starts with); a replica holds at most
+    `max_keys_per_replica` expert weights (the per-replica memory budget: the default plan's 2 GiB, the
+    planner's max_experts_per_replica). Steps, for keys held by one replica (at the groups' floors):
+      1. a group that already starts with >= 2 replicas keeps 2 (min_replicas 2): no new replica;
+      2. a one-replica group gets a second replica (min_replicas 2; keys unchanged, so a running group is not
+         restarted) while the pool has a spare one, biggest groups first;
+      3. the keys left are copied onto another group that the plan starts with one replica (raised in step 2
+         or not) with room for them (groups overlap; the router splits an expert's tokens over its holders),
+         the group with the most room first;
+      4. what still has one holder stays so, and the report says why (a pool of one replica, or no spare
+         replica and no replica with room). A plan of one replica in a pool of one is returned unchanged.
+    Only groups the plan starts with one replica take copies (step 3): a hot expert's group (the controller's
+    exclusive_hot) stays its own, and its many replicas would each need the copy.
+
+    Parameters
+    ----------
+    plan: the placement plan (any source: default plan, planner, a file).
+    max_keys_per_replica: most (layer, expert) keys one replica may hold.
+    max_total_replicas: most replicas the pool may start with, or None for the plan's own count.
+
+    Returns
+    -------
+    (plan with the second holders, its Redundancy report).
+    """
+    total = sum(g.start_replicas for g in plan.groups)
+    budget = total if max_total_replicas is None else max(int(max_total_replicas), total)
+    if budget <= 1:
+        return plan, redundancy_of(plan, "the pool is one replica (a second holder needs a second replica)")
+    groups = [g.model_dump() for g in plan.groups]  # mutable copies; validated again at the end
+    holders: dict[tuple[int, int], int] = {}
+    for g in plan.groups:
+        for key in g.key_list():
+            holders[key] = holders.get(key, 0) + _floor(g)
+
+    def raise_to_two(i: int) -> None:
+        g = groups[i]
+        g["min_replicas"] = max(2, g["min_replicas"])
+        g["max_replicas"] = max(2, g["max_replicas"])
+        if g["initial_replicas"] is not None:
+            g["initial_replicas"] = max(2, g["initial_replicas"])
+        for key in plan.groups[i].key_list():
+            holders[key] += 2 - _floor(plan.groups[i])
+
+    def lone_keys(i: int) -> list[tuple[int, int]]:
+        return [key for key in plan.groups[i].key_list() if holders[key] < 2]
+
+    for i, g in enumerate(plan.groups):  # 1. already two replicas at the start: keep two
+        if g.start_replicas >= 2 and lone_keys(i):
+            raise_to_two(i)
+    used = total
+    for i in sorted(range(len(groups)), key=lambda i: -len(plan.groups[i].key_list())):  # 2. spare replicas
+        if used < budget and lone_keys(i):
+            raise_to_two(i)
+            used += 1
+    # 3. copies onto groups that start with one replica, where they have room (memory: max_keys_per_replica)
+    size = [len(g.key_list()) for g in plan.groups]
+    hosts = [i for i, g in enumerate(plan.groups) if g.start_replicas == 1]
+    for i in sorted(range(len(groups)), key=lambda i: -len(lone_keys(i))):
+        lone = lone_keys(i)
+        for h in sorted((h for h in hosts if h != i), key=lambda h: (size[h], h)):
+            room = max_keys_per_replica - size[h]
+            if not lone or room <= 0:
+                break
+            taken, lone = lone[:room], lone[room:]
+            for layer, expert in taken:
+                groups[h]["keys"].setdefault(layer, []).append(expert)
+                holders[(layer, expert)] += 1
+            size[h] += len(taken)
+    redundant = PlacementPlan(
+        version=plan.version,
+        model=plan.model,
+        autoscaling=plan.autoscaling,
+        groups=[ExpertGroup.model_validate(g) for g in groups],
+    )
+    reason = (
+        f"no spare replica (the pool's {budget} are in use) and no one-replica group with room for a copy "
+        f"(at most {max_keys_per_replica} experts per replica)"
+    )
+    return redundant, redundancy_of(redundant, reason)
 
 
 # ---------------------------------------------------------------- conversion to the shared plan schema

@@ -134,8 +134,14 @@ def load_plan(path: str | Path) -> PlacementPlan:
     return PlacementPlan.model_validate(data)
 
 
+DEFAULT_GROUP_BYTES = 2 << 30  # expert weights one replica of the default plan holds at most
+
+
 def default_plan(
-    info: MoEInfo, max_group_bytes: int = 2 << 30, max_replicas: int = 2, layers_per_group: int | None = None
+    info: MoEInfo,
+    max_group_bytes: int = DEFAULT_GROUP_BYTES,
+    max_replicas: int = 2,
+    layers_per_group: int | None = None,
 ) -> PlacementPlan:
     """The default placement: whole MoE layers packed into groups of at most `max_group_bytes` of expert weights
     (a layer bigger than that is split into expert chunks that fit). `layers_per_group` caps how many layers one

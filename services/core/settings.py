@@ -241,6 +241,15 @@ ENV_VARS: dict[str, EnvVar] = {
             _int,
         ),
         _var(
+            "EXPERTMESH_GATEWAY_MIGRATIONS",
+            "int",
+            3,
+            "how often a streamed generation whose router breaks off mid-answer is continued on another router "
+            "(the prompt and the tokens already streamed resent; gateway/migration.py); 0 = never: the stream ends",
+            "gateway",
+            _int,
+        ),
+        _var(
             "EXPERTMESH_CONTROLLER_STATUS",
             "str",
             None,
@@ -434,6 +443,10 @@ def gateway_max_in_flight() -> int:
     return get("EXPERTMESH_GATEWAY_MAX_IN_FLIGHT")
 
 
+def gateway_migrations() -> int:
+    return get("EXPERTMESH_GATEWAY_MIGRATIONS")
+
+
 def controller_status() -> str | None:
     return get("EXPERTMESH_CONTROLLER_STATUS")
 
@@ -617,6 +630,7 @@ class GatewaySettings:
     max_in_flight: int = field(default_factory=gateway_max_in_flight)  # per router; 0 = no bound
     max_body_bytes: int = field(default_factory=gateway_max_body_bytes)  # 413 past it
     body_timeout_s: float = field(default_factory=gateway_body_timeout_s)  # 408 past it
+    max_migrations: int = field(default_factory=gateway_migrations)  # a broken stream goes on elsewhere this often
     shutdown_grace_s: float = field(default_factory=shutdown_grace_s)  # requests in flight finish first
     controller_status_timeout_s: float = 1.0  # /experts must not hang on a controller that is down
 

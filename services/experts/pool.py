@@ -125,8 +125,12 @@ class LocalPool:
         ready_timeout: float = 240.0,
         state_file: Path | None = None,
         env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
     ):
+        """cpus: the cores every process of the pool may run on (Ray's head, the directory, every replica: they all
+        descend from `ray start` and inherit its affinity); None = any."""
         self.model = str(Path(model).resolve())
+        self.cpus = set(cpus) if cpus else None
         self.info = read_moe_info(self.model)
         self.plan = plan or default_plan(self.info)
         self.plan.check_covers(self.info)
@@ -291,8 +295,15 @@ class LocalPool:
             self.temp_dir,
         ]
         with open(self.log_path, "wb") as log:
+            cpus = self.cpus
             self.process = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         self._write_state()
         self._wait_http(f"{self.dashboard_url}/api/version", timeout=120)

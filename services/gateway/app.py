@@ -98,6 +98,7 @@ def create_app(
         max_in_flight=settings.max_in_flight,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        max_migrations=settings.max_migrations,
     )
     state = GatewayState(settings=settings, pool=pool)
     state.metrics.watch_pool(pool)

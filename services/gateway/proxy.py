@@ -3,8 +3,11 @@
 Each request goes to the router with the fewest requests in flight from this gateway (ties: round robin), with its
 body and headers unchanged, and the router's answer (JSON, or server-sent events as they are produced) is relayed
 byte for byte. A router that refuses the connection (down, restarting) is skipped and left alone for
-`cooldown_s`; the request is retried on the next router, since nothing reached an engine. A router that fails
-after it accepted the request is not retried (the request may have been half-served): the client gets a 502.
+`cooldown_s`; the request is retried on the next router, since nothing reached an engine. A generation (POST
+/v1/completions or /v1/chat/completions) is never lost with its router: one whose router dies before any of its
+answer reached the client is sent to the next router (a JSON answer is read whole before it is relayed, for that),
+and a streamed one that breaks off mid-answer goes on on another router from the last token streamed
+(migration.py, up to `max_migrations` times). Any other request whose router fails after accepting it gets a 502.
 When no router accepts, the client gets a 503 with Retry-After. Both are OpenAI error bodies. A client that goes
 away closes the upstream response, so vLLM aborts the request.
 
@@ -36,6 +39,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from expertmesh.core import telemetry
+from expertmesh.gateway import migration
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.errors import APIError
 
@@ -56,6 +60,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Connection-level failures: the router never got the request, so another router may take it.
 _NOT_ACCEPTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# The router died holding a generation, before any of its answer reached the client: another router may take it.
+_LOST = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
 
 
 @dataclass
@@ -76,7 +82,9 @@ class RouterPool:
     max_in_flight: int = 0  # per router; 0 = no bound (admission control, see `admit`)
     max_body_bytes: int = 4 * 1024 * 1024  # a larger request body: 413
     body_timeout_s: float = 30.0  # a body not complete by then: 408
+    max_migrations: int = 3  # a streamed generation continues on another router this often (0 = never, migration.py)
     routers: list[RouterState] = field(init=False)
+    migrations: int = field(init=False, default=0)  # streams continued on another router
 
     def __post_init__(self):
         if not self.urls:
@@ -172,6 +180,10 @@ async def proxy_request(
     headers = _forward_headers(request.headers)
     query = request.url.query
     tried: list[str] = []
+    generation = request.method == "POST" and path in migration.MIGRATABLE_PATHS  # a generation: resent if lost
+    migrating = migration.plan(path, body) if generation and pool.max_migrations else None
+    upstream_body = migrating[1] if migrating is not None else body
+    lost = _LOST if generation else ()
     order = pool.order()
     if request.method == "POST":  # generation: bounded in flight per router; reads (models, ...) always pass
         order = pool.admit(order)
@@ -189,10 +201,22 @@ async def proxy_request(
         router.in_flight += 1
         router.requests += 1
         try:
-            response = await client.request(request.method, url, data=body, headers=headers)
+            response = await client.request(request.method, url, data=upstream_body, headers=headers)
             if first_byte is not None:
                 first_byte(path, time.monotonic() - start)
+            if generation and migrating is None and response.status == 200:
+                # A whole JSON answer: read it here, so a router that dies before it is complete costs a resend to
+                # another router rather than a broken body (nothing has been sent to the client yet).
+                data = await response.read()
+                router.in_flight -= 1
+                return Response(data, status_code=200, headers=_forward_headers(response.headers))
         except _NOT_ACCEPTED as exc:
+            router.in_flight -= 1
+            router.failures += 1
+            router.down_until = time.monotonic() + pool.cooldown_s
+            tried.append(f"{router.url} ({type(exc).__name__})")
+            continue
+        except lost as exc:  # the router died holding a generation: nothing of it reached the client
             router.in_flight -= 1
             router.failures += 1
             router.down_until = time.monotonic() + pool.cooldown_s
@@ -205,6 +229,12 @@ async def proxy_request(
             return _error(502, detail, "server_error", "bad_gateway")
 
         trace.get_current_span().set_attribute("expertmesh.router", router.url)  # (the request's span, if traced)
+        if migrating is not None and response.status == 200 and response.content_type == "text/event-stream":
+            return StreamingResponse(
+                _migrating_relay(migrating[0], response, router, pool, client, headers),
+                status_code=200,
+                headers=_forward_headers(response.headers),
+            )
         released: list[bool] = []
 
         async def release(response=response, router=router, released=released):
@@ -244,6 +274,79 @@ async def proxy_request(
     )
 
 
+async def _migrating_relay(
+    generation: migration.Generation,
+    response: aiohttp.ClientResponse,
+    router: RouterState,
+    pool: RouterPool,
+    client: aiohttp.ClientSession,
+    headers: dict[str, str],
+):
+    """Relay a streamed generation event by event (migration.py), and where the router breaks off, go on with the
+    rest of the generation on another router, up to `pool.max_migrations` times."""
+    rewrite = generation.relay  # the original router's events; a continuation's are rewritten
+    failed: set[str] = set()
+    try:
+        while True:
+            buffer = b""
+            try:
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    while (end := buffer.find(b"\n\n")) >= 0:
+                        event, buffer = buffer[:end], buffer[end + 2 :]
+                        out = rewrite(event)
+                        if out is not None:
+                            yield out + b"\n\n"
+                if generation.done:
+                    return
+                raise migration.Broken("the stream ended without [DONE]")
+            except (aiohttp.ClientError, migration.Broken) as exc:
+                detail = f"router {router.url} broke off: {type(exc).__name__}: {exc}"
+            router.failures += 1
+            router.down_until = time.monotonic() + pool.cooldown_s
+            failed.add(router.url)
+            router.in_flight -= 1
+            response.close()
+            router = None  # type: ignore[assignment]  # (nothing in flight until the next router takes it)
+            while router is None and generation.can_continue(pool.max_migrations):
+                path, body = generation.continuation()
+                for candidate in pool.order():
+                    if candidate.url in failed:
+                        continue
+                    candidate.in_flight += 1
+                    candidate.requests += 1
+                    try:
+                        response = await client.post(f"{candidate.url}/v1/{path}", data=body, headers=headers)
+                    except aiohttp.ClientError:
+                        candidate.in_flight -= 1
+                        candidate.failures += 1
+                        failed.add(candidate.url)
+                        continue
+                    if response.status != 200:
+                        detail = f"router {candidate.url} answered {response.status} to the continuation"
+                        candidate.in_flight -= 1
+                        response.close()
+                        failed.add(candidate.url)
+                        continue
+                    router = candidate
+                    break
+                else:
+                    break
+            if router is None:
+                yield generation.error_event(f"{detail}; the generation could not be continued elsewhere") + b"\n\n"
+                yield migration.DONE + b"\n\n"
+                return
+            pool.migrations += 1
+            rewrite = generation.rewrite
+    finally:
+        if router is not None:
+            router.in_flight -= 1
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()  # the client went away mid-answer: closing the connection makes vLLM abort
+
+
 def install(
     app: FastAPI,
     pool: RouterPool,
@@ -276,7 +379,7 @@ def install(
 
     @app.get("/proxy/routers")
     async def _routers():
-        return {"routers": pool.snapshot()}
+        return {"routers": pool.snapshot(), "migrations": pool.migrations}
 
     async def close():
         if state["client"] is not None:
