@@ -93,6 +93,15 @@ def _float(raw: str) -> float:
     return float(raw)
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false (1/0, yes/no, on/off)")
+
+
 def _csv(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
@@ -135,7 +144,7 @@ class EnvVar:
     """One environment variable: how to parse it, its default (None = unset), what it means, who reads it."""
 
     name: str
-    type: str  # as documented: str, int, float, host:port, START-END, csv, JSON object, choice
+    type: str  # as documented: str, int, float, host:port, START-END, csv, JSON object, choice, bool
     default: Any
     meaning: str
     read_by: str
@@ -298,6 +307,15 @@ ENV_VARS: dict[str, EnvVar] = {
             _float,
         ),
         _var(
+            "EXPERTMESH_DISPATCH_STREAMS",
+            "bool",
+            True,
+            "send layer calls to each replica over one long-lived gRPC stream (ForwardStream; measured faster than "
+            "unary calls, router/transport.py); 0 = one unary Forward per call",
+            "router",
+            _bool,
+        ),
+        _var(
             "EXPERTMESH_MISSING_EXPERT_WAIT_S",
             "float",
             1.0,
@@ -306,6 +324,15 @@ ENV_VARS: dict[str, EnvVar] = {
             "step waits, so keep it short",
             "router",
             _float,
+        ),
+        _var(
+            "EXPERTMESH_SHARED_EXPERTS_OVERLAP",
+            "bool",
+            True,
+            "for models with shared experts (DeepSeek-V2/V3, Qwen2-MoE): the router computes them while the layer's "
+            "routed-expert call is in flight, instead of before it (vLLM's order); false = vLLM's order",
+            "router",
+            _bool,
         ),
         _var(
             "EXPERTMESH_ROUTER_METRICS_PORT",
@@ -471,8 +498,16 @@ def dispatch_deadline_s() -> float:
     return get("EXPERTMESH_DISPATCH_DEADLINE_S")
 
 
+def dispatch_streams() -> bool:
+    return get("EXPERTMESH_DISPATCH_STREAMS")
+
+
 def missing_expert_wait_s() -> float:
     return get("EXPERTMESH_MISSING_EXPERT_WAIT_S")
+
+
+def shared_experts_overlap() -> bool:
+    return get("EXPERTMESH_SHARED_EXPERTS_OVERLAP")
 
 
 def router_metrics_port() -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import torch
 
@@ -108,9 +108,12 @@ class Coalescer:
         self.in_flight -= 1
         self._changed.set()
 
-    async def submit(self, batch: ForwardBatch, context: grpc.aio.ServicerContext | None = None) -> tuple[bytes, int]:
+    async def submit(
+        self, batch: ForwardBatch, time_remaining: Callable[[], float | None] | None = None
+    ) -> tuple[bytes, int]:
         """The call's output [T, H] as raw bytes (the batch's dtype) and the rows of the batch it was computed in.
-        `context` gives the deadline of a call that has to queue (a lone call is computed at once, never reads it)."""
+        `time_remaining()` gives the seconds left to a call that has to queue, None = no deadline (a unary call's
+        `context.time_remaining`, a stream message's own; a lone call is computed at once and never asks)."""
         key = (batch.layer, batch.dtype)
         q = self._queues.get(key)
 
@@ -131,7 +134,7 @@ class Coalescer:
         if q is None:
             q = self._queues[key] = _LayerQueue()
         loop = asyncio.get_running_loop()
-        remaining = context.time_remaining() if context is not None else None
+        remaining = time_remaining() if time_remaining is not None else None
         deadline = None if remaining is None else loop.time() + remaining
         call = _Call(batch, loop.create_future(), deadline, batch.rows, time.perf_counter())
         if not q.calls:

@@ -1,13 +1,17 @@
 """The data plane of an expert replica: `ExpertService` (the servicer) on its own grpc.aio server.
 
 A replica holds the FFN weights of its group's (layer, expert) keys only (`ExpertWeights`, loaded lazily from
-the checkpoint) and answers `Forward` for one layer per call: parse, `codec.decode_forward` (all validation),
+the checkpoint) and answers calls for one layer each: parse, `codec.decode_forward` (all validation),
 `coalescer.Coalescer` (concurrent calls for one layer computed as ONE batch through `ExpertWeights.forward_batch`),
-encode the reply. The server's loop claims grpc.aio's poller (`grpc_poller`).
+encode the reply. One handler (`ExpertServicer._handle`) serves both ways in: `ForwardStream`, the router's data
+plane (a long-lived stream per router, each message a call with its own id, deadline and trace context, answered
+by a task of its own, replies matched by id), and unary `Forward` (tools, probes, the router with streams turned
+off). The server's loop claims grpc.aio's poller (`grpc_poller`).
 
 Errors: `WireError` -> INVALID_ARGUMENT, an unparseable message -> INVALID_ARGUMENT, `ExpertNotHeld` ->
 NOT_FOUND; a call whose deadline passed while queued is dropped from its batch (DEADLINE_EXCEEDED, never
-computed); a cancelled call is dropped too. No bad call takes the server down.
+computed); a cancelled call is dropped too. On the stream these are the one message's reply (status code + details
+in the ForwardReply) and the stream serves on. No bad call takes the server down.
 
 Usable without Ray (tests, the router's in-process pool):
 
@@ -112,13 +116,17 @@ class ExpertServicer:
         )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        # Forward takes raw bytes (no request_deserializer) so an unparseable message is INVALID_ARGUMENT, not
-        # the INTERNAL a failing generated deserializer would give.
+        # Forward and ForwardStream take raw bytes (no request_deserializer) so an unparseable message is
+        # INVALID_ARGUMENT (on the stream: that message's reply), not the INTERNAL a failing generated deserializer
+        # would give (on the stream it would end the whole stream).
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Forward": grpc.unary_unary_rpc_method_handler(
                     self.forward, response_serializer=expert_pb2.ForwardResponse.SerializeToString
+                ),
+                "ForwardStream": grpc.stream_stream_rpc_method_handler(
+                    self.forward_stream, response_serializer=expert_pb2.ForwardReply.SerializeToString
                 ),
                 "Info": grpc.unary_unary_rpc_method_handler(
                     self.info,
@@ -131,25 +139,108 @@ class ExpertServicer:
     async def info(self, request, context) -> expert_pb2.InfoResponse:
         return self._info
 
+    def _span(self, carrier: dict[str, str]):
+        """The `expert forward` span of one traced call, parented to the router's layer span in `carrier`."""
+        return telemetry.tracer().start_as_current_span(
+            "expert forward",
+            context=telemetry.extract_metadata(carrier.items()),
+            attributes={"expertmesh.replica": self.replica_id, "expertmesh.group": self.group},
+        )
+
+    # -- unary Forward: tools, probes, and the router with EXPERTMESH_DISPATCH_STREAMS=0 --
+
     async def forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ForwardResponse:
+        response = expert_pb2.ForwardResponse()
         metadata = context.invocation_metadata()
         if metadata and any(k == "traceparent" for k, _ in metadata):  # a traced request: one span per call
-            with telemetry.tracer().start_as_current_span(
-                "expert forward",
-                context=telemetry.extract_metadata(metadata),
-                attributes={"expertmesh.replica": self.replica_id, "expertmesh.group": self.group},
-            ):
-                return await self._forward(raw, context)
-        return await self._forward(raw, context)
+            with self._span(dict(metadata)):
+                error = await self._handle(raw, context.time_remaining, response)
+        else:
+            error = await self._handle(raw, context.time_remaining, response)
+        if error is not None:
+            await context.abort(*error)
+        return response
 
-    async def _forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ForwardResponse:
+    # -- ForwardStream: the router's data plane, many calls in flight on one stream --
+
+    async def forward_stream(self, messages, context: grpc.aio.ServicerContext) -> None:
+        """Each message is answered by a task of its own (so calls on one stream, and on others, coalesce), replies
+        in the order they finish. A bad message gets its error in its reply; the stream serves on. The caller
+        closing its side ends the stream once every call in flight is answered; a cancelled stream cancels them."""
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task] = set()
+        writing = asyncio.Lock()  # one write at a time on a stream; uncontended it costs no loop turn
+
+        async def answer(raw: bytes) -> None:
+            reply = await self._stream_call(raw, loop)
+            try:
+                async with writing:
+                    await context.write(reply)
+            except Exception as exc:  # the stream is gone; its other tasks are being cancelled with it
+                log.debug("ForwardStream: reply %d not sent (%s)", reply.id, exc)
+
+        try:
+            async for raw in messages:
+                task = loop.create_task(answer(raw))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:  # the caller closed its side: answer what is in flight, then end the stream (OK)
+                await asyncio.wait(set(pending))
+        finally:
+            if pending:  # cancelled (the caller went away): nothing outlives the stream
+                tasks = set(pending)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream_call(self, raw: bytes, loop: asyncio.AbstractEventLoop) -> expert_pb2.ForwardReply:
+        reply = expert_pb2.ForwardReply()
+        try:
+            call = expert_pb2.ForwardCall.FromString(raw)
+        except DecodeError as exc:  # the id is the first field the router writes: answer with it if it reads
+            reply.id = leading_id(raw)
+            reply.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            reply.message = f"unparseable ForwardCall: {exc}"
+            self.metrics.call(0.0, "INVALID_ARGUMENT")
+            return reply
+        reply.id = call.id
+        deadline = loop.time() + call.timeout_s if call.timeout_s > 0 else None
+        time_remaining = (lambda: deadline - loop.time()) if deadline is not None else None
+        try:
+            async with asyncio.timeout_at(deadline):  # as gRPC cancels a unary handler at its deadline
+                if call.traceparent:
+                    with self._span({"traceparent": call.traceparent, "tracestate": call.tracestate}):
+                        error = await self._handle(call.request, time_remaining, reply.response)
+                else:
+                    error = await self._handle(call.request, time_remaining, reply.response)
+        except TimeoutError:
+            error = (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+        except Exception as exc:  # a failed batch (kernel error): this call's reply, as a unary call's UNKNOWN status
+            log.exception("ForwardStream call %d failed", call.id)
+            error = (grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+        if error is not None:
+            reply.ClearField("response")
+            reply.code = error[0].value[0]
+            reply.message = error[1]
+        return reply
+
+    # -- the one handler of both --
+
+    async def _handle(
+        self,
+        message: bytes | expert_pb2.ForwardRequest,
+        time_remaining,
+        response: expert_pb2.ForwardResponse,
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Parse (raw bytes) -> decode_forward (every check) -> coalescer -> the output encoded into `response`.
+        None when answered, else the call's (status code, details). The same timers and metrics for every call."""
         start = time.perf_counter()
         code = "OK"
         self.coalescer.enter()
         seconds = self.coalescer.timers.seconds
         try:
             try:
-                request = expert_pb2.ForwardRequest.FromString(raw)
+                request = expert_pb2.ForwardRequest.FromString(message) if isinstance(message, bytes) else message
                 batch = decode_forward(
                     request,
                     held=self.weights.held,
@@ -161,20 +252,20 @@ class ExpertServicer:
             except (WireError, DecodeError) as exc:
                 code = "INVALID_ARGUMENT"
                 msg = str(exc) if isinstance(exc, WireError) else f"unparseable ForwardRequest: {exc}"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+                return grpc.StatusCode.INVALID_ARGUMENT, msg
             except ExpertNotHeld as exc:
                 code = "NOT_FOUND"
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc} (replica {self.replica_id})")
+                return grpc.StatusCode.NOT_FOUND, f"{exc} (replica {self.replica_id})"
             try:
-                output, rows = await self.coalescer.submit(batch, context)
+                output, rows = await self.coalescer.submit(batch, time_remaining)
             except DeadlineExpired:
                 code = "DEADLINE_EXCEEDED"
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch started")
+                return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch started"
             r0 = time.perf_counter()
-            response = expert_pb2.ForwardResponse(batch_rows=rows)
+            response.batch_rows = rows
             encode_raw_into(response.output, batch.dtype, batch.hidden_data.shape, output)
             seconds["respond"] += time.perf_counter() - r0
-            return response
+            return None
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -184,6 +275,20 @@ class ExpertServicer:
             seconds["handler"] += elapsed
             self.coalescer.timers.calls += 1
             self.metrics.call(elapsed, code)
+
+
+def leading_id(raw: bytes) -> int:
+    """The id of a ForwardCall that does not parse as a whole, when its first field is the id (as the router
+    writes it: field 1, varint); else 0."""
+    if not raw or raw[0] != 0x08:
+        return 0
+    value, shift = 0, 0
+    for byte in raw[1:11]:
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        shift += 7
+    return 0
 
 
 class ExpertServer:

@@ -5,6 +5,9 @@ factor) when the plugin's quant method calls `torch.ops.expertmesh.remote_expert
 topk_weights [T, K], topk_ids [T, K], layer)`; the op returns the routed-expert output [T, H]
 (sum_k w[t, k] * expert_{ids[t, k]}(hidden[t])), exactly what vLLM's local expert kernel returns. It is a
 `torch.library.custom_op` so torch.compile treats it as opaque (its data-dependent grouping cannot be traced).
+The same call also comes in two halves, `remote_experts_begin` (route, encode, send; returns a handle) and
+`remote_experts_end` (wait, combine, failover), so the plugin computes a layer's shared experts while its routed
+experts are in flight (EXPERTMESH_SHARED_EXPERTS_OVERLAP); `Dispatcher.forward` is `end(begin(...))`.
 
 The Dispatcher (one per process, `get_dispatcher()`) runs one layer call as explicit stages, each in its own home:
 
@@ -19,9 +22,11 @@ The Dispatcher (one per process, `get_dispatcher()`) runs one layer call as expl
            (`EXPERTMESH_DISPATCH_DEADLINE_S`, default 5 s); an RpcError comes back as `ReplicaFailed`;
   combine  the whole-layer reply is the output; otherwise one `index_add_` per replica into an fp32 buffer.
 
-Failover is a loop around route -> encode -> transport -> combine: a failed replica's assignments go back to route
-with that replica excluded for the rest of this call, and not called for `SUSPECT_SECONDS` after (a dead replica stays
-listed until its lease ends). If no replica is left for an expert (after waiting up to
+`begin` runs count -> route -> encode -> send (the whole-layer call, or the first round) and returns a
+`LayerCall`; `end` computes the router's own share (fallback, below), waits for the replies and combines them.
+Failover is a loop around route -> encode -> transport -> combine, in `end`: a failed replica's assignments go back
+to route with that replica excluded for the rest of this call, and not called for `SUSPECT_SECONDS` after (a dead
+replica stays listed until its lease ends). If no replica is left for an expert (after waiting up to
 `EXPERTMESH_MISSING_EXPERT_WAIT_S`, default 1 s, once per gap, for the directory to change) the router computes that
 expert's assignments itself from the checkpoint (`fallback.py`, weights loaded on demand and dropped when replicas
 return): an exception here would end vLLM's engine core and every request with it. Only a model without a local
@@ -34,6 +39,7 @@ counters file), and the transport's `expertmesh_dispatch_seconds{replica}`, `exp
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -50,7 +56,7 @@ from expertmesh.router import route
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
 from expertmesh.router.fallback import LocalExperts, resolve_checkpoint
 from expertmesh.router.route import RoutingTable, SoleOwners
-from expertmesh.router.transport import ReplicaFailed, Transport, TransportMetrics, serve_metrics
+from expertmesh.router.transport import InFlight, ReplicaFailed, Transport, TransportMetrics, serve_metrics
 
 log = logging.getLogger("expertmesh.router.dispatch")
 
@@ -75,7 +81,86 @@ def trace_layer_call(layer: int, tokens: int) -> tuple[trace.Span | None, list[t
     return span, telemetry.inject_metadata(trace.set_span_in_context(span))
 
 
-# ---- the custom op ------------------------------------------------------------------------------------------
+def _end_span(span: trace.Span | None, exc: BaseException | None) -> None:
+    if span is None:
+        return
+    if exc is not None:
+        span.record_exception(exc)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    span.end()
+
+
+class Round:
+    """One round of per-replica calls in flight: (positions [n_r], rows [T_r], started call) per replica, the
+    positions the router computes itself (LOCAL), and those whose call could not even be started."""
+
+    __slots__ = ("calls", "local", "retry")
+
+    def __init__(self, local: np.ndarray | None):
+        self.calls: list[tuple[np.ndarray, np.ndarray, InFlight]] = []
+        self.local = local
+        self.retry: list[np.ndarray] = []
+
+
+class LayerCall:
+    """One layer call between `Dispatcher.begin` and `Dispatcher.end`: its inputs, routing state and what is in
+    flight (the whole-layer call, or the current per-replica round and its fp32 accumulator)."""
+
+    __slots__ = (
+        "layer",
+        "hidden",
+        "ids",
+        "weights",
+        "K",
+        "counts",
+        "table",
+        "sole",
+        "excluded",
+        "span",
+        "metadata",
+        "whole",
+        "round",
+        "out",
+        "result",
+    )
+
+    def __init__(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        K: int,
+        counts: np.ndarray | None,
+        table: RoutingTable | None,
+        sole: SoleOwners | None,
+        excluded: set[str],
+    ):
+        self.layer = layer
+        self.hidden = hidden  # [T, H]
+        self.ids = ids  # [N] expert of each assignment
+        self.weights = weights  # [N] gate weight of each assignment
+        self.K = K
+        self.counts = counts  # [E] assignments per expert
+        self.table = table
+        self.sole = sole
+        self.excluded = excluded  # replicas not to call in this call
+        self.span: trace.Span | None = None
+        self.metadata: list[tuple[str, str]] | None = None  # trace context for the replicas' spans
+        self.whole: InFlight | None = None  # the whole-layer call in flight
+        self.round: Round | None = None  # the first per-replica round in flight
+        self.out: torch.Tensor | None = None  # [T, H] fp32 accumulator of the per-replica form
+        self.result: torch.Tensor | None = None
+
+    @classmethod
+    def done(cls, layer: int, result: torch.Tensor) -> LayerCall:
+        empty: np.ndarray = np.empty(0, dtype=np.int64)
+        call = cls(layer, result, empty, empty, 0, None, None, None, set())
+        call.result = result
+        return call
+
+
+# ---- the custom ops -----------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("expertmesh::remote_experts", mutates_args=())
@@ -91,6 +176,51 @@ def remote_experts(
 
 @remote_experts.register_fake
 def _remote_experts_fake(hidden, topk_weights, topk_ids, layer):
+    return torch.empty_like(hidden)
+
+
+# The same call in two halves, so the router computes something else (a model's shared experts) while the
+# replicas work: `remote_experts_begin` routes, encodes and sends, and returns a handle [1] (int64, host memory) to
+# the call in flight; `remote_experts_end(handle, hidden, after)` waits, combines and fails over, and returns what
+# `remote_experts` would. Every begin is ended, on the thread that began it, before the next layer's begin.
+#
+# The order in a compiled graph: inductor schedules independent nodes as it likes, and put the shared experts
+# before begin (measured: vLLM's compiled Qwen2-MoE graph). So begin is declared to mutate `overlap_input` (it
+# does not write it), which orders every later reader of that tensor - the shared experts' input - after the send,
+# and end takes `after` (the shared experts' output), which orders it after them. Neither costs a copy where
+# nothing reads the old version of `overlap_input` (functionalization re-inplaces the declared write).
+
+
+@torch.library.custom_op("expertmesh::remote_experts_begin", mutates_args=("overlap_input",))
+def remote_experts_begin(
+    hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int, overlap_input: torch.Tensor
+) -> torch.Tensor:
+    """Start `layer`'s routed experts for hidden [T, H], topk_weights/topk_ids [T, K]; -> handle [1] int64.
+    `overlap_input`: what is computed while the call is in flight reads it (never written, see above)."""
+    d = get_dispatcher()
+    if hidden.device.type != "cpu":
+        hidden, topk_weights, topk_ids = hidden.cpu(), topk_weights.cpu(), topk_ids.cpu()
+    return d.handle(d.begin(layer, hidden, topk_weights, topk_ids))
+
+
+@remote_experts_begin.register_fake
+def _remote_experts_begin_fake(hidden, topk_weights, topk_ids, layer, overlap_input):
+    return torch.empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("expertmesh::remote_experts_end", mutates_args=())
+def remote_experts_end(handle: torch.Tensor, hidden: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Finish the call `handle` (remote_experts_begin of this `hidden`) -> [T, H] routed-expert output; `after`
+    (what was computed while it was in flight) is only waited for."""
+    d = get_dispatcher()
+    out = d.end(d.take(handle))
+    if hidden.device.type != "cpu":
+        return out.to(hidden.device, non_blocking=True)
+    return out
+
+
+@remote_experts_end.register_fake
+def _remote_experts_end_fake(handle, hidden, after):
     return torch.empty_like(hidden)
 
 
@@ -149,6 +279,11 @@ class Dispatcher:
         self.failovers = 0
         self.layer_calls = 0
         self.timers = {"prepare": 0.0, "encode": 0.0, "wait": 0.0, "combine": 0.0}
+        self._in_flight: dict[int, LayerCall] = {}  # begun by remote_experts_begin, not yet ended
+        self._call_ids = itertools.count()
+        # When a list: ("begin" | "end", layer, perf_counter time) of every layer call (tests, benchmarks: what runs
+        # while a call is in flight).
+        self.timeline: list[tuple[str, int, float]] | None = None
         if metrics:
             _export_counters(install_only=True)
             serve_metrics()
@@ -288,11 +423,16 @@ class Dispatcher:
         self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         """hidden [T, H], topk_weights/topk_ids [T, K] -> [T, H] = sum_k w[t,k] * expert_{ids[t,k]}(hidden[t])."""
+        return self.end(self.begin(layer, hidden, topk_weights, topk_ids))
+
+    def begin(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> LayerCall:
+        """Count, route, encode and send one layer call; the replicas work until `end(call)` collects it."""
         t0 = time.perf_counter()
         T, H = hidden.shape
-        K = topk_ids.shape[1]
+        if self.timeline is not None:
+            self.timeline.append(("begin", layer, t0))
         if T == 0:
-            return torch.zeros((T, H), dtype=hidden.dtype)
+            return LayerCall.done(layer, torch.zeros((T, H), dtype=hidden.dtype))
         num_experts = self._layers.get(layer)
         if num_experts is None:
             raise RemoteExpertError(f"layer {layer} was not registered by the expertmesh quant method")
@@ -308,33 +448,66 @@ class Dispatcher:
         self.timers["prepare"] += time.perf_counter() - t0
 
         span, metadata = trace_layer_call(layer, T)
+        # Replicas not to call: those that fail in this call, and from the start those that failed within
+        # SUSPECT_SECONDS (a dead replica stays listed until its lease ends; calling it at every layer of every
+        # step would only fail again, and where it was the only holder the router computes its experts).
+        call = LayerCall(layer, hidden, ids, weights, topk_ids.shape[1], counts, table, sole, set(self._suspects()))
+        call.span, call.metadata = span, metadata
         try:
-            # Replicas not to call: those that fail in this call, and from the start those that failed within
-            # SUSPECT_SECONDS (a dead replica stays listed until its lease ends; calling it at every layer of every
-            # step would only fail again, and where it was the only holder the router computes its experts).
-            excluded: set[str] = set(self._suspects())
-            if sole is not None and sole.only is not None and sole.only not in excluded:  # the whole-layer form
-                out = self._whole_layer(layer, sole.only, hidden, ids, weights, excluded, metadata)
-                if out is not None:
-                    return out
-            hidden = hidden.contiguous()
-            weights = weights.astype(np.float32, copy=False)  # [N] fp32
-            out = torch.zeros((T, H), dtype=torch.float32)  # [T, H] fp32 accumulator
-            pending = np.arange(ids.shape[0])  # [n] assignment positions still to compute
-            first = True
-            while pending.shape[0]:  # failover: re-route what a failed replica had
-                groups = self._route(table, sole, layer, ids, pending, counts if first else None, excluded)
-                first = False
-                pending = self._round(layer, hidden, ids, weights, K, groups, out, excluded, metadata)
+            if sole is not None and sole.only is not None and sole.only not in call.excluded:  # whole-layer form
+                call.whole = self._whole_layer_start(call, sole.only)
+                if call.whole is not None:
+                    return call
+            self._start_routed(call)
         except BaseException as exc:
-            if span is not None:
-                span.record_exception(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            _end_span(span, exc)
             raise
-        finally:
-            if span is not None:
-                span.end()
-        return out.to(hidden.dtype)
+        return call
+
+    def end(self, call: LayerCall) -> torch.Tensor:
+        """Wait for a begun call's replies and combine them, re-routing what failed -> [T, H] in hidden's dtype."""
+        try:
+            if call.result is None:
+                call.result = self._finish(call)
+        except BaseException as exc:
+            _end_span(call.span, exc)
+            raise
+        _end_span(call.span, None)
+        if self.timeline is not None:
+            self.timeline.append(("end", call.layer, time.perf_counter()))
+        return call.result
+
+    def handle(self, call: LayerCall) -> torch.Tensor:
+        """A begun call as a tensor a custom op can return (remote_experts_begin): [1] int64 id; `take` redeems it."""
+        key = next(self._call_ids)
+        self._in_flight[key] = call
+        return torch.tensor([key], dtype=torch.int64)
+
+    def take(self, handle: torch.Tensor) -> LayerCall:
+        return self._in_flight.pop(int(handle.item()))
+
+    def _finish(self, call: LayerCall) -> torch.Tensor:
+        if call.whole is not None:
+            out = self._whole_layer_finish(call, call.whole)
+            call.whole = None
+            if out is not None:
+                return out
+            self._start_routed(call)  # the replica failed (now excluded): route every assignment again
+        assert call.round is not None and call.out is not None
+        pending = self._collect_round(call, call.round)
+        while pending.shape[0]:  # failover: re-route what a failed replica had
+            groups = self._route(call.table, call.sole, call.layer, call.ids, pending, None, call.excluded)
+            pending = self._collect_round(call, self._send_round(call, groups))
+        return call.out.to(call.hidden.dtype)
+
+    def _start_routed(self, call: LayerCall) -> None:
+        """The first round of the per-replica form: route every assignment, send one request per replica."""
+        call.hidden = call.hidden.contiguous()
+        call.weights = call.weights.astype(np.float32, copy=False)  # [N] fp32
+        call.out = torch.zeros(call.hidden.shape, dtype=torch.float32)  # [T, H] fp32 accumulator
+        pending = np.arange(call.ids.shape[0])  # [n] assignment positions still to compute
+        groups = self._route(call.table, call.sole, call.layer, call.ids, pending, call.counts, call.excluded)
+        call.round = self._send_round(call, groups)
 
     def _route(
         self,
@@ -378,84 +551,91 @@ class Dispatcher:
         self.timers["prepare"] += time.perf_counter() - t0
         return groups
 
-    def _whole_layer(
-        self,
-        layer: int,
-        endpoint: str,
-        hidden: torch.Tensor,
-        ids: np.ndarray,
-        weights: np.ndarray,
-        excluded: set[str],
-        metadata,
-    ) -> torch.Tensor | None:
-        """Encode -> one blocking call -> the reply [T, H] is the output. None (endpoint added to `excluded`) if
-        the call failed: the caller re-routes."""
+    def _whole_layer_start(self, call: LayerCall, endpoint: str) -> InFlight | None:
+        """Encode -> send the whole layer to its one replica. None (endpoint added to `excluded`) if the call could
+        not be started: the caller routes per replica."""
         t0 = time.perf_counter()
-        T = hidden.shape[0]
-        req = encode_forward(layer, hidden, None, ids, weights)  # whole-layer form: no token index on the wire
-        self._count_sent(endpoint, ids.shape[0])
-        sent = time.perf_counter()
-        self.timers["encode"] += sent - t0
+        # whole-layer form: no token index on the wire
+        req = encode_forward(call.layer, call.hidden, None, call.ids, call.weights)
+        self._count_sent(endpoint, call.ids.shape[0])
         try:
-            resp = self._transport.call(endpoint, req, T, metadata)
+            started = self._transport.start(endpoint, req, call.hidden.shape[0], call.metadata)
         except ReplicaFailed as exc:
-            self.timers["wait"] += time.perf_counter() - sent
-            self._on_failure(endpoint, exc.detail, excluded)
+            self._on_failure(endpoint, exc.detail, call.excluded)
+            started = None
+        self.timers["encode"] += time.perf_counter() - t0
+        return started
+
+    def _whole_layer_finish(self, call: LayerCall, started: InFlight) -> torch.Tensor | None:
+        """Wait for the whole-layer reply; it [T, H] is the output. None (endpoint added to `excluded`) if the call
+        failed: the caller re-routes."""
+        w0 = time.perf_counter()
+        try:
+            resp = self._transport.finish(started)
+        except ReplicaFailed as exc:
+            self.timers["wait"] += time.perf_counter() - w0
+            self._on_failure(started.endpoint, exc.detail, call.excluded)
             return None
         done = time.perf_counter()
-        self.timers["wait"] += done - sent
+        self.timers["wait"] += done - w0
         result = decode_owned(resp.output, "output")  # [T, H], a copy we may write
-        if result.shape != hidden.shape:
-            self._on_failure(endpoint, f"bad output shape {list(result.shape)}", excluded)
+        if result.shape != call.hidden.shape:
+            self._on_failure(started.endpoint, f"bad output shape {list(result.shape)}", call.excluded)
             return None
         # A copy the model may write into (the view is over the reply's immutable bytes), in hidden's dtype.
-        out = result if result.dtype == hidden.dtype else result.to(hidden.dtype)
+        out = result if result.dtype == call.hidden.dtype else result.to(call.hidden.dtype)
         self.timers["combine"] += time.perf_counter() - done
         return out
 
-    def _round(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        ids: np.ndarray,
-        weights: np.ndarray,
-        K: int,
-        groups: dict[str, np.ndarray],
-        out: torch.Tensor,
-        excluded: set[str],
-        metadata,
-    ) -> np.ndarray:
-        """Encode one request per replica, send them all (in flight at once), combine the replies into `out`;
-        return the positions that must be re-routed (ascending)."""
+    def _send_round(self, call: LayerCall, groups: dict[str, np.ndarray]) -> Round:
+        """Encode one request per replica and send them all (in flight at once); the router's own share (LOCAL) is
+        left for `_collect_round`, computed while the replicas work."""
         t0 = time.perf_counter()
-        calls = []
-        local = groups.pop(LOCAL, None)  # computed here while the replicas work
+        sent = Round(groups.pop(LOCAL, None))
+        K = call.K
         for endpoint, pos in groups.items():
             rows, token_index = np.unique(pos // K, return_inverse=True)  # [T_r] tokens (pos ascending), [n_r]
             req = encode_forward(
-                layer, hidden.index_select(0, torch.from_numpy(rows)), token_index, ids[pos], weights[pos]
+                call.layer,
+                call.hidden.index_select(0, torch.from_numpy(rows)),
+                token_index,
+                call.ids[pos],
+                call.weights[pos],
             )
-            calls.append((pos, rows, self._transport.start(endpoint, req, rows.shape[0], metadata)))
             self._count_sent(endpoint, pos.shape[0])
+            try:
+                started = self._transport.start(endpoint, req, rows.shape[0], call.metadata)
+            except ReplicaFailed as exc:
+                self._on_failure(endpoint, exc.detail, call.excluded)
+                sent.retry.append(pos)
+                continue
+            sent.calls.append((pos, rows, started))
         self.timers["encode"] += time.perf_counter() - t0
-        if local is not None:
-            self._compute_locally(layer, hidden, ids, weights, K, local, out)
-        retry: list[np.ndarray] = []
+        return sent
+
+    def _collect_round(self, call: LayerCall, sent: Round) -> np.ndarray:
+        """Compute the router's own share, wait for the round's replies and combine them into `call.out`; return the
+        positions that must be re-routed (ascending)."""
+        out = call.out
+        assert out is not None
+        if sent.local is not None:
+            self._compute_locally(call.layer, call.hidden, call.ids, call.weights, call.K, sent.local, out)
+        retry = sent.retry
         wait = 0.0
-        for pos, rows, call in calls:
+        for pos, rows, started in sent.calls:
             w0 = time.perf_counter()
             try:
-                resp = self._transport.finish(call)
+                resp = self._transport.finish(started)
             except ReplicaFailed as exc:
                 wait += time.perf_counter() - w0
-                self._on_failure(call.endpoint, exc.detail, excluded)
+                self._on_failure(started.endpoint, exc.detail, call.excluded)
                 retry.append(pos)
                 continue
             c0 = time.perf_counter()
             wait += c0 - w0
             result = decode(resp.output, "output")  # [T_r, H] read-only view
             if result.shape != (rows.shape[0], out.shape[1]):
-                self._on_failure(call.endpoint, f"bad output shape {list(result.shape)}", excluded)
+                self._on_failure(started.endpoint, f"bad output shape {list(result.shape)}", call.excluded)
                 retry.append(pos)
                 continue
             out.index_add_(0, torch.from_numpy(rows), result.to(torch.float32))

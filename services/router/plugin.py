@@ -19,8 +19,15 @@ DeepSeek-V2/V3):
   routed-expert weights (the checkpoint tensors are read by the loader and dropped);
 - `apply` gets vLLM's topk_weights/topk_ids — gating untouched: softmax/sigmoid, grouped top-k, correction bias,
   renormalisation and `routed_scaling_factor` are applied by vLLM's router (or by the runner on the output when a
-  model asks for `apply_routed_scale_to_output`), shared experts are run by the runner locally and added after —
-  and calls the `expertmesh::remote_experts` custom op (dispatch.py), which returns what vLLM's local kernel would.
+  model asks for `apply_routed_scale_to_output`) — and calls the `expertmesh::remote_experts` custom op
+  (dispatch.py), which returns what vLLM's local kernel would;
+- shared experts (DeepSeek-V2/V3, Qwen2-MoE) stay vLLM's modules, run on the router, and are added by the runner.
+  With EXPERTMESH_SHARED_EXPERTS_OVERLAP on (default, measured in benchmarks/shared_overlap.py) they run in the
+  shadow of the routed call: apply calls `remote_experts_begin` (sent), then the shared experts, then
+  `remote_experts_end` (replies). vLLM's contract for that (runner/shared_experts.py, runner/moe_runner.py): a
+  quant method whose `mk_can_overlap_shared_experts` is True gets order MK_INTERNAL_OVERLAPPED, so the runner does
+  not run them before apply; apply runs them with `shared_experts(input, MK_INTERNAL_OVERLAPPED)`, which stores the
+  output the runner reads after apply (`SharedExperts.output`). Off: vLLM runs them before apply, as usual.
 Because the MoERunner itself stays, nothing has to be removed from the compilation config's
 `static_forward_context` / `static_all_moe_layers` (that was needed only when swapping whole MoE modules).
 
@@ -119,6 +126,7 @@ def remote_method_class():
     import torch
     from vllm.config import get_current_vllm_config
     from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
     from vllm.model_executor.models.utils import extract_layer_index
     from vllm.model_executor.utils import set_weight_attrs
@@ -129,10 +137,28 @@ def remote_method_class():
         """weight_loader of the zero-size routed-expert parameters: the pool holds those weights."""
         return True
 
+    def _stored_output(shared_experts):
+        """The output `SharedExperts.forward` just stored for the runner to read after apply (vLLM 0.32 keeps it in
+        `_output`, one slot per DBO micro-batch), or None: vLLM turned the overlap off for this layer (EPLB,
+        sequence parallelism) and the runner ran them before apply, so the call above was a no-op."""
+        return shared_experts._output[shared_experts._output_idx]
+
     class RemoteExpertsMethod(UnquantizedFusedMoEMethod):
         """Routed experts of one FusedMoE layer computed by the expert pool (see module docstring)."""
 
         _expertmesh = True
+
+        def __init__(self, moe):
+            super().__init__(moe)
+            # Read once per layer, when vLLM builds the model (a compiled graph could not follow a later change).
+            self.overlap_shared_experts = settings.shared_experts_overlap()
+
+        @property
+        def mk_can_overlap_shared_experts(self) -> bool:
+            # vLLM's contract (runner/shared_experts.py): True = this method runs the layer's shared experts itself,
+            # inside apply, through `shared_experts(input, MK_INTERNAL_OVERLAPPED)`; the runner then does not run
+            # them before apply, and reads their output after it.
+            return self.overlap_shared_experts
 
         @property
         def is_monolithic(self) -> bool:
@@ -172,7 +198,16 @@ def remote_method_class():
                 # (top-1 models) weight the input, not the output, as vLLM's prepare step does
                 x = x * topk_weights.to(x.dtype)
                 topk_weights = torch.ones_like(topk_weights)
-            return torch.ops.expertmesh.remote_experts(x, topk_weights, topk_ids, self.layer_index)
+            if shared_experts is None or not self.overlap_shared_experts:
+                return torch.ops.expertmesh.remote_experts(x, topk_weights, topk_ids, self.layer_index)
+            # The shared experts in the shadow of the routed call: send, compute them, then wait for the replies
+            # (dispatch.py: why begin takes their input and end their output).
+            handle = torch.ops.expertmesh.remote_experts_begin(
+                x, topk_weights, topk_ids, self.layer_index, shared_experts_input
+            )
+            shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
+            shared_out = _stored_output(shared_experts)
+            return torch.ops.expertmesh.remote_experts_end(handle, x, x if shared_out is None else shared_out)
 
     _method_cls = RemoteExpertsMethod
     return _method_cls
