@@ -18,8 +18,9 @@ The Dispatcher (one per process, `get_dispatcher()`) runs one layer call as expl
            lookup; else experts with several replicas are split over them by water-fill on rows in flight;
   encode   `codec.encode_forward`: one ForwardRequest per replica (the whole-layer form sends hidden as it is and
            no token index at all; otherwise the distinct rows + token_index/expert/weight arrays);
-  transport `transport.py`: one blocking call, or a round of calls all in flight at once, with a deadline
-           (`EXPERTMESH_DISPATCH_DEADLINE_S`, default 5 s); an RpcError comes back as `ReplicaFailed`;
+  transport `transport.py`: a round of calls all in flight at once over each replica's long-lived stream, with a
+           deadline (`EXPERTMESH_DISPATCH_DEADLINE_S`, default 5 s); an error reply, a passed deadline or a broken
+           stream comes back as `ReplicaFailed`;
   combine  the whole-layer reply is the output; otherwise one `index_add_` per replica into an fp32 buffer.
 
 `begin` runs count -> route -> encode -> send (the whole-layer call, or the first round) and returns a
