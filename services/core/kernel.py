@@ -15,6 +15,11 @@ same contract, chosen once per `ExpertWeights`:
 
 `EXPERTMESH_EXPERT_KERNEL=torch|fused|auto` (default auto) picks one explicitly. Either way an output does not
 depend on which other experts a replica holds (tests/test_foundation.py pins it).
+
+`ExpertWeights(..., device="cuda")` puts the stacks and the `torch` kernel on an accelerator (the fused op is
+CPU-only, so a non-CPU device always gets `torch`): a host `hidden` (the replica's, decoded from the wire) is copied
+to the device for the kernel and its output back to host memory for the reply; the index bookkeeping stays in numpy
+on the host. On the CPU (device None or "cpu") nothing of this runs: the same code and copies as without it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class ExpertWeights:
     keys: layer -> expert ids to load; nothing else is read.
     dtype: the compute and weight dtype (default: the checkpoint's).
     kernel: "fused", "torch" or "auto" (default $EXPERTMESH_EXPERT_KERNEL, else auto): see `choose_kernel`.
+    device: where the stacks live and the kernel runs (None or "cpu": host memory, today's path; anything else:
+        the `torch` kernel on that device, e.g. "cuda" or "cuda:1").
 
     What a model family needs beyond these becomes a parameter here (read from the checkpoint, passed on to both
     implementations), the way vLLM's FusedMoE takes them, never a copy of the kernel per family: the activation
@@ -66,6 +73,7 @@ class ExpertWeights:
     layout (same shape and bytes) when `kernel == "fused"`;
     slot[layer]: [num_experts] int32 (numpy) mapping expert id -> row in the stack (-1 = not held);
     held[layer]: the expert ids held.
+    device: the torch.device of the stacks.
     """
 
     def __init__(
@@ -74,8 +82,14 @@ class ExpertWeights:
         keys: dict[int, list[int]],
         dtype: torch.dtype | None = None,
         kernel: str | None = None,
+        device: str | torch.device | None = None,
     ):
         info = reader.info
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type != "cpu":  # with its index ("cuda" -> "cuda:0"), as tensors there report it
+            self.device = torch.empty(0, device=self.device).device
+        # None on the host: forward's device branch is one `is not None` test there
+        self._accelerator = self.device if self.device.type != "cpu" else None
         self.hidden_size = info.hidden_size
         self.num_experts = info.num_experts
         self.dtype = dtype or info.dtype
@@ -98,6 +112,9 @@ class ExpertWeights:
                 intermediate = down.shape[1]
             self.w13[layer] = torch.stack(gates)  # [E_held, 2I, H]
             self.w2[layer] = torch.stack(downs)  # [E_held, H, I]
+            if self._accelerator is not None:  # one layer at a time: host memory holds at most one layer's stacks
+                self.w13[layer] = self.w13[layer].to(self._accelerator)
+                self.w2[layer] = self.w2[layer].to(self._accelerator)
             slot: np.ndarray = np.full(info.num_experts, -1, dtype=np.int32)  # [E] expert id -> row, -1 not held
             slot[experts] = np.arange(len(experts), dtype=np.int32)
             self.slot[layer] = slot
@@ -105,7 +122,7 @@ class ExpertWeights:
         # Layers whose every expert is held (the default plan): no slot can be -1, so no per-call check for it, and
         # expert id == row in the stacks (no lookup).
         self._holds_all = frozenset(layer for layer, slot in self.slot.items() if slot.min() >= 0)
-        self.kernel = choose_kernel(kernel, act, self.dtype, self.hidden_size, intermediate)
+        self.kernel = choose_kernel(kernel, act, self.dtype, self.hidden_size, intermediate, self.device)
         if self.kernel == "fused":  # the fused op reads its own blocked layout; nothing keeps the plain copy
             isa = _FUSED.isa
             self.w13 = {layer: _fused_prepack(w, isa) for layer, w in self.w13.items()}
@@ -128,16 +145,17 @@ class ExpertWeights:
         Parameters
         ----------
         layer: a layer these weights hold.
-        hidden: [T, H] float tensor.
+        hidden: [T, H] float tensor, on the host or on the weights' device.
         token_index: [N] ints, the row of each assignment; or None for the whole-layer form (all K assignments of
             each row in row order, N = T * K: assignment n is row n // K).
         expert: [N] expert ids, each one held (ValueError otherwise).
         weight: [N] gate weights.
-        Arrays may be numpy arrays or CPU tensors.
+        Arrays may be numpy arrays or tensors (a device tensor is copied to the host: the bookkeeping is numpy).
 
         Returns
         -------
-        [T, H] in hidden's dtype: sum_n weight[n] * FFN_expert[n](hidden[token_index[n]]).
+        [T, H] in hidden's dtype and on hidden's device: sum_n weight[n] * FFN_expert[n](hidden[token_index[n]]).
+        With weights on a device and a host `hidden`, the input is copied there and the output back (synchronous).
         """
         weight = as_numpy(weight)
         table = self.slot[layer]
@@ -151,6 +169,11 @@ class ExpertWeights:
         if token_index is None:
             T, N = hidden.shape[0], slot.shape[0]
             token_index = np.repeat(np.arange(T, dtype=np.int64), N // T if T else 0)  # [N] = n // K
+        if self._accelerator is not None and hidden.device != self._accelerator:  # a host hidden: there and back
+            out = moe_combine(
+                hidden.to(self._accelerator), token_index, slot, weight, self.w13[layer], self.w2[layer], self.act
+            )
+            return out.to(hidden.device)
         return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
 
     def forward_batch(self, batch: ForwardBatch) -> bytes:
@@ -337,7 +360,14 @@ def _fused_staged(
         return out_words.tobytes()
 
 
-def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: int, intermediate: int | None) -> str:
+def choose_kernel(
+    requested: str | None,
+    act: str,
+    dtype: torch.dtype,
+    hidden: int,
+    intermediate: int | None,
+    device: torch.device | None = None,
+) -> str:
     """Which implementation serves these weights.
 
     Parameters
@@ -346,6 +376,7 @@ def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: i
     act: the activation name (`hidden_act`).
     dtype: the weight/compute dtype.
     hidden, intermediate: H and I (the fused op needs multiples of its alignment).
+    device: where the weights live (None: the host); the fused op runs on the host only.
 
     Returns
     -------
@@ -357,7 +388,11 @@ def choose_kernel(requested: str | None, act: str, dtype: torch.dtype, hidden: i
         raise ValueError(f"EXPERTMESH_EXPERT_KERNEL={requested!r}: expected auto, fused or torch")
     if requested == "torch":
         return "torch"
-    why = _fused_unusable(act, dtype, hidden, intermediate)
+    why: str | None
+    if device is not None and device.type != "cpu":
+        why = f"weights on {device} (the fused op is vLLM's CPU kernel)"
+    else:
+        why = _fused_unusable(act, dtype, hidden, intermediate)
     if why is None:
         return "fused"
     if requested == "fused":
@@ -412,23 +447,25 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
 # passed as transposed *views* ([E, H, 2I] / [E, I, H]): with pre-transposed contiguous copies the CPU kernel takes
 # another path that is not bitwise-equal to `x @ w.t()` for tiny groups.
 _GROUPED_MM: Callable[..., torch.Tensor] | None = getattr(torch, "_grouped_mm", None)
-_grouped_mm_ok: dict[torch.dtype, bool] = {}
+_grouped_mm_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def _grouped_mm_works(dtype: torch.dtype) -> bool:
-    """Probe once per dtype whether torch._grouped_mm runs on CPU (else the per-expert loop is used)."""
-    ok = _grouped_mm_ok.get(dtype)
+def _grouped_mm_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Probe once per (device, dtype) whether torch._grouped_mm runs there (else the per-expert loop is used): on
+    CUDA it takes only some dtypes and GPUs (bf16 on sm90+ in torch 2.8/2.9)."""
+    ok = _grouped_mm_ok.get((device, dtype))
     if ok is None:
         ok = False
         if _GROUPED_MM is not None:
             try:
-                x = torch.ones((3, 4), dtype=dtype)
-                w = torch.ones((2, 5, 4), dtype=dtype)
-                y = _GROUPED_MM(x, w.transpose(1, 2), offs=torch.tensor([1, 3], dtype=torch.int32))
+                x = torch.ones((3, 4), dtype=dtype, device=device)
+                w = torch.ones((2, 5, 4), dtype=dtype, device=device)
+                offs = torch.tensor([1, 3], dtype=torch.int32, device=device)
+                y = _GROUPED_MM(x, w.transpose(1, 2), offs=offs)
                 ok = y.shape == (3, 5) and bool((y == 4).all())
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError):  # also the meta device: no values to check
                 ok = False
-        _grouped_mm_ok[dtype] = ok
+        _grouped_mm_ok[(device, dtype)] = ok
     return ok
 
 
@@ -445,15 +482,17 @@ def moe_combine(
 
     Parameters
     ----------
-    hidden: [T, H].
-    token_index, slot: [N] ints (slot = row in w13/w2, every one >= 0); numpy or CPU tensors.
+    hidden: [T, H], on w13's device.
+    token_index, slot: [N] ints (slot = row in w13/w2, every one >= 0); numpy or tensors (the bookkeeping is
+        numpy on the host; the [N] rows and gates it gives are copied to the weights' device when that is not the
+        host).
     weight: [N] gate weights.
-    w13: [E, 2I, H] (gate rows first, then up); w2: [E, H, I].
+    w13: [E, 2I, H] (gate rows first, then up); w2: [E, H, I]; on one device.
     act: the activation applied to the gate half.
 
     Returns
     -------
-    [T, H] in hidden's dtype (accumulated in fp32): sum_n weight[n] * w2[slot[n]] (act(g) * u).
+    [T, H] in hidden's dtype on w13's device (accumulated in fp32): sum_n weight[n] * w2[slot[n]] (act(g) * u).
     """
     with torch.inference_mode():
         return _moe_combine(hidden, token_index, slot, weight, w13, w2, act)
@@ -463,7 +502,11 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     T, H = hidden.shape
     s, token_index, weight = as_numpy(slot), as_numpy(token_index), as_numpy(weight)  # [N] each
     N = s.shape[0]
-    out = torch.zeros((T, H), dtype=torch.float32)  # [T, H] fp32 accumulator
+    on_host = w13.is_cpu
+    if on_host:
+        out = torch.zeros((T, H), dtype=torch.float32)  # [T, H] fp32 accumulator
+    else:
+        out = torch.zeros((T, H), dtype=torch.float32, device=w13.device)
     if N == 0:
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
     # Index bookkeeping on [N] ints in numpy: a numpy op on a small array is cheaper than a torch op, and a decode
@@ -476,6 +519,8 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     order = np.argsort(s, kind="stable")  # [N] assignments grouped by expert
     rows = torch.from_numpy(token_index[order].astype(np.int64))  # [N] token of each sorted assignment
     gate = torch.from_numpy(weight[order].astype(np.float32, copy=False))  # [N]
+    if not on_host:  # [N] each, small: one copy apiece to where the weights are
+        rows, gate = rows.to(w13.device), gate.to(w13.device)
     x = hidden.index_select(0, rows)  # [N, H]
     if x.dtype != w13.dtype:
         x = x.to(w13.dtype)
@@ -490,14 +535,16 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
 def _grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act) -> torch.Tensor:
     """x [N, H] sorted by expert, counts [E] -> [N, H]: each expert's FFN over its own rows, exactly N rows."""
     I = w2.shape[2]
-    if _grouped_mm_works(w13.dtype):
+    if _grouped_mm_works(w13.dtype, w13.device):
         assert _GROUPED_MM is not None  # _grouped_mm_works found it
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends
+        if not w13.is_cpu:
+            offs = offs.to(w13.device)
         gu = _GROUPED_MM(x, w13.transpose(1, 2), offs=offs)  # [N, 2I]
         return _GROUPED_MM(act(gu[:, :I]) * gu[:, I:], w2.transpose(1, 2), offs=offs)  # [N, H]
-    y = torch.empty((x.shape[0], w2.shape[1]), dtype=w13.dtype)  # [N, H]
+    y = torch.empty((x.shape[0], w2.shape[1]), dtype=w13.dtype, device=x.device)  # [N, H]
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(counts.tolist()):  # counts on the host: no device sync per expert
         if n == 0:
             continue
         gu = x[start : start + n] @ w13[e].t()  # [n, 2I]

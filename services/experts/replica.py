@@ -307,6 +307,7 @@ class ExpertServer:
         metrics_backend: str = "prometheus",
         dtype: torch.dtype | None = None,
         compute_threads: int = 0,
+        device: str | torch.device | None = None,
     ):
         telemetry.init_tracing("expertmesh-experts")  # exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set
         if compute_threads > 0:
@@ -316,7 +317,9 @@ class ExpertServer:
             torch.set_num_threads(compute_threads)
         reader = checkpoint if isinstance(checkpoint, CheckpointReader) else CheckpointReader(checkpoint)
         self.reader = reader
-        self.weights = ExpertWeights(reader, {int(k): list(v) for k, v in keys.items()}, dtype=dtype)
+        # device: where the weights live and the kernel runs (None: host memory; see ExpertWeights)
+        keys = {int(k): list(v) for k, v in keys.items()}
+        self.weights = ExpertWeights(reader, keys, dtype=dtype, device=device)
         self.metrics = ReplicaMetrics(group or "standalone", metrics_backend)
         self.replica_id = replica_id or f"standalone-{id(self):x}"
         self.group = group
