@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expertmesh.core import settings
+from expertmesh.core import auth, settings
 from expertmesh.core.plan import DEFAULT_GROUP_BYTES, PlacementPlan, default_plan, load_plan
 from expertmesh.core.settings import ReplicaSettings, add_replica_flags, free_port, replica_settings_from_args
 
@@ -107,7 +108,9 @@ def _served_model_names(vllm_args: list[str]) -> list[str]:
 def _http_ok(url: str) -> bool:
     import httpx
 
-    return httpx.get(url, timeout=2).status_code == 200
+    from expertmesh.core import auth
+
+    return httpx.get(url, timeout=2, headers=auth.http_headers()).status_code == 200  # a router wants the credential
 
 
 def local_replica_budget(planned: int, cores: int | None = None) -> int:
@@ -122,6 +125,7 @@ def local_replica_budget(planned: int, cores: int | None = None) -> int:
 
 
 ROLES = ("router", "gateway", "pool")  # the parts of the stack that `cpus` can pin
+AUTH_VARS = ("EXPERTMESH_CLUSTER_TOKEN", "EXPERTMESH_CLUSTER_TOKEN_PREVIOUS", "EXPERTMESH_CLUSTER_TOKEN_FILE")
 
 
 class Stack:
@@ -176,6 +180,7 @@ class Stack:
         self.procs: list[subprocess.Popen] = []
         self._commands: dict[int, tuple[str, list[str], dict]] = {}  # pid -> (name, command, env): to restart it
         self._restarts: dict[str, list[float]] = {}  # name -> monotonic times it was restarted
+        self._exported: list[str] = []  # cluster-credential variables this stack put in its own environment
         self.url = f"http://{host}:{port}"
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -186,6 +191,19 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def _ensure_cluster_token(self) -> None:
+        """Every internal gRPC call of the stack carries the cluster credential (core/auth.py). Given (exported or
+        --env): used. Not given: one made for this run, never written anywhere: it lives in this process's
+        environment (its pool client and controller call the directory and the replicas) and reaches every process
+        the stack starts, the Ray head and so every replica included, through their environment."""
+        for name in AUTH_VARS:  # --env values: this process needs them too, not only its children
+            if self.extra_env.get(name) and not settings.is_set(name):
+                settings.export(name, self.extra_env[name])
+                self._exported.append(name)
+        if not auth.configured():
+            settings.export("EXPERTMESH_CLUSTER_TOKEN", secrets.token_urlsafe(32))
+            self._exported.append("EXPERTMESH_CLUSTER_TOKEN")
 
     def _env(self) -> dict:
         """This process's environment + OMP/vLLM/tokenizers defaults where unset + extra_env (checked)."""
@@ -218,6 +236,7 @@ class Stack:
             raise FileNotFoundError(f"{self.model}: not a checkpoint directory (no config.json)")
         steps = 2 if self.local_experts else 3
         step = 1
+        self._ensure_cluster_token()
         env = self._env()
         directory = None
         if not self.local_experts:
@@ -371,6 +390,9 @@ class Stack:
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
+        for name in self._exported:  # this run's credential dies with it (a later stack in this process makes its own)
+            settings.unset(name)
+        self._exported.clear()
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -1,4 +1,5 @@
-"""Controller decisions (autoscaling with cooldowns, rebalancing a hot expert, plan merging) on recorded counters.
+"""Controller decisions (autoscaling with cooldowns, rebalancing a hot expert, plan merging, dead-replica bookkeeping)
+on recorded counters.
 
 The live behaviour through Ray Serve is tested in test_hot_experts.py; here the controller is driven tick by tick
 with explicit times and its apply/registered/drain calls are recorded. A rebalance also gives every expert a second
@@ -247,3 +248,57 @@ def test_counts_of_several_routers_are_summed_and_never_go_back():
     assert read().tolist() == [[15.0, 5.0]]  # b restarted at [1, 1]: counted on top of its 10 before
     single = reader("a")
     assert _summed_counts([single]) is single  # one router: its own reader, unchanged
+
+
+def test_dead_replicas_and_short_groups_are_in_the_status(caplog):
+    """check_replicas: what `reap` deregistered shows in the status; a group with fewer live replicas than its count
+    is in `short_groups` with how long, logged once after replace_after_s, and leaves it when its replacement
+    registered. Probing deploys nothing (Serve replaces dead replicas itself)."""
+    plan = _plan()
+    applied: list[tuple[PlacementPlan, dict]] = []
+    live = {"l0": 1, "l1": 1}
+    dead: list[list[tuple[str, str, str]]] = [[], [("l1#a", "l1", "127.0.0.1:1 unreachable")]]
+    ctl = Controller(
+        plan,
+        LAYERS,
+        read_counts=lambda: np.zeros((2, E)),
+        apply=lambda p, r: applied.append((p, dict(r))),
+        registered=lambda: dict(live),
+        drain=lambda group: None,
+        settings=ControllerSettings(replace_after_s=5.0),
+        reap=lambda: dead.pop(0) if dead else [],
+    )
+    assert ctl.check_replicas(now=0.0) == []
+    assert ctl.status()["short_groups"] == {} and ctl.status()["dead_replicas"] == []
+    live["l1"] = 0
+    assert ctl.check_replicas(now=1.0) == [("l1#a", "l1", "127.0.0.1:1 unreachable")]
+    assert [d["replica_id"] for d in ctl.status()["dead_replicas"]] == ["l1#a"]
+    assert ctl.status()["short_groups"] == {"l1": 0.0}
+    with caplog.at_level("WARNING", logger="expertmesh.controller"):
+        ctl.check_replicas(now=5.9)
+        assert not [r for r in caplog.records if "has 0 of 1 replicas live" in r.message]
+        ctl.check_replicas(now=6.0)
+        ctl.check_replicas(now=7.0)
+        assert len([r for r in caplog.records if "has 0 of 1 replicas live" in r.message]) == 1
+    assert ctl.status()["short_groups"] == {"l1": 6.0}
+    live["l1"] = 1  # the replacement registered
+    ctl.check_replicas(now=8.0)
+    assert ctl.status()["short_groups"] == {} and applied == []
+
+
+def test_rebalance_brings_the_hot_group_up_before_the_cold_regroupings():
+    """The hot expert's own group is deployed (beside the current plan) and registered before the regrouped cold
+    experts are started: its replicas do not share the cores with theirs."""
+    ctl, counts, applied, drained = hot_expert_controller()
+    t = 0.0
+    for _ in range(30):
+        counts += 5.0
+        counts[1, 5] += 395.0
+        ctl.tick(now=t)
+        t += 1.0
+    hot = next(g.name for g in ctl.state.plan.groups if g.keys == {1: [5]})
+    first = next(i for i, (p, _) in enumerate(applied) if hot in {g.name for g in p.groups})
+    names = {g.name for g in applied[first][0].groups}
+    assert names == {"l0", "l1", hot}, names  # the current plan and the hot group, nothing else yet
+    later = {g.name for g in applied[first + 1][0].groups}
+    assert later > names  # then the cold regroupings next to them

@@ -11,6 +11,7 @@ flags must parse with that process's own parser (the router's is vLLM's `vllm se
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import json
 import subprocess
@@ -781,10 +782,54 @@ def test_api_keys_come_from_a_secret(rendered):
         ref = env_of(gateway)["EXPERTMESH_API_KEYS"]["valueFrom"]["secretKeyRef"]
         existing = values_for(variant)["apiKeys"]["existingSecret"]
         if existing:
-            assert ref["name"] == existing and not by_kind(docs, "Secret")
+            assert ref["name"] == existing
+            assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-api-keys")]
         else:
             secret = one(docs, "Secret", "-api-keys")
             assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
+
+
+def _cluster_token_of(docs: list[dict], secret: str, key: str) -> None:
+    """Every pod that serves or calls an internal service (gRPC: directory, replicas; HTTP: routers, controller)
+    mounts the cluster-token Secret (as a directory: no subPath, so a rotation reaches the running process) and names
+    the file in EXPERTMESH_CLUSTER_TOKEN_FILE: the gateway too (it calls the routers and the controller); the OTLP
+    collector gets neither."""
+    pods = pod_templates(docs)
+    internal = {n: p for n, p in pods.items() if not n.endswith("-otel-collector")}
+    assert any(n.endswith("-gateway") for n in internal)
+    assert {"ray-head"} < set(internal) and any(n.endswith("-router") for n in internal)
+    assert any(n.endswith("-controller") for n in internal) and any(
+        n.startswith("ray-") and n != "ray-head" for n in internal
+    )
+    for name, pod in internal.items():
+        volume = {v["name"]: v for v in pod["spec"]["volumes"]}["cluster-token"]
+        assert volume["secret"]["secretName"] == secret, name
+        container = pod["spec"]["containers"][0]
+        mount = {m["name"]: m for m in container["volumeMounts"]}["cluster-token"]
+        assert mount["readOnly"] and "subPath" not in mount, name
+        assert env_of(container)["EXPERTMESH_CLUSTER_TOKEN_FILE"]["value"] == f"{mount['mountPath']}/{key}", name
+        assert not {"EXPERTMESH_CLUSTER_TOKEN", "EXPERTMESH_CLUSTER_TOKEN_PREVIOUS"} & set(env_of(container)), name
+    for name, pod in pods.items():
+        if name not in internal:
+            assert "EXPERTMESH_CLUSTER_TOKEN_FILE" not in env_of(pod["spec"]["containers"][0]), name
+            assert "cluster-token" not in {v["name"] for v in pod["spec"].get("volumes", [])}, name
+
+
+def test_cluster_token_reaches_every_internal_grpc_pod_from_a_secret(rendered):
+    for variant, docs in rendered.items():
+        values = values_for(variant)["clusterToken"]
+        assert not values["existingSecret"], variant  # the examples let the chart make it
+        secret = one(docs, "Secret", "-cluster-token")
+        token = base64.b64decode(secret["data"][values["secretKey"]]).decode()
+        assert len(token) >= 32 and token.isalnum()
+        _cluster_token_of(docs, secret["metadata"]["name"], values["secretKey"])
+    # Two renders, two tokens (helm template has no cluster to look up; install keeps the first on upgrade).
+    again = one(template(), "Secret", "-cluster-token")
+    assert again["data"] != one(rendered["default"], "Secret", "-cluster-token")["data"]
+    # An existing Secret (an external secret store): used, none created.
+    docs = template((), "--set", "clusterToken.existingSecret=mine", "--set", "clusterToken.secretKey=tok")
+    assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-cluster-token")]
+    _cluster_token_of(docs, "mine", "tok")
 
 
 def test_observability_optional(rendered):

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 PROMPTS = [f"Speak of the {w}, my lord." for w in ("sea", "crown", "night", "sword", "rose", "king", "storm", "moon")]
+TOKEN = "routers-test-cluster-token"  # the stack's cluster credential (given, so the test can call routers directly)
+INTERNAL = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _two_free_ports() -> int:
@@ -55,6 +57,7 @@ def stack(tmp_path_factory):
                 {"interval_s": 1.0, "window_s": 4.0, "imbalance_threshold": 1e9, "hot_expert_skew": 1e9}
             ),
             "HOME": str(work),
+            "EXPERTMESH_CLUSTER_TOKEN": TOKEN,
             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(Path.home() / ".cache" / "vllm"),
         }
     )
@@ -72,8 +75,10 @@ def stack(tmp_path_factory):
 
 
 def _complete(url: str, prompt: str) -> str:
+    """Greedy text from the gateway (no key needed: none configured) or straight from a router (with the cluster
+    credential: a router serves only the cluster's own parts)."""
     body = {"model": "demo", "prompt": prompt, "max_tokens": 16, "temperature": 0}
-    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    reply = httpx.post(f"{url}/v1/completions", json=body, headers=INTERNAL, timeout=120)
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["text"]
 
@@ -97,6 +102,19 @@ def _controller_rates(stack) -> list[float]:
         return [h.get("tokens_per_s", 0.0) for h in json.loads(status.read_text()).get("history", [])]
     except (OSError, ValueError):
         return []
+
+
+def test_a_router_serves_only_the_clusters_own_parts(stack):
+    """Calling a router directly (past the gateway's keys) needs the cluster credential; probes stay open."""
+    router = stack["routers"][0]
+    body = {"model": "demo", "prompt": PROMPTS[0], "max_tokens": 4}
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        for method, path, payload in (("POST", "/v1/completions", body), ("GET", "/expertmesh/counters", None)):
+            reply = httpx.request(method, f"{router}{path}", json=payload, headers=headers, timeout=30)
+            assert reply.status_code == 401, (path, headers, reply.text)
+            assert reply.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{router}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{router}/expertmesh/counters", headers=INTERNAL, timeout=10).status_code == 200
 
 
 def test_the_controller_counts_the_load_of_the_second_router_too(stack):
@@ -218,7 +236,7 @@ def test_killing_a_router_mid_stream_migrates_its_streams_with_nothing_lost(stac
     deadline = time.monotonic() + 240
     while True:  # supervised: the stack starts the router again
         try:
-            if httpx.get(f"{victim}/v1/models", timeout=5).status_code == 200:
+            if httpx.get(f"{victim}/v1/models", headers=INTERNAL, timeout=5).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

@@ -30,6 +30,9 @@ CHART_OWNED = {
     "EXPERTMESH_EXPERT_MODE",  # router: --expert-mode (router.localExperts)
     "EXPERTMESH_REPLICA_PORTS",
     "EXPERTMESH_API_KEYS",
+    "EXPERTMESH_CLUSTER_TOKEN",  # clusterToken: a Secret, mounted (a token in values would be plain text)
+    "EXPERTMESH_CLUSTER_TOKEN_PREVIOUS",
+    "EXPERTMESH_CLUSTER_TOKEN_FILE",
     "EXPERTMESH_CONTROLLER_STATUS",
     "EXPERTMESH_CONTROLLER_SETTINGS",
     "OTEL_EXPORTER_OTLP_ENDPOINT",

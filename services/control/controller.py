@@ -21,6 +21,17 @@ window, and decides:
   drained (directory Drain: the router stops sending them new work) and then removed. A request never
   waits on a removed replica.
 
+* **Dead replicas** (every `probe_interval_s` on a thread of its own once `start()`ed, so neither a rebalance nor an
+  unreadable router delays it; at the start of every tick when a caller steps `tick()` itself, as the controller
+  service does): every replica in the directory gets an `ExpertService.Info` call with a short deadline
+  (`ReplicaProber`). One that refuses the connection (its process is gone), answers as another replica (its port
+  was taken by a new one), or misses `probe_misses` deadlines in a row is deregistered at once: the directory's
+  Watch tells every router within milliseconds, instead of after the lease. Serve restarts the dead actor itself
+  (its health check, every second in the local pool, sees it die); groups with fewer live replicas than their
+  count are in the status (`short_groups`) and logged after `replace_after_s`. The replacement registers only
+  once it is warm (experts/app.py: weights loaded, one Forward run). docs/benchmarks.md measures kill ->
+  replacement serving.
+
 Applying is declarative: the whole Serve config for (plan, replica counts) goes to Serve at once. Each group
 is its own Serve application whose args never change, so Serve adds/removes replicas of a changed group and
 leaves every other replica running (re-running `serve.run` would restart them all).
@@ -39,6 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +77,10 @@ class ControllerSettings:
     min_holders: int = 2
     drain_grace_s: float = 3.0  # after draining, before removing (in-flight RPCs finish)
     register_timeout_s: float = 180.0  # new groups must register within this
+    probe_interval_s: float = 1.0  # how often every registered replica gets an Info call (0 = never)
+    probe_timeout_s: float = 1.0  # the Info call's deadline
+    probe_misses: int = 2  # missed deadlines in a row that make a replica dead (a refused connection is dead at once)
+    replace_after_s: float = 15.0  # a group short of live replicas this long is logged (Serve did not replace them)
 
 
 class LoadWindow:
@@ -193,6 +209,81 @@ def merge_plan(current: PlacementPlan, proposed: PlacementPlan) -> tuple[Placeme
     return merged, added, removed
 
 
+class ReplicaProber:
+    """Finds the replicas in the directory that no longer serve, and deregisters them.
+
+    `reap()` sends one `ExpertService.Info` (deadline `timeout_s`) to every registered replica at once, over one
+    channel per replica id (a new replica on a reused port gets a new channel, never the old one's backoff). Dead:
+    the connection is refused (UNAVAILABLE: nothing listens, the process is gone), the port answers with another
+    replica id, or `misses` deadlines in a row passed (a hung process; one slow answer from a busy replica is not
+    enough). Any other answer (an error status) is from a live process. A dead replica is deregistered at once; a
+    live one it wrongly removed re-registers on its next lease renewal (lease/3), so a mistake costs that replica's
+    traffic for a few seconds, never a request."""
+
+    def __init__(self, directory, timeout_s: float = 1.0, misses: int = 2):
+        import grpc
+
+        from expertmesh.core import auth
+        from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
+
+        self._grpc, self._pb2, self._pb2_grpc = grpc, expert_pb2, expert_pb2_grpc
+        self._open_channel = auth.insecure_channel  # its Info probes carry the cluster credential
+        self.directory = directory  # a DirectoryClient (snapshot, deregister)
+        self.timeout_s = timeout_s
+        self.misses_to_dead = misses
+        self._channels: dict[str, tuple[str, Any, Any]] = {}  # replica_id -> (endpoint, channel, stub)
+        self._misses: dict[str, int] = {}
+
+    def reap(self) -> list[tuple[str, str, str]]:
+        """Probe every registered replica; deregister the dead. Returns [(replica_id, group, why)] deregistered."""
+        grpc = self._grpc
+        entries = list(self.directory.snapshot(timeout=2).replicas)
+        live_ids = {e.replica_id for e in entries}
+        for rid in [r for r in self._channels if r not in live_ids]:
+            self._channels.pop(rid)[1].close()
+            self._misses.pop(rid, None)
+        calls = []
+        for entry in entries:
+            known = self._channels.get(entry.replica_id)
+            if known is None or known[0] != entry.endpoint:
+                if known is not None:
+                    known[1].close()
+                channel = self._open_channel(entry.endpoint)
+                known = (entry.endpoint, channel, self._pb2_grpc.ExpertServiceStub(channel))
+                self._channels[entry.replica_id] = known
+            calls.append((entry, known[2].Info.future(self._pb2.InfoRequest(), timeout=self.timeout_s)))
+        dead = []
+        for entry, call in calls:
+            why = None
+            try:
+                reply = call.result()
+                if reply.replica_id != entry.replica_id:
+                    why = f"{entry.endpoint} answers as {reply.replica_id!r}"
+                else:
+                    self._misses.pop(entry.replica_id, None)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    why = f"{entry.endpoint} unreachable ({exc.details()})"
+                elif exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # It answered (say UNAUTHENTICATED during a credential rotation): the process is alive.
+                    self._misses.pop(entry.replica_id, None)
+                else:
+                    n = self._misses.get(entry.replica_id, 0) + 1
+                    self._misses[entry.replica_id] = n
+                    if n >= self.misses_to_dead:
+                        why = f"{entry.endpoint}: {n} Info calls in a row failed ({exc.code().name})"
+            if why is not None:
+                self.directory.deregister(entry.replica_id)
+                self._misses.pop(entry.replica_id, None)
+                dead.append((entry.replica_id, entry.group, why))
+        return dead
+
+    def close(self) -> None:
+        for _, channel, _ in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
 @dataclass
 class ControllerStatus:
     plan: PlacementPlan
@@ -202,12 +293,17 @@ class ControllerStatus:
     history: list[dict] = field(default_factory=list)
     rebalances: int = 0
     last_rebalance: dict | None = None
+    dead_replicas: list[dict] = field(default_factory=list)  # the last ones deregistered by the prober
+    short_groups: dict[str, float] = field(
+        default_factory=dict
+    )  # group -> seconds with fewer live replicas than wanted
 
 
 class Controller:
     """Runs the loop above in a thread. `read_counts() -> [L, E]` cumulative routed tokens (rows = MoE layers in
     order `layers`); `apply(plan, replicas)` deploys declaratively; `registered() -> dict[group, n ready]` and
-    `drain(group)` talk to the directory."""
+    `drain(group)` talk to the directory; `reap() -> [(replica_id, group, why)]` deregisters dead replicas
+    (`ReplicaProber.reap`; None = no probing)."""
 
     def __init__(
         self,
@@ -219,8 +315,12 @@ class Controller:
         drain: Callable[[str], None],
         settings: ControllerSettings | None = None,
         status_file: str | Path | None = None,
+        reap: Callable[[], list[tuple[str, str, str]]] | None = None,
     ):
         self.settings = settings or ControllerSettings()
+        self.reap = reap
+        self._short_since: dict[str, float] = {}  # group -> when it was first seen with too few live replicas
+        self._reported_short: set[str] = set()  # groups logged as short for over replace_after_s
         self.layers = list(layers)
         self.layer_row = {layer: i for i, layer in enumerate(self.layers)}
         self.read_counts, self._apply, self.registered, self.drain = read_counts, apply, registered, drain
@@ -232,11 +332,17 @@ class Controller:
         self._last_rebalance = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prober_thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     # -- one tick ---------------------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        if self.reap is not None and self._prober_thread is None:  # stepped by a caller (the controller service)
+            try:
+                self.check_replicas(now)
+            except Exception:  # noqa: BLE001 - the directory restarting: the load part of the tick goes on
+                log.exception("replica probe failed")
         self.window.add(now, np.asarray(self.read_counts()))
         rate = self.window.rate()
         if rate is None:
@@ -280,6 +386,51 @@ class Controller:
             )
             del st.history[:-2000]
         self._write_status()
+
+    # -- dead replicas ----------------------------------------------------------------------------------------
+    def check_replicas(self, now: float | None = None) -> list[tuple[str, str, str]]:
+        """Deregister the dead replicas (`reap`), then compare each group's live registrations with its replica
+        count: a group short of replicas is reported in the status (`short_groups`: since when), and logged once it
+        has been short for `replace_after_s` (Serve restarts a dead replica within its 1 s health-check period plus
+        a replica's start, measured in docs/benchmarks.md; longer means Serve cannot place or start it). Returns
+        what was deregistered."""
+        now = time.monotonic() if now is None else now
+        if self.reap is None:
+            return []
+        dead = self.reap()
+        for rid, group, why in dead:
+            log.warning("replica %s of %s is dead (%s): deregistered", rid, group, why)
+        with self._lock:
+            if dead:
+                self.state.dead_replicas = (
+                    self.state.dead_replicas
+                    + [{"t": time.time(), "replica_id": r, "group": g, "why": w} for r, g, w in dead]
+                )[-20:]
+            wanted = dict(self.state.replicas)
+        live = self.registered()
+        short = {name: self._short_since.get(name, now) for name, n in wanted.items() if live.get(name, 0) < n}
+        overdue = [n for n, since in short.items() if now - since >= self.settings.replace_after_s]
+        for name in overdue:
+            if name not in self._reported_short:
+                log.warning(
+                    "group %s has %d of %d replicas live for %.0f s: Serve has not replaced the missing ones",
+                    name,
+                    live.get(name, 0),
+                    wanted[name],
+                    now - short[name],
+                )
+        self._reported_short = set(overdue)
+        self._short_since = short
+        with self._lock:
+            self.state.short_groups = {name: round(now - since, 1) for name, since in short.items()}
+        return dead
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.settings.probe_interval_s):
+            try:
+                self.check_replicas()
+            except Exception:  # noqa: BLE001 - the directory restarting: probe again next time
+                log.exception("replica probe failed")
 
     def _rebalance(self, rate: np.ndarray, worst: float, now: float) -> None:
         from expertmesh.control.planner import add_redundancy, plan_autoscale, to_placement_plan
@@ -332,16 +483,34 @@ class Controller:
             groups=merged.groups + [g for g in st.plan.groups if g.name in removed],
         )
         both = dict(replicas, **{n: st.replicas[n] for n in removed})
-        self._apply(transitional, both)
         deadline = time.monotonic() + s.register_timeout_s
-        while time.monotonic() < deadline and not self._stop.is_set():
-            ready = self.registered()
-            if all(ready.get(n, 0) >= replicas[n] for n in added):
-                break
-            time.sleep(0.5)
-        else:
-            log.error("new groups %s did not register in time; keeping the old plan", added)
-            self._apply(st.plan, st.replicas)
+        # 0) the groups of hot experts alone first, beside the current plan (which still holds those experts too:
+        # the router spreads a key over all its holders). Started with the cold regroupings, they shared the cores
+        # with every other new replica and its application's build (docs/benchmarks.md, time to a replica).
+        mean = rate.mean(axis=1)  # [L]
+        hot_added = [
+            g.name
+            for g in merged.groups
+            if g.name in added
+            and all(
+                rate[self.layer_row[layer], e] > s.hot_expert_skew * mean[self.layer_row[layer]]
+                for layer, experts in g.keys.items()
+                for e in experts
+            )
+        ]
+        if hot_added and len(hot_added) < len(added):
+            first = PlacementPlan(
+                model=merged.model,
+                autoscaling=merged.autoscaling,
+                groups=st.plan.groups + [g for g in merged.groups if g.name in hot_added],
+            )
+            self._apply(first, dict(st.replicas, **{n: replicas[n] for n in hot_added}))
+            if not self._wait_registered(hot_added, replicas, deadline):
+                self._abandon(hot_added)
+                return
+        self._apply(transitional, both)
+        if not self._wait_registered(added, replicas, deadline):
+            self._abandon(added)
             return
         # 2) drain the replaced groups, let in-flight work finish, then remove them
         for name in removed:
@@ -353,6 +522,24 @@ class Controller:
             st.rebalances += 1
             st.last_rebalance = {"t": time.time(), "added": added, "removed": removed, "imbalance_before": worst}
         self.autoscaler.pending.clear()
+
+    def _abandon(self, waited_for: list[str]) -> None:
+        """A rebalance that cannot finish (new groups too slow, or the controller stopping) puts the plan it started
+        from back."""
+        if self._stop.is_set():
+            log.info("controller stopping during a rebalance: putting the plan back")
+        else:
+            log.error("new groups %s did not register in time; keeping the old plan", waited_for)
+        self._apply(self.state.plan, self.state.replicas)
+
+    def _wait_registered(self, names: list[str], replicas: dict[str, int], deadline: float) -> bool:
+        """Until every group in `names` has its `replicas[name]` registered (True), or the deadline / stop."""
+        while time.monotonic() < deadline and not self._stop.is_set():
+            ready = self.registered()
+            if all(ready.get(n, 0) >= replicas[n] for n in names):
+                return True
+            time.sleep(0.2)
+        return False
 
     # -- wiring to a running pool ------------------------------------------------------------------------------
     @classmethod
@@ -384,12 +571,17 @@ class Controller:
                 if r.group == group:
                     directory.drain(r.replica_id)
 
-        return cls(pool.plan, layers, read_counts, pool.apply, registered, drain, settings, status_file)
+        settings = settings or ControllerSettings()
+        prober = ReplicaProber(directory, settings.probe_timeout_s, settings.probe_misses)
+        return cls(pool.plan, layers, read_counts, pool.apply, registered, drain, settings, status_file, prober.reap)
 
     # -- thread -----------------------------------------------------------------------------------------------
     def start(self) -> Controller:
         self._thread = threading.Thread(target=self._run, name="expertmesh-controller", daemon=True)
         self._thread.start()
+        if self.reap is not None and self.settings.probe_interval_s > 0:
+            self._prober_thread = threading.Thread(target=self._probe_loop, name="expertmesh-prober", daemon=True)
+            self._prober_thread.start()
         return self
 
     def _run(self) -> None:
@@ -401,8 +593,9 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in (self._thread, self._prober_thread):
+            if thread is not None:
+                thread.join(timeout=30)
 
     def status(self) -> dict:
         with self._lock:
@@ -414,6 +607,8 @@ class Controller:
                 "tokens_per_s": st.rate,
                 "rebalances": st.rebalances,
                 "last_rebalance": st.last_rebalance,
+                "dead_replicas": list(st.dead_replicas),
+                "short_groups": dict(st.short_groups),
                 "history": list(st.history[-300:]),
             }
 
@@ -434,10 +629,12 @@ def _http_counts(url: str, row: dict[int, int], num_experts: int) -> Callable[[]
     cumulative counters of different routers; the controller sees that router's share of the load."""
     import httpx
 
+    from expertmesh.core import auth
+
     client = httpx.Client(timeout=5)
 
     def read_counts() -> np.ndarray:
-        reply = client.get(url)
+        reply = client.get(url, headers=auth.http_headers())  # a router's state: for the cluster's parts only
         reply.raise_for_status()
         body = reply.json()
         counts = np.zeros((len(row), num_experts))  # [L, E]

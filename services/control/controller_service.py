@@ -41,12 +41,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from expertmesh.control.controller import ENV_CONTROLLER_SETTINGS, Controller, ControllerSettings
 from expertmesh.control.serve_api import check_apply, get_serve_status, put_serve_config
 from expertmesh.control.serve_config import DIRECTORY_APP, GROUP_APP_PREFIX, build_serve_config
-from expertmesh.core import settings
+from expertmesh.core import auth, settings
 from expertmesh.core import settings as core_settings
 from expertmesh.core.checkpoint import MoEInfo, read_moe_info
 from expertmesh.core.plan import ExpertGroup, PlacementPlan, default_plan, load_plan
 from expertmesh.core.settings import ReplicaSettings, add_replica_flags, replica_settings_from_args
-from expertmesh.discovery.directory import DirectoryClient
+from expertmesh.discovery.directory import DirectoryClient, send_plan
 
 log = logging.getLogger("expertmesh.controller_service")
 
@@ -95,11 +95,16 @@ class ServeTarget:
 
     def apply(self, plan: PlacementPlan, replicas: dict[str, int]) -> None:
         check_apply(plan, replicas, self.info)
+        send_plan(self.directory, plan)  # the directory admits only this plan's keys from now on
         put_serve_config(self.dashboard, self.serve_config(plan, replicas))
         self.plan, self.replicas = plan, {name: int(n) for name, n in replicas.items()}
 
     def client(self) -> DirectoryClient:
         return DirectoryClient(self.directory)
+
+    def send_plan(self) -> bool:
+        """Tell the directory the plan in force (every step: a restarted directory starts without one)."""
+        return send_plan(self.directory, self.plan)
 
     def layout(self) -> Layout:
         """What the last apply (or adoption) put in Serve, in the form `deployed_layout` reads back."""
@@ -191,6 +196,8 @@ class ControllerService:
                 self._adopt(layout)
             if self.controller is None:  # only after a failed first adoption (retried next step)
                 raise RuntimeError("no controller: adopting the deployed layout failed")
+            if self.target is not None:
+                self.target.send_plan()
             self.controller.tick()
             self.last_ok, self.last_error = time.monotonic(), None
         except Exception as exc:  # noqa: BLE001 - reported by /health, retried next step
@@ -283,6 +290,8 @@ def serve_http(service: ControllerService, host: str, port: int) -> ThreadingHTT
             if path == "/health":
                 body = service.health()
                 self._reply(200 if body["healthy"] else 503, body)
+            elif path == "/status" and auth.configured() and not auth.http_accepts(self.headers.get("Authorization")):
+                self._reply(401, {"error": {"message": auth.DENIED, "type": "authentication_error", "code": 401}})
             elif path == "/status":
                 status = service.status()
                 if status is None:

@@ -351,6 +351,32 @@ ENV_VARS: dict[str, EnvVar] = {
             _choice("local", "remote"),
         ),
         _var(
+            "EXPERTMESH_CLUSTER_TOKEN",
+            "str",
+            None,
+            "the cluster credential: every internal gRPC call (directory, expert replicas) carries it as "
+            "`authorization: Bearer <token>` and every internal server refuses a call without it (UNAUTHENTICATED); "
+            "unset (and no _FILE) = internal servers open; `expertmesh serve` makes one per run (core/auth.py)",
+            "router, replica, directory, controller, expertmesh serve",
+        ),
+        _var(
+            "EXPERTMESH_CLUSTER_TOKEN_PREVIOUS",
+            "str",
+            None,
+            "during a rotation: the old cluster token, still accepted by servers (never sent); drop it once every "
+            "process has the new EXPERTMESH_CLUSTER_TOKEN",
+            "replica, directory",
+        ),
+        _var(
+            "EXPERTMESH_CLUSTER_TOKEN_FILE",
+            "path",
+            None,
+            "a file holding the cluster token (a mounted Secret; wins over EXPERTMESH_CLUSTER_TOKEN): line 1 the "
+            "token, optional line 2 the previous token still accepted; re-read when it changes (rotation without "
+            "restarts)",
+            "router, replica, directory, controller",
+        ),
+        _var(
             "OTEL_EXPORTER_OTLP_ENDPOINT",
             "str",
             None,
@@ -518,6 +544,18 @@ def expert_mode() -> str:
     return get("EXPERTMESH_EXPERT_MODE")
 
 
+def cluster_token() -> str | None:
+    return get("EXPERTMESH_CLUSTER_TOKEN")
+
+
+def cluster_token_previous() -> str | None:
+    return get("EXPERTMESH_CLUSTER_TOKEN_PREVIOUS")
+
+
+def cluster_token_file() -> str | None:
+    return get("EXPERTMESH_CLUSTER_TOKEN_FILE")
+
+
 def otlp_endpoint() -> str | None:
     return get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -548,6 +586,13 @@ def export(name: str, value: object) -> None:
     )
     var.value({name: text})  # raises ValueError on a bad value, naming the variable
     os.environ[name] = text
+
+
+def unset(name: str) -> None:
+    """Remove registered variable `name` from this process (undoes an `export`)."""
+    if name not in ENV_VARS:
+        raise KeyError(f"{name} is not in the settings registry")
+    os.environ.pop(name, None)
 
 
 def apply_process_defaults(*, in_process_engine: bool = False) -> None:

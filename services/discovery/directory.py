@@ -5,6 +5,11 @@ registering again; an entry whose lease runs out is removed by a sweeper, so a k
 without anyone calling `Deregister`. `Drain` marks an entry as taking no new traffic. Every change bumps the
 version; `Watch` streams a full snapshot at once and after every change. Versions start at the server's start
 time in ms, so they keep increasing across a directory restart (and replicas re-register on their next renewal).
+Every call needs the cluster credential when one is configured (core/auth.py). `SetPlan` tells the directory the
+plan's {group: keys}; from then on a replica may register only under a group of the plan and only keys of its
+group (PERMISSION_DENIED otherwise: a replica with the credential still cannot claim experts it was not given).
+Before the first SetPlan every registration is accepted: the directory is its own Serve application and starts (or
+restarts) without a plan, which the pool or the controller sends again with their next deploy.
 
 Client (`DirectoryClient`, sync gRPC, thread-safe): `snapshot()`, and `watch(callback)` — a background thread
 that calls `callback(snapshot)` with every new snapshot and reconnects after errors. `endpoints_by_key()` turns a
@@ -21,6 +26,7 @@ from collections.abc import Callable
 
 import grpc
 
+from expertmesh.core import auth
 from expertmesh.core.loop_thread import LoopThread
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 
@@ -40,6 +46,7 @@ class DirectoryServicer(expert_pb2_grpc.ExpertDirectoryServicer):
         self._changed = asyncio.Event()
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task | None = None
+        self._plan: dict[str, dict[int, set[int]]] | None = None  # group -> layer -> experts; None: no plan yet
 
     def start_sweeper(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -71,6 +78,9 @@ class DirectoryServicer(expert_pb2_grpc.ExpertDirectoryServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "entry needs replica_id and endpoint")
         if ":" not in entry.endpoint:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"endpoint {entry.endpoint!r} is not host:port")
+        refused = self._outside_plan(entry)
+        if refused:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{entry.replica_id}: {refused}")
         lease = request.lease_seconds or DEFAULT_LEASE_SECONDS
         if not 0 < lease <= MAX_LEASE_SECONDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"lease_seconds must be in (0, {MAX_LEASE_SECONDS}]")
@@ -87,6 +97,33 @@ class DirectoryServicer(expert_pb2_grpc.ExpertDirectoryServicer):
             self._entries[entry.replica_id] = new
             self._bump()
         return expert_pb2.RegisterResponse(version=self.version)
+
+    def _outside_plan(self, entry: expert_pb2.ReplicaEntry) -> str | None:
+        """Why `entry` may not register under the current plan (None: it may, or there is no plan yet)."""
+        if self._plan is None:
+            return None
+        allowed = self._plan.get(entry.group)
+        if allowed is None:
+            return f"group {entry.group!r} is not in the plan"
+        for keys in entry.keys:
+            extra = set(keys.experts) - allowed.get(int(keys.layer), set())
+            if extra:
+                return f"layer {keys.layer} experts {sorted(extra)} are not in group {entry.group!r} of the plan"
+        return None
+
+    async def SetPlan(self, request, context):
+        plan: dict[str, dict[int, set[int]]] = {}
+        for group in request.groups:
+            if not group.group:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "every plan group needs a name")
+            layers = plan.setdefault(group.group, {})
+            for keys in group.keys:
+                layers.setdefault(int(keys.layer), set()).update(int(e) for e in keys.experts)
+        # Entries already registered stay until they deregister or their lease runs out: a group leaving the plan
+        # is drained and stopped by whoever deploys; its renewals are refused from now on.
+        self._plan = plan
+        log.info("directory: plan of %d group(s) set", len(plan))
+        return expert_pb2.SetPlanResponse(version=self.version)
 
     async def Deregister(self, request, context):
         if self._entries.pop(request.replica_id, None) is not None:
@@ -140,7 +177,9 @@ class DirectoryServer:
 
     async def _start(self, host: str, port: int) -> int:
         self.servicer = DirectoryServicer(self._sweep_interval)
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)], interceptors=auth.server_interceptors("expert directory")
+        )
         expert_pb2_grpc.add_ExpertDirectoryServicer_to_server(self.servicer, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         await self._server.start()
@@ -185,13 +224,25 @@ def endpoints_by_key(
     return {k: sorted(v) for k, v in out.items()}
 
 
+def send_plan(address: str, plan, timeout: float = 2.0) -> bool:
+    """Tell the directory at `address` the groups of `plan` (a PlacementPlan: `.groups` with `.name`, `.keys`);
+    False when it cannot be reached (not up yet: the caller sends it again later)."""
+    try:
+        with DirectoryClient(address, timeout=timeout) as client:
+            client.set_plan({group.name: group.keys for group in plan.groups})
+        return True
+    except grpc.RpcError as exc:
+        log.info("directory at %s did not take the plan: %s", address, exc.code())
+        return False
+
+
 class DirectoryClient:
     """Sync, thread-safe client of the expert directory with an optional background watch."""
 
     def __init__(self, address: str, timeout: float = 5.0):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = auth.insecure_channel(address)
         self._stub = expert_pb2_grpc.ExpertDirectoryStub(self._channel)
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[expert_pb2.DirectorySnapshot], None]] = []
@@ -214,6 +265,19 @@ class DirectoryClient:
 
     def drain(self, replica_id: str) -> bool:
         return self._stub.Drain(expert_pb2.DrainRequest(replica_id=replica_id), timeout=self.timeout).found
+
+    def set_plan(self, groups: dict[str, dict[int, list[int]]]) -> int:
+        """Tell the directory the plan's {group: {layer: experts}}: replicas may then register only those."""
+        request = expert_pb2.SetPlanRequest(
+            groups=[
+                expert_pb2.GroupKeys(
+                    group=name,
+                    keys=[expert_pb2.ExpertKeys(layer=layer, experts=sorted(keys[layer])) for layer in sorted(keys)],
+                )
+                for name, keys in groups.items()
+            ]
+        )
+        return self._stub.SetPlan(request, timeout=self.timeout).version
 
     # -- watch --------------------------------------------------------------------------------------------------
     @property

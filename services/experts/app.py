@@ -6,9 +6,9 @@ which `serve deploy`, the local pool and the Helm chart's RayService all use):
     expertmesh-directory   `ExpertDirectory`, 1 replica: the directory gRPC server on the directory port
     experts-<group> ...    `ExpertGroupReplica`, one application per plan group; each replica loads ONLY its
                            group's (layer, expert) weights, serves ExpertService on its own grpc.aio server (a
-                           free port of `replica_port_range()` on `bind_host()`), registers
-                           `advertise_host():port` in the directory with a lease, renews it, and deregisters
-                           when Serve shuts it down.
+                           free port of `replica_port_range()` on `bind_host()`), runs one warm-up Forward
+                           through that server on dummy rows, only then registers `advertise_host():port` in the
+                           directory with a lease, renews it, and deregisters when Serve shuts it down.
 
 No request goes through Serve: a Serve proxy hop costs over ten times a plain grpc.aio call (docs/benchmarks.md). Serve
 starts, health-checks (`check_health` makes a real Info call to the replica's own server), restarts and
@@ -20,17 +20,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import grpc
+import torch
 from ray import serve
 
 from expertmesh.control.serve_config import DIRECTORY_DEPLOYMENT
-from expertmesh.core import settings
+from expertmesh.core import auth, settings
+from expertmesh.core.codec import encode_forward
 from expertmesh.core.plan import ExpertGroup
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS, DirectoryServer
 from expertmesh.experts.coalescer import DEFAULT_INLINE_ROWS, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS
-from expertmesh.experts.replica import ExpertServer, keys_to_proto
+from expertmesh.experts.replica import CHANNEL_OPTIONS, ExpertServer, keys_to_proto
 
 log = logging.getLogger("expertmesh.experts")
 
@@ -75,6 +78,9 @@ class ExpertGroupReplica:
         )
         port = self.server.start(settings.bind_host(), settings.replica_port_range())
         self.endpoint = f"{settings.advertise_host()}:{port}"
+        # Warm before registering: the first Forward of a process pays for kernel selection, the fused op's first
+        # call and grpc's first stream; a router that found this replica in the directory would wait on that.
+        warm_s = self.server.run_coroutine(self._warm_up(), timeout=60)
         self.entry = expert_pb2.ReplicaEntry(
             replica_id=self.replica_id,
             group=spec.name,
@@ -83,17 +89,36 @@ class ExpertGroupReplica:
         )
         self._lease = self.server.submit_coroutine(self._keep_registered())
         log.info(
-            "replica %s of %s serving %s (%d weight bytes, pid %d)",
+            "replica %s of %s serving %s (%d weight bytes, warm-up %.3f s, pid %d)",
             self.replica_id,
             spec.name,
             self.endpoint,
             self.server.weights.weight_bytes,
+            warm_s,
             os.getpid(),
         )
 
+    async def _warm_up(self) -> float:
+        """One Forward per held layer through the replica's own server (the path a router's call takes: gRPC,
+        decode, coalescer, kernel) on dummy rows, every held expert once; returns the seconds it took."""
+        start = time.perf_counter()
+        async with auth.aio_insecure_channel(self._local_target(), options=CHANNEL_OPTIONS) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            for layer, experts in sorted(self.server.weights.held.items()):
+                ids = torch.tensor(sorted(experts), dtype=torch.int64)  # [N]
+                hidden = torch.zeros(
+                    len(ids), self.server.weights.hidden_size, dtype=self.server.weights.dtype
+                )  # [N, H]
+                request = encode_forward(layer, hidden, torch.arange(len(ids)), ids, torch.ones(len(ids)))
+                await stub.Forward(request, timeout=30)
+        return time.perf_counter() - start
+
+    def _local_target(self) -> str:
+        return f"127.0.0.1:{self.server.port}" if self.server.host in ("0.0.0.0", "::") else self.server.address
+
     async def _keep_registered(self) -> None:
         """Register at once, retrying until the directory answers, then renew every lease/3."""
-        async with grpc.aio.insecure_channel(self.directory) as channel:
+        async with auth.aio_insecure_channel(self.directory) as channel:
             stub = expert_pb2_grpc.ExpertDirectoryStub(channel)
             request = expert_pb2.RegisterRequest(entry=self.entry, lease_seconds=self.lease_seconds)
             while True:
@@ -125,8 +150,7 @@ class ExpertGroupReplica:
             raise RuntimeError(f"{self.replica_id}: port {self.server.port} answers as {reply.replica_id}")
 
     async def _info_probe(self) -> expert_pb2.InfoResponse:
-        target = f"127.0.0.1:{self.server.port}" if self.server.host in ("0.0.0.0", "::") else self.server.address
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with auth.aio_insecure_channel(self._local_target()) as channel:
             return await expert_pb2_grpc.ExpertServiceStub(channel).Info(expert_pb2.InfoRequest(), timeout=5)
 
     def __del__(self) -> None:
@@ -142,7 +166,7 @@ class ExpertGroupReplica:
         self.server.stop(grace=1.0)
 
     async def _deregister(self) -> None:
-        async with grpc.aio.insecure_channel(self.directory) as channel:
+        async with auth.aio_insecure_channel(self.directory) as channel:
             await expert_pb2_grpc.ExpertDirectoryStub(channel).Deregister(
                 expert_pb2.DeregisterRequest(replica_id=self.replica_id), timeout=2
             )

@@ -34,7 +34,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from expertmesh.core import settings, telemetry
+from expertmesh.core import auth, settings, telemetry
 from expertmesh.core.checkpoint import CheckpointReader
 from expertmesh.core.codec import ExpertNotHeld, WireError, decode_forward, encode, encode_raw_into
 from expertmesh.core.kernel import ExpertWeights
@@ -360,7 +360,9 @@ class ExpertServer:
             self._max_batch_rows,
             self._inline_rows,
         )
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=auth.server_interceptors(f"expert replica {self.replica_id}")
+        )
         self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         bound = bind_port(self._server, host, port)
         await self._server.start()

@@ -19,7 +19,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from expertmesh.core import settings
+from expertmesh.core import auth, settings
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.errors import APIError
 from expertmesh.gateway.state import GatewayState, gateway_state
@@ -39,7 +39,7 @@ async def controller_status(where: str | None = None, timeout_s: float = CONTROL
     if where.startswith(("http://", "https://")):
         try:
             async with httpx.AsyncClient(timeout=timeout_s) as http:
-                reply = await http.get(where)
+                reply = await http.get(where, headers=auth.http_headers())
             body = reply.json() if reply.status_code == 200 else {}
         except (httpx.HTTPError, ValueError):
             return {}
@@ -69,7 +69,7 @@ async def _router_view(http: httpx.AsyncClient, url: str) -> dict:
         health = await http.get(f"{url}/health")
         if health.status_code != 200:
             return {"url": url, "ok": False, "detail": f"router /health answered {health.status_code}"}
-        experts = await http.get(f"{url}/expertmesh/experts")
+        experts = await http.get(f"{url}/expertmesh/experts", headers=auth.http_headers())
         experts.raise_for_status()
         return {"url": url, "ok": True, "experts": experts.json()}
     except (httpx.HTTPError, ValueError) as exc:

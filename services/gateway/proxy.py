@@ -38,7 +38,7 @@ from opentelemetry import trace
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
-from expertmesh.core import telemetry
+from expertmesh.core import auth, telemetry
 from expertmesh.gateway import migration
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.errors import APIError
@@ -58,6 +58,7 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+RETRY_PAUSE_S = 0.05  # before a generation's second pass over the routers
 # Connection-level failures: the router never got the request, so another router may take it.
 _NOT_ACCEPTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 # The router died holding a generation, before any of its answer reached the client: another router may take it.
@@ -178,6 +179,8 @@ async def proxy_request(
     except ClientDisconnect:  # gone before its body arrived: nothing reached a router, nobody to answer
         return Response(status_code=499)
     headers = _forward_headers(request.headers)
+    if internal := auth.http_headers():  # the routers take the cluster credential, not the user's key (checked here)
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"} | internal
     query = request.url.query
     tried: list[str] = []
     generation = request.method == "POST" and path in migration.MIGRATABLE_PATHS  # a generation: resent if lost
@@ -196,7 +199,12 @@ async def proxy_request(
                 "rate_limit_exceeded",
                 retry_after=1,
             )
-    for router in order:
+    # A generation gets a second pass over the routers: a connection that failed under it (a pooled keep-alive
+    # connection the router had just closed, a connect that timed out on a saturated host) says little about the
+    # next one, and with a single router there is no other to take it.
+    for attempt, router in enumerate(order + order if generation else order):
+        if attempt == len(order):
+            await asyncio.sleep(RETRY_PAUSE_S)
         url = f"{router.url}/v1/{path}" + (f"?{query}" if query else "")
         router.in_flight += 1
         router.requests += 1

@@ -42,7 +42,7 @@ import logging
 import sys
 import urllib.request
 
-from expertmesh.core import settings, telemetry
+from expertmesh.core import auth, settings, telemetry
 
 log = logging.getLogger("expertmesh.router.openai_server")
 
@@ -98,7 +98,22 @@ def prepare(args: argparse.Namespace) -> argparse.Namespace:
     args.expert_mode = mode
     args.counters_file = plugin.counters_file() if mode == "remote" else None
     configure_tracing(args)
+    accept_cluster_credential(args)
     return args
+
+
+def accept_cluster_credential(args: argparse.Namespace) -> None:
+    """With a cluster credential configured, vLLM's own API-key check (when the user set `--api-key` or
+    VLLM_API_KEY) accepts it too: the gateway sends the routers the cluster credential in place of a user's key.
+    (ClusterAuthMiddleware, added in `serve`, is what requires it, on every path but probes and metrics.)"""
+    import vllm.envs as envs
+
+    from expertmesh.core import auth
+
+    user_keys = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+    cluster = [t for t in auth.tokens() if t]
+    if user_keys and cluster:
+        args.api_key = [*user_keys, *cluster]
 
 
 def configure_tracing(args: argparse.Namespace) -> None:
@@ -263,6 +278,9 @@ async def serve(args: argparse.Namespace) -> None:
             supported_tasks = await engine_client.get_supported_tasks()
             app = build_app(args, supported_tasks, engine_client.model_config)
             add_routes(app, args)
+            if auth.configured():  # only the cluster's own parts (the gateway, the controller) may call the router
+                app.middleware_stack = None  # built by vLLM's build_app already: built again, with ours, when served
+                app.add_middleware(auth.ClusterAuthMiddleware)
             await init_app_state(engine_client, app.state, args, supported_tasks)
             log.info("expertmesh router (vLLM OpenAI server, experts %s) on %s", args.expert_mode, listen_address)
             uvicorn_kwargs = {}

@@ -24,7 +24,7 @@ import time
 
 import grpc
 
-from expertmesh.core import settings
+from expertmesh.core import auth, settings
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger("expertmesh.router.transport")
@@ -121,6 +121,7 @@ class ForwardStream:
         self._lock = threading.Lock()  # `broken` and `_pending` change together (a call never waits on a dead stream)
         self._ids = itertools.count(1)  # 0 is the replica's answer to a message whose id it could not read
         self.broken = False
+        self.detail = ""  # why it broke (the status the replica ended it with)
         method = channel.stream_stream(
             STREAM_METHOD,
             request_serializer=expert_pb2.ForwardCall.SerializeToString,
@@ -180,7 +181,7 @@ class ForwardStream:
 
     def _break(self, detail: str) -> None:
         with self._lock:
-            self.broken = True
+            self.broken, self.detail = True, detail
             failed, self._pending = self._pending, {}
         self._requests.put(_END)  # gRPC's request-iterator thread waits on the queue: let it end
         for slot in failed.values():
@@ -198,7 +199,7 @@ class ReplicaLink:
 
     def __init__(self, endpoint: str, streams: bool):
         self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self.channel = auth.insecure_channel(endpoint, options=CHANNEL_OPTIONS)  # + the cluster credential
         self.forward = expert_pb2_grpc.ExpertServiceStub(self.channel).Forward
         self.streams = streams
         self._stream: ForwardStream | None = None
@@ -217,7 +218,11 @@ class ReplicaLink:
             sent = stream.send(request, timeout_s, metadata)
             if sent is not None:
                 return stream, *sent
-        raise ReplicaFailed(self.endpoint, f"{grpc.StatusCode.UNAVAILABLE}: stream broke as it opened")
+        # e.g. UNAUTHENTICATED (no or a wrong cluster credential): say so, not only that it broke
+        raise ReplicaFailed(
+            self.endpoint,
+            f"{grpc.StatusCode.UNAVAILABLE}: stream broke as it opened ({stream.detail if stream else 'no stream'})",
+        )
 
     def close(self) -> None:
         if self._stream is not None:

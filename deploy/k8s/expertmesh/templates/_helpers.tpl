@@ -244,3 +244,33 @@ YAML document too). */}}
 {{- end -}}
 {{- toJson (dict "applications" $apps) -}}
 {{- end -}}
+
+{{/* The cluster credential (core/auth.py): its Secret, mounted as a directory (never subPath: the kubelet then
+updates the file in place on a rotation, and the processes re-read it) in every pod that serves or calls internal
+gRPC (router, controller, Ray head and workers: directory and expert replicas), named by
+EXPERTMESH_CLUSTER_TOKEN_FILE. */}}
+{{- define "expertmesh.clusterTokenSecret" -}}
+{{- .Values.clusterToken.existingSecret | default (printf "%s-cluster-token" (include "expertmesh.fullname" .)) -}}
+{{- end -}}
+
+{{- define "expertmesh.clusterTokenDir" -}}/var/run/secrets/expertmesh/cluster-token{{- end -}}
+
+{{- define "expertmesh.clusterTokenEnv" -}}
+- name: EXPERTMESH_CLUSTER_TOKEN_FILE
+  value: {{ printf "%s/%s" (include "expertmesh.clusterTokenDir" .) .Values.clusterToken.secretKey | quote }}
+{{- end -}}
+
+{{- define "expertmesh.clusterTokenMount" -}}
+- name: cluster-token
+  mountPath: {{ include "expertmesh.clusterTokenDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{- define "expertmesh.clusterTokenVolume" -}}
+- name: cluster-token
+  secret:
+    secretName: {{ include "expertmesh.clusterTokenSecret" . }}
+    # Read-only; readable by the container's user whatever its uid (the Ray images run as a non-root user and the
+    # chart sets no fsGroup). Only this pod's containers see the mount.
+    defaultMode: 0444
+{{- end -}}
