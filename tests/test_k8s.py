@@ -911,12 +911,15 @@ def test_build_serve_config_locally_and_cli(tmp_path, capsys):
     plan = PlacementPlan.model_validate({"groups": [{"name": "l0", "keys": {0: [1, 0]}, "max_replicas": 3}]})
     config = build_serve_config(plan, "/ckpt", "127.0.0.1:50071", num_cpus=0.5)
     directory_app, group_app = config["applications"]
+    # every deployment health-checked each second: a dead replica's replacement starts within ~1 s (time_to_replica)
+    check = {"health_check_period_s": serve_config.HEALTH_CHECK_PERIOD_S}
+    assert serve_config.HEALTH_CHECK_PERIOD_S == 1.0
     assert directory_app["deployments"] == [
-        {"name": "ExpertDirectory", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+        {"name": "ExpertDirectory", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}} | check
     ]
     assert directory_app["args"] == {"directory": "127.0.0.1:50071"}
     (group,) = group_app["deployments"]
-    assert group == {"name": "l0", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    assert group == {"name": "l0", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}} | check
     assert group_app["name"] == "experts-l0"
     assert group_app["args"] == {
         "model": "/ckpt",

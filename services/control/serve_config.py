@@ -64,6 +64,13 @@ def group_args(
     return args
 
 
+# Serve learns that a replica's actor died only from its next health check (`health_check_period_s`, Serve's default
+# 10 s), and only then starts the replacement: measured, kill -> replacement serving took 3.8-11.3 s with the
+# default and 3.3-4.2 s at 1 s (docs/benchmarks.md, time_to_replica.py). Each check is one actor call and one Info
+# call on the replica's own server (app.py): cheap at 1 s. The same for the local pool and the chart.
+HEALTH_CHECK_PERIOD_S = 1.0
+
+
 def build_serve_config(
     plan: PlacementPlan,
     model_path: str,
@@ -91,7 +98,14 @@ def build_serve_config(
             "route_prefix": None,
             "import_path": DIRECTORY_IMPORT_PATH,
             "args": {"directory": directory},
-            "deployments": [{"name": DIRECTORY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": directory_options}],
+            "deployments": [
+                {
+                    "name": DIRECTORY_DEPLOYMENT,
+                    "num_replicas": 1,
+                    "ray_actor_options": directory_options,
+                    "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+                }
+            ],
         }
     ]
     for group in plan.groups:
@@ -106,6 +120,7 @@ def build_serve_config(
                         "name": group.name,
                         "num_replicas": int(replicas.get(group.name, group.start_replicas)),
                         "ray_actor_options": dict(replica_options),
+                        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
                     }
                 ],
             }

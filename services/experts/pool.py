@@ -42,10 +42,6 @@ from expertmesh.discovery.directory import DirectoryClient, endpoints_by_key, se
 STATE_DIR = settings.cache_dir()
 REPLICA_LOGICAL_CPUS = 0.25  # per replica; the head offers `num_cpus` logical CPUs in all
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # the pool moves no objects through Ray; keep /dev/shm use small
-# Serve learns that a replica's actor died only from its next health check (`health_check_period_s`, Serve's default
-# 10 s), and only then starts the replacement: measured, kill -> replacement serving took 3.8-11.3 s with the
-# default. Each check is one actor call and one Info call on the replica's own server (app.py), cheap at 1 s.
-REPLICA_HEALTH_CHECK_PERIOD_S = 1.0
 
 
 def _ray_bin() -> str:
@@ -235,9 +231,6 @@ class LocalPool:
             num_cpus=REPLICA_LOGICAL_CPUS,
             replica=self.replica,
         )
-        for app in config["applications"]:
-            for deployment in app["deployments"]:
-                deployment["health_check_period_s"] = REPLICA_HEALTH_CHECK_PERIOD_S
         # The data plane is each replica's own gRPC server: no Serve HTTP/gRPC proxy at all.
         config["proxy_location"] = "Disabled"
         config["http_options"] = {"host": self.host, "port": free_port()}

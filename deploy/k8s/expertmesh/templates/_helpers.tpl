@@ -233,13 +233,13 @@ YAML document too). */}}
 {{- $directory := include "expertmesh.directoryAddress" . -}}
 {{- $model := include "expertmesh.modelPath" . -}}
 {{- $replicaArgs := include "expertmesh.replicaArgs" . | fromJson -}}
-{{- $directoryApp := dict "name" "expertmesh-directory" "route_prefix" nil "import_path" "expertmesh.experts.app:build_directory" "args" (dict "directory" $directory) "deployments" (list (dict "name" "ExpertDirectory" "num_replicas" 1 "ray_actor_options" $directoryOptions)) -}}
+{{- $directoryApp := dict "name" "expertmesh-directory" "route_prefix" nil "import_path" "expertmesh.experts.app:build_directory" "args" (dict "directory" $directory) "deployments" (list (dict "name" "ExpertDirectory" "num_replicas" 1 "ray_actor_options" $directoryOptions "health_check_period_s" 1.0)) -}}
 {{- $apps := list $directoryApp -}}
 {{- range $g := $plan.groups -}}
   {{- $start := hasKey $g "initial_replicas" | ternary (get $g "initial_replicas") (max 1 (int $g.min_replicas)) -}}
   {{- $args := dict "model" $model "group" (dict "name" $g.name "keys" $g.keys) "directory" $directory -}}
   {{- range $k, $v := $replicaArgs -}}{{- $_ := set $args $k $v -}}{{- end -}}
-  {{- $deployment := dict "name" $g.name "num_replicas" (int $start) "ray_actor_options" (deepCopy $replica) -}}
+  {{- $deployment := dict "name" $g.name "num_replicas" (int $start) "ray_actor_options" (deepCopy $replica) "health_check_period_s" 1.0 -}}
   {{- $apps = append $apps (dict "name" (printf "experts-%s" $g.name) "route_prefix" nil "import_path" "expertmesh.experts.app:build_group" "args" $args "deployments" (list $deployment)) -}}
 {{- end -}}
 {{- toJson (dict "applications" $apps) -}}
