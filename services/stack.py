@@ -348,6 +348,9 @@ class Stack:
         # vLLM's default executor: the model in a worker process below the engine core. Measured on 2 cores
         # (docs/benchmarks.md) it serves more than `uni` (the model inside the engine core) at concurrency 32.
         cmd += self.vllm_args  # last: the user's `vllm serve` options win over the stack's
+        counters = env.get("EXPERTMESH_COUNTERS_FILE")
+        if counters and self.routers > 1:  # one file per router: each engine writes its own (counters.py)
+            env = {**env, "EXPERTMESH_COUNTERS_FILE": f"{counters}.router-{index + 1}"}
         return self._spawn("router" if index == 0 else f"router-{index + 1}", cmd, env)
 
     def _start_gateway(self, env: dict) -> None:

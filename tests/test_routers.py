@@ -49,7 +49,10 @@ def stack(tmp_path_factory):
     assert len(os.sched_getaffinity(0)) >= 2, "this test pins attention and experts to two different cores"
     work = tmp_path_factory.mktemp("routers")
     port, router_port = free_port(), _two_free_ports()
-    env = dict(os.environ)
+    # A user's shell, not this test process's: earlier tests here ran vLLM engines in-process and pinned a counters
+    # file (settings.apply_process_defaults(in_process_engine=True), plugin.configure_remote).
+    leaked = ("VLLM_ENABLE_V1_MULTIPROCESSING", "EXPERTMESH_COUNTERS_FILE")
+    env = {k: v for k, v in os.environ.items() if k not in leaked}
     env.update(
         {
             # read often; never regroup or scale the demo's experts during the test
