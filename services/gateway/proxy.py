@@ -110,6 +110,12 @@ class RouterPool:
             return order
         return [r for r in order if r.in_flight < self.max_in_flight]
 
+    def failed(self, router: RouterState) -> None:
+        """`router` lost a request it had in flight: one fewer in flight, one more failure, skipped for cooldown_s."""
+        router.in_flight -= 1
+        router.failures += 1
+        router.down_until = time.monotonic() + self.cooldown_s
+
     def snapshot(self) -> list[dict]:
         now = time.monotonic()
         return [
@@ -186,7 +192,7 @@ async def proxy_request(
     generation = request.method == "POST" and path in migration.MIGRATABLE_PATHS  # a generation: resent if lost
     migrating = migration.plan(path, body) if generation and pool.max_migrations else None
     upstream_body = migrating[1] if migrating is not None else body
-    lost = _LOST if generation else ()
+    retryable = _NOT_ACCEPTED + _LOST if generation else _NOT_ACCEPTED  # a generation lost with its router too
     order = pool.order()
     if request.method == "POST":  # generation: bounded in flight per router; reads (models, ...) always pass
         order = pool.admit(order)
@@ -218,16 +224,8 @@ async def proxy_request(
                 data = await response.read()
                 router.in_flight -= 1
                 return Response(data, status_code=200, headers=_forward_headers(response.headers))
-        except _NOT_ACCEPTED as exc:
-            router.in_flight -= 1
-            router.failures += 1
-            router.down_until = time.monotonic() + pool.cooldown_s
-            tried.append(f"{router.url} ({type(exc).__name__})")
-            continue
-        except lost as exc:  # the router died holding a generation: nothing of it reached the client
-            router.in_flight -= 1
-            router.failures += 1
-            router.down_until = time.monotonic() + pool.cooldown_s
+        except retryable as exc:  # nothing of the answer reached the client: the next router may take it
+            pool.failed(router)
             tried.append(f"{router.url} ({type(exc).__name__})")
             continue
         except aiohttp.ClientError as exc:
@@ -310,10 +308,8 @@ async def _migrating_relay(
                 raise migration.Broken("the stream ended without [DONE]")
             except (aiohttp.ClientError, migration.Broken) as exc:
                 detail = f"router {router.url} broke off: {type(exc).__name__}: {exc}"
-            router.failures += 1
-            router.down_until = time.monotonic() + pool.cooldown_s
+            pool.failed(router)
             failed.add(router.url)
-            router.in_flight -= 1
             response.close()
             router = None  # type: ignore[assignment]  # (nothing in flight until the next router takes it)
             while router is None and generation.can_continue(pool.max_migrations):
