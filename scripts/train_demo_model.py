@@ -554,6 +554,13 @@ def save_checkpoint(model, tokenizer, out_dir: Path, words: list[str], stats: di
     (out_dir / "corpus_words.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
     (out_dir / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     write_model_card(out_dir, stats, samples)
+    # The expert manifest ships with the model, so a replica needs no vLLM pass to find its experts
+    # (expertmesh.core.manifest; a stale one is refused against the tensors).
+    manifest = out_dir / "expert-manifest.json"
+    manifest.unlink(missing_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "expertmesh.core.manifest", "record", str(out_dir), "--out", str(manifest)], check=True
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,12 +40,51 @@ from expertmesh.core.codec import ForwardBatch, as_numpy, raw_bytes
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+
+class GatedActivation:
+    """What turns an expert's first projection [N, 2I] into [N, I]: vLLM's `MoEActivation` value, the way vLLM's
+    FusedMoE names it (the manifest records it per checkpoint), with its parameters.
+
+    "silu", "gelu", "gelu_tanh": act(gate) * up, w13 rows [gate; up] (Mixtral, Qwen, DeepSeek, Llama 4, ...);
+    "swigluoai": GPT-OSS's clamped SwiGLU over interleaved rows [g0, u0, g1, u1, ...]:
+        gate = min(g, limit), up = clamp(u, -limit, limit), out = (up + 1) * gate * sigmoid(alpha * gate).
+    """
+
+    SIMPLE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    }
+    NAMES = (*SIMPLE, "swigluoai")
+    # the constants vLLM's SwigluOAIAndMul and its CPU fused op use (the op takes no parameters)
+    OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+
+    def __init__(self, name: str, alpha: float | None = None, limit: float | None = None):
+        if name not in self.NAMES:
+            raise ValueError(f"unsupported expert activation {name!r} (supported: {', '.join(self.NAMES)})")
+        self.name = name
+        self.alpha = self.OAI_ALPHA if alpha is None else float(alpha)
+        self.limit = self.OAI_LIMIT if limit is None else float(limit)
+
+    def __call__(self, gu: torch.Tensor) -> torch.Tensor:
+        if self.name == "swigluoai":
+            gate = gu[..., ::2].clamp(max=self.limit)
+            up = gu[..., 1::2].clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+        half = gu.shape[-1] // 2
+        return self.SIMPLE[self.name](gu[..., :half]) * gu[..., half:]
+
+    @property
+    def fused_name(self) -> str | None:
+        """The fused op's name for this activation, or None where the op cannot compute it."""
+        if self.name == "swigluoai" and (self.alpha, self.limit) != (self.OAI_ALPHA, self.OAI_LIMIT):
+            return None
+        return self.name
+
+
+def _present(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None  # the reader gives both biases when the checkpoint has them (info.has_bias)
+    return t
 
 
 class ExpertWeights:
@@ -54,23 +93,25 @@ class ExpertWeights:
 
     Parameters
     ----------
-    reader: the checkpoint (its `info` gives hidden size, expert count, dtype and `hidden_act`).
+    reader: the checkpoint (its `info` gives hidden size, expert count, dtype, the activation and whether the
+        experts have biases; `load_expert` gives each expert's tensors in vLLM's layout).
     keys: layer -> expert ids to load; nothing else is read.
     dtype: the compute and weight dtype (default: the checkpoint's).
     kernel: "fused", "torch" or "auto" (default $EXPERTMESH_EXPERT_KERNEL, else auto): see `choose_kernel`.
     device: where the stacks live and the kernel runs (None or "cpu": host memory, today's path; anything else:
         the `torch` kernel on that device, e.g. "cuda" or "cuda:1").
 
-    What a model family needs beyond these becomes a parameter here (read from the checkpoint, passed on to both
-    implementations), the way vLLM's FusedMoE takes them, never a copy of the kernel per family: the activation
-    (today `hidden_act`, SiLU-family for the fused op), expert biases (`w13_bias` [E, 2I], `w2_bias` [E, H]), a
-    SwiGLU clamp (`swiglu_limit`), and quantized weights with their scales (a quant config that picks the weight
-    layout, as FusedMoE's `quant_config`). None of these is taken yet.
+    What a model family needs beyond these is a parameter here (read from the checkpoint's manifest, passed on to
+    both implementations), the way vLLM's FusedMoE takes them, never a copy of the kernel per family: the
+    activation (`GatedActivation`: SiLU/GELU over [gate; up], or GPT-OSS's clamped SwiGLU over interleaved rows),
+    expert biases (`w13_bias` [E, 2I], `w2_bias` [E, H]). Quantized weights with their scales would be the next
+    (a quant config that picks the weight layout, as FusedMoE's `quant_config`); not taken yet.
 
     Attributes
     ----------
-    w13[layer]: [E_held, 2I, H] (gate rows first, then up), w2[layer]: [E_held, H, I] — in the fused op's blocked
-    layout (same shape and bytes) when `kernel == "fused"`;
+    w13[layer]: [E_held, 2I, H] (vLLM's row order for the activation), w2[layer]: [E_held, H, I] — in the fused
+    op's blocked layout (same shape and bytes) when `kernel == "fused"`;
+    w13_bias[layer]: [E_held, 2I], w2_bias[layer]: [E_held, H] — only for families with biases;
     slot[layer]: [num_experts] int32 (numpy) mapping expert id -> row in the stack (-1 = not held);
     held[layer]: the expert ids held.
     device: the torch.device of the stacks.
@@ -93,28 +134,30 @@ class ExpertWeights:
         self.hidden_size = info.hidden_size
         self.num_experts = info.num_experts
         self.dtype = dtype or info.dtype
-        act = info.hidden_act
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {act!r} (supported: {sorted(ACTIVATIONS)})")
-        self.act = ACTIVATIONS[act]
+        self.act = GatedActivation(info.activation, info.swiglu_alpha, info.swiglu_limit)
         self.held: dict[int, frozenset[int]] = {}
         self.w13: dict[int, torch.Tensor] = {}
         self.w2: dict[int, torch.Tensor] = {}
+        self.w13_bias: dict[int, torch.Tensor] = {}
+        self.w2_bias: dict[int, torch.Tensor] = {}
         self.slot: dict[int, np.ndarray] = {}
         intermediate = None
         for layer, experts in sorted(keys.items()):
             experts = sorted(set(int(e) for e in experts))
-            gates, downs = [], []
-            for e in experts:
-                gate, up, down = reader.load_expert(layer, e)
-                gates.append(torch.cat([gate, up], dim=0).to(self.dtype))  # [2I, H]
-                downs.append(down.to(self.dtype))  # [H, I]
-                intermediate = down.shape[1]
-            self.w13[layer] = torch.stack(gates)  # [E_held, 2I, H]
-            self.w2[layer] = torch.stack(downs)  # [E_held, H, I]
+            loaded = [reader.load_expert(layer, e) for e in experts]
+            self.w13[layer] = torch.stack([t.w13.to(self.dtype) for t in loaded])  # [E_held, 2I, H]
+            self.w2[layer] = torch.stack([t.w2.to(self.dtype) for t in loaded])  # [E_held, H, I]
+            if info.has_bias:
+                self.w13_bias[layer] = torch.stack(
+                    [_present(t.w13_bias).to(self.dtype) for t in loaded]
+                )  # [E_held, 2I]
+                self.w2_bias[layer] = torch.stack([_present(t.w2_bias).to(self.dtype) for t in loaded])  # [E_held, H]
+            intermediate = info.intermediate_size
+            del loaded
             if self._accelerator is not None:  # one layer at a time: host memory holds at most one layer's stacks
-                self.w13[layer] = self.w13[layer].to(self._accelerator)
-                self.w2[layer] = self.w2[layer].to(self._accelerator)
+                for stacks in (self.w13, self.w2, self.w13_bias, self.w2_bias):
+                    if layer in stacks:
+                        stacks[layer] = stacks[layer].to(self._accelerator)
             slot: np.ndarray = np.full(info.num_experts, -1, dtype=np.int32)  # [E] expert id -> row, -1 not held
             slot[experts] = np.arange(len(experts), dtype=np.int32)
             self.slot[layer] = slot
@@ -122,7 +165,9 @@ class ExpertWeights:
         # Layers whose every expert is held (the default plan): no slot can be -1, so no per-call check for it, and
         # expert id == row in the stacks (no lookup).
         self._holds_all = frozenset(layer for layer, slot in self.slot.items() if slot.min() >= 0)
-        self.kernel = choose_kernel(kernel, act, self.dtype, self.hidden_size, intermediate, self.device)
+        self.kernel = choose_kernel(
+            kernel, self.act, self.dtype, self.hidden_size, intermediate, self.device, info.has_bias
+        )
         if self.kernel == "fused":  # the fused op reads its own blocked layout; nothing keeps the plain copy
             isa = _FUSED.isa
             self.w13 = {layer: _fused_prepack(w, isa) for layer, w in self.w13.items()}
@@ -130,7 +175,11 @@ class ExpertWeights:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
+        stacks = (self.w13, self.w2, self.w13_bias, self.w2_bias)
+        return sum(t.numel() * t.element_size() for d in stacks for t in d.values())
+
+    def _biases(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.w13_bias.get(layer), self.w2_bias.get(layer)
 
     def forward(
         self,
@@ -165,16 +214,27 @@ class ExpertWeights:
         if token_index is not None:
             token_index = as_numpy(token_index)
         if self.kernel == "fused":
-            return _fused_forward(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer])
+            return _fused_forward(
+                hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act, *self._biases(layer)
+            )
         if token_index is None:
             T, N = hidden.shape[0], slot.shape[0]
             token_index = np.repeat(np.arange(T, dtype=np.int64), N // T if T else 0)  # [N] = n // K
         if self._accelerator is not None and hidden.device != self._accelerator:  # a host hidden: there and back
             out = moe_combine(
-                hidden.to(self._accelerator), token_index, slot, weight, self.w13[layer], self.w2[layer], self.act
+                hidden.to(self._accelerator),
+                token_index,
+                slot,
+                weight,
+                self.w13[layer],
+                self.w2[layer],
+                self.act,
+                *self._biases(layer),
             )
             return out.to(hidden.device)
-        return moe_combine(hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act)
+        return moe_combine(
+            hidden, token_index, slot, weight, self.w13[layer], self.w2[layer], self.act, *self._biases(layer)
+        )
 
     def forward_batch(self, batch: ForwardBatch) -> bytes:
         """The replica's path: a decoded request in, its output's wire bytes out.
@@ -195,7 +255,16 @@ class ExpertWeights:
         if self.kernel == "fused" and batch.whole_layer and N and batch.dtype == self.dtype and T <= _STAGING_MAX_ROWS:
             layer = batch.layer
             slot = batch.expert if layer in self._holds_all else self.slot[layer][batch.expert]  # [N]
-            return _fused_staged(batch.hidden_data, slot, batch.weight, N // T, self.w13[layer], self.w2[layer])
+            return _fused_staged(
+                batch.hidden_data,
+                slot,
+                batch.weight,
+                N // T,
+                self.w13[layer],
+                self.w2[layer],
+                self.act,
+                *self._biases(layer),
+            )
         token_index = None if batch.whole_layer else batch.token_index
         return raw_bytes(self.forward(batch.layer, batch.hidden, token_index, batch.expert, batch.weight))
 
@@ -247,7 +316,7 @@ _FUSED = _FusedOp()
 # compute threads) corrupt each other or crash. One at a time per process; it parallelises inside over torch's
 # intra-op threads anyway.
 _FUSED_LOCK = threading.Lock()
-_fused_ok: dict[torch.dtype, bool] = {}
+_fused_ok: dict[tuple[torch.dtype, str, bool], bool] = {}
 
 
 def _fused_prepack(w: torch.Tensor, isa: str) -> torch.Tensor:
@@ -263,6 +332,9 @@ def _fused_forward(
     weight: np.ndarray,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    act: GatedActivation,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Assignments -> the fused op's [T, K] (ids, weights) form; K = the most assignments any token has here.
     `slot` [N] int32, every entry a held row (the caller checked); token_index None = the whole-layer form.
@@ -297,7 +369,17 @@ def _fused_forward(
     out = torch.empty((T, H), dtype=x.dtype)  # [T, H]
     with _FUSED_LOCK:
         torch.ops._C.cpu_fused_moe(
-            out, x, w13, w2, None, None, torch.from_numpy(gates), torch.from_numpy(ids), False, "silu", _FUSED.isa
+            out,
+            x,
+            w13,
+            w2,
+            w13_bias,
+            w2_bias,
+            torch.from_numpy(gates),
+            torch.from_numpy(ids),
+            False,
+            act.fused_name,
+            _FUSED.isa,
         )
     return out if out.dtype == hidden.dtype else out.to(hidden.dtype)
 
@@ -343,7 +425,15 @@ _STAGING: dict[tuple[int, int, torch.dtype], _Staging] = {}
 
 
 def _fused_staged(
-    hidden_words: np.ndarray, slot: np.ndarray, weight: np.ndarray, K: int, w13: torch.Tensor, w2: torch.Tensor
+    hidden_words: np.ndarray,
+    slot: np.ndarray,
+    weight: np.ndarray,
+    K: int,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    act: GatedActivation,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> bytes:
     """hidden_words [T, H] (float32, or bf16 as int16 words), slot/weight [T*K] in token order (every entry a held
     row) -> the op's output [T, H] as bytes."""
@@ -356,27 +446,29 @@ def _fused_staged(
         x_words[...] = hidden_words  # [T, H]
         ids_flat[...] = slot  # [T*K] int32
         gates_flat[...] = weight  # [T*K] float32
-        torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, gates, ids, False, "silu", _FUSED.isa)
+        torch.ops._C.cpu_fused_moe(out, x, w13, w2, w13_bias, w2_bias, gates, ids, False, act.fused_name, _FUSED.isa)
         return out_words.tobytes()
 
 
 def choose_kernel(
     requested: str | None,
-    act: str,
+    act: GatedActivation,
     dtype: torch.dtype,
     hidden: int,
     intermediate: int | None,
     device: torch.device | None = None,
+    bias: bool = False,
 ) -> str:
     """Which implementation serves these weights.
 
     Parameters
     ----------
     requested: "auto", "fused", "torch", or None for $EXPERTMESH_EXPERT_KERNEL (default auto).
-    act: the activation name (`hidden_act`).
+    act: the experts' activation.
     dtype: the weight/compute dtype.
     hidden, intermediate: H and I (the fused op needs multiples of its alignment).
     device: where the weights live (None: the host); the fused op runs on the host only.
+    bias: whether the experts have biases (probed with them).
 
     Returns
     -------
@@ -392,7 +484,7 @@ def choose_kernel(
     if device is not None and device.type != "cpu":
         why = f"weights on {device} (the fused op is vLLM's CPU kernel)"
     else:
-        why = _fused_unusable(act, dtype, hidden, intermediate)
+        why = _fused_unusable(act, dtype, hidden, intermediate, bias)
     if why is None:
         return "fused"
     if requested == "fused":
@@ -401,22 +493,26 @@ def choose_kernel(
     return "torch"
 
 
-def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int | None) -> str | None:
+def _fused_unusable(
+    act: GatedActivation, dtype: torch.dtype, hidden: int, intermediate: int | None, bias: bool = False
+) -> str | None:
     """Why the fused op cannot serve these weights, or None if it can."""
-    if act not in ("silu", "swish"):
-        return f"activation {act} (the fused op does SiLU)"
+    if act.fused_name is None:
+        return f"activation {act.name} with alpha {act.alpha}, limit {act.limit} (the fused op's are fixed)"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {dtype}"
     if intermediate is None or hidden % _FUSED.alignment or intermediate % _FUSED.alignment:
         return f"hidden {hidden} / intermediate {intermediate} not multiples of {_FUSED.alignment}"
     if not _FUSED.available():
         return _FUSED.error
-    ok = _fused_ok.get(dtype)
-    if ok is None:  # probe once per dtype against the torch path: a library that loads but computes wrong is out
+    ok = _fused_ok.get((dtype, act.name, bias))
+    if ok is None:  # probe once per (dtype, activation, bias) against the torch path: computing wrong rules it out
         g = torch.Generator().manual_seed(0)
         E, I, T, K = 3, _FUSED.alignment, 5, 2
         w13 = (torch.randn(E, 2 * I, _FUSED.alignment, generator=g) * 0.1).to(dtype)
         w2 = (torch.randn(E, _FUSED.alignment, I, generator=g) * 0.1).to(dtype)
+        b13 = (torch.randn(E, 2 * I, generator=g) * 0.1).to(dtype) if bias else None
+        b2 = (torch.randn(E, _FUSED.alignment, generator=g) * 0.1).to(dtype) if bias else None
         x = torch.randn(T, _FUSED.alignment, generator=g).to(dtype)
         token_index = torch.arange(T).repeat_interleave(K)
         slot = torch.randint(E, (T * K,), generator=g)
@@ -429,15 +525,18 @@ def _fused_unusable(act: str, dtype: torch.dtype, hidden: int, intermediate: int
                 weight.numpy(),
                 _fused_prepack(w13, _FUSED.isa),
                 _fused_prepack(w2, _FUSED.isa),
+                act,
+                b13,
+                b2,
             )
-            want = moe_combine(x, token_index, slot, weight, w13, w2)
+            want = moe_combine(x, token_index, slot, weight, w13, w2, act, b13, b2)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             ok = bool(torch.allclose(got.float(), want.float(), atol=tol, rtol=tol))
         except RuntimeError:
             log.exception("probing the fused expert kernel")
             ok = False
-        _fused_ok[dtype] = ok
-    return None if ok else f"the fused op disagrees with the torch kernel for {dtype}"
+        _fused_ok[(dtype, act.name, bias)] = ok
+    return None if ok else f"the fused op disagrees with the torch kernel for {dtype}, {act.name}, bias={bias}"
 
 
 # ---- torch: grouped matmuls -----------------------------------------------------------------------------------
@@ -476,9 +575,11 @@ def moe_combine(
     weight: np.ndarray | torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    act=F.silu,
+    act: GatedActivation | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Grouped SwiGLU over assignments (the `torch` implementation, and the fused op's reference).
+    """Grouped gated-MLP experts over assignments (the `torch` implementation, and the fused op's reference).
 
     Parameters
     ----------
@@ -487,18 +588,22 @@ def moe_combine(
         numpy on the host; the [N] rows and gates it gives are copied to the weights' device when that is not the
         host).
     weight: [N] gate weights.
-    w13: [E, 2I, H] (gate rows first, then up); w2: [E, H, I]; on one device.
-    act: the activation applied to the gate half.
+    w13: [E, 2I, H] (rows as `act` reads them); w2: [E, H, I]; on one device.
+    act: the experts' activation (default SiLU over [gate; up]).
+    w13_bias: [E, 2I], w2_bias: [E, H], or None (no biases).
 
     Returns
     -------
-    [T, H] in hidden's dtype on w13's device (accumulated in fp32): sum_n weight[n] * w2[slot[n]] (act(g) * u).
+    [T, H] in hidden's dtype on w13's device (accumulated in fp32):
+    sum_n weight[n] * (w2[slot[n]] act(w13[slot[n]] x + b13) + b2).
     """
     with torch.inference_mode():
-        return _moe_combine(hidden, token_index, slot, weight, w13, w2, act)
+        return _moe_combine(
+            hidden, token_index, slot, weight, w13, w2, act or GatedActivation("silu"), w13_bias, w2_bias
+        )
 
 
-def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
+def _moe_combine(hidden, token_index, slot, weight, w13, w2, act, w13_bias, w2_bias):
     T, H = hidden.shape
     s, token_index, weight = as_numpy(slot), as_numpy(token_index), as_numpy(weight)  # [N] each
     N = s.shape[0]
@@ -524,7 +629,7 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     x = hidden.index_select(0, rows)  # [N, H]
     if x.dtype != w13.dtype:
         x = x.to(w13.dtype)
-    y = _grouped_ffn(x, torch.from_numpy(counts), w13, w2, act)  # [N, H]
+    y = _grouped_ffn(x, torch.from_numpy(counts), w13, w2, act, w13_bias, w2_bias)  # [N, H]
     if y.dtype != torch.float32:
         y = y.float()
     y.mul_(gate.unsqueeze(1))  # gate-weighted, in place
@@ -532,22 +637,40 @@ def _moe_combine(hidden, token_index, slot, weight, w13, w2, act):
     return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
 
 
-def _grouped_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act) -> torch.Tensor:
+def _grouped_ffn(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    act: GatedActivation,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [N, H] sorted by expert, counts [E] -> [N, H]: each expert's FFN over its own rows, exactly N rows."""
-    I = w2.shape[2]
     if _grouped_mm_works(w13.dtype, w13.device):
         assert _GROUPED_MM is not None  # _grouped_mm_works found it
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] group ends
         if not w13.is_cpu:
             offs = offs.to(w13.device)
         gu = _GROUPED_MM(x, w13.transpose(1, 2), offs=offs)  # [N, 2I]
-        return _GROUPED_MM(act(gu[:, :I]) * gu[:, I:], w2.transpose(1, 2), offs=offs)  # [N, H]
+        row_expert = None
+        if w13_bias is not None:
+            row_expert = torch.repeat_interleave(torch.arange(w13.shape[0], device=w13.device), counts.to(w13.device))
+            gu = gu + w13_bias.index_select(0, row_expert)  # [N, 2I]
+        y = _GROUPED_MM(act(gu), w2.transpose(1, 2), offs=offs)  # [N, H]
+        if w2_bias is not None:
+            assert row_expert is not None  # the checkpoint has both biases or neither (vLLM's has_bias)
+            y = y + w2_bias.index_select(0, row_expert)
+        return y
     y = torch.empty((x.shape[0], w2.shape[1]), dtype=w13.dtype, device=x.device)  # [N, H]
     start = 0
     for e, n in enumerate(counts.tolist()):  # counts on the host: no device sync per expert
         if n == 0:
             continue
         gu = x[start : start + n] @ w13[e].t()  # [n, 2I]
-        y[start : start + n] = (act(gu[:, :I]) * gu[:, I:]) @ w2[e].t()  # [n, H]
+        if w13_bias is not None:
+            gu = gu + w13_bias[e]
+        h = act(gu) @ w2[e].t()  # [n, H]
+        y[start : start + n] = h if w2_bias is None else h + w2_bias[e]
         start += n
     return y

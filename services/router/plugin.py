@@ -15,8 +15,9 @@ method turns (hidden, topk_weights, topk_ids) into the routed output. For unquan
 `UnquantizedFusedMoEMethod`, a `CustomOp` that vLLM lets a plugin replace out of tree (`op_registry_oot`). In
 remote mode we register `RemoteExpertsMethod` under its name, so for every family (Mixtral, Qwen2/3-MoE, OLMoE,
 DeepSeek-V2/V3):
-- `create_weights` registers zero-size w13/w2 parameters whose weight_loader discards: the router never allocates
-  routed-expert weights (the checkpoint tensors are read by the loader and dropped);
+- `create_weights` registers the routed-expert parameters on the meta device (full shapes, no memory) with a
+  weight_loader that discards, and they become empty tensors after loading: the router never allocates routed-expert
+  weights (the checkpoint tensors are read by the loader and dropped);
 - `apply` gets vLLM's topk_weights/topk_ids — gating untouched: softmax/sigmoid, grouped top-k, correction bias,
   renormalisation and `routed_scaling_factor` are applied by vLLM's router (or by the runner on the output when a
   model asks for `apply_routed_scale_to_output`) — and calls the `expertmesh::remote_experts` custom op
@@ -174,9 +175,18 @@ def remote_method_class():
         def create_weights(
             self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
         ):
-            names = ["w13_weight", "w2_weight"] + (["w13_bias", "w2_bias"] if self.moe.has_bias else [])
-            for name in names:
-                param = torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
+            # The routed-expert parameters at their full shapes on the meta device: no memory, yet every family's
+            # loader finds what it expects (GPT-OSS copies checkpoint tensors straight into `param.data`; on a
+            # zero-size CPU tensor that copy fails, on meta it is a no-op). Replaced by empty tensors on the
+            # model's device once loading is done (process_weights_after_loading).
+            I, H = intermediate_size_per_partition, hidden_size
+            up = 2 * I if self.moe.is_act_and_mul else I
+            shapes = {"w13_weight": (num_experts, up, H), "w2_weight": (num_experts, H, I)}
+            if self.moe.has_bias:
+                shapes |= {"w13_bias": (num_experts, up), "w2_bias": (num_experts, H)}
+            self.device = torch.empty(0).device  # the model's device (vLLM builds the model under it)
+            for name, shape in shapes.items():
+                param = torch.nn.Parameter(torch.empty(shape, dtype=params_dtype, device="meta"), requires_grad=False)
                 layer.register_parameter(name, param)
                 set_weight_attrs(param, {"weight_loader": _discard_weight})
                 param.weight_loader_numel = 0
@@ -188,7 +198,11 @@ def remote_method_class():
             dispatcher.set_checkpoint(vllm_config.model_config.model)  # for experts no replica holds
 
         def process_weights_after_loading(self, layer) -> None:
-            return None  # nothing loaded, nothing to pack
+            # Nothing was loaded; nothing on the meta device may reach the forward pass or torch.compile.
+            for name, param in list(layer.named_parameters(recurse=False)):
+                if param.device.type == "meta":
+                    empty = torch.empty(0, dtype=param.dtype, device=self.device)
+                    layer.register_parameter(name, torch.nn.Parameter(empty, requires_grad=False))
 
         def get_fused_moe_quant_config(self, layer):
             return FusedMoEQuantConfig.make()

@@ -1,0 +1,130 @@
+"""The expert manifest (core/manifest.py): vLLM's own load pass, recorded on the meta device, says where every routed
+expert's weights are; a checkpoint that cannot be served gets an error naming the tensor or the reason.
+
+Each case runs the real recording pass (vLLM builds the model on the meta device in a subprocess) on a tiny
+checkpoint edited the way a broken download or a wrong manifest would be.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from expertmesh.core import manifest as manifest_mod
+from expertmesh.core.checkpoint import CheckpointError, CheckpointReader, read_moe_info
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def private_cache(tmp_path, monkeypatch):
+    """A cache of its own, so each case records its checkpoint instead of reading another test's manifest."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    manifest_mod._memo.clear()
+    yield tmp_path / "cache"
+    manifest_mod._memo.clear()
+
+
+def _rewrite(src, dst, edit):
+    """Copy checkpoint `src` to `dst` with its tensors passed through `edit(dict) -> dict`."""
+    shutil.copytree(src, dst)
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    save_file(edit(tensors), dst / "model.safetensors")
+    return dst
+
+
+def test_the_manifest_is_recorded_once_and_cached(tiny_checkpoint, private_cache):
+    path = tiny_checkpoint("qwen3_moe")
+    manifest = manifest_mod.manifest_for(path)
+    cached = list((private_cache / "expertmesh" / "manifests").glob("*.json"))
+    assert [p.stem for p in cached] == [manifest.key]
+    assert manifest.architecture == "Qwen3MoeForCausalLM" and manifest.activation == "silu"
+    # every expert of every MoE layer is written from the checkpoint, gate and up rows and down
+    for layer in manifest.moe_layers:
+        for e in range(manifest.num_experts):
+            assert manifest.unwritten(layer, e, "w13_weight") == 0 and manifest.unwritten(layer, e, "w2_weight") == 0
+    manifest_mod._memo.clear()
+    assert manifest_mod.manifest_for(path).to_json() == manifest.to_json()  # read back, not recorded again
+
+
+def test_a_dense_model_is_refused(tiny_checkpoint, tmp_path, private_cache):
+    dense = tmp_path / "dense"
+    shutil.copytree(tiny_checkpoint("mixtral"), dense)
+    config = json.loads((dense / "config.json").read_text())
+    config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (dense / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="without any routed-expert"):
+        read_moe_info(dense)
+
+
+@pytest.mark.parametrize("model_type", ["ernie4_5_moe", "minimax_m2", "nemotron_h", "qwen3_next"])
+def test_families_vllm_cannot_run_right_on_cpu_are_refused_with_the_reason(tiny_checkpoint, tmp_path, model_type):
+    path = tmp_path / model_type
+    shutil.copytree(tiny_checkpoint("mixtral"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
+    with pytest.raises(CheckpointError, match=f"model_type '{model_type}' is not served here: .*vLLM"):
+        read_moe_info(path)
+
+
+def test_a_missing_expert_tensor_is_named(tiny_checkpoint, tmp_path, private_cache):
+    gone = "model.layers.1.mlp.experts.5.up_proj.weight"
+    path = _rewrite(
+        tiny_checkpoint("qwen3_moe"), tmp_path / "missing", lambda t: {k: v for k, v in t.items() if k != gone}
+    )
+    with pytest.raises(
+        CheckpointError,
+        match="layer 1 expert 5 w13_weight: 8192 of 16384 values never loaded by vLLM: a tensor for it is missing",
+    ):
+        read_moe_info(path)
+
+
+def test_a_misshaped_expert_tensor_is_named(tiny_checkpoint, tmp_path, private_cache):
+    bad = "model.layers.0.mlp.experts.2.down_proj.weight"
+
+    def shrink(tensors):
+        tensors[bad] = tensors[bad][:, :40].contiguous()
+        return tensors
+
+    path = _rewrite(tiny_checkpoint("qwen3_moe"), tmp_path / "misshaped", shrink)
+    with pytest.raises(
+        CheckpointError, match=f"layer 0 expert 2 w2_weight: .* too small \\(loaded from: {bad} \\[128, 40\\]\\)"
+    ):
+        read_moe_info(path)
+
+
+def test_a_manifest_that_disagrees_with_the_checkpoint_is_refused(tiny_checkpoint, tmp_path, private_cache):
+    src = tiny_checkpoint("qwen3_moe")
+    shipped = tmp_path / "shipped"
+    shutil.copytree(src, shipped)
+    good = manifest_mod.manifest_for(src)
+    (shipped / manifest_mod.SHIPPED_NAME).write_text(good.to_json())
+    reader = CheckpointReader(shipped)  # a shipped manifest that matches: used as is
+    assert torch.equal(reader.load_expert(1, 3).w13, CheckpointReader(src).load_expert(1, 3).w13)
+
+    name = "model.layers.0.mlp.experts.7.gate_proj.weight"
+    wrong = json.loads(good.to_json())
+    wrong["tensors"][name][1] = [64, 64]
+    (shipped / manifest_mod.SHIPPED_NAME).write_text(json.dumps(wrong))
+    with pytest.raises(CheckpointError, match=f"tensor {name} is float32 \\[64, 128\\] in the checkpoint"):
+        CheckpointReader(shipped)
+
+    wrong["tensors"]["model.layers.0.mlp.experts.99.gate_proj.weight"] = ["float32", [64, 128]]
+    del wrong["tensors"][name]
+    (shipped / manifest_mod.SHIPPED_NAME).write_text(json.dumps(wrong))
+    with pytest.raises(CheckpointError, match="experts.99.gate_proj.weight, which the checkpoint does not have"):
+        CheckpointReader(shipped)
+
+
+def test_pickled_weights_are_refused(tiny_checkpoint, tmp_path, private_cache):
+    path = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint("mixtral"), path)
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        read_moe_info(path)
