@@ -43,7 +43,7 @@ def test_the_manifest_is_recorded_once_and_cached(tiny_checkpoint, private_cache
     path = tiny_checkpoint("qwen3_moe")
     manifest = manifest_mod.manifest_for(path)
     cached = list((private_cache / "expertmesh" / "manifests").glob("*.json"))
-    assert [p.stem for p in cached] == [manifest.key]
+    assert [p.stem for p in cached] == [manifest_mod.cache_key(manifest.key, manifest_mod._vllm_version())]
     assert manifest.architecture == "Qwen3MoeForCausalLM" and manifest.activation == "silu"
     # every expert of every MoE layer is written from the checkpoint, gate and up rows and down
     for layer in manifest.moe_layers:

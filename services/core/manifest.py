@@ -18,11 +18,11 @@ MoE layers, E, H, I, top-k, the experts' activation (vLLM's `MoEActivation` valu
 [gate; up], "swigluoai" as interleaved gate/up rows), the SwiGLU clamp and alpha, and whether there are biases.
 `ManifestReader` (checkpoint.py) replays it for one (layer, expert) and reads only the bytes that expert needs.
 
-Where it comes from (`manifest_for`): an `expert-manifest.json` shipped in the checkpoint directory, else the cache
-($XDG_CACHE_HOME/expertmesh/manifests/<key>.json), else a `record` run in a subprocess (vLLM's global state stays
-out of the caller), whose result is cached. The key hashes config.json, every tensor's name, dtype and shape, and
-the vLLM version, so a changed checkpoint or vLLM gets a new manifest. A shipped or cached manifest whose tensors
-disagree with the checkpoint is refused, naming the tensor.
+Where it comes from (`manifest_for`): an `expert-manifest.json` shipped in the checkpoint directory (used when it
+was recorded from this very checkpoint: its `key` is the digest of config.json and every tensor's name, dtype and
+shape), else the cache ($XDG_CACHE_HOME/expertmesh/manifests/<digest + vLLM version>.json), else a `record` run in
+a subprocess (vLLM's global state stays out of the caller), whose result is cached. A changed checkpoint or vLLM
+thus gets a new manifest. A manifest whose tensors disagree with the checkpoint is refused, naming the tensor.
 
     python -m expertmesh.core.manifest record MODEL_DIR [--out FILE]   # run vLLM's load pass, print/write JSON
 """
@@ -34,11 +34,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 SHIPPED_NAME = "expert-manifest.json"  # a manifest shipped beside the checkpoint's config.json
@@ -113,7 +116,7 @@ class ExpertManifest:
     # layer -> the writes into that layer's routed-expert parameters, in the order vLLM made them
     writes: dict[int, list[Write]] = field(default_factory=dict)
     tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape) read
-    key: str = ""
+    key: str = ""  # checkpoint_digest of the checkpoint it was recorded from
     format: int = FORMAT
 
     @property
@@ -278,14 +281,20 @@ def tensor_headers(model_dir: Path, weight_map: dict[str, str]) -> dict[str, tup
     return out
 
 
-def checkpoint_key(model_dir: Path, headers: dict[str, tuple[str, tuple[int, ...]]], vllm_version: str) -> str:
+def checkpoint_digest(model_dir: Path, headers: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """What a manifest describes: config.json and every tensor's name, dtype and shape."""
     h = hashlib.sha256()
-    h.update(f"expertmesh-manifest {FORMAT} vllm {vllm_version}\n".encode())
+    h.update(f"expertmesh-manifest {FORMAT}\n".encode())
     h.update((model_dir / "config.json").read_bytes())
     for name in sorted(headers):
         dt, shape = headers[name]
         h.update(f"{name} {dt} {list(shape)}\n".encode())
     return h.hexdigest()[:32]
+
+
+def cache_key(digest: str, vllm_version: str) -> str:
+    """The cache's name for a checkpoint's manifest: another vLLM may load it differently, so it records anew."""
+    return hashlib.sha256(f"{digest} vllm {vllm_version}".encode()).hexdigest()[:32]
 
 
 # ---- recording vLLM's load pass --------------------------------------------------------------------------------
@@ -326,12 +335,20 @@ class _Lineage:
         self.why[self.key(t)] = why
 
 
+def _first_words(exc: Exception) -> str:
+    """An exception's message without pydantic's wrapping (vLLM's config errors arrive as ValidationErrors)."""
+    text = str(exc)
+    for line in text.splitlines():
+        if line.strip().startswith("Value error, "):
+            return line.strip().removeprefix("Value error, ")
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _record_pass(model_dir: Path) -> ExpertManifest:
     """Run vLLM's model construction and `load_weights` on the meta device; see the module docstring."""
     os.environ["EXPERTMESH_EXPERT_MODE"] = "local"  # vLLM's own layers, not the remote method
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
-    import vllm
     from torch.utils._python_dispatch import TorchDispatchMode
     from vllm.config import set_current_vllm_config
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
@@ -355,7 +372,8 @@ def _record_pass(model_dir: Path) -> ExpertManifest:
     try:
         vllm_config = engine_args.create_engine_config()
     except Exception as exc:  # vLLM's own words: unknown architecture, remote code refused, ...
-        raise CheckpointError(f"{model_dir}: vLLM cannot run this checkpoint: {exc}") from exc
+        what = f"model_type {config.get('model_type')!r}, architectures {config.get('architectures')}"
+        raise CheckpointError(f"{model_dir} ({what}): vLLM cannot run this checkpoint: {_first_words(exc)}") from exc
     dtype_of = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     lineage = _Lineage()
     aten = torch.ops.aten
@@ -465,7 +483,7 @@ def _record_pass(model_dir: Path) -> ExpertManifest:
         apply_router_weight_on_input=bool(first.apply_router_weight_on_input),
         writes=writes,
         tensors={n: headers[n] for n in sorted(used)},
-        key=checkpoint_key(model_dir, headers, vllm.__version__),
+        key=checkpoint_digest(model_dir, headers),
     )
     if headers:
         for layer in manifest.moe_layers:
@@ -528,18 +546,22 @@ def manifest_for(model_dir: str | Path) -> ExpertManifest:
     weight_map = weight_files(model_dir)
     headers = tensor_headers(model_dir, weight_map)
     shipped = model_dir / SHIPPED_NAME
+    digest = checkpoint_digest(model_dir, headers)
     if shipped.is_file():
         manifest = ExpertManifest.from_json(shipped.read_text())
-        check_against(manifest, headers, str(shipped))
-        return manifest
+        if manifest.key == digest:
+            check_against(manifest, headers, str(shipped))
+            return manifest
+        # config.json or the tensors changed since it was recorded (an edited config, a copied directory)
+        log.warning("%s was recorded from another version of this checkpoint: ignored, recording anew", shipped)
     version = _vllm_version()
     if not version:
         raise CheckpointError(
-            f"{model_dir}: no {SHIPPED_NAME} beside the checkpoint, and vLLM (which derives it) is not installed "
+            f"{model_dir}: no (current) {SHIPPED_NAME} beside the checkpoint, and vLLM (which derives it) is not installed "
             f"here: run `python -m expertmesh.core.manifest record {model_dir} --out {model_dir / SHIPPED_NAME}` "
             "where vLLM is, and ship the file with the checkpoint"
         )
-    key = checkpoint_key(model_dir, headers, version)
+    key = cache_key(digest, version)
     memo = _memo.get((str(model_dir), key))
     if memo is not None:
         return memo
