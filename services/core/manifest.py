@@ -557,8 +557,8 @@ def manifest_for(model_dir: str | Path) -> ExpertManifest:
     version = _vllm_version()
     if not version:
         raise CheckpointError(
-            f"{model_dir}: no (current) {SHIPPED_NAME} beside the checkpoint, and vLLM (which derives it) is not installed "
-            f"here: run `python -m expertmesh.core.manifest record {model_dir} --out {model_dir / SHIPPED_NAME}` "
+            f"{model_dir}: no (current) {SHIPPED_NAME} beside the checkpoint, and vLLM (which derives it) is not "
+            f"installed here: run `python -m expertmesh.core.manifest record {model_dir} --out {model_dir / SHIPPED_NAME}` "
             "where vLLM is, and ship the file with the checkpoint"
         )
     key = cache_key(digest, version)
