@@ -558,8 +558,8 @@ def manifest_for(model_dir: str | Path) -> ExpertManifest:
     if not version:
         raise CheckpointError(
             f"{model_dir}: no (current) {SHIPPED_NAME} beside the checkpoint, and vLLM (which derives it) is not "
-            f"installed here: run `python -m expertmesh.core.manifest record {model_dir} --out {model_dir / SHIPPED_NAME}` "
-            "where vLLM is, and ship the file with the checkpoint"
+            f"installed here: run `python -m expertmesh.core.manifest record {model_dir} --out "
+            f"{model_dir / SHIPPED_NAME}` where vLLM is, and ship the file with the checkpoint"
         )
     key = cache_key(digest, version)
     memo = _memo.get((str(model_dir), key))
