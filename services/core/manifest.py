@@ -362,12 +362,14 @@ def _record_pass(model_dir: Path) -> ExpertManifest:
     refuse_known_wrong(config, model_dir)
     weight_map = weight_files(model_dir)
     headers = tensor_headers(model_dir, weight_map)
+    from expertmesh.router.vllm_args import engine_kwargs
+
     engine_args = EngineArgs(
         model=str(model_dir),
         enforce_eager=True,
         max_model_len=min(int(config.get("max_position_embeddings") or 2048), 2048),
         trust_remote_code=False,  # families vLLM itself registers; a checkpoint's own code never runs here
-        hf_overrides=architecture_overrides(config),
+        **engine_kwargs(model_dir, cpu=True),  # the router's dtype and architecture name
     )
     try:
         vllm_config = engine_args.create_engine_config()

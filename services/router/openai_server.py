@@ -83,11 +83,13 @@ def prepare(args: argparse.Namespace) -> argparse.Namespace:
 
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
+    kwargs = vllm_args.engine_kwargs(args.model)
     if args.dtype == "auto":
-        kwargs = vllm_args.engine_kwargs(args.model)
         args.dtype = kwargs["dtype"]
         if "attention_config" in kwargs and args.attention_backend is None:
             args.attention_backend = kwargs["attention_config"]["backend"]
+    if "hf_overrides" in kwargs and not args.hf_overrides:
+        args.hf_overrides = kwargs["hf_overrides"]
     if args.router_metrics_port is not None:
         settings.export("EXPERTMESH_ROUTER_METRICS_PORT", args.router_metrics_port)
     mode = args.expert_mode or (settings.expert_mode() if settings.is_set("EXPERTMESH_EXPERT_MODE") else "remote")

@@ -5,6 +5,8 @@ and attention backend from `engine_kwargs`, so both sides of a comparison run th
 
 - dtype: the checkpoint's own (vLLM's "auto" picks bf16 on CPU even for an fp32 checkpoint, and exactness
   tests need fp32);
+- hf_overrides: the architecture name vLLM registers, where transformers 5 renamed it (core/manifest.py's
+  ARCHITECTURE_ALIASES, e.g. PhiMoE);
 - attention backend: for an MLA model (DeepSeek-V2/V3 style: `kv_lora_rank` in its config) in fp32 on a CPU
   platform, `CPU_MLA`. vLLM's CPU platform (`vllm/platforms/cpu.py`, `CpuPlatform.get_attn_backend_cls`) picks
   `AMX_MLA` for every MLA model on an x86 CPU with AMX tiles unless `CPU_MLA` was asked for, and AMX_MLA's
@@ -63,8 +65,13 @@ def engine_kwargs(model_dir: str | Path, dtype: str | None = None, cpu: bool | N
 
     `dtype` overrides the checkpoint's own; `cpu` overrides the platform check (None: ask vLLM's platform).
     """
+    from expertmesh.core.manifest import architecture_overrides
+
     dtype = dtype or checkpoint_dtype(model_dir)
     kwargs: dict = {"dtype": dtype}
+    overrides = architecture_overrides(json.loads((Path(model_dir) / "config.json").read_text()))
+    if overrides:  # an architecture name transformers 5 renamed and vLLM registers under its older name
+        kwargs["hf_overrides"] = overrides
     if is_mla(checkpoint_config(model_dir)) and dtype in _FP32 and (_on_cpu() if cpu is None else cpu):
         kwargs["attention_config"] = {"backend": CPU_MLA_BACKEND}
         log.info("attention backend CPU_MLA: fp32 MLA model; AMX_MLA takes only bf16/fp16/int8")
