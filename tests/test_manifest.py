@@ -73,6 +73,16 @@ def test_families_vllm_cannot_run_right_on_cpu_are_refused_with_the_reason(tiny_
         read_moe_info(path)
 
 
+def test_phimoe_without_attention_biases_is_refused(tiny_checkpoint, tmp_path):
+    """vLLM's PhiMoE leaves attention biases uninitialised when a checkpoint has none: refused, saying why."""
+    path = tmp_path / "phimoe"
+    shutil.copytree(tiny_checkpoint("phimoe"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"attention_bias": False}))
+    with pytest.raises(CheckpointError, match="model_type 'phimoe' is not served here: .*uninitialised"):
+        read_moe_info(path)
+
+
 def test_a_missing_expert_tensor_is_named(tiny_checkpoint, tmp_path, private_cache):
     gone = "model.layers.1.mlp.experts.5.up_proj.weight"
     path = _rewrite(

@@ -125,6 +125,230 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+# Further MoE families (issue 20) that vLLM 0.32 runs on this CPU in fp32 (tests/test_more_families.py): greedy
+# output identical to transformers, except kimi_k2, which vLLM runs exactly as deepseek_v3 (its MLA attention
+# differs from transformers' as for DeepSeek-V3). CONFIGS also has "llama4" (the multimodal wrapper), which vLLM
+# cannot load here: its Llama 4 module imports transformers' Llama 4 image processor, which needs torchvision.
+MORE_FAMILIES = (
+    "glm4_moe",
+    "kimi_k2",
+    "llama4_text",
+    "gpt_oss",
+    "granitemoe",
+    "granitemoeshared",
+    "hunyuan_v1_moe",
+    "dots1",
+    "phimoe",
+    "granitemoehybrid",
+)
+
+CONFIGS.update(
+    {
+        "glm4_moe": (
+            "Glm4MoeConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=3,
+                intermediate_size=128,
+                head_dim=32,
+                moe_intermediate_size=64,
+                n_routed_experts=16,
+                n_shared_experts=1,
+                num_experts_per_tok=4,
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,  # layer 0 dense
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                use_qk_norm=True,
+                num_nextn_predict_layers=0,  # no MTP layer in the tiny checkpoint
+            ),
+        ),
+        # Kimi K2 is a DeepSeek-V3 checkpoint whose config.json says model_type "kimi_k2" (CONFIG_EDITS); vLLM maps
+        # that type to DeepseekV3Config and keeps architectures ["DeepseekV3ForCausalLM"]. As released: one group.
+        "kimi_k2": (
+            "DeepseekV3Config",
+            dict(
+                _COMMON,
+                num_hidden_layers=3,
+                intermediate_size=128,
+                moe_intermediate_size=64,
+                n_routed_experts=16,
+                n_shared_experts=1,
+                num_experts_per_tok=4,
+                n_group=1,
+                topk_group=1,
+                topk_method="noaux_tc",
+                scoring_func="sigmoid",
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.827,
+                kv_lora_rank=512,
+                q_lora_rank=None,
+                qk_rope_head_dim=64,
+                qk_nope_head_dim=32,
+                v_head_dim=32,
+                num_key_value_heads=4,
+                head_dim=64,
+                norm_topk_prob=True,
+            ),
+        ),
+        "llama4_text": (
+            "Llama4TextConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=4,  # MoE in layers 1 and 3 (interleave step 2), dense MLP in 0 and 2
+                head_dim=32,
+                intermediate_size=64,  # routed and shared expert width
+                intermediate_size_mlp=128,  # dense layers
+                num_local_experts=8,
+                num_experts_per_tok=1,
+                interleave_moe_layer_step=2,
+                use_qk_norm=True,
+                attention_chunk_size=8192,  # longer than any test sequence
+            ),
+        ),
+        "gpt_oss": (
+            "GptOssConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=2,  # layer 0 sliding window, layer 1 full attention
+                head_dim=32,
+                intermediate_size=64,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                sliding_window=8,  # shorter than the test sequences, so the window matters
+            ),
+        ),
+        "granitemoe": (
+            "GraniteMoeConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=2,
+                intermediate_size=64,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                embedding_multiplier=2.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.125,
+                logits_scaling=2.0,
+            ),
+        ),
+        "granitemoeshared": (
+            "GraniteMoeSharedConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=2,
+                intermediate_size=64,
+                shared_intermediate_size=96,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                embedding_multiplier=2.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.125,
+                logits_scaling=2.0,
+            ),
+        ),
+        "hunyuan_v1_moe": (
+            "HunYuanMoEV1Config",
+            dict(
+                _COMMON,
+                num_hidden_layers=2,
+                head_dim=32,
+                intermediate_size=64,
+                num_experts=8,
+                moe_topk=2,
+            ),
+        ),
+        "dots1": (
+            "Dots1Config",
+            dict(
+                _COMMON,
+                num_hidden_layers=3,
+                intermediate_size=128,
+                moe_intermediate_size=64,
+                n_routed_experts=16,
+                n_shared_experts=1,
+                num_experts_per_tok=4,
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+            ),
+        ),
+        "phimoe": (
+            "PhimoeConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=2,
+                intermediate_size=64,
+                num_local_experts=8,
+                num_experts_per_tok=2,  # sparsemixer routing is top-2 only
+                # As released (Phi-3.5-MoE): vLLM's PhiMoE always builds q/k/v/o biases, and without them in the
+                # checkpoint leaves them uninitialised (NaN logits). It also builds an lm_head bias but never adds
+                # it to the logits, so none here.
+                attention_bias=True,
+                lm_head_bias=False,
+            ),
+        ),
+        "granitemoehybrid": (
+            "GraniteMoeHybridConfig",
+            dict(
+                _COMMON,
+                num_hidden_layers=3,
+                layer_types=["linear_attention", "full_attention", "linear_attention"],  # Mamba2, attention, Mamba2
+                intermediate_size=64,
+                shared_intermediate_size=96,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                embedding_multiplier=2.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.125,
+                logits_scaling=2.0,
+                mamba_n_heads=8,
+                mamba_d_head=32,  # n_heads * d_head = mamba_expand * hidden_size
+                mamba_d_state=16,
+                mamba_n_groups=1,
+                mamba_expand=2,
+            ),
+        ),
+    }
+)
+
+# Llama 4 as released: the multimodal wrapper (config.json with text_config + vision_config, weights under
+# `language_model.` and `vision_model.`), here with a one-layer vision tower.
+CONFIGS["llama4"] = (
+    "Llama4Config",
+    dict(
+        text_config={k: v for k, v in CONFIGS["llama4_text"][1].items() if k != "torch_dtype"},
+        vision_config=dict(
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vision_output_dim=128,
+            image_size=56,
+            patch_size=14,
+            pixel_shuffle_ratio=0.5,
+            projector_input_dim=128,
+            projector_output_dim=128,
+        ),
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    ),
+)
+
+# The class to build where AutoModelForCausalLM would build something else (for Llama4Config: the text model only).
+MODEL_CLASSES: dict[str, str] = {"llama4": "Llama4ForConditionalGeneration"}
+
+# Post-save edits of config.json: keys merged over what save_pretrained wrote, for released checkpoints whose
+# config.json says something transformers' config class does not write.
+CONFIG_EDITS: dict[str, dict] = {"kimi_k2": {"model_type": "kimi_k2"}}
+
+# Families whose 1-D parameters other than norms (biases, DeepSeek-style e_score_correction_bias, attention sinks)
+# get random values too: left at their zero init they would not show whether vLLM applies them.
+RANDOM_1D = frozenset(MORE_FAMILIES) | {"llama4"}
+
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A mixture of experts routes every token to a few experts. "
     "Each expert is a small feed-forward network; the gate picks the best ones and weighs their outputs. "
@@ -162,31 +386,39 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
-    """Write a tiny random fp32 checkpoint of `family` (see FAMILIES) to out_dir and return the path."""
+    """Write a tiny random fp32 checkpoint of `family` (see FAMILIES, MORE_FAMILIES) to out_dir and return the path."""
     import transformers
 
     if family not in CONFIGS:
-        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + MORE_FAMILIES}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
     config_cls, kwargs = CONFIGS[family]
-    kwargs = dict(
-        kwargs,
+    tokens = dict(
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+    if "text_config" in kwargs:  # multimodal wrapper: the vocabulary belongs to the language model
+        kwargs = dict(kwargs, text_config=dict(kwargs["text_config"], **tokens), **tokens)
+    else:
+        kwargs = dict(kwargs, **tokens)
     kwargs.update(overrides or {})
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family in MODEL_CLASSES:
+        model = getattr(transformers, MODEL_CLASSES[family])._from_config(config, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init at std 0.02 gives near-flat logits; a larger spread makes greedy choices and routing decisive,
     # so exactness tests compare real decisions rather than ties.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "norm" not in name:
+                p.normal_(0.0, 0.08)
+            elif family in RANDOM_1D and p.dim() == 1 and "norm" not in name:
                 p.normal_(0.0, 0.08)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -195,4 +427,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, overr
         data = json.loads(gen.read_text())
         data.pop("bos_token_id", None)
         gen.write_text(json.dumps(data, indent=2))
+    if family in CONFIG_EDITS:
+        config_path = out_dir / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **CONFIG_EDITS[family]}, indent=2))
     return out_dir

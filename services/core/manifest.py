@@ -38,6 +38,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,21 +219,41 @@ def read_config(model_dir: Path) -> dict:
 
 # Families vLLM 0.32 registers but cannot run on CPU, or runs wrongly there: refused before anything starts, with
 # the reason and what would serve them (measured with tiny fp32 checkpoints against transformers; issue 20).
-REFUSED = {
-    "nemotron_h": "its experts are non-gated relu^2 MLPs, which vLLM's CPU MoE kernel does not run (a GPU build of "
-    "vLLM serves it)",
-    "qwen3_next": "vLLM runs its gated-delta-net layers on CPU in bfloat16 only; serve it on a GPU build of vLLM",
-    "ernie4_5_moe": "vLLM's CPU router ignores its e_score_correction_bias, so routing differs from the model's "
-    "(a GPU build of vLLM routes it correctly)",
-    "minimax_m2": "vLLM's CPU router asserts on sigmoid scoring without grouped top-k, which this model uses "
-    "(a GPU build of vLLM serves it)",
+# model_type -> (applies to this config?, reason)
+REFUSED: dict[str, tuple[Callable[[dict], bool], str]] = {
+    "nemotron_h": (
+        lambda cfg: True,
+        "its experts are non-gated relu^2 MLPs, which vLLM's CPU MoE kernel does not run (a GPU build of vLLM "
+        "serves it)",
+    ),
+    "qwen3_next": (
+        lambda cfg: True,
+        "vLLM runs its gated-delta-net layers on CPU in bfloat16 only; serve it on a GPU build of vLLM",
+    ),
+    "ernie4_5_moe": (
+        lambda cfg: True,
+        "vLLM's CPU router ignores its e_score_correction_bias, so routing differs from the model's (a GPU build "
+        "of vLLM routes it correctly)",
+    ),
+    "minimax_m2": (
+        lambda cfg: True,
+        "vLLM's CPU router asserts on sigmoid scoring without grouped top-k, which this model uses (a GPU build of "
+        "vLLM serves it)",
+    ),
+    "phimoe": (
+        lambda cfg: not cfg.get("attention_bias", False),
+        "vLLM's PhiMoE always builds attention biases and leaves them uninitialised when the checkpoint has none "
+        "(attention_bias false): its output would be NaN (released PhiMoE checkpoints have them)",
+    ),
 }
 
 
 def refuse_known_wrong(config: dict, model_dir: Path) -> None:
-    model_type = (config.get("text_config") or {}).get("model_type") or config.get("model_type", "")
-    if model_type in REFUSED:
-        raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not served here: {REFUSED[model_type]}")
+    text = config.get("text_config") or {}
+    model_type = text.get("model_type") or config.get("model_type", "")
+    applies, reason = REFUSED.get(model_type, (lambda cfg: False, ""))
+    if applies({**config, **text}):
+        raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not served here: {reason}")
 
 
 # ---- the checkpoint's tensors, from the safetensors headers ----------------------------------------------------
@@ -410,6 +431,15 @@ def _record_pass(model_dir: Path) -> ExpertManifest:
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
+                if (
+                    func is torch.ops.aten.copy_.default
+                    and args[1].device.type == "meta"
+                    and args[0].device.type != "meta"
+                    and _Lineage.key(args[0]) not in targets
+                ):
+                    # A weight the model allocated for real (vLLM's Transformers backend does, for Hunyuan, dots1):
+                    # its values do not matter here, and a meta tensor has none to copy.
+                    return args[0]
                 out = func(*args, **kwargs)
                 inputs = [a for a in args if isinstance(a, torch.Tensor)]
                 if func in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default) and len(inputs) >= 2:
