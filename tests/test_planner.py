@@ -437,3 +437,19 @@ def test_plan_cli_shows_the_redundancy(tmp_path, capsys):
     assert "--replicas 12 < 2 x 8 experts" in err
     rc, _, err = run_cli("--model", str(ckpt), "--max-total-replicas", "0", capsys=capsys)
     assert rc == 2 and "--max-total-replicas must be >= 1" in err
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "granitemoehybrid"])
+def test_plan_cli_plans_further_families(family, tiny_checkpoint, tmp_path, capsys):
+    """`expertmesh plan` on families named nowhere in expertmesh: the structure comes from the expert manifest
+    (Llama 4: MoE every other layer; Granite 4.0-H: Mamba2 layers without experts)."""
+    ckpt = tiny_checkpoint(family)
+    info = read_moe_info(ckpt)
+    out = tmp_path / "plan.yaml"
+    rc, _, err = run_cli("--model", str(ckpt), "--out", str(out), capsys=capsys)
+    assert rc == 0, err
+    plan = load_plan(out)
+    plan.check_covers(info)
+    assert {layer for layer, _ in plan.holders()} == set(info.moe_layers)
+    if family == "llama4_text":
+        assert info.moe_layers == [1, 3]
