@@ -367,8 +367,10 @@ def _first_words(exc: Exception) -> str:
 
 def _record_pass(model_dir: Path) -> ExpertManifest:
     """Run vLLM's model construction and `load_weights` on the meta device; see the module docstring."""
-    os.environ["EXPERTMESH_EXPERT_MODE"] = "local"  # vLLM's own layers, not the remote method
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from expertmesh.core import settings
+
+    settings.export("EXPERTMESH_EXPERT_MODE", "local")  # vLLM's own layers, not the remote method
+    settings.apply_process_defaults(in_process_engine=True)
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from vllm.config import set_current_vllm_config
@@ -611,7 +613,9 @@ def manifest_for(model_dir: str | Path) -> ExpertManifest:
 
 def _record_in_subprocess(model_dir: Path, path: Path) -> None:
     """Record into `path` (written whole, then renamed: nobody reads half a file), in a fresh interpreter."""
-    env = dict(os.environ, EXPERTMESH_EXPERT_MODE="local", VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
+    from expertmesh.core import settings
+
+    env = settings.child_env({"EXPERTMESH_EXPERT_MODE": "local"})
     partial = path.with_suffix(f".{os.getpid()}.partial")
     proc = subprocess.run(
         [sys.executable, "-m", "expertmesh.core.manifest", "record", str(model_dir), "--out", str(partial)],
