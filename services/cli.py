@@ -14,7 +14,10 @@ from expertmesh.core import settings
 
 COMMANDS = {
     "serve": ("expertmesh.stack", "start the whole local stack (expert pool, router, gateway) and serve HTTP"),
-    "experts": ("expertmesh.experts.pool", "start (up) or stop (down) the expert pool on a local Ray cluster"),
+    "experts": (
+        "expertmesh.experts.pool",
+        "start (up) or stop (down) the expert pool on a local Ray cluster, or on a running one (--ray-address)",
+    ),
     "plan": ("expertmesh.control.plan_cli", "print a placement plan for a checkpoint, optionally from load stats"),
     "bench": ("expertmesh.loadgen", "load-test an OpenAI-compatible server (TTFT, TPOT, throughput, goodput)"),
 }

@@ -151,13 +151,15 @@ class Stack:
         controller_settings: dict | str | None = None,
         vllm_args: list[str] | None = None,
         cpus: dict[str, set[int]] | None = None,
+        ray_address: str | None = None,
     ):
         """extra_env: registered variables (core/settings.py) for every process the stack starts, the Ray head
         included; replica: the expert replicas' tunables; controller_settings: ControllerSettings fields
         (default: $EXPERTMESH_CONTROLLER_SETTINGS); vllm_args: more `vllm serve` options for the router;
         routers: how many routers (each its own vLLM engine, on router_port, router_port + 1, ...) the gateway spreads
         requests over; cpus: {role: cores} for "router" (every router), "gateway" and "pool" (Ray and every replica),
-        e.g. attention on one core and experts on another, as on separate machines (a role not named runs anywhere)."""
+        e.g. attention on one core and experts on another, as on separate machines (a role not named runs anywhere);
+        ray_address: a running Ray cluster for the expert pool instead of the stack's own (experts/pool.py)."""
         if routers < 1:
             raise ValueError(f"routers must be >= 1, got {routers}")
         self.vllm_args = list(vllm_args or [])
@@ -169,6 +171,7 @@ class Stack:
         self.host, self.port, self.router_port = host, port, router_port
         self.local_experts, self.plan, self.enforce_eager = local_experts, plan, enforce_eager
         self.ray_port, self.directory_port, self.metrics_port = ray_port, directory_port, metrics_port
+        self.ray_address = ray_address or None
         self.log_dir = Path(log_dir or settings.cache_dir() / "logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = {k: str(v) for k, v in (extra_env or {}).items()}
@@ -201,7 +204,9 @@ class Stack:
             if self.extra_env.get(name) and not settings.is_set(name):
                 settings.export(name, self.extra_env[name])
                 self._exported.append(name)
-        if not auth.configured():
+        if not auth.configured() and self.ray_address:  # a cluster's nodes have their own token (or none)
+            _say("      no cluster token (EXPERTMESH_CLUSTER_TOKEN / _FILE): the Ray cluster's nodes must have none")
+        elif not auth.configured():
             settings.export("EXPERTMESH_CLUSTER_TOKEN", secrets.token_urlsafe(32))
             self._exported.append("EXPERTMESH_CLUSTER_TOKEN")
 
@@ -242,7 +247,10 @@ class Stack:
         if not self.local_experts:
             from expertmesh.experts.pool import LocalPool
 
-            _say(f"[{step}/{steps}] starting Ray on loopback and the expert pool for {self.model.name} ...")
+            if self.ray_address:
+                _say(f"[{step}/{steps}] starting the expert pool on the Ray cluster at {self.ray_address} ...")
+            else:
+                _say(f"[{step}/{steps}] starting Ray on loopback and the expert pool for {self.model.name} ...")
             t0 = time.monotonic()
             kwargs: dict[str, Any] = {}  # LocalPool's keyword arguments
             if self.ray_port:
@@ -256,7 +264,13 @@ class Stack:
                 kwargs["directory_port"] = self.directory_port
             plan = load_plan(self.plan) if self.plan else self._default_plan()
             self.pool = LocalPool(
-                self.model, plan=plan, replica=self.replica, env=self.extra_env, cpus=self.cpus.get("pool"), **kwargs
+                self.model,
+                plan=plan,
+                replica=self.replica,
+                env=self.extra_env,
+                cpus=self.cpus.get("pool"),
+                ray_address=self.ray_address,
+                **kwargs,
             ).start()
             directory = self.pool.directory_address
             _say(f"      expert pool ready in {time.monotonic() - t0:.0f} s: directory {directory}")
@@ -458,6 +472,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"GCS port of the stack's own Ray cluster (default {settings.RAY_GCS_PORT})",
     )
     parser.add_argument(
+        "--ray-address",
+        default=settings.ray_address(),
+        metavar="ADDR",
+        help="run the expert pool on this running Ray cluster (GCS host:port or dashboard http://host:8265) instead of "
+        "starting one; at exit only the pool's Serve applications are removed (default $EXPERTMESH_RAY_ADDRESS)",
+    )
+    parser.add_argument(
         "--directory-port", type=int, default=None, help=f"expert directory port (default {settings.DIRECTORY_PORT})"
     )
     parser.add_argument(
@@ -565,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
         enforce_eager=not args.compile,
         controller=not args.no_controller,
         ray_port=args.ray_port,
+        ray_address=args.ray_address,
         directory_port=args.directory_port,
         metrics_port=args.metrics_port,
         extra_env=env_from_args(args),

@@ -216,6 +216,16 @@ ENV_VARS: dict[str, EnvVar] = {
             _port_range,
         ),
         _var(
+            "EXPERTMESH_RAY_ADDRESS",
+            "str",
+            None,
+            "a running Ray cluster for the expert pool (its GCS host:port, or its dashboard http://host:8265): the "
+            "pool deploys its Serve applications there instead of starting a private Ray head, and at exit removes "
+            "only those (the cluster keeps running); the `--ray-address` default; unset = a private Ray cluster on "
+            "loopback",
+            "expertmesh serve, expertmesh experts",
+        ),
+        _var(
             "EXPERTMESH_SHUTDOWN_GRACE_S",
             "float",
             30.0,
@@ -474,6 +484,10 @@ def router_urls() -> list[str]:
 
 def api_keys() -> list[str]:
     return list(get("EXPERTMESH_API_KEYS"))
+
+
+def ray_address() -> str | None:
+    return get("EXPERTMESH_RAY_ADDRESS")
 
 
 def replica_port_range() -> tuple[int, int]:
