@@ -302,6 +302,32 @@ def test_serve_config_defaults_and_overrides(tmp_path):
     }
 
 
+def test_plan_pins_groups_to_zones_and_resources_in_the_chart_as_locally(tmp_path):
+    """A plan's placement (zone: a soft preference for nodes labelled expertmesh.io/zone; resources: custom Ray
+    resources, a hard pin) is rendered by the chart exactly as build_serve_config renders it for the local pool."""
+    plan = {
+        "groups": [
+            {"name": "l0", "keys": {0: list(range(8))}, "zone": "a"},
+            {"name": "l1", "keys": {1: list(range(8))}, "zone": "b", "resources": {"big-mem": 1}},
+            {"name": "l2", "keys": {2: list(range(8))}},
+        ]
+    }
+    values_file = tmp_path / "plan.yaml"
+    values_file.write_text(yaml.safe_dump({"experts": {"plan": plan}}))
+    docs = template([values_file], show_only="templates/rayservice.yaml")
+    values = deep_merge(values_for("default"), yaml.safe_load(values_file.read_text()))
+    values["experts"]["plan"] = plan
+    got = rendered_serve_config(docs)
+    assert got == expected_serve_config(values)
+    options = {a["deployments"][0]["name"]: a["deployments"][0]["ray_actor_options"] for a in got["applications"]}
+    assert options["l0"]["label_selector"] == {"expertmesh.io/zone": "a"}
+    assert options["l0"]["fallback_strategy"] == [{"label_selector": {"expertmesh.io/zone": "!a"}}]
+    assert options["l1"]["resources"] == {"big-mem": 1} and options["l1"]["label_selector"] == {
+        "expertmesh.io/zone": "b"
+    }
+    assert "label_selector" not in options["l2"] and "resources" not in options["l2"]
+
+
 def test_replica_tunables_reach_serve_config_from_one_source(tmp_path):
     """experts.replica's tunables land in every group's args exactly as build_serve_config(replica=...) puts them,
     the controller's flags carry the same (its PUTs change nothing), and ExpertGroupReplica accepts every name."""

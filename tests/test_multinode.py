@@ -80,6 +80,11 @@ def test_copies_prefer_different_zones_and_a_placed_group_never_moves():
     # ... and a placed group keeps its zone when its count grows (a change of actor options restarts it)
     assert assign_zones(plan, ["a", "b"], replicas={"l2-3-a": 3}, kept=zones) == zones
     assert assign_zones(plan, ["a", "b"], replicas={"l2-3-a": 3}) == {"l2-3-b": "a"}
+    # a zone the plan pins stands, and the other copy avoids it
+    pinned = PlacementPlan(groups=[plan.groups[0], plan.groups[1].model_copy(update={"zone": "a"}), plan.groups[2]])
+    assert assign_zones(pinned, ["a", "b"]) == {"l2-3-a": "a", "l2-3-b": "b"}
+    pinned = PlacementPlan(groups=[plan.groups[0], plan.groups[1], plan.groups[2].model_copy(update={"zone": "a"})])
+    assert assign_zones(pinned, ["a", "b"]) == {"l2-3-a": "b", "l2-3-b": "a"}
 
 
 def test_the_serve_config_with_placement_is_readable_and_what_serve_accepts():

@@ -151,8 +151,11 @@ def build_serve_config(
     ]
     for group in plan.groups:
         options = dict(replica_options)
-        if group.name in zones:
-            options.update(zone_preference(zone_label, zones[group.name]))
+        zone = group.zone or zones.get(group.name)  # the plan's pin first
+        if zone:
+            options.update(zone_preference(zone_label, zone))
+        if group.resources:
+            options["resources"] = {**options.get("resources", {}), **group.resources}
         applications.append(
             {
                 "name": group_app_name(group.name),
@@ -195,10 +198,11 @@ def assign_zones(
     Groups in `kept` (zones given earlier, still in the plan) keep theirs, whatever their count now: changing a
     running group's actor options restarts its replicas. Each new group takes, in plan order, the zone with the
     fewest groups sharing an expert with it, then the fewest groups, then the first in `zones`. Fewer than two
-    zones: nothing to spread over, only `kept` is returned."""
+    zones: nothing to spread over, only `kept` is returned. A group whose plan names a zone keeps that one."""
     replicas = replicas or {}
     names = {g.name for g in plan.groups}
     out = {name: zone for name, zone in (kept or {}).items() if name in names}
+    out |= {g.name: g.zone for g in plan.groups if g.zone}  # zones the plan pins
     if len(zones) < 2:
         return out
     sharing: dict[str, set[str]] = {g.name: set() for g in plan.groups}  # group -> groups holding one of its keys

@@ -15,6 +15,8 @@ KubeRay RayService by the Helm chart, and produced by the planner. YAML on disk:
         min_replicas: 1
         max_replicas: 4
         initial_replicas: 1
+        zone: a                     # optional: prefer nodes labelled expertmesh.io/zone=a (soft)
+        resources: {gpu-node: 1}    # optional: custom Ray resources each replica needs (a hard pin)
 
 Default plan (`default_plan`): whole MoE layers packed into as few groups as fit `max_group_bytes` (2 GiB) of
 expert weights each; a layer bigger than the budget is split into expert chunks that fit. Why: a decode step
@@ -51,6 +53,14 @@ class ExpertGroup(BaseModel):
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     autoscaling: Autoscaling | None = None
+    # Placement over Ray nodes (rendered by control/serve_config.py and the Helm chart alike):
+    # zone: the replicas prefer nodes whose label expertmesh.io/zone has this value, and go elsewhere rather than
+    # nowhere when none is alive (a dead node's replicas come back on the others). Unset: the pool picks zones so
+    # that an expert's holders prefer different nodes (serve_config.assign_zones).
+    zone: str | None = Field(None, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", max_length=63)
+    # resources: custom Ray resources each replica needs (`ray start --resources '{"big-mem": 4}'`): a hard pin,
+    # a replica waits for a node that has them.
+    resources: dict[str, float] | None = None
 
     @field_validator("keys")
     @classmethod

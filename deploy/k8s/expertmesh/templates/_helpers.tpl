@@ -215,6 +215,9 @@ checked types, names and unknown fields. Returns JSON.
   {{- if and (hasKey $g "autoscaling") (not (kindIs "invalid" (get $g "autoscaling"))) -}}
     {{- $_ := set $group "autoscaling" (include "expertmesh.autoscaling" $g.autoscaling | fromJson) -}}
   {{- end -}}
+  {{- /* placement over Ray nodes (plan.py: zone, a soft preference; resources, a hard pin) */ -}}
+  {{- if and (hasKey $g "zone") (not (kindIs "invalid" (get $g "zone"))) -}}{{- $_ := set $group "zone" $g.zone -}}{{- end -}}
+  {{- if and (hasKey $g "resources") (not (kindIs "invalid" (get $g "resources"))) -}}{{- $_ := set $group "resources" $g.resources -}}{{- end -}}
   {{- $groups = append $groups $group -}}
 {{- end -}}
 {{- $_ := set $out "groups" $groups -}}
@@ -239,7 +242,13 @@ YAML document too). */}}
   {{- $start := hasKey $g "initial_replicas" | ternary (get $g "initial_replicas") (max 1 (int $g.min_replicas)) -}}
   {{- $args := dict "model" $model "group" (dict "name" $g.name "keys" $g.keys) "directory" $directory -}}
   {{- range $k, $v := $replicaArgs -}}{{- $_ := set $args $k $v -}}{{- end -}}
-  {{- $deployment := dict "name" $g.name "num_replicas" (int $start) "ray_actor_options" (deepCopy $replica) "health_check_period_s" 1.0 -}}
+  {{- $options := deepCopy $replica -}}
+  {{- if $g.zone -}}
+    {{- $_ := set $options "label_selector" (dict "expertmesh.io/zone" $g.zone) -}}
+    {{- $_ := set $options "fallback_strategy" (list (dict "label_selector" (dict "expertmesh.io/zone" (printf "!%s" $g.zone)))) -}}
+  {{- end -}}
+  {{- if $g.resources -}}{{- $_ := set $options "resources" $g.resources -}}{{- end -}}
+  {{- $deployment := dict "name" $g.name "num_replicas" (int $start) "ray_actor_options" $options "health_check_period_s" 1.0 -}}
   {{- $apps = append $apps (dict "name" (printf "experts-%s" $g.name) "route_prefix" nil "import_path" "expertmesh.experts.app:build_group" "args" $args "deployments" (list $deployment)) -}}
 {{- end -}}
 {{- toJson (dict "applications" $apps) -}}
