@@ -63,13 +63,24 @@ def test_a_dense_model_is_refused(tiny_checkpoint, tmp_path, private_cache):
         read_moe_info(dense)
 
 
-@pytest.mark.parametrize("model_type", ["ernie4_5_moe", "minimax_m2", "nemotron_h", "qwen3_next"])
+@pytest.mark.parametrize("model_type", ["ernie4_5_moe", "minimax_m2", "nemotron_h", "qwen3_next", "deepseek_v4"])
 def test_families_vllm_cannot_run_right_on_cpu_are_refused_with_the_reason(tiny_checkpoint, tmp_path, model_type):
     path = tmp_path / model_type
     shutil.copytree(tiny_checkpoint("mixtral"), path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
     with pytest.raises(CheckpointError, match=f"model_type '{model_type}' is not served here: .*vLLM"):
+        read_moe_info(path)
+
+
+def test_sparse_attention_is_refused_whatever_the_model_type(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3.2 and its kin (a lightning indexer: `index_topk`): vLLM's CPU platform has no backend for it."""
+    path = tmp_path / "v32"
+    shutil.copytree(tiny_checkpoint("deepseek_v3"), path)
+    config = json.loads((path / "config.json").read_text())
+    config |= {"model_type": "deepseek_v32", "index_topk": 8, "index_n_heads": 4, "index_head_dim": 64}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'deepseek_v32' is not served here: .*Sparse Attention"):
         read_moe_info(path)
 
 

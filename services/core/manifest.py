@@ -212,6 +212,12 @@ def _view(x: list) -> View:
 
 def read_config(model_dir: Path) -> dict:
     cfg_file = model_dir / "config.json"
+    if not cfg_file.is_file() and (model_dir / "params.json").is_file():
+        raise CheckpointError(
+            f"{model_dir}: a checkpoint in Mistral's own format (params.json, consolidated*.safetensors; e.g. Mistral "
+            "Large 3): vLLM runs it, but expertmesh reads Hugging Face checkpoints (config.json) only so far; use the "
+            "Hugging Face release of the model"
+        )
     if not cfg_file.is_file():
         raise CheckpointError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint directory?)")
     return json.loads(cfg_file.read_text())
@@ -240,6 +246,16 @@ REFUSED: dict[str, tuple[Callable[[dict], bool], str]] = {
         "vLLM's CPU router asserts on sigmoid scoring without grouped top-k, which this model uses (a GPU build of "
         "vLLM serves it)",
     ),
+    "deepseek_v4": (
+        lambda cfg: True,
+        "vLLM 0.32 builds its sparse sliding-window attention metadata with Triton kernels, and vLLM's CPU build has "
+        "no Triton CPU backend (its V4 CPU kernels also target AMX CPUs); a GPU build of vLLM serves it",
+    ),
+    "deepseek_v41": (
+        lambda cfg: True,
+        "vLLM 0.32 builds its sparse sliding-window attention metadata with Triton kernels, and vLLM's CPU build has "
+        "no Triton CPU backend; a GPU build of vLLM serves it",
+    ),
     "phimoe": (
         lambda cfg: not cfg.get("attention_bias", False),
         "vLLM's PhiMoE always builds attention biases and leaves them uninitialised when the checkpoint has none "
@@ -248,11 +264,21 @@ REFUSED: dict[str, tuple[Callable[[dict], bool], str]] = {
 }
 
 
+# DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5, ...: any config with a lightning indexer), whatever the type.
+SPARSE_ATTENTION = (
+    "its DeepSeek Sparse Attention (the lightning indexer, `index_topk` in config.json) has no attention backend in "
+    "vLLM 0.32's CPU platform ('Sparse Attention is not supported on CPU'); a GPU build of vLLM serves it"
+)
+
+
 def refuse_known_wrong(config: dict, model_dir: Path) -> None:
     text = config.get("text_config") or {}
     model_type = text.get("model_type") or config.get("model_type", "")
+    merged = {**config, **text}
     applies, reason = REFUSED.get(model_type, (lambda cfg: False, ""))
-    if applies({**config, **text}):
+    if not applies(merged) and merged.get("index_topk") is not None:
+        applies, reason = (lambda cfg: True), SPARSE_ATTENTION
+    if applies(merged):
         raise CheckpointError(f"{model_dir}: model_type {model_type!r} is not served here: {reason}")
 
 
