@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -464,3 +465,149 @@ def test_tool_choice_naming_no_given_tool(pair):
 def test_tool_choice_without_tools(pair):
     error = assert_same_error(*pair.both(_chat(pair, tool_choice="required")), 400)
     assert error["param"] == "tool_choice"
+
+
+# ---- hand-made bad input (issue 19): raw HTTP, as the openai SDK cannot send all of it ---------------------------
+
+
+def _raw_both(pair: Pair, path: str, body: bytes) -> tuple[httpx.Response, httpx.Response]:
+    """(expertmesh's answer, the reference's) to POST /v1/`path` with `body` sent byte for byte (a lone surrogate
+    escape, integers past 64 bits: JSON text the SDK would not write)."""
+
+    def send(client: openai.OpenAI) -> httpx.Response:
+        return httpx.post(
+            f"{client.base_url}{path}", content=body, headers={"Content-Type": "application/json"}, timeout=120
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        ours, theirs = pool.map(send, (pair.expertmesh, pair.reference))
+    return ours, theirs
+
+
+def _completion_body(pair: Pair, fields: str) -> bytes:
+    return ("{" + json.dumps({"model": pair.model})[1:-1] + ", " + fields + "}").encode()
+
+
+def _chat_body(pair: Pair, fields: str) -> bytes:
+    return ("{" + json.dumps({"model": pair.model, "max_tokens": 4})[1:-1] + ", " + fields + "}").encode()
+
+
+# (path, JSON fields as text, param): each a 400 from vLLM's own server. param None: the request matches the published
+# schema and vLLM's own error is relayed, whole; else the body breaks the published schema and the gateway answers
+# the 400 itself, `param` the offending field's JSON path (the same status and shape as vLLM's, in its own words).
+BAD_INPUT = {
+    "prompt_ids_negative": ("completions", '"prompt": [-1], "max_tokens": 4', "prompt[0]"),
+    "prompt_ids_2_32": ("completions", '"prompt": [4294967296], "max_tokens": 4', None),
+    "prompt_ids_nested_negative": ("completions", '"prompt": [[-1], [5]], "max_tokens": 4', "prompt[0][0]"),
+    "min_tokens_2_32_without_max_tokens": ("completions", '"prompt": "Speak", "min_tokens": 4294967296', "min_tokens"),
+    "lone_surrogate_in_prompt": ("completions", '"prompt": "\\ud800", "max_tokens": 4', None),
+    "lone_surrogate_in_streamed_prompt": ("completions", '"prompt": "\\ud800", "max_tokens": 4, "stream": true', None),
+    "lone_surrogate_in_chat_message": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "\\ud800"}]',
+        None,
+    ),
+    "lone_surrogate_in_streamed_chat": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "\\ud800"}], "stream": true',
+        None,
+    ),
+    "logit_bias_token_out_of_range": (
+        "completions",
+        '"prompt": "Speak", "max_tokens": 4, "logit_bias": {"999999": 1}',
+        None,
+    ),
+    "logit_bias_not_a_number": (
+        "completions",
+        '"prompt": "Speak", "max_tokens": 4, "logit_bias": {"5": "abc"}',
+        "logit_bias.5",
+    ),
+    "chat_logit_bias_token_out_of_range": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"999999": 1}',
+        None,
+    ),
+    "chat_logit_bias_not_a_number": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": "abc"}',
+        "logit_bias.5",
+    ),
+    "temperature_over_2": ("completions", '"prompt": "Speak", "max_tokens": 4, "temperature": 3', "temperature"),
+    "chat_content_not_text": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]',
+        None,
+    ),
+    "chat_no_messages": ("chat/completions", '"messages": []', "messages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_same_error_as_vllm(pair, case):
+    """Each hand-made bad request: a 4xx in OpenAI's error shape from both servers, the same status; vLLM's own
+    error whole where the gateway relayed the request, the offending field's path where the gateway refused it.
+    (The issue saw several of these reach a 500 through the old gateway.)"""
+    path, fields, param = BAD_INPUT[case]
+    body = _chat_body(pair, fields) if path == "chat/completions" else _completion_body(pair, fields)
+    ours, theirs = _raw_both(pair, path, body)
+    assert 400 <= theirs.status_code < 500, (theirs.status_code, theirs.text)
+    assert ours.status_code == theirs.status_code, (ours.status_code, ours.text, theirs.text)
+    assert ours.headers["content-type"].startswith("application/json"), ours.headers
+    error, our_error = theirs.json()["error"], ours.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    if param is None:
+        assert _without_log_time(our_error) == _without_log_time(error)
+    else:
+        assert set(our_error) == {"message", "type", "param", "code"}, our_error
+        assert our_error["type"] == "invalid_request_error" and our_error["param"] == param, our_error
+
+
+# Bounds that look out of range but that vLLM's own server serves: top_k past the vocabulary means "no top-k", and
+# seed + i for the i-th of n samples does not overflow vLLM's 64-bit seed. Seeded, so both answers must be equal.
+SERVED_EDGES = {
+    "top_k_2_31": '"prompt": "Speak, my lord.", "max_tokens": 6, "top_k": 2147483648, "seed": 7',
+    "seed_2_63_minus_1_with_n_2": '"prompt": "Speak, my lord.", "max_tokens": 6, "seed": 9223372036854775807, "n": 2',
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERVED_EDGES))
+def test_served_edges_same_answer_as_vllm(pair, case):
+    ours, theirs = _raw_both(pair, "completions", _completion_body(pair, SERVED_EDGES[case]))
+    assert theirs.status_code == 200, theirs.text
+    assert ours.status_code == 200, ours.text
+    assert [c["text"] for c in ours.json()["choices"]] == [c["text"] for c in theirs.json()["choices"]]
+    assert ours.json()["usage"] == theirs.json()["usage"]
+
+
+# What vLLM's own server answers with a 500 (an integer it cannot hand to its engine core; a field of the wrong type
+# that one of its request validators reads before checking it): expertmesh answers a 400 in OpenAI's shape instead.
+VLLM_SERVER_ERRORS = {
+    "top_k_2_64": ("completions", '"prompt": "Speak", "max_tokens": 4, "top_k": 18446744073709551616', "top_k"),
+    "stream_interval_2_64": (
+        "completions",
+        '"prompt": "Speak", "max_tokens": 4, "stream_interval": 18446744073709551616',
+        "stream_interval",
+    ),
+    "structured_outputs_a_list": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "hi"}], "structured_outputs": [null, null]',
+        "structured_outputs",
+    ),
+    "json_schema_integer_2_64": (  # a free-form value (a JSON schema) that vLLM hands its engine core as it is
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "hi"}], '
+        '"structured_outputs": {"json": {"type": "object", "maximum": 18446744073709551616}}',
+        "structured_outputs.json.maximum",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VLLM_SERVER_ERRORS))
+def test_vllm_server_errors_are_a_400_here(pair, case):
+    path, fields, param = VLLM_SERVER_ERRORS[case]
+    body = _chat_body(pair, fields) if path == "chat/completions" else _completion_body(pair, fields)
+    ours, theirs = _raw_both(pair, path, body)
+    assert theirs.status_code == 500, (theirs.status_code, theirs.text)  # vLLM's own server: still a 500
+    assert ours.status_code == 400, ours.text
+    error = ours.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error

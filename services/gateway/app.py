@@ -1,12 +1,15 @@
 """The gateway: the cluster's front door before the routers, which run vLLM's own OpenAI server with the expertmesh
-plugin (router/openai_server.py). It serves no OpenAI logic of its own: every /v1/* request (chat, completions,
-models, tokenize, ... whatever vLLM serves) is relayed to a router unchanged, JSON or server-sent events as they
-are produced, so request validation, chat templates, tool and reasoning parsers, structured outputs, logprobs and
-errors are vLLM's. This module assembles the app and runs it; the parts live beside it:
+plugin (router/openai_server.py). It serves no OpenAI logic of its own: the OpenAI operations it serves (POST
+/v1/chat/completions, POST /v1/completions, GET /v1/models: proxy.SERVED) are relayed to a router unchanged, JSON
+or server-sent events as they are produced, so chat templates, tool and reasoning parsers, structured outputs,
+logprobs and vLLM's own errors are vLLM's; a request body is first checked against the published document. Any
+other /v1 path is a 404. This module assembles the app and runs it; the parts live beside it:
 
     proxy.py       /v1/*: the router with the fewest requests in flight; retry elsewhere when one refuses
     auth.py        Bearer API keys
     ops_routes.py  /health, /metrics, /experts (with the controller's status)
+    openapi.py     /openapi.json: the router's own document, as much of it as the gateway serves
+    validation.py  every request body checked against that document (a 400 naming the offending field)
     errors.py      the gateway's own errors in OpenAI's shape
     state.py       what the handlers of one app share (settings, routers, metrics)
 
@@ -28,17 +31,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.core import telemetry
 from expertmesh.core.settings import GatewaySettings
-from expertmesh.gateway import ops_routes, proxy
+from expertmesh.gateway import openapi, ops_routes, proxy
 from expertmesh.gateway.errors import APIError
 from expertmesh.gateway.state import GatewayState
-
-# /v1 paths labelled as themselves in the gateway's metrics (anything else is "/v1/other": label values must not come
-# from what clients type)
-KNOWN_PATHS = frozenset({"chat/completions", "completions", "models", "embeddings", "responses", "tokenize"})
 
 
 def _install_error_handlers(app: FastAPI, state: GatewayState) -> None:
@@ -47,7 +48,8 @@ def _install_error_handlers(app: FastAPI, state: GatewayState) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        metrics.errors.labels(request.url.path, exc.type).inc()
+        # by route, as CountRequests does: a label value must not be whatever path a client typed
+        metrics.errors.labels(getattr(request.scope.get("route"), "path", None) or "other", exc.type).inc()
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -114,7 +116,8 @@ def create_app(
         for close in closers:
             await close()
 
-    app = FastAPI(title="expertmesh gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # FastAPI's own document would describe /v1/* as one route that takes anything: openapi.py builds the real one
+    app = FastAPI(title="expertmesh gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.gw = state
     app.state.router_pool = state.pool
     app.state.router_watch = ops_routes.RouterWatch(state)
@@ -123,9 +126,31 @@ def create_app(
     first_byte = state.metrics.first_byte
 
     def observe_first_byte(path: str, seconds: float) -> None:
-        first_byte.labels(path=f"/v1/{path}" if path in KNOWN_PATHS else "/v1/other").observe(seconds)
+        first_byte.labels(path=f"/v1/{path}").observe(seconds)  # (only proxy.SERVED paths are relayed)
 
-    closers.append(proxy.install(app, state.pool, api_keys=settings.api_keys, first_byte=observe_first_byte))
+    document = openapi.PublishedDocument(lambda: get_openapi(title=app.title, version=app.version, routes=app.routes))
+
+    def router_urls() -> list[str]:  # (not pool.order(): that turns the round robin of the requests themselves)
+        return [r.url for r in state.pool.routers]
+
+    async def request_validator():
+        return await document.request_validator(router_urls())
+
+    closers.append(
+        proxy.install(
+            app,
+            state.pool,
+            api_keys=settings.api_keys,
+            first_byte=observe_first_byte,
+            request_validator=request_validator,
+        )
+    )
+
+    @app.get("/openapi.json")
+    async def _openapi():
+        body = await document.get(router_urls())
+        return Response(body, media_type="application/json")
+
     return app
 
 

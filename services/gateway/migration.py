@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 MIGRATABLE_PATHS = ("completions", "chat/completions")
 # vLLM writes these two fields after others in a choice (and prompt_token_ids after the choices in a chat chunk):
@@ -201,15 +202,17 @@ class Generation:
         return b"data: " + json.dumps({"error": error}).encode()
 
 
-def plan(path: str, body: bytes) -> tuple[Generation, bytes] | None:
+def plan(path: str, body: bytes, request: Any = None) -> tuple[Generation, bytes] | None:
     """(Generation, the body to send upstream: the client's plus return_token_ids) for a streamed generation that
-    can be migrated; None for every other request (relayed unchanged)."""
-    if path not in MIGRATABLE_PATHS or b'"stream"' not in body:
+    can be migrated; None for every other request (relayed unchanged). `request`: `body` already parsed (the proxy
+    parses and validates every POST body first: validation.check_body), else parsed here."""
+    if path not in MIGRATABLE_PATHS:
         return None
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return None  # the router answers its 400
+    if request is None:
+        try:
+            request = json.loads(body)
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's parser
+            return None
     if not isinstance(request, dict) or request.get("stream") is not True:
         return None
     if request.get("n", 1) not in (1, None) or request.get("best_of") not in (None, 1) or request.get("echo"):

@@ -1,4 +1,6 @@
-"""The gateway's front door to routers that run vLLM's own OpenAI server: a streaming reverse proxy for /v1/*.
+"""The gateway's front door to routers that run vLLM's own OpenAI server: a streaming reverse proxy for the OpenAI
+operations in SERVED (any other /v1 path is a 404 here, never relayed). A POST's body is first checked against the
+published document (validation.py: a 400 naming the offending field).
 
 Each request goes to the router with the fewest requests in flight from this gateway (ties: round robin), with its
 body and headers unchanged, and the router's answer (JSON, or server-sent events as they are produced) is relayed
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -39,7 +41,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from expertmesh.core import auth, telemetry
-from expertmesh.gateway import migration
+from expertmesh.gateway import migration, validation
 from expertmesh.gateway.auth import check_auth
 from expertmesh.gateway.errors import APIError
 
@@ -58,6 +60,18 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
+# What the gateway relays, and all it relays: the OpenAI surface this project promises (path -> methods). Every
+# other /v1 path is a 404 from the gateway, never relayed, and an unlisted method a 405 with Allow. The published
+# document (openapi.py) is built from this list, so it describes exactly what the front door accepts; vLLM's extra
+# APIs (responses, messages, batch chat, systemone, ...) are left out because their request schemas do not state
+# what vLLM enforces and some of them answer 5xx to schema-valid requests. (vLLM 0.32 serves no GET
+# /v1/models/{model}.)
+SERVED: Mapping[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("POST",),
+    "/v1/completions": ("POST",),
+    "/v1/models": ("GET",),
+}
 RETRY_PAUSE_S = 0.05  # before a generation's second pass over the routers
 # Connection-level failures: the router never got the request, so another router may take it.
 _NOT_ACCEPTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
@@ -176,21 +190,32 @@ async def proxy_request(
     client: aiohttp.ClientSession,
     path: str,
     first_byte: Callable[[str, float], None] | None = None,
+    request_validator: Callable[[], Awaitable[validation.RequestValidator | None]] | None = None,
 ):
-    """Send `request` to the best router that accepts it and relay the answer as it arrives. `first_byte(path,
-    seconds)` is told how long the router took to start answering."""
+    """Send `request` (one of SERVED) to the best router that accepts it and relay the answer as it arrives.
+    `first_byte(path, seconds)` is told how long the router took to start answering; `request_validator()` gives
+    the published document's validator: a POST's body that does not match its schema is a 400 here."""
     start = time.monotonic()
     try:
         body = await read_body(request, pool.max_body_bytes, pool.body_timeout_s)
     except ClientDisconnect:  # gone before its body arrived: nothing reached a router, nobody to answer
         return Response(status_code=499)
+    parsed = None
+    if request.method == "POST":  # an APIError (400) unless the body is what the published document accepts
+        validator = await request_validator() if request_validator is not None else None
+        parsed = await validation.check_body(validator, request.method, f"/v1/{path}", body)
     headers = _forward_headers(request.headers)
     if internal := auth.http_headers():  # the routers take the cluster credential, not the user's key (checked here)
         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"} | internal
     query = request.url.query
     tried: list[str] = []
     generation = request.method == "POST" and path in migration.MIGRATABLE_PATHS  # a generation: resent if lost
-    migrating = migration.plan(path, body) if generation and pool.max_migrations else None
+    migrating = None
+    if generation and pool.max_migrations:  # (re-encoding a large body: in a thread, as its parse was)
+        big = len(body) > validation.OFF_LOOP_BYTES
+        migrating = (
+            await asyncio.to_thread(migration.plan, path, body, parsed) if big else migration.plan(path, body, parsed)
+        )
     upstream_body = migrating[1] if migrating is not None else body
     retryable = _NOT_ACCEPTED + _LOST if generation else _NOT_ACCEPTED  # a generation lost with its router too
     order = pool.order()
@@ -357,9 +382,11 @@ def install(
     *,
     api_keys: Collection[str] = (),
     first_byte: Callable[[str, float], None] | None = None,
+    request_validator: Callable[[], Awaitable[validation.RequestValidator | None]] | None = None,
 ):
-    """Add /v1/{path} (every method) proxying to `pool`, and GET /proxy/routers (the pool's state), to `app`;
-    `first_byte(path, seconds)` observes each router's time to its response headers."""
+    """Add /v1/{path} (the SERVED operations proxied to `pool`; any other path 404, another method 405) and GET
+    /proxy/routers (the pool's state) to `app`; `first_byte(path, seconds)` observes each router's time to its
+    response headers, `request_validator()` gives the validator of request bodies (proxy_request)."""
     # connect: short, so a dead router is skipped quickly; reads: no bound (a long generation streams slowly)
     timeout = aiohttp.ClientTimeout(total=None, connect=2.0, sock_connect=2.0, sock_read=None)
     state: dict[str, aiohttp.ClientSession | None] = {"client": None}
@@ -376,10 +403,24 @@ def install(
     if telemetry.tracing_enabled():  # a server span per proxied request; its traceparent is what the router gets
         app.add_middleware(telemetry.TraceRequests, prefixes=("/v1/",))
 
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    # every method: an unserved one gets the gateway's 405 with the path's Allow (Starlette's would list this route's)
+    @app.api_route("/v1/{path:path}", methods=list(ALL_METHODS), include_in_schema=False)
     async def _v1(path: str, request: Request):
         check_auth(request, api_keys)  # an APIError: the app's handler answers it (and counts it)
-        return await proxy_request(request, pool, client(), path, first_byte)
+        methods = SERVED.get(f"/v1/{path}")
+        if methods is None:
+            message = (
+                f"{request.method} /v1/{path} is not served by this gateway (it serves "
+                + ", ".join(f"{m} {p}" for p, ms in SERVED.items() for m in ms)
+                + ")."
+            )
+            raise APIError(404, message, "not_found_error", None, "not_served")
+        if request.method not in methods:
+            message = f"{request.method} is not allowed on /v1/{path}."
+            raise APIError(
+                405, message, "invalid_request_error", None, "method_not_allowed", {"Allow": ", ".join(methods)}
+            )
+        return await proxy_request(request, pool, client(), path, first_byte, request_validator)
 
     @app.get("/proxy/routers")
     async def _routers():
