@@ -446,7 +446,8 @@ def compare():
 
 
 def _write_mixtral(path: Path, layers=2, experts=4, hidden=8, inter=4, vocab=16, tied=False) -> Path:
-    """A config.json + model.safetensors with Mixtral tensor names and known sizes (values irrelevant)."""
+    """A config.json + model.safetensors with Mixtral tensor names and known sizes (values irrelevant; dense tensors
+    other than q_proj left out): enough for vLLM to build the model and say where its experts are (the manifest)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -455,6 +456,12 @@ def _write_mixtral(path: Path, layers=2, experts=4, hidden=8, inter=4, vocab=16,
         json.dumps(
             {
                 "model_type": "mixtral",
+                "architectures": ["MixtralForCausalLM"],
+                "num_attention_heads": hidden // 32,  # q_proj [hidden, hidden]: heads of 32 (vLLM's CPU sizes)
+                "num_key_value_heads": 1,
+                "head_dim": 32,
+                "vocab_size": vocab,
+                "tie_word_embeddings": tied,
                 "num_hidden_layers": layers,
                 "num_local_experts": experts,
                 "num_experts_per_tok": 2,
@@ -483,7 +490,7 @@ def _write_mixtral(path: Path, layers=2, experts=4, hidden=8, inter=4, vocab=16,
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_compare_weight_bytes_and_decode_bound(compare, tmp_path, tied):
-    layers, experts, hidden, inter, vocab = 2, 4, 8, 4, 16
+    layers, experts, hidden, inter, vocab = 2, 4, 64, 32, 16
     w = compare.weight_bytes(_write_mixtral(tmp_path / "ckpt", layers, experts, hidden, inter, vocab, tied))
     expert = 3 * hidden * inter * 4
     per_layer_dense = (hidden * hidden + experts * hidden) * 4

@@ -8,6 +8,7 @@ Nothing is downloaded: the tokenizer is a byte-level BPE trained on a fixed in-r
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -385,6 +386,35 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
     return fast
 
 
+@contextlib.contextmanager
+def _canonical_model_type(config_class):
+    """`config_class` with its own model_type while a checkpoint is built. vLLM re-registers some transformers config
+    classes under its model types for the whole process (a kimi_k2 config makes DeepseekV3Config.model_type
+    "kimi_k2"), and transformers then saves such a model without converting its experts to the per-expert layout."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    own = next((t for t, name in CONFIG_MAPPING_NAMES.items() if name == config_class.__name__), None)
+    before = config_class.model_type
+    if own is not None:
+        config_class.model_type = own
+    try:
+        yield config_class
+    finally:
+        config_class.model_type = before
+
+
+def _randomize(model, family: str) -> None:
+    """Random init at std 0.02 gives near-flat logits; a larger spread makes greedy choices and routing decisive,
+    so exactness tests compare real decisions rather than ties."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "norm" not in name:
+                p.normal_(0.0, 0.08)
+            elif family in RANDOM_1D and p.dim() == 1 and "norm" not in name:
+                p.normal_(0.0, 0.08)
+    model.eval()
+
+
 def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
     """Write a tiny random fp32 checkpoint of `family` (see FAMILIES, MORE_FAMILIES) to out_dir and return the path."""
     import transformers
@@ -406,22 +436,15 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, overr
     else:
         kwargs = dict(kwargs, **tokens)
     kwargs.update(overrides or {})
-    config = getattr(transformers, config_cls)(**kwargs)
-    torch.manual_seed(seed)
-    if family in MODEL_CLASSES:
-        model = getattr(transformers, MODEL_CLASSES[family])._from_config(config, dtype=torch.float32)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init at std 0.02 gives near-flat logits; a larger spread makes greedy choices and routing decisive,
-    # so exactness tests compare real decisions rather than ties.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "norm" not in name:
-                p.normal_(0.0, 0.08)
-            elif family in RANDOM_1D and p.dim() == 1 and "norm" not in name:
-                p.normal_(0.0, 0.08)
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _canonical_model_type(getattr(transformers, config_cls)) as config_class:
+        config = config_class(**kwargs)
+        torch.manual_seed(seed)
+        if family in MODEL_CLASSES:
+            model = getattr(transformers, MODEL_CLASSES[family])._from_config(config, dtype=torch.float32)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize(model, family)
+        model.save_pretrained(out_dir, safe_serialization=True)
     gen = out_dir / "generation_config.json"
     if gen.exists():
         data = json.loads(gen.read_text())
