@@ -11,6 +11,7 @@ biases where the family has them. Only the bytes that expert needs are read, wit
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,7 @@ class CheckpointReader:
     def _assemble(self, layer: int, expert: int, param: str) -> torch.Tensor:
         """`expert`'s slice of `param`, filled by replaying the manifest's writes into it."""
         shape = self.manifest.param_shape(param)
-        block = 1
-        for d in shape:
-            block *= d
+        block = math.prod(shape)
         buffer = torch.empty(block, dtype=self.info.dtype)
         writes = self.manifest.writes_into(layer, expert, param)
         missing = self.manifest.unwritten(layer, expert, param)

@@ -40,6 +40,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -127,32 +128,36 @@ class ExpertManifest:
     def writes_into(self, layer: int, expert: int, param: str) -> list[tuple[Write, int | None]]:
         """The writes that fill `expert`'s slice of `param`, each with the index along the write's first dimension
         that lands in that slice (None: the whole write lies inside it, a per-expert tensor)."""
-        block = _numel(self.param_shape(param))
-        lo_e, hi_e = expert * block, (expert + 1) * block
-        found: list[tuple[Write, int | None]] = []
-        for w in self.writes.get(layer, ()):
-            if w.param != param:
-                continue
-            lo, hi = w.dst.span()
-            if hi < lo_e or lo >= hi_e:
-                continue
-            if lo >= lo_e and hi < hi_e:
-                found.append((w, None))
-                continue
-            # A write over several experts (a fused [E, ...] tensor): its first dimension must be the expert one.
-            if w.dst.stride[0] != block:
-                raise CheckpointError(f"layer {layer} {param}: a write from {w.tensor} crosses experts unevenly")
-            index = expert - w.dst.offset // block
-            if 0 <= index < w.dst.size[0]:
-                found.append((w, index))
-        return found
+        return self._by_expert.get((layer, param), {}).get(expert, [])
 
     def unwritten(self, layer: int, expert: int, param: str) -> int:
         """How many values of `expert`'s slice of `param` no write fills (0 for a complete checkpoint)."""
-        written = 0
-        for w, index in self.writes_into(layer, expert, param):
-            written += w.dst.numel() if index is None else w.dst.numel() // w.dst.size[0]
+        written = sum(
+            w.dst.numel() if index is None else w.dst.numel() // w.dst.size[0]
+            for w, index in self.writes_into(layer, expert, param)
+        )
         return max(0, _numel(self.param_shape(param)) - written)
+
+    @cached_property
+    def _by_expert(self) -> dict[tuple[int, str], dict[int, list[tuple[Write, int | None]]]]:
+        """(layer, param) -> expert -> its writes, indexed once: a replica loading its experts one by one (and the
+        recording pass's coverage check over all of them) would otherwise scan a layer's writes per expert."""
+        out: dict[tuple[int, str], dict[int, list[tuple[Write, int | None]]]] = {}
+        for layer, ws in self.writes.items():
+            for w in ws:
+                block = _numel(self.param_shape(w.param))
+                experts = out.setdefault((layer, w.param), {})
+                lo, hi = w.dst.span()
+                if lo // block == hi // block:  # inside one expert's slice: a per-expert tensor
+                    experts.setdefault(lo // block, []).append((w, None))
+                    continue
+                # A write over several experts (a fused [E, ...] tensor): its first dimension must be the expert one.
+                if w.dst.stride[0] != block:
+                    raise CheckpointError(f"layer {layer} {w.param}: a write from {w.tensor} crosses experts unevenly")
+                first = w.dst.offset // block
+                for index in range(w.dst.size[0]):
+                    experts.setdefault(first + index, []).append((w, index))
+        return out
 
     def param_shape(self, param: str) -> tuple[int, ...]:
         """One expert's slice of `param`: w13_weight [2I, H], w2_weight [H, I], w13_bias [2I], w2_bias [H]."""
