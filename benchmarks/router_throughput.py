@@ -89,8 +89,10 @@ def _replica_main(model: str, directory: str, group: str, keys_json: str) -> Non
     # If the engine thread that spawned us was bound to a core (vLLM's CPU worker may bind), we would inherit the
     # mask and share the router's core: replicas stand for other hardware, so they get every core of the machine.
     inherited = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, range(os.cpu_count()))
-    print(f"replica {group}: inherited CPU affinity {inherited}, now all {os.cpu_count()} CPUs", file=sys.stderr)
+    pinned = os.environ.get("BENCH_REPLICA_CPUS")  # --pin: the expert cores
+    os.sched_setaffinity(0, [int(c) for c in pinned.split(",")] if pinned else range(os.cpu_count()))
+    now = sorted(os.sched_getaffinity(0))
+    print(f"replica {group}: inherited CPU affinity {inherited}, now {now}", file=sys.stderr)
     keys = {int(k): v for k, v in json.loads(keys_json).items()}
     server = ExpertServer(model, keys, replica_id=group, group=group)
     port = server.start("127.0.0.1", 0)
@@ -110,7 +112,7 @@ def _replica_main(model: str, directory: str, group: str, keys_json: str) -> Non
 class ProcessPool:
     """A directory (this process) + one ExpertServer process per group of the default plan."""
 
-    def __init__(self, path: Path, layers_per_group: int | None = None):
+    def __init__(self, path: Path, layers_per_group: int | None = None, cpus: list[int] | None = None):
         import subprocess
 
         from expertmesh.core.checkpoint import read_moe_info
@@ -140,7 +142,7 @@ class ProcessPool:
                         ],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
-                        env=dict(os.environ, OMP_NUM_THREADS="1"),
+                        env=dict(os.environ, OMP_NUM_THREADS="1", BENCH_REPLICA_CPUS=",".join(map(str, cpus or []))),
                     ),
                 )
             )
@@ -173,7 +175,7 @@ def run_remote(path: Path, args) -> tuple[dict, dict]:
     pool_cm = None
     proc_pool = None
     if args.pool == "procs":
-        proc_pool = ProcessPool(path, args.layers_per_group)
+        proc_pool = ProcessPool(path, args.layers_per_group, cpus=args.pin[1] if args.pin else None)
         address = proc_pool.address
         servers = []
     elif args.pool == "ray":
@@ -270,6 +272,20 @@ def main(argv=None) -> int:
         default=None,
         help="cap on MoE layers per expert group (1 = one group per layer; default: the default plan)",
     )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="remote runs with EXPERTMESH_MICRO_BATCHES = each of these, same run (default 1 = off)",
+    )
+    parser.add_argument(
+        "--pin",
+        type=lambda t: tuple([int(c) for c in part.split(",")] for part in t.split(":")),
+        default=None,
+        metavar="ROUTER:EXPERTS",
+        help="cores of this process (the engine: router or monolithic) and of the replica processes, e.g. 0:1",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the remote run (prints the top entries)")
     parser.add_argument("--model", type=Path, help="checkpoint (default: a tiny random Mixtral built here)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -287,11 +303,18 @@ def main(argv=None) -> int:
     path = args.model or Path(tempfile.mkdtemp(prefix="expertmesh-bench-")) / "mixtral"
     if not (path / "config.json").exists():
         build_tiny_checkpoint("mixtral", path)
-    print(f"model {path}; compile={args.compile}; pool={args.pool}", flush=True)
+    if args.pin:
+        os.sched_setaffinity(0, args.pin[0])  # the engine (and vLLM's worker, inline) on the router's cores
+    print(f"model {path}; compile={args.compile}; pool={args.pool}; pin={args.pin}", flush=True)
     print("monolithic (local experts):", flush=True)
     mono = run_monolithic(path, args)
-    print(f"remote experts ({args.pool} pool):", flush=True)
-    remote, profile = run_remote(path, args)
+    by_m = {}
+    for m in args.micro_batches:
+        os.environ["EXPERTMESH_MICRO_BATCHES"] = str(m)
+        print(f"remote experts ({args.pool} pool), micro-batches {m}:", flush=True)
+        by_m[m] = run_remote(path, args)
+    os.environ.pop("EXPERTMESH_MICRO_BATCHES", None)
+    remote, profile = by_m[args.micro_batches[0]]
     from expertmesh.core.checkpoint import read_moe_info
 
     info = read_moe_info(path)
@@ -308,6 +331,9 @@ def main(argv=None) -> int:
     for v in step_ms.values():
         v["extra_us_per_layer_call"] = round((v["remote"] - v["monolithic"]) * 1e3 / len(info.moe_layers), 1)
     print("remote / monolithic:", ratio, "step ms:", step_ms, "dispatcher:", json.dumps(profile), flush=True)
+    for m, (r, _) in by_m.items():
+        over = {c: round(r[c]["tokens_per_s"] / mono[c]["tokens_per_s"], 3) for c in mono}
+        print(f"micro-batches {m}: remote / monolithic", over)
     record = {
         "benchmark": "router_throughput",
         "model": (
@@ -322,6 +348,15 @@ def main(argv=None) -> int:
         "monolithic": mono,
         "remote": remote,
         "remote_over_monolithic": ratio,
+        "pin": None if args.pin is None else {"router": args.pin[0], "experts": args.pin[1]},
+        "micro_batches": {
+            str(m): {
+                "remote": r,
+                "remote_over_monolithic": {c: round(r[c]["tokens_per_s"] / mono[c]["tokens_per_s"], 3) for c in mono},
+                "dispatcher_profile": prof,
+            }
+            for m, (r, prof) in by_m.items()
+        },
         "step_ms": step_ms,
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "dispatcher_profile": profile,
@@ -330,7 +365,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = existing.get("runs", []) if isinstance(existing, dict) else []
-    same = lambda r: (r.get("mode"), r.get("pool"), r.get("model")) == (record["mode"], record["pool"], record["model"])  # noqa: E731
+    key = ("mode", "pool", "model", "pin")
+    same = lambda r: all(r.get(k) == record[k] for k in key)  # noqa: E731
     runs = [r for r in runs if not same(r)] + [record]
     args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(f"wrote {args.out}")

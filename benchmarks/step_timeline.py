@@ -13,7 +13,9 @@ its `expert forward` spans, replica idle = the step minus those. It prints one s
         [--env EXPERTMESH_DISPATCH_STREAMS=false]
 
 With `--routers 2` both routers' steps are drawn on the same clock (the gateway alternates requests between them):
-what two engines taking turns at the dispatch op look like.
+what two engines taking turns at the dispatch op look like. With `--env EXPERTMESH_MICRO_BATCHES=2` a step runs as
+ping-pong micro-batches (router/micro_batches.py): its layer calls carry their micro-batch, and the router counts as
+waiting only while every micro-batch is in a layer call (`router_waiting`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,37 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def _interval(span) -> tuple[int, int]:
     return span.start_time_unix_nano, span.end_time_unix_nano
+
+
+def _micro_batch(span) -> int:
+    return next((a.value.int_value for a in span.attributes if a.key == "expertmesh.micro_batch"), 0)
+
+
+def router_waiting(step: dict) -> list[tuple[float, float]]:
+    """When the router waits on the pool: a step not split waits during its layer calls; a split step only while
+    every micro-batch is inside a layer call (its own in flight, or waiting for its turn) or already done with its
+    last one, up to the step's last layer call (after that the router computes logits and samples)."""
+    parts: dict[int, list[tuple[float, float]]] = {}
+    for call, part in zip(step["layer_calls"], step.get("micro_batch") or [0] * len(step["layer_calls"])):
+        parts.setdefault(part, []).append(tuple(call))
+    if not parts:
+        return []
+    last = max(b for calls in parts.values() for _, b in calls)
+    waiting = None
+    for calls in parts.values():
+        cover = sorted(calls + [(max(b for _, b in calls), last)])
+        waiting = cover if waiting is None else _intersect(waiting, cover)
+    return [(a, b) for a, b in waiting if b > a]
+
+
+def _intersect(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out = []
+    for a, b in xs:
+        for c, d in ys:
+            lo, hi = max(a, c), min(b, d)
+            if hi > lo:
+                out.append((lo, hi))
+    return sorted(out)
 
 
 def collect_steps(spans: list[tuple[str, object]]) -> list[dict]:
@@ -64,6 +97,7 @@ def collect_steps(spans: list[tuple[str, object]]) -> list[dict]:
                 "start_ns": t0,
                 "duration_us": (t1 - t0) / 1e3,
                 "layer_calls": [((a - t0) / 1e3, (b - t0) / 1e3) for a, b in map(_interval, layers)],
+                "micro_batch": [_micro_batch(layer) for layer in layers],
                 "expert_forward": [((a - t0) / 1e3, (b - t0) / 1e3) for a, b in map(_interval, experts)],
             }
         )
@@ -74,7 +108,7 @@ def summarize(steps: list[dict]) -> dict:
     """Per-step shares: router busy / waiting, replica busy / idle (medians over steps, in us and in %)."""
     rows = []
     for s in steps:
-        wait = sum(b - a for a, b in s["layer_calls"])
+        wait = sum(b - a for a, b in router_waiting(s))
         replica = sum(b - a for a, b in s["expert_forward"])
         rows.append((s["duration_us"], wait, replica))
     med = lambda values: statistics.median(values) if values else 0.0  # noqa: E731
@@ -103,10 +137,10 @@ def draw(step: dict, resolution_us: float) -> str:
 
     return "\n".join(
         [
-            f"router  |{lane(step['layer_calls'], invert=True)}|  (# computing, . waiting on the expert pool)",
+            f"router  |{lane(router_waiting(step), invert=True)}|  (# computing, . waiting on the expert pool)",
             f"replica |{lane(step['expert_forward'], invert=False)}|  (# computing, . idle)",
             f"one character = {resolution_us:g} us; step {step['duration_us']:.0f} us, "
-            f"{len(step['layer_calls'])} layer calls",
+            f"{len(step['layer_calls'])} layer calls in {len(set(step.get('micro_batch') or [0]))} micro-batch(es)",
         ]
     )
 

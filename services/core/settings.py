@@ -89,6 +89,13 @@ def _int(raw: str) -> int:
     return int(raw)
 
 
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("expected an integer >= 1")
+    return value
+
+
 def _float(raw: str) -> float:
     return float(raw)
 
@@ -340,9 +347,29 @@ ENV_VARS: dict[str, EnvVar] = {
             "bool",
             True,
             "for models with shared experts (DeepSeek-V2/V3, Qwen2-MoE): the router computes them while the layer's "
-            "routed-expert call is in flight, instead of before it (vLLM's order); false = vLLM's order",
+            "routed-expert call is in flight, instead of before it (vLLM's order); false = vLLM's order (not with "
+            "EXPERTMESH_MICRO_BATCHES > 1, which needs them in the shadow)",
             "router",
             _bool,
+        ),
+        _var(
+            "EXPERTMESH_MICRO_BATCHES",
+            "int",
+            1,
+            "ping-pong micro-batches per engine step (router/micro_batches.py): a step is split along requests into "
+            "this many parts that take turns at the dispatch op, so the router computes one part's attention while "
+            "another's experts are in the pool; 1 = off (the measured choice on this 2-core machine, "
+            "docs/benchmarks.md)",
+            "router",
+            _positive_int,
+        ),
+        _var(
+            "EXPERTMESH_MICRO_BATCH_MIN_TOKENS",
+            "int",
+            4,
+            "a step is split into micro-batches only when each would get at least this many tokens on average",
+            "router",
+            _positive_int,
         ),
         _var(
             "EXPERTMESH_ROUTER_METRICS_PORT",
@@ -548,6 +575,14 @@ def missing_expert_wait_s() -> float:
 
 def shared_experts_overlap() -> bool:
     return get("EXPERTMESH_SHARED_EXPERTS_OVERLAP")
+
+
+def micro_batches() -> int:
+    return get("EXPERTMESH_MICRO_BATCHES")
+
+
+def micro_batch_min_tokens() -> int:
+    return get("EXPERTMESH_MICRO_BATCH_MIN_TOKENS")
 
 
 def router_metrics_port() -> int:

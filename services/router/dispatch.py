@@ -53,7 +53,7 @@ from expertmesh.core import settings, telemetry
 from expertmesh.core.codec import as_numpy, decode, decode_owned, encode_forward
 from expertmesh.core.protos import expert_pb2
 from expertmesh.discovery.directory import DirectoryClient
-from expertmesh.router import route
+from expertmesh.router import micro_batches, route
 from expertmesh.router.counters import RoutedTokenCounters, default_counters_path, install_prometheus
 from expertmesh.router.fallback import LocalExperts, resolve_checkpoint
 from expertmesh.router.route import RoutingTable, SoleOwners
@@ -78,6 +78,8 @@ def trace_layer_call(layer: int, tokens: int) -> tuple[trace.Span | None, list[t
     if parent is None:
         return None, None
     attributes = {"expertmesh.layer": layer, "expertmesh.tokens": tokens}
+    if (part := micro_batches.current_micro_batch()) is not None:
+        attributes["expertmesh.micro_batch"] = part  # a split step: which micro-batch (benchmarks/step_timeline.py)
     span = telemetry.tracer().start_span(f"dispatch layer {layer}", context=parent, attributes=attributes)
     return span, telemetry.inject_metadata(trace.set_span_in_context(span))
 
@@ -169,10 +171,14 @@ def remote_experts(
     hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int
 ) -> torch.Tensor:
     """hidden [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H] routed-expert output of `layer`."""
+    d = get_dispatcher()
     if hidden.device.type != "cpu":  # a GPU router: the wire codec works on host memory
-        out = get_dispatcher().forward(layer, hidden.cpu(), topk_weights.cpu(), topk_ids.cpu())
-        return out.to(hidden.device, non_blocking=True)
-    return get_dispatcher().forward(layer, hidden, topk_weights, topk_ids)
+        call = d.begin(layer, hidden.cpu(), topk_weights.cpu(), topk_ids.cpu())
+        micro_batches.hand_off()
+        return d.end(call).to(hidden.device, non_blocking=True)
+    call = d.begin(layer, hidden, topk_weights, topk_ids)
+    micro_batches.hand_off()  # a split step: the next micro-batch runs while this call is in the pool
+    return d.end(call)
 
 
 @remote_experts.register_fake
@@ -201,7 +207,11 @@ def remote_experts_begin(
     d = get_dispatcher()
     if hidden.device.type != "cpu":
         hidden, topk_weights, topk_ids = hidden.cpu(), topk_weights.cpu(), topk_ids.cpu()
-    return d.handle(d.begin(layer, hidden, topk_weights, topk_ids))
+    handle = d.handle(d.begin(layer, hidden, topk_weights, topk_ids))
+    # A split step: the next micro-batch runs now, and this one's shared experts after (vLLM keeps one shared-
+    # expert output slot per step, read right after apply: nothing else may run between them).
+    micro_batches.hand_off()
+    return handle
 
 
 @remote_experts_begin.register_fake

@@ -62,8 +62,9 @@ def expert_mode() -> str:
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: apply the mode from the environment (no-op in local mode). In remote mode
-    with tracing on, also carry requests' trace context to the forward pass (step_tracing.py)."""
+    """vLLM general-plugin entry point: apply the mode from the environment (no-op in local mode). In remote mode,
+    split steps into ping-pong micro-batches when asked (micro_batches.py), and with tracing on carry requests'
+    trace context to the forward pass (step_tracing.py)."""
     apply_mode()
     if expert_mode() == "remote" and telemetry.tracing_enabled():
         from expertmesh.router import step_tracing
@@ -103,7 +104,8 @@ def counters_file() -> str:
 
 
 def apply_mode() -> None:
-    """Install or remove the remote quant method in vLLM's out-of-tree op registry, per EXPERTMESH_EXPERT_MODE."""
+    """Install or remove the remote quant method in vLLM's out-of-tree op registry, per EXPERTMESH_EXPERT_MODE (and,
+    in remote mode, the micro-batch wrappers of vLLM's CPU runner; they only split steps in remote mode)."""
     mode = expert_mode()
     if mode == "local" and "vllm" not in sys.modules:
         return  # nothing installed, nothing to import
@@ -111,6 +113,9 @@ def apply_mode() -> None:
 
     if mode == "remote":
         op_registry_oot[_OOT_NAME] = remote_method_class()
+        from expertmesh.router import micro_batches
+
+        micro_batches.install()  # EXPERTMESH_MICRO_BATCHES >= 2: ping-pong micro-batches in the CPU runner
     elif getattr(op_registry_oot.get(_OOT_NAME), "_expertmesh", False):
         del op_registry_oot[_OOT_NAME]
 
@@ -152,7 +157,10 @@ def remote_method_class():
         def __init__(self, moe):
             super().__init__(moe)
             # Read once per layer, when vLLM builds the model (a compiled graph could not follow a later change).
-            self.overlap_shared_experts = settings.shared_experts_overlap()
+            # With micro-batches the shared experts always run inside apply, after the hand-off: vLLM keeps one
+            # shared-expert output slot per layer, stored before apply and read after it in its own order, and the
+            # next micro-batch runs in between (micro_batches.py).
+            self.overlap_shared_experts = settings.shared_experts_overlap() or settings.micro_batches() > 1
 
         @property
         def mk_can_overlap_shared_experts(self) -> bool:
