@@ -222,3 +222,66 @@ def test_micro_batches_compiled_and_a_replica_killed_in_flight(tiny_checkpoint, 
     assert micro_batches.stats["split_steps"] - before >= 10
     assert stats["failovers"] >= 1
     assert_same(mono, remote)
+
+
+@pytest.mark.slow
+def test_requests_cancelled_mid_step_with_micro_batches(tmp_path):
+    """vLLM's own OpenAI server with the plugin and EXPERTMESH_MICRO_BATCHES=2 (a subprocess, its experts in a real
+    pool): streams that disconnect at random points, so requests leave between and during split steps, never stop
+    the engine; afterwards nothing runs or waits in it, and a greedy answer is what it was before the storm. The
+    router's own metrics show the steps really were split."""
+    import asyncio
+    import random
+
+    import httpx
+    from conftest import free_port
+    from openai_servers import expert_pool, router_args, start_server, stop_server, vllm_flags, wait_ready
+    from test_openai_frontend import DEMO, MODEL, _chat, _Disconnect, _metric, _storm_stream
+
+    from expertmesh.core import settings
+
+    rng = random.Random(17)
+    plans = [
+        rng.choice(
+            [_Disconnect(before_s=rng.uniform(0, 0.05)), _Disconnect(after_tokens=rng.randint(0, 24)), _Disconnect()]
+        )
+        for _ in range(64)
+    ]
+    with expert_pool(DEMO) as (directory, _server):
+        port, metrics_port = free_port(), free_port()
+        env = settings.child_env({"EXPERTMESH_MICRO_BATCHES": "2", "EXPERTMESH_MICRO_BATCH_MIN_TOKENS": "1"})
+        more = ("--router-metrics-port", str(metrics_port), *vllm_flags(MODEL))
+        router = start_server(router_args(DEMO, directory, port, *more), tmp_path / "router.log", env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, router, tmp_path / "router.log")
+            before = _chat(url, "What news from Rome?")
+
+            async def storm():
+                slots = asyncio.Semaphore(16)
+                async with httpx.AsyncClient(timeout=120) as client:
+
+                    async def one(i, plan):
+                        async with slots:
+                            return await _storm_stream(client, url, f"Speak, my lord ({i}).", plan)
+
+                    return await asyncio.gather(*(one(i, p) for i, p in enumerate(plans)))
+
+            outcomes = asyncio.run(storm())
+            for outcome in outcomes:
+                if outcome.plan == _Disconnect():
+                    assert outcome.done and outcome.finish_reason == "length", outcome
+            deadline = time.monotonic() + 30
+            while True:
+                metrics = httpx.get(f"{url}/metrics", timeout=10).text
+                if _metric(metrics, "vllm:num_requests_running") == _metric(metrics, "vllm:num_requests_waiting") == 0:
+                    break
+                assert time.monotonic() < deadline, "requests still in the engine 30 s after the storm"
+                time.sleep(0.2)
+            after = _chat(url, "What news from Rome?")
+            assert after["choices"][0]["message"] == before["choices"][0]["message"]
+            split = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            assert _metric(split, "expertmesh_micro_batch_steps_total") >= 50
+            assert router.poll() is None  # the same engine throughout
+        finally:
+            stop_server(router)

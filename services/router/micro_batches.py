@@ -52,6 +52,19 @@ log = logging.getLogger("expertmesh.router.micro_batches")
 _MARK = "_expertmesh_micro_batches"
 _turn = threading.local()  # in a micro-batch thread: .ring (its Ring) and .index (its place in it)
 stats = {"split_steps": 0, "micro_batches": 0}  # steps run split in this process, and their micro-batches
+_prometheus: list = []  # [steps, micro-batches] counters, made at the first split step (one registry per process)
+
+
+def _count_split(parts: int) -> None:
+    stats["split_steps"] += 1
+    stats["micro_batches"] += parts
+    if not _prometheus:
+        from prometheus_client import Counter
+
+        _prometheus.append(Counter("expertmesh_micro_batch_steps", "Engine steps run as ping-pong micro-batches"))
+        _prometheus.append(Counter("expertmesh_micro_batches", "Micro-batches of the steps run split"))
+    _prometheus[0].inc()
+    _prometheus[1].inc(parts)
 
 
 class Ring:
@@ -220,8 +233,7 @@ def run_split(forward, forward_context, vllm_config, input_ids, positions, input
         for i, s in enumerate(slices)
     ]
     ring = Ring(contexts)
-    stats["split_steps"] += 1
-    stats["micro_batches"] += len(slices)
+    _count_split(len(slices))
     outputs: list = [None] * len(slices)
     errors: list[BaseException] = []
     grad_mode = torch.is_inference_mode_enabled()
