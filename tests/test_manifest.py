@@ -26,8 +26,10 @@ def private_cache(tmp_path, monkeypatch):
     """A cache of its own, so each case records its checkpoint instead of reading another test's manifest."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     manifest_mod._memo.clear()
+    manifest_mod._by_stamp.clear()
     yield tmp_path / "cache"
     manifest_mod._memo.clear()
+    manifest_mod._by_stamp.clear()
 
 
 def _rewrite(src, dst, edit):
@@ -50,6 +52,7 @@ def test_the_manifest_is_recorded_once_and_cached(tiny_checkpoint, private_cache
         for e in range(manifest.num_experts):
             assert manifest.unwritten(layer, e, "w13_weight") == 0 and manifest.unwritten(layer, e, "w2_weight") == 0
     manifest_mod._memo.clear()
+    manifest_mod._by_stamp.clear()
     assert manifest_mod.manifest_for(path).to_json() == manifest.to_json()  # read back, not recorded again
 
 
@@ -149,3 +152,25 @@ def test_pickled_weights_are_refused(tiny_checkpoint, tmp_path, private_cache):
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safetensors only"):
         read_moe_info(path)
+
+
+def test_a_checked_manifest_is_not_checked_again_until_the_files_change(tiny_checkpoint, tmp_path, private_cache):
+    """manifest_for reads every shard's header to check a manifest; a second call for unchanged files does not (a
+    replica asks once per expert group, the router and the planner again), and a changed file is checked anew."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("qwen3_moe"), path)
+    first = manifest_mod.manifest_for(path)
+    reads = []
+    original = manifest_mod.tensor_headers
+    manifest_mod.tensor_headers = lambda *a: reads.append(a) or original(*a)
+    try:
+        assert manifest_mod.manifest_for(path) is first and not reads
+        name = "model.layers.0.mlp.experts.7.gate_proj.weight"
+        wrong = json.loads(first.to_json())
+        wrong["tensors"][name][1] = [64, 64]
+        (path / manifest_mod.SHIPPED_NAME).write_text(json.dumps(wrong))  # now shipped, and wrong
+        with pytest.raises(CheckpointError, match=f"tensor {name} is float32"):
+            manifest_mod.manifest_for(path)
+        assert len(reads) == 1
+    finally:
+        manifest_mod.tensor_headers = original

@@ -601,12 +601,37 @@ def cache_path(key: str) -> Path:
 
 
 _memo: dict[tuple[str, str], ExpertManifest] = {}
+_by_stamp: dict[tuple[str, tuple], ExpertManifest] = {}  # (directory, files_stamp) -> manifest checked in this process
+
+
+def files_stamp(model_dir: Path) -> tuple:
+    """What a manifest depends on, cheaply: the small files' contents (config, index, shipped manifest: hashed) and
+    every shard's (name, size, mtime, inode). The same stamp in one process means the same checkpoint, so a manifest
+    already checked against it is not checked again (that check reads every shard's header)."""
+    stamp: list[tuple] = []
+    for path in (model_dir / "config.json", model_dir / "model.safetensors.index.json", model_dir / SHIPPED_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            stamp.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            stamp.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(stamp)
 
 
 def manifest_for(model_dir: str | Path) -> ExpertManifest:
     """The checkpoint's expert manifest: shipped, cached, or recorded now (see module docstring); checked
-    against the checkpoint's tensors either way."""
+    against the checkpoint's tensors either way (once per process while the files stay the same)."""
     model_dir = Path(model_dir).resolve()
+    stamp = (str(model_dir), files_stamp(model_dir))
+    if (known := _by_stamp.get(stamp)) is not None:
+        return known
+    manifest = _manifest_for(model_dir)
+    _by_stamp[stamp] = manifest
+    return manifest
+
+
+def _manifest_for(model_dir: Path) -> ExpertManifest:
     refuse_known_wrong(read_config(model_dir), model_dir)  # before any vLLM pass: the reason, at once
     weight_map = weight_files(model_dir)
     headers = tensor_headers(model_dir, weight_map)
