@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertmesh.core import auth, settings
+from expertmesh.core.manifest import config_file
 from expertmesh.core.plan import DEFAULT_GROUP_BYTES, PlacementPlan, default_plan, load_plan
 from expertmesh.core.settings import ReplicaSettings, add_replica_flags, free_port, replica_settings_from_args
 
@@ -237,8 +238,8 @@ class Stack:
         return proc
 
     def _start(self) -> None:
-        if not (self.model / "config.json").is_file():
-            raise FileNotFoundError(f"{self.model}: not a checkpoint directory (no config.json)")
+        if config_file(self.model) is None:
+            raise FileNotFoundError(f"{self.model}: not a checkpoint directory (no config.json or params.json)")
         steps = 2 if self.local_experts else 3
         step = 1
         self._ensure_cluster_token()

@@ -174,3 +174,20 @@ def test_a_checked_manifest_is_not_checked_again_until_the_files_change(tiny_che
         assert len(reads) == 1
     finally:
         manifest_mod.tensor_headers = original
+
+
+def test_a_checkpoint_in_mistral_format_is_read_through_vllms_own_parser(tiny_checkpoint, private_cache):
+    """Mistral Large 3 as Mistral ships it (params.json, consolidated.safetensors with Mistral's tensor names): the
+    config comes from vLLM's parser, the manifest from vLLM's load pass (its renaming recorded), and an expert's
+    rows are the checkpoint's w1 (gate) and w3 (up) stacked, w2 as down."""
+    from safetensors.torch import load_file
+
+    path = tiny_checkpoint("mistral_large_3")
+    assert not (path / "config.json").exists() and (path / "params.json").exists()
+    info = read_moe_info(path)
+    assert (info.model_type, info.moe_layers, info.num_experts, info.top_k) == ("deepseek_v3", [1, 2], 16, 4)
+    assert manifest_mod.manifest_for(path).architecture == "MistralLarge3ForCausalLM"
+    expert = CheckpointReader(path).load_expert(2, 5)
+    raw = load_file(path / "consolidated.safetensors")
+    w1, w3, w2 = (raw[f"layers.2.experts.5.{w}.weight"] for w in ("w1", "w3", "w2"))
+    assert torch.equal(expert.w13, torch.cat([w1, w3])) and torch.equal(expert.w2, w2)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import free_port
-from tiny import MORE_FAMILIES
+from tiny import MISTRAL_FORMAT, MORE_FAMILIES
 
 from expertmesh.core import settings  # noqa: E402
 
@@ -296,7 +296,9 @@ def check_against_transformers(family: str, path, mono: Run, remote: Run) -> Non
 # ---- parity per family ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", *MORE_FAMILIES])
+@pytest.mark.parametrize(
+    "family", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", *MORE_FAMILIES, MISTRAL_FORMAT]
+)
 def test_remote_experts_match_monolithic_and_transformers(family, tiny_checkpoint):
     """Every family, with no family named in expertmesh's code: the replicas find their experts through the
     manifest of vLLM's own load pass (core/manifest.py), and the router's output is monolithic vLLM's. (vLLM itself
@@ -306,7 +308,7 @@ def test_remote_experts_match_monolithic_and_transformers(family, tiny_checkpoin
     mono = run_engine(path, "local")
     # see InProcessPool: shared experts overlap the call; the further families get the torch kernel in-process too
     # (their fused-op path is checked against it in tests/test_foundation.py)
-    torch_kernel = family in ("qwen2_moe", "deepseek_v2", "deepseek_v3") or family in MORE_FAMILIES
+    torch_kernel = family in ("qwen2_moe", "deepseek_v2", "deepseek_v3", MISTRAL_FORMAT) or family in MORE_FAMILIES
     with InProcessPool(path, halves(info), kernel="torch" if torch_kernel else None) as pool:
         remote = run_engine(path, "remote", pool.address)
         stats = dispatch.get_dispatcher(pool.address).stats()

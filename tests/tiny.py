@@ -419,6 +419,8 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, overr
     """Write a tiny random fp32 checkpoint of `family` (see FAMILIES, MORE_FAMILIES) to out_dir and return the path."""
     import transformers
 
+    if family == MISTRAL_FORMAT:
+        return build_mistral_checkpoint(out_dir, seed=seed)
     if family not in CONFIGS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + MORE_FAMILIES}")
     out_dir = Path(out_dir)
@@ -453,4 +455,99 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, overr
     if family in CONFIG_EDITS:
         config_path = out_dir / "config.json"
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **CONFIG_EDITS[family]}, indent=2))
+    return out_dir
+
+
+MISTRAL_FORMAT = "mistral_large_3"  # build_tiny_checkpoint's name for build_mistral_checkpoint
+
+
+# Mistral's own checkpoint format (issue 20: Mistral Large 3): params.json + consolidated.safetensors with Mistral's
+# tensor names, which vLLM reads itself (transformers_utils/configs/mistral.py: a MoE with shared experts becomes
+# MistralLarge3ForCausalLM, DeepSeek-V3's architecture with softmax routing; models/mistral_large_3.py renames the
+# tensors). Built from a tiny DeepSeek-V3 (MLA at vLLM's CPU sizes: kv_lora_rank 512, rope 64) by renaming.
+_TO_MISTRAL = [
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.(\w+)", r"layers.\1.attention.wq_a.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", r"layers.\1.attention.q_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.(\w+)", r"layers.\1.attention.wq_b.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.(\w+)", r"layers.\1.attention.wkv_a_with_mqa.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", r"layers.\1.attention.kv_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.(\w+)", r"layers.\1.attention.wkv_b.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(\w+)", r"layers.\1.attention.wo.\2"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(\w+)", r"layers.\1.feed_forward.w1.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(\w+)", r"layers.\1.feed_forward.w2.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(\w+)", r"layers.\1.feed_forward.w3.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", r"layers.\1.gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.(\w+)", r"layers.\1.shared_experts.w1.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.(\w+)", r"layers.\1.shared_experts.w2.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.(\w+)", r"layers.\1.shared_experts.w3.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.(\w+)", r"layers.\1.experts.\2.w1.\3"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.(\w+)", r"layers.\1.experts.\2.w2.\3"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.(\w+)", r"layers.\1.experts.\2.w3.\3"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"lm_head\.weight", "output.weight"),
+]
+
+
+def build_mistral_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random fp32 Mistral Large 3 in Mistral's format: params.json, consolidated.safetensors, and the tiny
+    byte-level tokenizer (tokenizer.json: vLLM's "auto" tokenizer mode reads it; no tekken.json)."""
+    import re
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_tiny_checkpoint("deepseek_v3", Path(tmp) / "hf", seed=seed, overrides={"q_lora_rank": 64})
+        config = json.loads((hf / "config.json").read_text())
+        tensors = {}
+        for path in sorted(hf.glob("*.safetensors")):
+            for name, tensor in load_file(path).items():
+                if name.endswith("e_score_correction_bias"):
+                    continue  # Mistral Large 3 routes by softmax, without a correction bias
+                new = next((re.sub(f"^{a}$", b, name) for a, b in _TO_MISTRAL if re.fullmatch(a, name)), None)
+                if new is None:
+                    raise ValueError(f"no Mistral name for {name}")
+                tensors[new] = tensor.contiguous()
+        save_file(tensors, out_dir / "consolidated.safetensors")
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (hf / name).exists():
+                shutil.copy(hf / name, out_dir / name)
+    params = {
+        "dim": config["hidden_size"],
+        "n_layers": config["num_hidden_layers"],
+        "hidden_dim": config["intermediate_size"],
+        "n_heads": config["num_attention_heads"],
+        "n_kv_heads": config["num_key_value_heads"],
+        "head_dim": config["qk_nope_head_dim"] + config["qk_rope_head_dim"],
+        "norm_eps": config["rms_norm_eps"],
+        "vocab_size": config["vocab_size"],
+        "rope_theta": 10000.0,
+        "max_position_embeddings": config["max_position_embeddings"],
+        "max_seq_len": config["max_position_embeddings"],
+        "tied_embeddings": False,
+        "q_lora_rank": config["q_lora_rank"],
+        "kv_lora_rank": config["kv_lora_rank"],
+        "qk_nope_head_dim": config["qk_nope_head_dim"],
+        "qk_rope_head_dim": config["qk_rope_head_dim"],
+        "v_head_dim": config["v_head_dim"],
+        "moe": {
+            "num_experts": config["n_routed_experts"],
+            "num_experts_per_tok": config["num_experts_per_tok"],
+            "expert_hidden_dim": config["moe_intermediate_size"],
+            "num_shared_experts": config["n_shared_experts"],
+            "first_k_dense_replace": config["first_k_dense_replace"],
+            "route_every_n": 1,
+            "routed_scale": config["routed_scaling_factor"],
+            "num_expert_groups": config["n_group"],
+            "num_expert_groups_per_tok": config["topk_group"],
+        },
+        "llama_4_scaling": {"original_max_position_embeddings": config["max_position_embeddings"], "beta": 0.1},
+    }
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
     return out_dir

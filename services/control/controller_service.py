@@ -392,7 +392,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_base_url("--dashboard", "http://HEAD:8265"),
         help="Ray dashboard URL, e.g. http://HEAD:8265",
     )
-    parser.add_argument("--model", required=True, help="checkpoint directory as the replicas see it (config.json)")
+    parser.add_argument("--model", required=True, help="checkpoint directory as the replicas see it")
     parser.add_argument(
         "--plan", help="placement plan YAML (default: whole MoE layers packed into groups of at most 2 GiB of experts)"
     )

@@ -3,10 +3,10 @@
     expertmesh plan --model DIR [--stats FILE] [--replicas N [--slots-per-device S]] [--current PLAN]
                     [--target-load T] [--max-total-replicas R] [--out FILE]
 
-Reads only the checkpoint's config.json (core/checkpoint.read_moe_info) -- no weights. Prints the plan YAML
-(core/plan.py schema) to stdout or writes it to --out; a per-layer summary (max/mean load, replicas, experts
-moved vs --current) and the plan's redundancy (the fewest replicas holding any expert, the experts held by one
-replica and why) go to stderr.
+Reads only the checkpoint's structure (core/checkpoint.read_moe_info: config.json or params.json, and the expert
+manifest) -- no weights. Prints the plan YAML (core/plan.py schema) to stdout or writes it to --out; a per-layer
+summary (max/mean load, replicas, experts moved vs --current) and the plan's redundancy (the fewest replicas holding
+any expert, the experts held by one replica and why) go to stderr.
 
 Redundancy: where it is free, every expert gets a second holder, so losing one replica uncovers nothing. Fixed
 budget: with --replicas >= 2 x experts, every expert gets >= 2 slots on distinct devices. Default plan and free
@@ -51,7 +51,9 @@ import numpy as np
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face MoE checkpoint directory (config.json is read)")
+    parser.add_argument(
+        "--model", required=True, help="MoE checkpoint directory (config.json, or Mistral's params.json)"
+    )
     parser.add_argument("--stats", help="JSON routed-token counts per (layer, expert): see `expertmesh plan` docs")
     parser.add_argument("--replicas", type=int, help="fixed budget: expert slots per MoE layer (>= experts)")
     parser.add_argument(

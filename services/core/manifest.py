@@ -19,10 +19,11 @@ MoE layers, E, H, I, top-k, the experts' activation (vLLM's `MoEActivation` valu
 `ManifestReader` (checkpoint.py) replays it for one (layer, expert) and reads only the bytes that expert needs.
 
 Where it comes from (`manifest_for`): an `expert-manifest.json` shipped in the checkpoint directory (used when it
-was recorded from this very checkpoint: its `key` is the digest of config.json and every tensor's name, dtype and
-shape), else the cache ($XDG_CACHE_HOME/expertmesh/manifests/<digest + vLLM version>.json), else a `record` run in
-a subprocess (vLLM's global state stays out of the caller), whose result is cached. A changed checkpoint or vLLM
-thus gets a new manifest. A manifest whose tensors disagree with the checkpoint is refused, naming the tensor.
+was recorded from this very checkpoint: its `key` is the digest of config.json (or params.json) and every tensor's
+name, dtype and shape), else the cache ($XDG_CACHE_HOME/expertmesh/manifests/<digest + vLLM version>.json), else a
+`record` run in a subprocess (vLLM's global state stays out of the caller), whose result is cached. A changed
+checkpoint or vLLM thus gets a new manifest. A manifest whose tensors disagree with the checkpoint is refused,
+naming the tensor.
 
     python -m expertmesh.core.manifest record MODEL_DIR [--out FILE]   # run vLLM's load pass, print/write JSON
 """
@@ -215,17 +216,38 @@ def _view(x: list) -> View:
 # ---- the checkpoint's config, and families refused with the reason -----------------------------------------------
 
 
+CONFIG_FILES = ("config.json", "params.json")  # Hugging Face's, or Mistral's own format (vLLM reads both)
+
+
+def config_file(model_dir: Path) -> Path | None:
+    """The checkpoint's config file: config.json, else Mistral's params.json (as vLLM picks), else None."""
+    return next((model_dir / name for name in CONFIG_FILES if (model_dir / name).is_file()), None)
+
+
 def read_config(model_dir: Path) -> dict:
-    cfg_file = model_dir / "config.json"
-    if not cfg_file.is_file() and (model_dir / "params.json").is_file():
+    """The checkpoint's config as vLLM sees it: config.json, or Mistral's params.json (e.g. Mistral Large 3,
+    weights in consolidated*.safetensors) as vLLM's own parser translates it (a Mistral Large 3 becomes
+    model_type deepseek_v3, architecture MistralLarge3ForCausalLM)."""
+    path = config_file(model_dir)
+    if path is None:
+        raise CheckpointError(f"{model_dir}: no config.json or params.json (is this a checkpoint directory?)")
+    if path.name == "config.json":
+        return json.loads(path.read_text())
+    try:
+        from vllm.transformers_utils.config import MistralConfigParser
+    except ImportError as exc:
         raise CheckpointError(
-            f"{model_dir}: a checkpoint in Mistral's own format (params.json, consolidated*.safetensors; e.g. Mistral "
-            "Large 3): vLLM runs it, but expertmesh reads Hugging Face checkpoints (config.json) only so far; use the "
-            "Hugging Face release of the model"
-        )
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint directory?)")
-    return json.loads(cfg_file.read_text())
+            f"{model_dir}: a checkpoint in Mistral's own format (params.json): its config is read with vLLM's parser, "
+            "and vLLM is not installed here"
+        ) from exc
+    try:
+        config, _ = MistralConfigParser().parse(model_dir, trust_remote_code=False)
+    except Exception as exc:  # vLLM's own words on what the params.json lacks
+        raise CheckpointError(f"{model_dir}: vLLM cannot read params.json: {_first_words(exc)}") from exc
+    config = dict(config)
+    if config.get("dtype") is not None and not isinstance(config["dtype"], str):  # inferred from the shards
+        config["dtype"] = str(config["dtype"]).removeprefix("torch.")  # a torch.dtype -> "float32"
+    return config
 
 
 # Families vLLM 0.32 registers but cannot run on CPU, or runs wrongly there: refused before anything starts, with
@@ -334,10 +356,14 @@ def tensor_headers(model_dir: Path, weight_map: dict[str, str]) -> dict[str, tup
 
 
 def checkpoint_digest(model_dir: Path, headers: dict[str, tuple[str, tuple[int, ...]]]) -> str:
-    """What a manifest describes: config.json and every tensor's name, dtype and shape."""
+    """What a manifest describes: the config file (config.json or params.json) and every tensor's name, dtype and
+    shape."""
     h = hashlib.sha256()
     h.update(f"expertmesh-manifest {FORMAT}\n".encode())
-    h.update((model_dir / "config.json").read_bytes())
+    path = config_file(model_dir)
+    if path is None:
+        raise CheckpointError(f"{model_dir}: no config.json or params.json (is this a checkpoint directory?)")
+    h.update(path.read_bytes())
     for name in sorted(headers):
         dt, shape = headers[name]
         h.update(f"{name} {dt} {list(shape)}\n".encode())
@@ -609,7 +635,8 @@ def files_stamp(model_dir: Path) -> tuple:
     every shard's (name, size, mtime, inode). The same stamp in one process means the same checkpoint, so a manifest
     already checked against it is not checked again (that check reads every shard's header)."""
     stamp: list[tuple] = []
-    for path in (model_dir / "config.json", model_dir / "model.safetensors.index.json", model_dir / SHIPPED_NAME):
+    small = [*(model_dir / name for name in CONFIG_FILES), model_dir / "model.safetensors.index.json"]
+    for path in (*small, model_dir / SHIPPED_NAME):
         with contextlib.suppress(FileNotFoundError):
             stamp.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
     for path in sorted(model_dir.glob("*.safetensors")):

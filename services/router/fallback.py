@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from expertmesh.core.manifest import config_file
+
 if TYPE_CHECKING:  # imported on first use: a router that never falls back never opens the checkpoint
     from expertmesh.core.checkpoint import CheckpointReader
     from expertmesh.core.kernel import ExpertWeights
@@ -34,7 +36,7 @@ log = logging.getLogger("expertmesh.router.fallback")
 def resolve_checkpoint(model: str) -> Path | None:
     """The local directory of vLLM's `model` (a path, or a hub id already in the local cache), or None."""
     path = Path(model)
-    if (path / "config.json").is_file():
+    if config_file(path) is not None:
         return path
     try:
         from huggingface_hub import snapshot_download

@@ -16,7 +16,6 @@ and attention backend from `engine_kwargs`, so both sides of a comparison run th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,22 +25,23 @@ CPU_MLA_BACKEND = "CPU_MLA"
 _FP32 = {"float32", "float", "fp32", "torch.float32"}
 
 
+def _raw_config(model_dir: str | Path) -> dict:
+    """The checkpoint's config (config.json, or Mistral's params.json as vLLM reads it); {} if it has none."""
+    from expertmesh.core.manifest import config_file, read_config
+
+    return read_config(Path(model_dir)) if config_file(Path(model_dir)) is not None else {}
+
+
 def checkpoint_config(model_dir: str | Path) -> dict:
-    """config.json of a checkpoint directory, with a multimodal model's `text_config` merged over it; {} if absent."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
+    """The checkpoint's config, with a multimodal model's `text_config` merged over it; {} if absent."""
+    data = _raw_config(model_dir)
     text = data.get("text_config")
     return {**data, **text} if isinstance(text, dict) else data
 
 
 def checkpoint_dtype(model_dir: str | Path) -> str:
     """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), "auto" if not recorded."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return "auto"
-    data = json.loads(path.read_text())
+    data = _raw_config(model_dir)
     dtype = data.get("dtype") or data.get("torch_dtype")
     if dtype is None and isinstance(data.get("text_config"), dict):
         dtype = data["text_config"].get("dtype") or data["text_config"].get("torch_dtype")
@@ -69,7 +69,7 @@ def engine_kwargs(model_dir: str | Path, dtype: str | None = None, cpu: bool | N
 
     dtype = dtype or checkpoint_dtype(model_dir)
     kwargs: dict = {"dtype": dtype}
-    overrides = architecture_overrides(json.loads((Path(model_dir) / "config.json").read_text()))
+    overrides = architecture_overrides(_raw_config(model_dir))
     if overrides:  # an architecture name transformers 5 renamed and vLLM registers under its older name
         kwargs["hf_overrides"] = overrides
     if is_mla(checkpoint_config(model_dir)) and dtype in _FP32 and (_on_cpu() if cpu is None else cpu):
