@@ -191,3 +191,18 @@ def test_a_checkpoint_in_mistral_format_is_read_through_vllms_own_parser(tiny_ch
     raw = load_file(path / "consolidated.safetensors")
     w1, w3, w2 = (raw[f"layers.2.experts.5.{w}.weight"] for w in ("w1", "w3", "w2"))
     assert torch.equal(expert.w13, torch.cat([w1, w3])) and torch.equal(expert.w2, w2)
+
+
+def test_a_family_whose_vllm_module_does_not_import_is_refused_with_the_cause(tiny_checkpoint, private_cache):
+    """The multimodal Llama 4 wrapper (`llama4`, text_config + `language_model.` prefix): vLLM's module for it
+    imports torchvision, which vLLM's CPU install leaves out (its CUDA build breaks `import vllm`). vLLM itself only
+    says the architecture "failed to be inspected"; the refusal names the missing module. Where torchvision is
+    installed, the wrapper's experts are found like any family's."""
+    import importlib.util
+
+    path = tiny_checkpoint("llama4")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(CheckpointError, match="mllama4.*No module named 'torchvision'"):
+            read_moe_info(path)
+    else:
+        assert read_moe_info(path).model_type == "llama4_text"

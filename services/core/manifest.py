@@ -413,6 +413,29 @@ class _Lineage:
         self.why[self.key(t)] = why
 
 
+def _import_failure(architectures: list[str]) -> str | None:
+    """Why vLLM's model module for these architectures does not import here, or None. vLLM only says "failed to be
+    inspected" (its registry imports the module in a subprocess and logs the cause); the cause is what a user needs,
+    e.g. the multimodal Llama 4's module importing torchvision, which vLLM's CPU install leaves out."""
+    import importlib
+
+    from vllm.model_executor.models.registry import _VLLM_MODELS
+
+    for arch in architectures:
+        module = _VLLM_MODELS.get(ARCHITECTURE_ALIASES.get(arch, arch), (None,))[0]
+        if module is None:
+            continue
+        name = f"vllm.model_executor.models.{module}"
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the reason is the message
+            return (
+                f"its model ({name}) does not import in this vLLM install: {type(exc).__name__}: {exc} "
+                "(a vLLM install that has what it needs serves it, e.g. vLLM's GPU build with its dependencies)"
+            )
+    return None
+
+
 def _first_words(exc: Exception) -> str:
     """An exception's message without pydantic's wrapping (vLLM's config errors arrive as ValidationErrors)."""
     text = str(exc)
@@ -455,7 +478,8 @@ def _record_pass(model_dir: Path) -> ExpertManifest:
         vllm_config = engine_args.create_engine_config()
     except Exception as exc:  # vLLM's own words: unknown architecture, remote code refused, ...
         what = f"model_type {config.get('model_type')!r}, architectures {config.get('architectures')}"
-        raise CheckpointError(f"{model_dir} ({what}): vLLM cannot run this checkpoint: {_first_words(exc)}") from exc
+        why = _import_failure(config.get("architectures") or []) or _first_words(exc)
+        raise CheckpointError(f"{model_dir} ({what}): vLLM cannot run this checkpoint: {why}") from exc
     dtype_of = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     lineage = _Lineage()
     aten = torch.ops.aten
