@@ -30,8 +30,8 @@ serve: $(STAMP)
 # Lint first (seconds): ruff (lint + format check) on the code, mypy on the package under its import name.
 MYPY_SRC := .cache/mypy-src
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services tests benchmarks scripts deploy
-	$(VENV)/bin/ruff format --check services tests benchmarks scripts deploy
+	$(VENV)/bin/ruff check services tests benchmarks benchmarks/compare scripts deploy
+	$(VENV)/bin/ruff format --check services tests benchmarks benchmarks/compare scripts deploy
 	mkdir -p $(MYPY_SRC) && ln -sfn ../../services $(MYPY_SRC)/expertmesh
 	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy --cache-dir .cache/mypy -p expertmesh
 
