@@ -33,7 +33,6 @@ import statistics
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -52,6 +51,9 @@ from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS, DirectoryClien
 from expertmesh.experts.pool import LocalPool  # noqa: E402
 from expertmesh.experts.replica import CHANNEL_OPTIONS, keys_from_proto  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the loopback HTTP stub
+from loopback_http import LoopbackHTTP  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "time_to_replica.json"
 HOT_LAYER, HOT_EXPERT = 1, 3
@@ -67,25 +69,9 @@ class Counters:
         self.counts = np.zeros((len(layers), num_experts))
         self.t = time.monotonic()
         self.lock = threading.Lock()
-        counters = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                body = json.dumps(
-                    {"available": True, "layers": counters.layers, "counts": counters.read().tolist()}
-                ).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/expertmesh/counters"
+        route = lambda _: (200, {"available": True, "layers": self.layers, "counts": self.read().tolist()})  # noqa: E731
+        self.server = LoopbackHTTP({"/expertmesh/counters": route})
+        self.url = f"{self.server.url}/expertmesh/counters"
 
     def _advance(self) -> None:
         now = time.monotonic()

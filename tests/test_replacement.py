@@ -9,17 +9,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
 import torch
+from loopback_http import LoopbackHTTP
 
 from expertmesh.control.controller import Controller, ControllerSettings, ReplicaProber
 from expertmesh.core.checkpoint import CheckpointReader
@@ -77,39 +75,18 @@ def test_prober_deregisters_the_dead_and_keeps_the_live(checkpoint):
             directory.stop()
 
 
-class _NoCounters:
-    """A router's counters endpoint before its engine counted anything (the controller's ticks read it)."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                body = json.dumps({"available": False}).encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/expertmesh/counters"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.slow
 def test_killed_replica_is_deregistered_at_once_and_replaced_warm(checkpoint):
     from ray.util.state import list_actors
 
     keys = {0: [0, 1, 2, 3, 4, 5, 6, 7]}
     plan = PlacementPlan(groups=[ExpertGroup(name="l0", keys=keys), ExpertGroup(name="l1", keys={1: list(range(8))})])
-    counters = _NoCounters()
+    # a router's counters endpoint before its engine counted anything (the controller's ticks read it)
+    counters = LoopbackHTTP({"/expertmesh/counters": lambda _: (200, {"available": False})})
     with LocalPool.private(checkpoint, plan, lease_seconds=LONG_LEASE_S, ready_timeout=240, state_file=None) as pool:
-        controller = Controller.for_pool(pool, counters.url, ControllerSettings(probe_interval_s=0.5)).start()
+        controller = Controller.for_pool(
+            pool, f"{counters.url}/expertmesh/counters", ControllerSettings(probe_interval_s=0.5)
+        ).start()
         try:
             with pool.client() as directory:
                 old = next(e for e in directory.snapshot().replicas if e.group == "l0")
