@@ -439,10 +439,11 @@ def test_plan_cli_shows_the_redundancy(tmp_path, capsys):
     assert rc == 2 and "--max-total-replicas must be >= 1" in err
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "granitemoehybrid", "mistral_large_3"])
 def test_plan_cli_plans_further_families(family, tiny_checkpoint, tmp_path, capsys):
     """`expertmesh plan` on families named nowhere in expertmesh: the structure comes from the expert manifest
-    (Llama 4: MoE every other layer; Granite 4.0-H: Mamba2 layers without experts)."""
+    (Llama 4: MoE every other layer; Granite 4.0-H: Mamba2 layers without experts; Mistral Large 3 in Mistral's
+    format: params.json, the first layer dense)."""
     ckpt = tiny_checkpoint(family)
     info = read_moe_info(ckpt)
     out = tmp_path / "plan.yaml"
