@@ -30,8 +30,9 @@ of `CPUModelRunner` (vLLM's CPU runner, inherited from GPUModelRunner) in the pr
 
 Every family works the same way (the hand-off is in the dispatch op). Eager and compiled: the op is opaque to
 torch.compile, and the compiled forward is called per micro-batch with its own token count. m comes from
-`EXPERTMESH_MICRO_BATCHES` (1 = off); MegaScale-Infer's rule m >= 2(1 + Tc/Tf) (communication over compute time)
-and the measurements that chose the default are in docs/benchmarks.md.
+`EXPERTMESH_MICRO_BATCHES` (1 = off), read once when vLLM builds the runner's metadata builders; MegaScale-Infer's
+rule m >= 2(1 + Tc/Tf) (communication over compute time) and the measurements that chose the default are in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ log = logging.getLogger("expertmesh.router.micro_batches")
 _MARK = "_expertmesh_micro_batches"
 _turn = threading.local()  # in a micro-batch thread: .ring (its Ring) and .index (its place in it)
 stats = {"split_steps": 0, "micro_batches": 0}  # steps run split in this process, and their micro-batches
+_split = [0]  # the parts of the step being prepared (set when the runner decides to split, taken by the slicing)
 _prometheus: list = []  # [steps, micro-batches] counters, made at the first split step (one registry per process)
 
 
@@ -138,13 +140,13 @@ def request_slices(num_scheduled_tokens: np.ndarray, m: int) -> list[tuple[slice
 
 
 def should_split(runner, num_tokens: int, num_reqs: int, num_scheduled_tokens_np: np.ndarray) -> bool:
-    m = settings.micro_batches()
+    # m as the runner was built with (one attention-metadata builder per micro-batch); 1 where it cannot split: a
+    # KV cache group that is not attention (Mamba state)
+    m = getattr(runner, "_expertmesh_micro_batches", 1)
     if settings.expert_mode() != "remote":
         return False  # monolithic: nothing to hide, a split would only cost
     if m < 2 or num_reqs < m or num_tokens < m * settings.micro_batch_min_tokens():
         return False
-    if not getattr(runner, "_expertmesh_split_ok", False):
-        return False  # a KV cache group that is not attention (Mamba state), or no builders per micro-batch
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     # vLLM's own check, which it skips when its own micro-batching is off: a request reading a prefix block that
@@ -167,6 +169,7 @@ def _wrap_determine(original):
             return result
         if descriptor.num_tokens != num_tokens or not should_split(self, num_tokens, num_reqs, num_scheduled_tokens_np):
             return result
+        _split[0] = self._expertmesh_micro_batches  # read by maybe_create_ubatch_slices, next in this step
         return mode, descriptor, True, across_dp, stats
 
     setattr(_determine_batch_execution_and_padding, _MARK, True)
@@ -178,9 +181,10 @@ def _wrap_create_slices(original):
     def maybe_create_ubatch_slices(should_ubatch, num_scheduled_tokens, num_tokens_padded, num_reqs_padded, *a, **kw):
         from vllm.v1.worker.ubatch_utils import UBatchSlice
 
-        if not should_ubatch or not settings.micro_batches() > 1:
+        parts, _split[0] = _split[0], 0
+        if not should_ubatch or parts < 2:  # not our split (vLLM's own, with data parallelism)
             return original(should_ubatch, num_scheduled_tokens, num_tokens_padded, num_reqs_padded, *a, **kw)
-        slices = [UBatchSlice(r, t) for r, t in request_slices(num_scheduled_tokens, settings.micro_batches())]
+        slices = [UBatchSlice(r, t) for r, t in request_slices(num_scheduled_tokens, parts)]
         return slices, slices  # no padding on CPU: the padded slices are the slices
 
     setattr(maybe_create_ubatch_slices, _MARK, True)
@@ -194,10 +198,9 @@ def _wrap_builders(original):
         from vllm.v1.kv_cache_interface import AttentionSpec
 
         m = settings.micro_batches()
-        self._expertmesh_split_ok = m > 1 and all(
-            isinstance(g.kv_cache_spec, AttentionSpec) for g in kv_cache_config.kv_cache_groups
-        )
-        if not self._expertmesh_split_ok:
+        attention_only = all(isinstance(g.kv_cache_spec, AttentionSpec) for g in kv_cache_config.kv_cache_groups)
+        self._expertmesh_micro_batches = m if attention_only else 1
+        if self._expertmesh_micro_batches < 2:
             return
         for gid, groups in enumerate(self.attn_groups):
             for group in groups:
