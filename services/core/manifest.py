@@ -224,13 +224,18 @@ def config_file(model_dir: Path) -> Path | None:
     return next((model_dir / name for name in CONFIG_FILES if (model_dir / name).is_file()), None)
 
 
+def _required_config_file(model_dir: Path) -> Path:
+    path = config_file(model_dir)
+    if path is None:
+        raise CheckpointError(f"{model_dir}: no config.json or params.json (is this a checkpoint directory?)")
+    return path
+
+
 def read_config(model_dir: Path) -> dict:
     """The checkpoint's config as vLLM sees it: config.json, or Mistral's params.json (e.g. Mistral Large 3,
     weights in consolidated*.safetensors) as vLLM's own parser translates it (a Mistral Large 3 becomes
     model_type deepseek_v3, architecture MistralLarge3ForCausalLM)."""
-    path = config_file(model_dir)
-    if path is None:
-        raise CheckpointError(f"{model_dir}: no config.json or params.json (is this a checkpoint directory?)")
+    path = _required_config_file(model_dir)
     if path.name == "config.json":
         return json.loads(path.read_text())
     try:
@@ -360,10 +365,7 @@ def checkpoint_digest(model_dir: Path, headers: dict[str, tuple[str, tuple[int, 
     shape."""
     h = hashlib.sha256()
     h.update(f"expertmesh-manifest {FORMAT}\n".encode())
-    path = config_file(model_dir)
-    if path is None:
-        raise CheckpointError(f"{model_dir}: no config.json or params.json (is this a checkpoint directory?)")
-    h.update(path.read_bytes())
+    h.update(_required_config_file(model_dir).read_bytes())
     for name in sorted(headers):
         dt, shape = headers[name]
         h.update(f"{name} {dt} {list(shape)}\n".encode())

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import logging
 import threading
 from types import SimpleNamespace
 
@@ -47,8 +46,6 @@ import numpy as np
 import torch
 
 from expertmesh.core import settings
-
-log = logging.getLogger("expertmesh.router.micro_batches")
 
 _MARK = "_expertmesh_micro_batches"
 _turn = threading.local()  # in a micro-batch thread: .ring (its Ring) and .index (its place in it)
@@ -163,14 +160,14 @@ def _wrap_determine(original):
     @functools.wraps(original)
     def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np, *args, **kw):
         result = original(self, num_tokens, num_reqs, num_scheduled_tokens_np, *args, **kw)
-        mode, descriptor, should_ubatch, across_dp, stats = result
+        mode, descriptor, should_ubatch, across_dp, graph_stats = result
         # force_has_lora is passed by vLLM's dummy runs (profiling, warm-up, graph capture) only
         if should_ubatch or kw.get("force_has_lora") is not None or self.parallel_config.data_parallel_size > 1:
             return result
         if descriptor.num_tokens != num_tokens or not should_split(self, num_tokens, num_reqs, num_scheduled_tokens_np):
             return result
         _split[0] = self._expertmesh_micro_batches  # read by maybe_create_ubatch_slices, next in this step
-        return mode, descriptor, True, across_dp, stats
+        return mode, descriptor, True, across_dp, graph_stats
 
     setattr(_determine_batch_execution_and_padding, _MARK, True)
     return _determine_batch_execution_and_padding

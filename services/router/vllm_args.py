@@ -25,26 +25,24 @@ CPU_MLA_BACKEND = "CPU_MLA"
 _FP32 = {"float32", "float", "fp32", "torch.float32"}
 
 
-def _raw_config(model_dir: str | Path) -> dict:
+def checkpoint_config(model_dir: str | Path) -> dict:
     """The checkpoint's config (config.json, or Mistral's params.json as vLLM reads it); {} if it has none."""
     from expertmesh.core.manifest import config_file, read_config
 
     return read_config(Path(model_dir)) if config_file(Path(model_dir)) is not None else {}
 
 
-def checkpoint_config(model_dir: str | Path) -> dict:
-    """The checkpoint's config, with a multimodal model's `text_config` merged over it; {} if absent."""
-    data = _raw_config(model_dir)
-    text = data.get("text_config")
-    return {**data, **text} if isinstance(text, dict) else data
+def text_config(config: dict) -> dict:
+    """`config` with a multimodal model's `text_config` merged over it."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
 
 
-def checkpoint_dtype(model_dir: str | Path) -> str:
-    """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), "auto" if not recorded."""
-    data = _raw_config(model_dir)
-    dtype = data.get("dtype") or data.get("torch_dtype")
-    if dtype is None and isinstance(data.get("text_config"), dict):
-        dtype = data["text_config"].get("dtype") or data["text_config"].get("torch_dtype")
+def saved_dtype(config: dict) -> str:
+    """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), "auto" if `config` does not say."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    if dtype is None and isinstance(config.get("text_config"), dict):
+        dtype = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
     return str(dtype) if dtype else "auto"
 
 
@@ -67,12 +65,13 @@ def engine_kwargs(model_dir: str | Path, dtype: str | None = None, cpu: bool | N
     """
     from expertmesh.core.manifest import architecture_overrides
 
-    dtype = dtype or checkpoint_dtype(model_dir)
+    config = checkpoint_config(model_dir)  # read once: for params.json it is vLLM's parser, which reads the shards
+    dtype = dtype or saved_dtype(config)
     kwargs: dict = {"dtype": dtype}
-    overrides = architecture_overrides(_raw_config(model_dir))
+    overrides = architecture_overrides(config)
     if overrides:  # an architecture name transformers 5 renamed and vLLM registers under its older name
         kwargs["hf_overrides"] = overrides
-    if is_mla(checkpoint_config(model_dir)) and dtype in _FP32 and (_on_cpu() if cpu is None else cpu):
+    if is_mla(text_config(config)) and dtype in _FP32 and (_on_cpu() if cpu is None else cpu):
         kwargs["attention_config"] = {"backend": CPU_MLA_BACKEND}
         log.info("attention backend CPU_MLA: fp32 MLA model; AMX_MLA takes only bf16/fp16/int8")
     return kwargs
