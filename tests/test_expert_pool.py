@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -23,6 +24,7 @@ from expertmesh.core.kernel import ExpertWeights
 from expertmesh.core.plan import ExpertGroup, PlacementPlan
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 from expertmesh.discovery.directory import DirectoryClient, DirectoryServer, endpoints_by_key
+from expertmesh.experts.coalescer import DEFAULT_INLINE_ROWS
 from expertmesh.experts.pool import LocalPool
 from expertmesh.experts.replica import CHANNEL_OPTIONS, ExpertServer, keys_from_proto
 
@@ -388,23 +390,36 @@ def test_directory_leases_drain_watch_and_validation():
 
 
 def test_expired_call_is_dropped_not_computed(checkpoint):
-    """A call whose deadline passes while it waits behind a long batch is never computed."""
+    """A call whose deadline passes while it waits behind a batch on the compute thread is never computed.
+
+    The batch ahead is held on the compute thread by the test (a blocker queued there first), so the order of
+    events does not depend on how fast this machine computes: the short call is in the replica, queued, before
+    its deadline passes, and the batch ahead finishes only after it passed."""
     server = ExpertServer(checkpoint, {0: [0, 1]}, group="g")
     port = server.start("127.0.0.1", 0)
+    coalescer = server.servicer.coalescer
+    release = threading.Event()
     try:
+        coalescer._compute.submit(release.wait, 60)  # the compute thread is busy until released
 
         async def main():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
                 stub = expert_pb2_grpc.ExpertServiceStub(channel)
-                long = stub.Forward(encode_forward(*_request(0, [0, 1], rows=32768, top_k=1)), timeout=60)
-                while server.servicer.coalescer.in_flight == 0:  # wait until the long call is in (16 MB upload)
+                # more rows than the replica computes on its loop: this batch goes to the (held) compute thread
+                ahead = stub.Forward(
+                    encode_forward(*_request(0, [0, 1], rows=DEFAULT_INLINE_ROWS + 44, top_k=1)), timeout=60
+                )
+                while coalescer.in_flight < 1 or coalescer.timers.batches:  # it is in, its batch not done
                     await asyncio.sleep(0.001)
-                await asyncio.sleep(0.002)  # its batch is computing now
+                expired = stub.Forward(encode_forward(*_request(0, [0, 1], rows=3, top_k=1)), timeout=1.0)
+                while coalescer.in_flight < 2:  # the short call is in the replica, queued behind the batch
+                    await asyncio.sleep(0.001)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.Forward(encode_forward(*_request(0, [0, 1], rows=3, top_k=1)), timeout=0.01)
+                    await expired
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                reply = await long
-                assert reply.batch_rows == 32768
+                release.set()
+                reply = await ahead
+                assert reply.batch_rows == DEFAULT_INLINE_ROWS + 44
                 after = await stub.Forward(encode_forward(*_request(0, [0, 1], rows=5, top_k=1)), timeout=10)
                 assert after.batch_rows == 5
 
@@ -415,9 +430,10 @@ def test_expired_call_is_dropped_not_computed(checkpoint):
             for line in text.splitlines()
             if line.startswith("expertmesh_replica_expert_tokens_total{")
         )
-        assert tokens == 32768 + 5  # the expired call's 3 tokens were never computed
+        assert tokens == DEFAULT_INLINE_ROWS + 44 + 5  # the expired call's 3 tokens were never computed
         assert 'code="DEADLINE_EXCEEDED"' in text or 'code="CANCELLED"' in text
     finally:
+        release.set()
         server.stop()
 
 

@@ -19,8 +19,10 @@ What is the gateway's own (the OpenAI behaviour is vLLM's, compared with vLLM's 
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -238,11 +240,13 @@ def test_huge_and_endless_bodies_are_refused_while_streams_run(stack):
                         gaps.append(now - last)
                     last = now
 
+    # Encoded up front: json-encoding 10 MB inside the test's loop would stall the test's own clients, and the
+    # health probe would time the test, not the gateway.
+    huge_body = json.dumps({"model": "demo", "prompt": "x" * (10 * 1024 * 1024), "max_tokens": 1}).encode()
+
     async def huge(client: httpx.AsyncClient) -> httpx.Response:
-        prompt = "x" * (10 * 1024 * 1024)
-        return await client.post(
-            f"{url}/v1/completions", json={"model": "demo", "prompt": prompt, "max_tokens": 1}, headers=_auth()
-        )
+        headers = {**_auth(), "Content-Type": "application/json"}
+        return await client.post(f"{url}/v1/completions", content=huge_body, headers=headers)
 
     async def endless() -> bytes:
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -253,23 +257,28 @@ def test_huge_and_endless_bodies_are_refused_while_streams_run(stack):
         writer.close()
         return answer
 
-    async def probe_health(client: httpx.AsyncClient, until: asyncio.Event) -> None:
-        while not until.is_set():
-            t0 = time.monotonic()
-            await client.get(f"{url}/health")
-            health_ms.append((time.monotonic() - t0) * 1000)
-            await asyncio.sleep(0.05)
+    def probe_health(until: threading.Event) -> None:
+        # A thread and a client of its own: on the test's loop the probe would wait behind the 32 streams' lines.
+        with httpx.Client(timeout=10) as client:
+            while not until.is_set():
+                t0 = time.monotonic()
+                client.get(f"{url}/health")
+                health_ms.append((time.monotonic() - t0) * 1000)
+                until.wait(0.05)
 
     async def main():
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
-            done = asyncio.Event()
-            prober = asyncio.create_task(probe_health(client, done))
-            streams = [asyncio.create_task(stream(client, i)) for i in range(32)]
-            await asyncio.sleep(0.5)  # the streams are running
-            big, slow = await asyncio.gather(huge(client), endless())
-            await asyncio.gather(*streams)
-            done.set()
-            await prober
+            done = threading.Event()
+            prober = threading.Thread(target=probe_health, args=(done,))
+            prober.start()
+            try:
+                streams = [asyncio.create_task(stream(client, i)) for i in range(32)]
+                await asyncio.sleep(0.5)  # the streams are running
+                big, slow = await asyncio.gather(huge(client), endless())
+                await asyncio.gather(*streams)
+            finally:
+                done.set()
+                prober.join()
             return big, slow
 
     before = _router_metric(stack["router"], "vllm:request_success_total")

@@ -149,6 +149,24 @@ def test_grpc_message_options():
     ]
 
 
+def test_grpc_keepalive_options(monkeypatch):
+    """The router's long-lived links ping at the configured interval (failing a ping by its timeout); 0 is off, and
+    an interval our servers would answer with GOAWAY (below what they accept) is refused by name."""
+    monkeypatch.delenv("EXPERTMESH_DISPATCH_KEEPALIVE_S", raising=False)
+    monkeypatch.delenv("EXPERTMESH_DISPATCH_KEEPALIVE_TIMEOUT_S", raising=False)
+    options = dict(settings.grpc_keepalive_options())
+    assert options["grpc.keepalive_time_ms"] == 20000
+    assert options["grpc.keepalive_timeout_ms"] == options["grpc.http2.ping_timeout_ms"] == 10000
+    server = dict(settings.grpc_keepalive_server_options())
+    assert server["grpc.http2.min_ping_interval_without_data_ms"] <= 1000 <= options["grpc.keepalive_time_ms"]
+    monkeypatch.setenv("EXPERTMESH_DISPATCH_KEEPALIVE_S", "0")
+    assert settings.grpc_keepalive_options() == []
+    for name, raw in [("EXPERTMESH_DISPATCH_KEEPALIVE_S", "0.5"), ("EXPERTMESH_DISPATCH_KEEPALIVE_TIMEOUT_S", "0")]:
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(ValueError, match=name):
+            settings.get(name)
+
+
 def test_replica_settings_agree_with_the_replica():
     """REPLICA_DEFAULTS are the replica's own defaults, and every ReplicaSettings field is a replica argument."""
     from expertmesh.discovery.directory import DEFAULT_LEASE_SECONDS

@@ -239,6 +239,73 @@ def test_replica_stopped_with_calls_in_flight_fails_them_and_the_stream_reopens_
         server.stop()
 
 
+_REPLICA_MAIN = """
+import sys
+from expertmesh.experts.replica import ExpertServer
+server = ExpertServer(sys.argv[1], {0: list(range(8))}, group="g")
+print(server.start("127.0.0.1", 0), flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def test_keepalive_breaks_the_idle_stream_of_a_frozen_replica_and_keeps_a_live_one(checkpoint, reference, monkeypatch):
+    """A replica that stops answering without closing its connection (SIGSTOP: the kernel still ACKs, nothing
+    answers) breaks the router's idle stream within keepalive + timeout, so the next call opens a new one instead of
+    waiting out its deadline; a live replica's idle stream outlives many pings (the replica accepts them: no
+    GOAWAY too_many_pings); with keepalive off the frozen replica's stream stays open."""
+    import signal
+    import subprocess
+    import sys
+
+    replica = subprocess.Popen(
+        [sys.executable, "-c", _REPLICA_MAIN, str(checkpoint)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    pinging, silent = Transport(30.0, streams=True), Transport(30.0, streams=True)
+    try:
+        address = f"127.0.0.1:{int(replica.stdout.readline())}"
+        req = _request(rows=4, seed=1)
+        for transport, keepalive in ((pinging, "1"), (silent, "0")):  # the link reads the settings as it is made
+            monkeypatch.setenv("EXPERTMESH_DISPATCH_KEEPALIVE_S", keepalive)
+            monkeypatch.setenv("EXPERTMESH_DISPATCH_KEEPALIVE_TIMEOUT_S", "1")
+            transport.connect(address)
+            assert torch.equal(decode(transport.call(address, encode_forward(*req), 4).output), reference.forward(*req))
+        first = pinging._links[address]._stream
+        time.sleep(4.5)  # idle: four pings answered
+        assert not first.broken, first.detail
+        assert torch.equal(decode(pinging.call(address, encode_forward(*req), 4).output), reference.forward(*req))
+        assert pinging._links[address]._stream is first
+
+        replica.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        while not first.broken:
+            assert time.monotonic() - frozen < 8, "the frozen replica's stream was not broken by keepalive"
+            time.sleep(0.05)
+        assert "UNAVAILABLE" in first.detail, first.detail
+        assert not silent._links[address]._stream.broken  # without pings nothing notices
+        replica.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 20  # the channel reconnects after its backoff
+        while True:
+            try:
+                out = decode(pinging.call(address, encode_forward(*req), 4).output)
+                break
+            except ReplicaFailed:
+                assert time.monotonic() < deadline, "no stream to the replica after it woke"
+                time.sleep(0.1)
+        assert torch.equal(out, reference.forward(*req))
+        assert pinging._links[address]._stream is not first
+    finally:
+        replica.send_signal(signal.SIGCONT)
+        pinging.close()
+        silent.close()
+        replica.stdin.close()
+        try:
+            replica.wait(15)
+        except subprocess.TimeoutExpired:
+            replica.kill()
+            replica.wait()
+
+
 def test_dispatcher_fails_over_when_a_replica_dies_with_its_stream_open(checkpoint, reference):
     """Two replicas hold layer 0; the dispatcher's streams to both are open; one is stopped; every layer call still
     gives the right output (its share resent to the other holder)."""

@@ -78,6 +78,38 @@ def grpc_message_options(max_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> list[tuple[
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+# The shortest keepalive interval our servers (replicas, the directory) accept from a client: a client pinging more
+# often is answered with GOAWAY (too_many_pings) by gRPC's ping policy, which would break the very stream it keeps.
+GRPC_MIN_KEEPALIVE_S = 1.0
+
+
+def grpc_keepalive_server_options() -> list[tuple[str, int]]:
+    """Server options of our long-lived-stream servers: accept keepalive pings every GRPC_MIN_KEEPALIVE_S, also on
+    a connection with no call open."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", int(GRPC_MIN_KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def grpc_keepalive_options() -> list[tuple[str, int]]:
+    """Client options of the router's long-lived links (replica streams, the directory watch): an HTTP/2 ping every
+    EXPERTMESH_DISPATCH_KEEPALIVE_S, the connection broken when one goes unanswered for
+    EXPERTMESH_DISPATCH_KEEPALIVE_TIMEOUT_S. [] when keepalive is off (0)."""
+    every = dispatch_keepalive_s()
+    if every == 0:
+        return []
+    return [
+        ("grpc.keepalive_time_ms", int(every * 1000)),
+        ("grpc.keepalive_timeout_ms", int(dispatch_keepalive_timeout_s() * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),  # a link with no call open (unary mode, between calls) too
+        ("grpc.http2.max_pings_without_data", 0),  # an idle stream sends no data: keep pinging anyway
+        # grpcio 1.85 fails an unanswered keepalive ping by this timeout, not by keepalive_timeout_ms alone
+        # (measured: a SIGSTOPped replica's stream stayed open for minutes without it; tests/test_stream_transport.py)
+        ("grpc.http2.ping_timeout_ms", int(dispatch_keepalive_timeout_s() * 1000)),
+    ]
+
+
 # ---- the registry ------------------------------------------------------------------------------------------------
 
 
@@ -98,6 +130,20 @@ def _positive_int(raw: str) -> int:
 
 def _float(raw: str) -> float:
     return float(raw)
+
+
+def _keepalive_s(raw: str) -> float:
+    value = float(raw)
+    if value != 0 and value < GRPC_MIN_KEEPALIVE_S:
+        raise ValueError(f"expected 0 (off) or at least {GRPC_MIN_KEEPALIVE_S:g} s (what the servers accept)")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("expected a number > 0")
+    return value
 
 
 def _bool(raw: str) -> bool:
@@ -331,6 +377,25 @@ ENV_VARS: dict[str, EnvVar] = {
             "unary calls, router/transport.py); 0 = one unary Forward per call",
             "router",
             _bool,
+        ),
+        _var(
+            "EXPERTMESH_DISPATCH_KEEPALIVE_S",
+            "float",
+            20.0,
+            "seconds between HTTP/2 keepalive pings on the router's long-lived gRPC links (each replica's stream, "
+            "the directory watch): a link whose peer stopped answering breaks and is reopened before the next call "
+            "instead of that call waiting out its deadline, and load balancers or NAT keep an idle stream open; "
+            "0 = off, else at least 1 (what replicas and the directory accept)",
+            "router",
+            _keepalive_s,
+        ),
+        _var(
+            "EXPERTMESH_DISPATCH_KEEPALIVE_TIMEOUT_S",
+            "float",
+            10.0,
+            "seconds a keepalive ping may go unanswered before the link counts as broken",
+            "router",
+            _positive_float,
         ),
         _var(
             "EXPERTMESH_MISSING_EXPERT_WAIT_S",
@@ -567,6 +632,14 @@ def dispatch_deadline_s() -> float:
 
 def dispatch_streams() -> bool:
     return get("EXPERTMESH_DISPATCH_STREAMS")
+
+
+def dispatch_keepalive_s() -> float:
+    return get("EXPERTMESH_DISPATCH_KEEPALIVE_S")
+
+
+def dispatch_keepalive_timeout_s() -> float:
+    return get("EXPERTMESH_DISPATCH_KEEPALIVE_TIMEOUT_S")
 
 
 def missing_expert_wait_s() -> float:

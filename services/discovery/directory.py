@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import grpc
 
-from expertmesh.core import auth
+from expertmesh.core import auth, settings
 from expertmesh.core.loop_thread import LoopThread
 from expertmesh.core.protos import expert_pb2, expert_pb2_grpc
 
@@ -178,7 +178,9 @@ class DirectoryServer:
     async def _start(self, host: str, port: int) -> int:
         self.servicer = DirectoryServicer(self._sweep_interval)
         self._server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0)], interceptors=auth.server_interceptors("expert directory")
+            # routers keep their watch streams alive with pings (EXPERTMESH_DISPATCH_KEEPALIVE_S): accept them
+            options=[("grpc.so_reuseport", 0), *settings.grpc_keepalive_server_options()],
+            interceptors=auth.server_interceptors("expert directory"),
         )
         expert_pb2_grpc.add_ExpertDirectoryServicer_to_server(self.servicer, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
@@ -242,7 +244,7 @@ class DirectoryClient:
     def __init__(self, address: str, timeout: float = 5.0):
         self.address = address
         self.timeout = timeout
-        self._channel = auth.insecure_channel(address)
+        self._channel = auth.insecure_channel(address, options=settings.grpc_keepalive_options())  # a long-lived watch
         self._stub = expert_pb2_grpc.ExpertDirectoryStub(self._channel)
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[expert_pb2.DirectorySnapshot], None]] = []

@@ -57,7 +57,8 @@ METRICS_FLUSH_SECONDS = 1.0
 
 # SO_REUSEPORT is on by default in gRPC on Linux: two replicas could then "bind" the same port and split its
 # traffic. Off, so a taken port fails and we try the next one in the range.
-SERVER_OPTIONS = [("grpc.so_reuseport", 0), *settings.grpc_message_options()]
+# Routers ping their long-lived streams (EXPERTMESH_DISPATCH_KEEPALIVE_S): accept it.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0), *settings.grpc_message_options(), *settings.grpc_keepalive_server_options()]
 # For clients of ExpertService (the router, tests, benchmarks): the same message-size limits as the server.
 CHANNEL_OPTIONS = settings.grpc_message_options()
 

@@ -199,7 +199,10 @@ class ReplicaLink:
 
     def __init__(self, endpoint: str, streams: bool):
         self.endpoint = endpoint
-        self.channel = auth.insecure_channel(endpoint, options=CHANNEL_OPTIONS)  # + the cluster credential
+        # + HTTP/2 keepalive: a replica that stopped answering (host gone, process frozen, a middlebox dropped the
+        # idle connection) breaks the stream while it is idle, and the next call opens a new one
+        options = CHANNEL_OPTIONS + settings.grpc_keepalive_options()
+        self.channel = auth.insecure_channel(endpoint, options=options)  # + the cluster credential
         self.forward = expert_pb2_grpc.ExpertServiceStub(self.channel).Forward
         self.streams = streams
         self._stream: ForwardStream | None = None
