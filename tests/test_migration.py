@@ -7,6 +7,9 @@
   client's sampling options; its events come back in the original stream's shape (id, chat deltas, whole usage);
 - requests that cannot be continued (n > 1, echo, several prompts, not streamed) are relayed unchanged.
 
+- a continuation refused by a router (real HTTP) puts that router in cooldown for every request, as a refused first
+  attempt does.
+
 End to end (a router SIGKILLed under 32 streams) is tests/test_routers.py.
 """
 
@@ -150,3 +153,73 @@ def test_before_the_first_event_the_original_request_is_sent_again():
 )
 def test_requests_that_cannot_be_continued_are_relayed_unchanged(path, body):
     assert migration.plan(path, json.dumps({"model": "demo", **body}).encode()) is None
+
+
+def test_a_router_that_refuses_a_continuation_cools_down_for_every_request():
+    """The relay's continuation on real HTTP: router A breaks off after two tokens, router B refuses the connection
+    (nothing listens), router C serves the rest. The client gets every token once, and B is skipped by the pool for
+    its cooldown (as a refused first attempt is), not tried again by the next request at once."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    from aiohttp import web
+
+    from expertmesh.gateway import proxy
+
+    continuation: list[dict] = []
+
+    async def breaking(request: web.Request) -> web.StreamResponse:
+        reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await reply.prepare(request)
+        await reply.write(_completion_chunk("A", [11], prompt_ids=[1, 2]) + b"\n\n")
+        await reply.write(_completion_chunk("B", [12]) + b"\n\n")
+        return reply  # ends without [DONE]: the router broke off
+
+    async def continuing(request: web.Request) -> web.StreamResponse:
+        continuation.append(await request.json())
+        reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await reply.prepare(request)
+        await reply.write(_completion_chunk("C", [13], prompt_ids=[1, 2, 11, 12], finish="length") + b"\n\n")
+        await reply.write(migration.DONE + b"\n\n")
+        return reply
+
+    async def serve(handler) -> tuple[web.AppRunner, str]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def main():
+        (a, url_a), (c, url_c) = await serve(breaking), await serve(continuing)
+        with socket.socket() as s:  # a port nobody listens on: connections are refused
+            s.bind(("127.0.0.1", 0))
+            url_b = f"http://127.0.0.1:{s.getsockname()[1]}"
+        pool = proxy.RouterPool([url_a, url_b, url_c], cooldown_s=60)
+        generation, body = migration.plan(
+            "completions", b'{"model":"demo","prompt":"hi","stream":true,"max_tokens":3,"temperature":0}'
+        )
+        first = pool.order()[0]
+        assert first.url == url_a  # the round robin starts at A; the continuation's order then starts at B
+        first.in_flight += 1
+        try:
+            async with aiohttp.ClientSession() as client:
+                response = await client.post(f"{url_a}/v1/completions", data=body)
+                out = [e async for e in proxy._migrating_relay(generation, response, first, pool, client, {})]
+        finally:
+            await a.cleanup()
+            await c.cleanup()
+        return pool, b"".join(out), url_b
+
+    pool, out, url_b = asyncio.run(main())
+    events = [e for e in out.split(b"\n\n") if e]
+    texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
+    assert texts == ["A", "B", "C"] and events[-1] == migration.DONE
+    assert continuation[0]["prompt"] == [1, 2, 11, 12] and continuation[0]["max_tokens"] == 1
+    state = {r["url"]: r for r in pool.snapshot()}
+    assert not state[url_b]["up"] and state[url_b]["failures"] == 1  # cooling down: the next request skips it
+    assert [r["in_flight"] for r in pool.snapshot()] == [0, 0, 0]
+    assert pool.order()[-1].url == url_b and pool.migrations == 1

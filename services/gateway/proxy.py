@@ -346,9 +346,8 @@ async def _migrating_relay(
                     candidate.requests += 1
                     try:
                         response = await client.post(f"{candidate.url}/v1/{path}", data=body, headers=headers)
-                    except aiohttp.ClientError:
-                        candidate.in_flight -= 1
-                        candidate.failures += 1
+                    except aiohttp.ClientError:  # refused or dropped: other requests skip it for cooldown_s too
+                        pool.failed(candidate)
                         failed.add(candidate.url)
                         continue
                     if response.status != 200:
