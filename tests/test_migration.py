@@ -5,8 +5,7 @@
 - an internal error event from the router (its engine died) means "continue elsewhere", a request error does not;
 - the continuation is a /v1/completions request for the rest: prompt ids + streamed ids, the remaining max_tokens, the
   client's sampling options; its events come back in the original stream's shape (id, chat deltas, whole usage);
-- requests that cannot be continued (n > 1, echo, several prompts, not streamed) are relayed unchanged.
-
+- requests that cannot be continued (n > 1, echo, several prompts, not streamed) are relayed unchanged;
 - a continuation refused by a router (real HTTP) puts that router in cooldown for every request, as a refused first
   attempt does.
 
