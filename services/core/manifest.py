@@ -474,7 +474,7 @@ def _record_pass(model_dir: Path) -> ExpertManifest:
         enforce_eager=True,
         max_model_len=min(int(config.get("max_position_embeddings") or 2048), 2048),
         trust_remote_code=False,  # families vLLM itself registers; a checkpoint's own code never runs here
-        **engine_kwargs(model_dir, cpu=True),  # the router's dtype and architecture name
+        **engine_kwargs(model_dir, cpu=True, config=config),  # the router's dtype and architecture name
     )
     try:
         vllm_config = engine_args.create_engine_config()

@@ -57,15 +57,19 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def engine_kwargs(model_dir: str | Path, dtype: str | None = None, cpu: bool | None = None) -> dict:
+def engine_kwargs(
+    model_dir: str | Path, dtype: str | None = None, cpu: bool | None = None, config: dict | None = None
+) -> dict:
     """Keyword arguments for `vllm.LLM(...)` / `EngineArgs(...)`: {"dtype": ...} plus, for an fp32 MLA model on a
     CPU platform, {"attention_config": {"backend": "CPU_MLA"}}.
 
-    `dtype` overrides the checkpoint's own; `cpu` overrides the platform check (None: ask vLLM's platform).
+    `dtype` overrides the checkpoint's own; `cpu` overrides the platform check (None: ask vLLM's platform);
+    `config`: the checkpoint's config where the caller has read it already (else it is read here).
     """
     from expertmesh.core.manifest import architecture_overrides
 
-    config = checkpoint_config(model_dir)  # read once: for params.json it is vLLM's parser, which reads the shards
+    if config is None:  # read once: for params.json it is vLLM's parser, which reads the shards
+        config = checkpoint_config(model_dir)
     dtype = dtype or saved_dtype(config)
     kwargs: dict = {"dtype": dtype}
     overrides = architecture_overrides(config)
