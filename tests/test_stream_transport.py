@@ -88,6 +88,17 @@ def _call(call_id: int, req, timeout_s: float = 10.0) -> bytes:
     return expert_pb2.ForwardCall(id=call_id, request=encode_forward(*req), timeout_s=timeout_s).SerializeToString()
 
 
+def _call_until_reconnected(transport: Transport, address: str, req, why: str, within_s: float = 20) -> torch.Tensor:
+    """The output of `req` once the replica at `address` answers again (the channel reconnects after its backoff)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return decode(transport.call(address, encode_forward(*req), req[1].shape[0]).output)
+        except ReplicaFailed:
+            assert time.monotonic() < deadline, why
+            time.sleep(0.1)
+
+
 def test_many_calls_in_flight_on_one_stream_each_get_their_own_reply(server, reference):
     transport = Transport(10.0, streams=True)
     transport.connect(server.address)
@@ -223,14 +234,7 @@ def test_replica_stopped_with_calls_in_flight_fails_them_and_the_stream_reopens_
 
         server = ExpertServer(checkpoint, {0: EXPERTS}, group="g")
         server.start("127.0.0.1", port)
-        deadline = time.monotonic() + 20  # the channel reconnects after its backoff
-        while True:
-            try:
-                out = decode(transport.call(address, encode_forward(*small), 4).output)
-                break
-            except ReplicaFailed:
-                assert time.monotonic() < deadline, "no stream to the restarted replica"
-                time.sleep(0.1)
+        out = _call_until_reconnected(transport, address, small, "no stream to the restarted replica")
         assert torch.equal(out, reference.forward(*small))
         assert transport._links[address]._stream is not first
         assert transport.inflight_rows()[address] == 0
@@ -284,14 +288,7 @@ def test_keepalive_breaks_the_idle_stream_of_a_frozen_replica_and_keeps_a_live_o
         assert "UNAVAILABLE" in first.detail, first.detail
         assert not silent._links[address]._stream.broken  # without pings nothing notices
         replica.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 20  # the channel reconnects after its backoff
-        while True:
-            try:
-                out = decode(pinging.call(address, encode_forward(*req), 4).output)
-                break
-            except ReplicaFailed:
-                assert time.monotonic() < deadline, "no stream to the replica after it woke"
-                time.sleep(0.1)
+        out = _call_until_reconnected(pinging, address, req, "no stream to the replica after it woke")
         assert torch.equal(out, reference.forward(*req))
         assert pinging._links[address]._stream is not first
     finally:
