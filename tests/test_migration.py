@@ -159,10 +159,10 @@ def test_a_router_that_refuses_a_continuation_cools_down_for_every_request():
     (nothing listens), router C serves the rest. The client gets every token once, and B is skipped by the pool for
     its cooldown (as a refused first attempt is), not tried again by the next request at once."""
     import asyncio
-    import socket
 
     import aiohttp
     from aiohttp import web
+    from conftest import free_port
 
     from expertmesh.gateway import proxy
 
@@ -188,15 +188,12 @@ def test_a_router_that_refuses_a_continuation_cools_down_for_every_request():
         app.router.add_post("/v1/completions", handler)
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
     async def main():
         (a, url_a), (c, url_c) = await serve(breaking), await serve(continuing)
-        with socket.socket() as s:  # a port nobody listens on: connections are refused
-            s.bind(("127.0.0.1", 0))
-            url_b = f"http://127.0.0.1:{s.getsockname()[1]}"
+        url_b = f"http://127.0.0.1:{free_port()}"  # nobody listens there: connections are refused
         pool = proxy.RouterPool([url_a, url_b, url_c], cooldown_s=60)
         generation, body = migration.plan(
             "completions", b'{"model":"demo","prompt":"hi","stream":true,"max_tokens":3,"temperature":0}'

@@ -99,14 +99,15 @@ def grpc_keepalive_options() -> list[tuple[str, int]]:
     every = dispatch_keepalive_s()
     if every == 0:
         return []
+    timeout_ms = int(dispatch_keepalive_timeout_s() * 1000)
     return [
         ("grpc.keepalive_time_ms", int(every * 1000)),
-        ("grpc.keepalive_timeout_ms", int(dispatch_keepalive_timeout_s() * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),  # a link with no call open (unary mode, between calls) too
         ("grpc.http2.max_pings_without_data", 0),  # an idle stream sends no data: keep pinging anyway
         # grpcio 1.85 fails an unanswered keepalive ping by this timeout, not by keepalive_timeout_ms alone
         # (measured: a SIGSTOPped replica's stream stayed open for minutes without it; tests/test_stream_transport.py)
-        ("grpc.http2.ping_timeout_ms", int(dispatch_keepalive_timeout_s() * 1000)),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
     ]
 
 
