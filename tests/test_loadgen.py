@@ -574,8 +574,48 @@ def test_compare_rows_ratios_and_markdown(compare):
     assert "fits in the 32 MiB last-level cache" in md
 
 
+def test_compare_rounds_median_and_paired_ratios(compare):
+    """--rounds: a point is its median round (a real run: its own latencies), every round is kept, ratios are
+    also paired within a round, and the systems take turns in running first."""
+    assert compare.round_order(["full", "local", "vllm"], 0) == ["full", "local", "vllm"]
+    assert compare.round_order(["full", "local", "vllm"], 1) == ["vllm", "local", "full"]
+    assert compare.round_order(["full", "local", "vllm"], 2) == ["full", "local", "vllm"]
+
+    slow, mid, fast = _summary(300.0), _summary(500.0), _summary(900.0)
+    mid["ttft_ms"] = {**mid["ttft_ms"], "p50": 42.0}
+    full = compare.combine_rounds([fast, {"error": "boom"}, slow, mid])
+    assert full["output_throughput"] == 500.0 and full["ttft_ms"]["p50"] == 42.0  # the median round itself
+    assert full["rounds_output_throughput"] == [900.0, None, 300.0, 500.0]
+    assert compare.combine_rounds([_summary(300.0), _summary(900.0)])["output_throughput"] == 300.0  # lower middle
+    assert compare.combine_rounds([{"error": "did not start: x"}, {"error": "y"}]) == {"error": "did not start: x"}
+
+    local = compare.combine_rounds([_summary(1000.0), _summary(1000.0), _summary(600.0), _summary(800.0)])
+    results = {"full": {"8": full}, "local": {"8": local}}
+    assert compare.paired_ratios(results, "full", "local", 8) == pytest.approx([0.9, 0.5, 0.625])  # round 2 failed
+    rows = compare.build_rows(results, [8], None, None)
+    by = {r["system"]: r for r in rows}
+    assert by["full"]["vs_local"] == pytest.approx(500.0 / 800.0)  # median over median
+    assert by["full"]["vs_local_rounds"] == pytest.approx([0.9, 0.5, 0.625])
+    report = {
+        "started_at": "t",
+        "model": {"name": "m"},
+        "rows": rows,
+        "machine": {"cpu": "cpu", "cores": 2, "usable_cores": 2, "memory_gib": 24, "versions": {}},
+        "settings": {"input_len": 64, "output_len": 64, "requests": {"8": 16}, "seed": 0, "hf_threads": 1},
+    }
+    md = compare.render_markdown(report)
+    assert "Rounds: 4" in md
+    assert "- full c=8: 900.0, —, 300.0, 500.0 (× monolithic 0.90, 0.50, 0.62)" in md
+    assert "- local c=8: 1000.0, 1000.0, 600.0, 800.0\n" in md
+
+
 def test_compare_bad_arguments(compare, tmp_path, capsys):
-    for argv in (["--concurrency", "0,8"], ["--systems", "full,gpu"], ["--requests", "-1"]):
+    for argv in (
+        ["--concurrency", "0,8"],
+        ["--systems", "full,gpu"],
+        ["--requests", "-1"],
+        ["--rounds", "0"],
+    ):
         with pytest.raises(SystemExit) as exc:
             compare.parse_args(argv)
         assert exc.value.code == 2
