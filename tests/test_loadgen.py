@@ -621,3 +621,31 @@ def test_compare_bad_arguments(compare, tmp_path, capsys):
         assert exc.value.code == 2
     assert compare.main(["--model", str(tmp_path / "missing")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ benchmarks/disaggregation_ceiling
+
+
+def test_disaggregation_ceiling_is_the_lower_of_the_expert_and_router_bounds():
+    loader = importlib.machinery.SourceFileLoader(
+        "expertmesh_ceiling", str(REPO / "benchmarks" / "disaggregation_ceiling.py")
+    )
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    ceiling = importlib.util.module_from_spec(spec)
+    loader.exec_module(ceiling)
+    # expert-bound: experts are 70 of a 100 ms monolithic step; a split makes them 105 / 180 ms
+    # router-bound: experts are 10 of 100 ms; even a free split leaves the router 90 ms
+    bounds = ceiling.ceilings(
+        {"32": 100.0, "8": 100.0},
+        {"32": {"1": 70.0, "2": 105.0, "4": 180.0}, "8": {"1": 10.0, "2": 12.5}},
+    )
+    heavy, light = bounds["32"], bounds["8"]
+    assert heavy["experts_bound"] == {"2": 0.952, "4": 0.556}  # no m = 1 entry: no overlap without a split
+    assert heavy["router_bound"] == 3.333
+    assert heavy["ceiling"] == {"2": 0.952, "4": 0.556}
+    assert heavy["expert_work_vs_unsplit"] == {"1": 1.0, "2": 1.5, "4": 2.571}
+    assert heavy["expert_share_of_monolithic_step"] == 0.7
+    assert light["experts_bound"] == {"2": 8.0}
+    assert light["ceiling"] == {"2": 1.111}  # the router's core bounds it
+    # experts as slow as the whole monolithic step: nothing bounds the router side
+    assert ceiling.ceilings({"1": 5.0}, {"1": {"1": 5.0, "2": 6.0}})["1"]["router_bound"] == float("inf")
