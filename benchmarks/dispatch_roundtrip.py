@@ -10,7 +10,10 @@ work) — the floor any gRPC data plane pays for moving this payload — called 
 is a bidirectional stream echoing the serialized ForwardCall (sync gRPC client, requests fed from a queue, replies
 read by a thread of its own, as router/transport.py), `echo_unary` a unary call of the ForwardRequest bytes. All
 four are timed in the same run, interleaved call by call, sequential calls (latency, not throughput). Also one
-concurrent line: 32 grpc.aio callers at once on the same replica (coalesced), to show what batching buys.
+concurrent line: 32 grpc.aio callers at once on the same replica (coalesced), to show what batching buys. With
+`--standalone` the replica's own timers of the measured calls come back too, and `stream_call_stages_us` puts one
+stream layer call together stage by stage: the router's dispatcher, the replica's handler and the stream's steps
+around it, and what is left of the router's wait (gRPC moving the call and the reply, both ways).
 
     .venv/bin/python benchmarks/dispatch_roundtrip.py            # writes benchmarks/results/dispatch_roundtrip.json
     .venv/bin/python benchmarks/dispatch_roundtrip.py --iters 500 --blocks 4
@@ -122,8 +125,9 @@ def _standalone_main(model: str, directory_port: int, compute_threads: int) -> N
             lease_seconds=3600,
         )
     print("ready", flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    print(json.dumps(server.servicer.coalescer.timers.snapshot()), file=sys.stderr, flush=True)
+    for line in sys.stdin:  # until the parent closes our stdin; "timers" asks for the data-plane timers
+        if line.strip() == "timers":
+            print(json.dumps(server.servicer.coalescer.timers.snapshot()), flush=True)
     server.stop()
     directory.stdin.close()
     directory.wait(10)
@@ -193,7 +197,36 @@ def _dispatcher(args, directory_address: str, info, layer: int, streams: bool):
     return d
 
 
-def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> dict:
+def _timers_between(before: dict, after: dict) -> dict:
+    """The replica's data-plane timers (DataPlaneTimers.snapshot) of the calls between two snapshots, in us per call:
+    the handler's stages per call, `receive` and `write` per stream call."""
+
+    def totals(snap: dict, calls: str, per_call: str) -> dict:
+        return {k: v * snap[calls] for k, v in snap[per_call].items()}
+
+    out = {}
+    for calls, per_call in (("calls", "us_per_call"), ("stream_calls", "us_per_stream_call")):
+        n = after[calls] - before[calls]
+        t0, t1 = totals(before, calls, per_call), totals(after, calls, per_call)
+        out.update({k: round((t1[k] - t0[k]) / max(1, n), 1) for k in t1})
+        out[calls] = n
+    return out
+
+
+def _stages(dispatcher_us: dict, replica_us: dict) -> dict:
+    """One stream layer call, stage by stage (us, means): the router's dispatcher, the replica's handler and the
+    stream's steps around it, and what is left of the router's wait: gRPC moving the call and the reply."""
+    replica = ("receive", "validate", "queue", "compute", "respond", "write")
+    stages = {f"router_{k}": dispatcher_us[k] for k in ("prepare", "encode", "combine")}
+    stages.update({f"replica_{k}": replica_us[k] for k in replica})
+    handler_rest = replica_us["handler"] - sum(replica_us[k] for k in ("validate", "queue", "compute", "respond"))
+    stages["replica_handler_other"] = round(handler_rest, 1)
+    replica_total = replica_us["receive"] + replica_us["handler"] + replica_us["write"]
+    stages["grpc_both_ways"] = round(dispatcher_us["wait"] - replica_total, 1)
+    return stages
+
+
+def _measure(args, directory_address: str, info, layer: int, echo_port: int, replica_timers=None) -> dict:
     x, topk, weight = _layer_request(0)
     # The request the dispatcher sends for this layer: the whole-layer form (no token index on the wire).
     payload = encode_forward(layer, x, None, topk.flatten(), weight.flatten())
@@ -240,6 +273,7 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
             fn()
     for d in dispatchers.values():
         d.reset_stats()
+    timers_before = replica_timers() if replica_timers else None
     times: dict[str, list[float]] = {name: [] for name in kinds}
     # Interleaved call by call (the order flipped every block), so all see the same background load: on this
     # shared VM the load drifts within seconds and blocks of hundreds of calls would compare different moments.
@@ -252,6 +286,7 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
+    timers_after = replica_timers() if replica_timers else None
     stats = {name: d.stats() for name, d in dispatchers.items()}
     endpoint = next(iter(stats["dispatch"]["rpcs"]))
     for d in dispatchers.values():
@@ -264,6 +299,11 @@ def _measure(args, directory_address: str, info, layer: int, echo_port: int) -> 
         name: {k: round(v / max(1, s["layer_calls"]) * 1e6, 1) for k, v in s["timers"].items()}
         for name, s in stats.items()
     }
+    if timers_before is not None and timers_after is not None:  # --standalone: the replica's own timers too
+        result["replica_us_per_call"] = _timers_between(timers_before, timers_after)
+        result["stream_call_stages_us"] = _stages(
+            result["dispatcher_us_per_call"]["dispatch"], result["replica_us_per_call"]
+        )
     result["request_bytes"] = len(echo_bytes)
     result["stream_message_bytes"] = len(echo_stream_bytes)
     for suffix in ("", "_unary"):
@@ -371,13 +411,13 @@ def _breakdown(model: str, layer: int) -> dict:
     }
 
 
-def _run_against(args, directory_address: str, replicas: int, info, echo_port: int) -> dict:
+def _run_against(args, directory_address: str, replicas: int, info, echo_port: int, replica_timers=None) -> dict:
     from expertmesh.discovery.directory import DirectoryClient
 
     with DirectoryClient(directory_address) as client:
         client.watch()
         client.wait_for(lambda s: len(s.replicas) == replicas, timeout=30)
-    return _measure(args, directory_address, info, info.moe_layers[0], echo_port)
+    return _measure(args, directory_address, info, info.moe_layers[0], echo_port, replica_timers)
 
 
 def main() -> int:
@@ -447,10 +487,18 @@ def main() -> int:
                     stdin=subprocess.PIPE,
                     env=dict(os.environ, OMP_NUM_THREADS="1"),
                 )
+
+                def replica_timers(replica=replica) -> dict:
+                    replica.stdin.write(b"timers\n")
+                    replica.stdin.flush()
+                    return json.loads(replica.stdout.readline())
+
                 try:
                     assert replica.stdout.readline().strip() == b"ready"
                     startup = time.perf_counter() - t
-                    result = _run_against(args, f"127.0.0.1:{directory_port}", 1, info, echo_port)
+                    result = _run_against(
+                        args, f"127.0.0.1:{directory_port}", 1, info, echo_port, replica_timers=replica_timers
+                    )
                 finally:
                     replica.stdin.close()
                     replica.wait(10)

@@ -179,6 +179,31 @@ def test_expert_not_held_and_expired_message_on_a_stream(checkpoint, reference):
         server.stop()
 
 
+def test_stream_calls_time_their_receive_and_write_steps_and_unary_calls_do_not(server, reference):
+    timers = server.servicer.coalescer.timers
+    streamed, unary = Transport(10.0, streams=True), Transport(10.0, streams=False)
+    try:
+        for transport in (streamed, unary):
+            transport.connect(server.address)
+        req = _request(rows=6, seed=4)
+        for _ in range(3):
+            out = decode(streamed.call(server.address, encode_forward(*req), 6).output)
+            assert torch.equal(out, reference.forward(*req))
+        deadline = time.monotonic() + 5
+        while timers.stream_calls < 3 and time.monotonic() < deadline:  # a reply's steps count after its write
+            time.sleep(0.001)
+        after_stream = timers.snapshot()
+        assert (after_stream["calls"], after_stream["stream_calls"]) == (3, 3)
+        assert all(after_stream["us_per_stream_call"][k] > 0 for k in ("receive", "write"))
+        unary.call(server.address, encode_forward(*req), 6)
+        after_unary = timers.snapshot()
+        assert (after_unary["calls"], after_unary["stream_calls"]) == (4, 3)
+        assert after_unary["us_per_stream_call"] == after_stream["us_per_stream_call"]
+    finally:
+        streamed.close()
+        unary.close()
+
+
 def test_deadline_on_the_stream_fails_the_call_and_its_late_reply_is_dropped(server, reference):
     transport = Transport(0.002, streams=True)
     transport.connect(server.address)

@@ -52,21 +52,28 @@ class DataPlaneTimers:
 
     validate: parse + codec checks; queue: submit -> its batch starts (coalescing wait); compute: the batch's
     kernel time (counted once per call it served); respond: output encoding; handler: the whole handler.
+    Calls on a ForwardStream also have the two steps around the handler (per stream call): receive: the message
+    read -> its handler starts (the loop turn of its task); write: the reply handed to gRPC -> written.
     """
 
     STAGES = ("validate", "queue", "compute", "respond", "handler")
+    STREAM_STAGES = ("receive", "write")
 
     def __init__(self):
         self.calls = 0
         self.batches = 0
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.stream_calls = 0
+        self.stream_seconds = dict.fromkeys(self.STREAM_STAGES, 0.0)
 
     def snapshot(self) -> dict:
-        calls = max(1, self.calls)
+        calls, stream_calls = max(1, self.calls), max(1, self.stream_calls)
         return {
             "calls": self.calls,
             "batches": self.batches,
             "us_per_call": {k: round(v / calls * 1e6, 1) for k, v in self.seconds.items()},
+            "stream_calls": self.stream_calls,
+            "us_per_stream_call": {k: round(v / stream_calls * 1e6, 1) for k, v in self.stream_seconds.items()},
         }
 
 

@@ -171,18 +171,24 @@ class ExpertServicer:
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task] = set()
         writing = asyncio.Lock()  # one write at a time on a stream; uncontended it costs no loop turn
+        timers = self.coalescer.timers
 
-        async def answer(raw: bytes) -> None:
+        async def answer(raw: bytes, received: float) -> None:
+            started = time.perf_counter()
             reply = await self._stream_call(raw, loop)
             try:
                 async with writing:
+                    written = time.perf_counter()
                     await context.write(reply)
+                timers.stream_calls += 1
+                timers.stream_seconds["receive"] += started - received
+                timers.stream_seconds["write"] += time.perf_counter() - written
             except Exception as exc:  # the stream is gone; its other tasks are being cancelled with it
                 log.debug("ForwardStream: reply %d not sent (%s)", reply.id, exc)
 
         try:
             async for raw in messages:
-                task = loop.create_task(answer(raw))
+                task = loop.create_task(answer(raw, time.perf_counter()))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             while pending:  # the caller closed its side: answer what is in flight, then end the stream (OK)
