@@ -588,3 +588,27 @@ def test_replica_metrics_recorded_on_flush_lose_nothing_recorded_meanwhile():
     assert tokens == {"0": 3000.0, "1": 6000.0, "3": 3000.0}
     assert 'expertmesh_replica_forward_seconds_count{code="OK",group="g"} 3000.0' in text
     assert 'expertmesh_replica_batch_rows_count{group="g",layer="0"} 3000.0' in text
+
+
+def test_a_stopping_loop_thread_cancels_its_pending_tasks_and_lets_them_end():
+    """A data-plane loop that stops with work pending (gRPC's per-call coroutines, a batch on the compute thread)
+    cancels it and runs it to its end before closing, as asyncio.run does; left suspended, the GC closed it later
+    ("Task was destroyed but it is pending!", GeneratorExit tracebacks from grpc's _schedule_rpc_coro)."""
+    from expertmesh.core.loop_thread import LoopThread
+
+    thread = LoopThread("test-loop")
+    started, ended = threading.Event(), []
+
+    async def waits_forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except BaseException as exc:  # CancelledError from the stop; GeneratorExit if the GC closed it instead
+            ended.append(type(exc).__name__)
+            raise
+
+    thread.submit(waits_forever())
+    assert started.wait(5)
+    thread.stop()
+    assert ended == ["CancelledError"]
+    assert thread.loop.is_closed()

@@ -13,6 +13,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 
+CLOSE_TIMEOUT_S = 2.0  # how long a stopping loop waits for its cancelled tasks to end
+
+
 class LoopThread:
     """A private event loop running on its own daemon thread."""
 
@@ -26,6 +29,16 @@ class LoopThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+        # As asyncio.run ends a loop: what is still pending when it stops (gRPC's per-call coroutines of a server
+        # stopped a moment before, a coalescer batch on the compute thread) is cancelled and run to its end, not
+        # left suspended for the GC to close later (which printed "Task was destroyed but it is pending!" and
+        # GeneratorExit tracebacks from grpc's _schedule_rpc_coro).
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
     @property
