@@ -12,7 +12,6 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-
 CLOSE_TIMEOUT_S = 2.0  # how long a stopping loop waits for its cancelled tasks to end
 
 
