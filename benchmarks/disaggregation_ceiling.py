@@ -151,8 +151,7 @@ def main(argv=None) -> int:
         compile=False, concurrency=args.concurrency, rounds=args.rounds, max_tokens=args.max_tokens
     )
     mono = router_throughput.run_monolithic(args.model, mono_args)
-    steps = args.rounds * args.max_tokens  # decode steps are (almost) all the wall time
-    mono_step_ms = {c: round(v["seconds"] / steps * 1e3, 3) for c, v in mono.items()}
+    mono_step_ms = router_throughput.decode_step_ms(mono, args.rounds, args.max_tokens)
 
     bounds = ceilings(mono_step_ms, experts)
     for c, bound in bounds.items():

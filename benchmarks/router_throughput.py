@@ -68,6 +68,13 @@ def measure(llm, concurrencies: list[int], rounds: int, max_tokens: int) -> dict
     return out
 
 
+def decode_step_ms(measured: dict, rounds: int, max_tokens: int) -> dict[str, float]:
+    """`measure`'s result -> {c: ms per decode step}. Decode steps are (almost) all the wall time: each round is
+    max_tokens steps of c sequences."""
+    steps = rounds * max_tokens
+    return {c: round(v["seconds"] / steps * 1e3, 3) for c, v in measured.items()}
+
+
 def make_llm(path: Path, compile_: bool, max_seqs: int):
     from vllm import LLM
 
@@ -319,15 +326,8 @@ def main(argv=None) -> int:
 
     info = read_moe_info(path)
     ratio = {c: round(remote[c]["tokens_per_s"] / mono[c]["tokens_per_s"], 3) for c in mono}
-    # Decode steps are (almost) all the wall time: each round is max_tokens steps of c sequences.
-    steps = args.rounds * args.max_tokens
-    step_ms = {
-        c: {
-            "monolithic": round(mono[c]["seconds"] / steps * 1e3, 3),
-            "remote": round(remote[c]["seconds"] / steps * 1e3, 3),
-        }
-        for c in mono
-    }
+    mono_ms, remote_ms = (decode_step_ms(r, args.rounds, args.max_tokens) for r in (mono, remote))
+    step_ms = {c: {"monolithic": mono_ms[c], "remote": remote_ms[c]} for c in mono}
     for v in step_ms.values():
         v["extra_us_per_layer_call"] = round((v["remote"] - v["monolithic"]) * 1e3 / len(info.moe_layers), 1)
     print("remote / monolithic:", ratio, "step ms:", step_ms, "dispatcher:", json.dumps(profile), flush=True)
