@@ -59,3 +59,21 @@ def test_router_takes_the_checkpoints_dtype_and_backend(tiny_checkpoint, monkeyp
     assert own.attention_backend == "TORCH_SDPA"
     plain = openai_server.prepare(parser.parse_args([str(tiny_checkpoint("mixtral")), "--expert-mode", "local"]))
     assert (plain.dtype, plain.attention_backend) == ("float32", None)
+
+
+def test_saved_dtype_reads_the_config_in_vllms_order():
+    """The checkpoint's dtype as vLLM itself reads it (`get_torch_dtype`): the root config's first, a multimodal
+    model's `text_config` only where the root says nothing; "auto" (vLLM then reads the shards) where neither does."""
+    import vllm.config  # noqa: F401 - vLLM's config package first (its modules import each other in this order)
+    from transformers import Llama4Config
+    from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+    from expertmesh.router.vllm_args import saved_dtype
+
+    for root, text in (("float32", "bfloat16"), (None, "bfloat16"), ("float16", None)):
+        config = Llama4Config()
+        config.dtype = root
+        config.text_config.dtype = text
+        vllms = ModelArchConfigConvertorBase.get_torch_dtype(config, "/nonexistent", None, "hf")
+        assert saved_dtype(config.to_dict()) == str(vllms).removeprefix("torch."), (root, text)
+    assert saved_dtype({"text_config": {}}) == "auto"

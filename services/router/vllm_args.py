@@ -39,7 +39,8 @@ def text_config(config: dict) -> dict:
 
 
 def saved_dtype(config: dict) -> str:
-    """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), "auto" if `config` does not say."""
+    """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), "auto" if `config` does not say. In vLLM's
+    order (`get_torch_dtype`): the root config's, then a multimodal model's `text_config`'s."""
     dtype = config.get("dtype") or config.get("torch_dtype")
     if dtype is None and isinstance(config.get("text_config"), dict):
         dtype = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
