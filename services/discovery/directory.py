@@ -207,9 +207,9 @@ class DirectoryServer:
                 self._loop.run(self._shutdown(grace), timeout=grace + 5)
             except Exception:
                 log.exception("stopping the directory server")
-            self._server = None
         self._loop.stop()
         self._loop = None
+        self._server = None  # freed only now that its loop is closed (LoopThread.stop says why)
 
 
 def endpoints_by_key(

@@ -405,11 +405,11 @@ class ExpertServer:
                 self.metrics.flush()
             except Exception:  # stopping must not fail the caller's shutdown
                 log.exception("stopping the expert server")
-            self._server = None
         if self.servicer is not None:
             self.servicer.coalescer.close()
         self._loop.stop()
         self._loop = None
+        self._server = None  # freed only now that its loop is closed (LoopThread.stop says why)
 
     def run_coroutine(self, coro, timeout: float | None = None):
         """Run a coroutine on the server's loop (used by the Serve replica to reach the directory)."""
